@@ -1,0 +1,306 @@
+-- fraiseql_obs: error capture, counters and the triage workflow.
+--
+-- Capture is SECURITY DEFINER with a pinned search_path: a role that was
+-- granted EXECUTE can capture without any privilege on the tables.
+
+CREATE FUNCTION _fraiseql_severity_rank(severity text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE severity
+        WHEN 'debug' THEN 0 WHEN 'info' THEN 1 WHEN 'warning' THEN 2
+        WHEN 'error' THEN 3 WHEN 'critical' THEN 4 END
+$$;
+
+-- The capture path shared by fraiseql_capture_error and fraiseql_capture_message.
+-- Hot path: one group lookup, one stripe upsert (or the group insert for a new
+-- fingerprint), one occurrence insert. The group row itself is only written
+-- when a group is created, regresses or escalates its severity.
+CREATE FUNCTION _fraiseql_capture(
+    p_exception_type  text,
+    p_message         text,
+    p_stack_trace     text,
+    p_context         jsonb,
+    p_environment     text,
+    p_severity        text,
+    p_release_version text,
+    p_trace_id        text,
+    p_span_id         text,
+    p_fingerprint     text,
+    p_occurred_at     timestamptz,
+    p_is_message      boolean)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_fp       text;
+    v_env      text;
+    v_trace    text;
+    v_span     text;
+    v_group    record;
+    v_error_id uuid;
+    v_meta     jsonb;
+    v_message  text;
+    v_stack    text;
+    v_context  jsonb;
+BEGIN
+    -- Raises a clear error naming the argument; nothing is written before it.
+    PERFORM _fraiseql_validate_capture(p_exception_type, p_message, jsonb_typeof(p_context), p_severity, p_occurred_at);
+    -- Oversized input is cut to the limits, with a visible marker.
+    v_message := CASE WHEN octet_length(p_message) > current_setting('fraiseql_obs.max_message_bytes')::integer
+                      THEN _fraiseql_clip_message(p_message) ELSE p_message END;
+    v_stack   := CASE WHEN octet_length(p_stack_trace) > current_setting('fraiseql_obs.max_stack_trace_bytes')::integer
+                      THEN _fraiseql_clip_stack_trace(p_stack_trace) ELSE p_stack_trace END;
+    v_context := CASE WHEN pg_column_size(p_context) > current_setting('fraiseql_obs.max_context_bytes')::integer
+                      THEN _fraiseql_clip_context(p_context) ELSE coalesce(p_context, '{}'::jsonb) END;
+    v_env   := coalesce(nullif(p_environment, ''), current_setting('fraiseql_obs.environment'));
+    v_trace := _fraiseql_normalize_id(coalesce(p_trace_id, nullif(current_setting('fraiseql_obs.trace_id', true), '')), 'trace_id');
+    v_span  := _fraiseql_normalize_id(coalesce(p_span_id, nullif(current_setting('fraiseql_obs.span_id', true), '')), 'span_id');
+    v_fp    := _fraiseql_group_fingerprint(p_exception_type, p_message, p_stack_trace, p_fingerprint, p_context->'fingerprint', p_is_message);
+
+    SELECT g.error_id, g.status, g.severity, g.resolved_at INTO v_group
+      FROM tb_error_log g WHERE g.error_fingerprint = v_fp;
+
+    IF NOT FOUND THEN
+        v_meta := _fraiseql_group_meta(p_exception_type, p_message, p_stack_trace);
+        INSERT INTO tb_error_log AS g
+            (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
+             title, culprit, severity, environment, release_version,
+             occurrence_count, first_seen, last_seen)
+        VALUES (v_fp, fraiseql_fingerprint_version(), p_exception_type,
+                v_message, v_stack,
+                v_meta->>'title', v_meta->>'culprit', p_severity, v_env, p_release_version,
+                1, p_occurred_at, p_occurred_at)
+        ON CONFLICT (error_fingerprint) DO NOTHING
+        RETURNING g.error_id INTO v_error_id;
+
+        IF v_error_id IS NULL THEN
+            -- Another session created the group first (we waited for it to commit).
+            SELECT g.error_id, g.status, g.severity, g.resolved_at INTO v_group
+              FROM tb_error_log g WHERE g.error_fingerprint = v_fp;
+        END IF;
+    END IF;
+
+    IF v_error_id IS NULL THEN
+        v_error_id := v_group.error_id;
+        -- Count on this backend's own stripe: never waits on other sessions.
+        INSERT INTO tb_error_counter AS c (error_id, stripe, occurrence_count, first_seen, last_seen)
+        VALUES (v_error_id, _fraiseql_stripe(), 1, p_occurred_at, p_occurred_at)
+        ON CONFLICT (error_id, stripe) DO UPDATE
+            SET occurrence_count = c.occurrence_count + 1,
+                first_seen = least(c.first_seen, excluded.first_seen),
+                last_seen = greatest(c.last_seen, excluded.last_seen);
+
+        -- A resolved group that recurs after its resolution is a regression.
+        IF v_group.status = 'resolved' AND (v_group.resolved_at IS NULL OR p_occurred_at > v_group.resolved_at) THEN
+            UPDATE tb_error_log g
+               SET status = 'unresolved', is_regression = true, regressed_at = now(),
+                   regression_count = g.regression_count + 1,
+                   resolved_at = NULL, resolved_by = NULL
+             WHERE g.error_id = v_error_id AND g.status = 'resolved';
+        END IF;
+        IF _fraiseql_severity_rank(p_severity) > _fraiseql_severity_rank(v_group.severity) THEN
+            UPDATE tb_error_log g SET severity = p_severity
+             WHERE g.error_id = v_error_id
+               AND _fraiseql_severity_rank(g.severity) < _fraiseql_severity_rank(p_severity);
+        END IF;
+    END IF;
+
+    INSERT INTO tb_error_occurrence
+        (error_id, occurred_at, error_type, message, stack_trace, context, severity,
+         environment, release_version, trace_id, span_id)
+    VALUES (v_error_id, p_occurred_at, p_exception_type, v_message, v_stack, v_context,
+            p_severity, v_env, p_release_version, v_trace, v_span);
+
+    RETURN v_error_id;
+END
+$$;
+
+CREATE FUNCTION fraiseql_capture_error(
+    exception_type  text,
+    message         text,
+    stack_trace     text DEFAULT NULL,
+    context         jsonb DEFAULT '{}',
+    environment     text DEFAULT NULL,
+    severity        text DEFAULT 'error',
+    release_version text DEFAULT NULL,
+    trace_id        text DEFAULT NULL,
+    span_id         text DEFAULT NULL,
+    fingerprint     text DEFAULT NULL,
+    occurred_at     timestamptz DEFAULT now())
+RETURNS uuid
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT _fraiseql_capture($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, false)
+$$;
+COMMENT ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz) IS
+  'Record one occurrence of an error and return its group''s error_id.';
+
+CREATE FUNCTION fraiseql_capture_message(
+    message         text,
+    severity        text DEFAULT 'info',
+    context         jsonb DEFAULT '{}',
+    environment     text DEFAULT NULL,
+    release_version text DEFAULT NULL,
+    trace_id        text DEFAULT NULL,
+    span_id         text DEFAULT NULL,
+    fingerprint     text DEFAULT NULL,
+    occurred_at     timestamptz DEFAULT now())
+RETURNS uuid
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT _fraiseql_capture('Message', $1, NULL, $3, $4, $2, $5, $6, $7, $8, $9, true)
+$$;
+COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz) IS
+  'Record an event without an exception; messages group by their normalized text.';
+
+-- Fold the striped counters into tb_error_log. The worker runs this every
+-- second; call it by hand for exact counts right now. Returns groups updated.
+CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH drained AS (
+        DELETE FROM tb_error_counter RETURNING *
+    ), agg AS (
+        SELECT error_id, sum(occurrence_count) AS cnt, min(first_seen) AS fs, max(last_seen) AS ls
+          FROM drained GROUP BY error_id
+    )
+    UPDATE tb_error_log g
+       SET occurrence_count = g.occurrence_count + agg.cnt,
+           first_seen = least(g.first_seen, agg.fs),
+           last_seen = greatest(g.last_seen, agg.ls)
+      FROM agg
+     WHERE g.error_id = agg.error_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Error groups with live counts (folded + not yet folded).
+CREATE VIEW v_error_groups AS
+SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.title, g.culprit,
+       g.severity, g.environment, g.release_version, g.status, g.assigned_to,
+       (g.occurrence_count + coalesce(c.cnt, 0))::bigint AS occurrence_count,
+       least(g.first_seen, c.fs)                     AS first_seen,
+       greatest(g.last_seen, c.ls)                   AS last_seen,
+       g.resolved_at, g.resolved_by, g.is_regression, g.regressed_at, g.regression_count
+  FROM tb_error_log g
+  LEFT JOIN (SELECT error_id, sum(occurrence_count) AS cnt, min(first_seen) AS fs, max(last_seen) AS ls
+               FROM tb_error_counter GROUP BY error_id) c ON c.error_id = g.error_id;
+
+-- ---------------------------------------------------------------------------
+-- Workflow
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION _fraiseql_require_group(p_error_id uuid) RETURNS void
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    IF p_error_id IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: error_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM 1 FROM tb_error_log WHERE error_id = p_error_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fraiseql_obs: no error group with error_id %', p_error_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION fraiseql_resolve_error(error_id uuid, resolved_by text DEFAULT NULL, notes text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    PERFORM _fraiseql_require_group($1);
+    UPDATE tb_error_log g
+       SET status = 'resolved', resolved_at = now(), resolved_by = $2, resolution_notes = $3,
+           is_regression = false
+     WHERE g.error_id = $1;
+END
+$$;
+
+CREATE FUNCTION fraiseql_unresolve_error(error_id uuid) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    PERFORM _fraiseql_require_group($1);
+    UPDATE tb_error_log g
+       SET status = 'unresolved', resolved_at = NULL, resolved_by = NULL
+     WHERE g.error_id = $1;
+END
+$$;
+
+CREATE FUNCTION fraiseql_ignore_error(error_id uuid) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    PERFORM _fraiseql_require_group($1);
+    UPDATE tb_error_log g SET status = 'ignored' WHERE g.error_id = $1;
+END
+$$;
+
+CREATE FUNCTION fraiseql_assign_error(error_id uuid, assignee text) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    PERFORM _fraiseql_require_group($1);
+    UPDATE tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = $1;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The seed's per-occurrence shape, monitoring.errors.
+-- ---------------------------------------------------------------------------
+CREATE VIEW monitoring.errors AS
+SELECT o.occurrence_id          AS id,
+       g.error_fingerprint      AS fingerprint,
+       o.error_type             AS exception_type,
+       o.message,
+       o.stack_trace,
+       o.context,
+       o.environment,
+       o.trace_id,
+       o.span_id,
+       o.occurred_at,
+       g.resolved_at,
+       (g.status = 'ignored')   AS ignored,
+       g.assigned_to            AS assignee,
+       o.error_id,
+       o.severity,
+       o.release_version
+  FROM @extschema@.tb_error_occurrence o
+  JOIN @extschema@.tb_error_log g ON g.error_id = o.error_id;
+
+-- The seed's retention statement, DELETE FROM monitoring.errors WHERE ...,
+-- deletes the occurrences (the groups stay; maintenance prunes empty groups).
+CREATE FUNCTION _fraiseql_errors_view_delete() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    DELETE FROM tb_error_occurrence o
+     WHERE o.occurrence_id = OLD.id AND o.occurred_at = OLD.occurred_at;
+    RETURN OLD;
+END
+$$;
+
+CREATE TRIGGER errors_delete INSTEAD OF DELETE ON monitoring.errors
+    FOR EACH ROW EXECUTE FUNCTION _fraiseql_errors_view_delete();

@@ -1,0 +1,60 @@
+-- fraiseql_obs: last step of CREATE EXTENSION.
+
+INSERT INTO tb_partition_config (parent_table, granularity, retention_guc, prune_groups) VALUES
+    ('@extschema@.tb_error_occurrence'::regclass, 'month', 'fraiseql_obs.error_retention_months', true),
+    ('@extschema@.tb_error_notification_log'::regclass, 'month', 'fraiseql_obs.notification_log_retention_months', false);
+
+-- Partitions for this month and the next ones exist right away. They are then
+-- released from the extension: otherwise DROP TABLE by retention would be
+-- refused ("extension requires it"), and they would be missing from pg_dump.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT e.partition_name
+          FROM @extschema@.tb_partition_config c,
+               @extschema@.fraiseql_ensure_partitions(c.parent_table,
+                   @extschema@.fraiseql_setting('fraiseql_obs.premake_months')::integer) e
+    LOOP
+        EXECUTE format('ALTER EXTENSION fraiseql_obs DROP TABLE @extschema@.%I', r.partition_name);
+    END LOOP;
+END
+$$;
+
+-- The data tables are dumped by pg_dump with the database.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_counter', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_config', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_partition_config', '');
+
+-- Privileges: nothing is callable by PUBLIC. An application role needs only
+--   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz),
+--                             fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz),
+--                             fraiseql_set_trace_context(text, boolean)
+--   TO app_role;
+-- (see README, "Privileges").
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure AS sig
+          FROM pg_proc p
+          JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass
+         WHERE d.refclassid = 'pg_extension'::regclass
+           AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'fraiseql_obs')
+           AND d.deptype = 'e'
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
+    END LOOP;
+END
+$$;
+
+-- Pure functions stay public: they read no data.
+GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_fingerprint(text, text, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC;
+GRANT USAGE ON SCHEMA monitoring TO PUBLIC;
+
+-- Serve this database right away once CREATE EXTENSION commits.
+SELECT @extschema@._fraiseql_wake_launcher();

@@ -1,0 +1,127 @@
+-- fraiseql_obs: the maintenance tick. The background worker only schedules
+-- fraiseql_run_maintenance(); anyone can run it by hand (like pg_partman's
+-- run_maintenance()).
+
+-- Remove error groups that have nothing left, per the documented rule:
+--   * no occurrence row remains for the group, and its last_seen is older
+--     than the start of the oldest retained month;
+--   * it is not assigned to anyone;
+--   * an unresolved group is kept for one more retention period after that,
+--     so an open problem is not forgotten the day its last occurrence ages out.
+CREATE FUNCTION _fraiseql_prune_groups(retention_months integer) RETURNS bigint
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cutoff timestamptz;
+    n      bigint;
+BEGIN
+    IF retention_months <= 0 THEN
+        RETURN 0;
+    END IF;
+    cutoff := date_trunc('month', now()) - retention_months * interval '1 month';
+    PERFORM fraiseql_flush_counts();
+    DELETE FROM tb_error_log g
+     WHERE g.last_seen < cutoff
+       AND g.assigned_to IS NULL
+       AND NOT (g.status = 'unresolved' AND g.last_seen >= cutoff - retention_months * interval '1 month')
+       AND NOT EXISTS (SELECT 1 FROM tb_error_occurrence o WHERE o.error_id = g.error_id)
+       AND NOT EXISTS (SELECT 1 FROM tb_error_counter c WHERE c.error_id = g.error_id);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- One maintenance tick: for every managed table, move rows out of the default
+-- partition, create partitions ahead, drop partitions past retention; then
+-- prune empty groups. Each table is handled in its own subtransaction with a
+-- short lock_timeout: a table whose locks cannot be had now is skipped and
+-- retried next tick, so maintenance never queues behind (and so never blocks)
+-- application queries. Returns what it did; the run is recorded in
+-- tb_maintenance_run (see v_maintenance_runs).
+CREATE FUNCTION fraiseql_run_maintenance(triggered_by text DEFAULT 'manual') RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_run_id      bigint;
+    v_started     timestamptz := clock_timestamp();
+    v_created     text[] := '{}';
+    v_dropped     text[] := '{}';
+    v_skipped     text[] := '{}';
+    v_moved       bigint := 0;
+    v_pruned      bigint := 0;
+    v_error       text;
+    v_old_timeout text := current_setting('lock_timeout');
+    v_premake     integer := fraiseql_setting('fraiseql_obs.premake_months')::integer;
+    v_premake_days integer := fraiseql_setting('fraiseql_obs.premake_days')::integer;
+    v_keep        integer;
+    cfg           record;
+    r             record;
+    v_result      jsonb;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint) THEN
+        RETURN jsonb_build_object('skipped', true, 'reason', 'another maintenance run is in progress');
+    END IF;
+
+    PERFORM set_config('lock_timeout', fraiseql_setting('fraiseql_obs.ddl_lock_timeout'), true);
+
+    FOR cfg IN SELECT * FROM tb_partition_config ORDER BY parent_table::text LOOP
+        BEGIN
+            v_keep := fraiseql_setting(cfg.retention_guc)::integer;
+            v_moved := v_moved + fraiseql_move_default_rows(cfg.parent_table);
+            FOR r IN SELECT * FROM fraiseql_ensure_partitions(
+                        cfg.parent_table,
+                        CASE cfg.granularity WHEN 'month' THEN v_premake ELSE v_premake_days END) LOOP
+                IF r.created THEN
+                    v_created := v_created || r.partition_name;
+                END IF;
+            END LOOP;
+            FOR r IN SELECT * FROM fraiseql_drop_old_partitions(cfg.parent_table, v_keep) LOOP
+                v_dropped := v_dropped || r.partition_name;
+            END LOOP;
+            IF cfg.prune_groups THEN
+                v_pruned := v_pruned + _fraiseql_prune_groups(v_keep);
+            END IF;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                v_skipped := v_skipped || (cfg.parent_table::text || ': lock not available, retried next run');
+            WHEN OTHERS THEN
+                v_error := coalesce(v_error || E'\n', '') || cfg.parent_table::text || ': ' || SQLERRM;
+        END;
+    END LOOP;
+
+    PERFORM set_config('lock_timeout', v_old_timeout, true);
+
+    INSERT INTO tb_maintenance_run AS m
+        (started_at, finished_at, duration_ms, triggered_by, created, dropped, moved_rows,
+         groups_removed, skipped, last_error)
+    VALUES (v_started, clock_timestamp(),
+            extract(epoch FROM clock_timestamp() - v_started) * 1000,
+            coalesce(triggered_by, 'manual'), v_created, v_dropped, v_moved, v_pruned, v_skipped, v_error)
+    RETURNING m.run_id INTO v_run_id;
+
+    -- keep the run history bounded
+    DELETE FROM tb_maintenance_run WHERE started_at < now() - interval '30 days';
+
+    v_result := jsonb_build_object(
+        'run_id', v_run_id,
+        'created', to_jsonb(v_created),
+        'dropped', to_jsonb(v_dropped),
+        'moved_rows', v_moved,
+        'groups_removed', v_pruned,
+        'skipped', to_jsonb(v_skipped),
+        'error', v_error,
+        'duration_ms', round((extract(epoch FROM clock_timestamp() - v_started) * 1000)::numeric, 3));
+    RETURN v_result;
+END
+$$;
+
+CREATE VIEW v_maintenance_runs AS
+SELECT run_id, started_at, finished_at, duration_ms, triggered_by, created, dropped,
+       moved_rows, groups_removed, skipped, last_error
+  FROM tb_maintenance_run
+ ORDER BY started_at DESC;

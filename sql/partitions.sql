@@ -1,0 +1,315 @@
+-- fraiseql_obs: partition management.
+--
+-- Every function here finds partitions through pg_inherits from the parent's
+-- OID (never by name in `public`), reads their bounds from the catalog, and
+-- runs with TimeZone = UTC so months and days are UTC months and days whatever
+-- the session's or server's time zone.
+
+-- Bounds of one partition; both NULL for a DEFAULT partition.
+CREATE FUNCTION _fraiseql_partition_bounds(part regclass,
+                                           OUT lower_bound timestamptz,
+                                           OUT upper_bound timestamptz)
+LANGUAGE plpgsql STABLE
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    m text[];
+BEGIN
+    SELECT regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                        $re$FROM \('([^']+)'\) TO \('([^']+)'\)$re$)
+      INTO m
+      FROM pg_class c WHERE c.oid = part;
+    IF m IS NOT NULL THEN
+        lower_bound := m[1]::timestamptz;
+        upper_bound := m[2]::timestamptz;
+    END IF;
+END
+$$;
+
+-- Every partition of every managed table, with its bounds.
+CREATE VIEW v_partitions AS
+SELECT p.parent_table,
+       c.oid::regclass                      AS partition,
+       c.relname::text                      AS partition_name,
+       b.lower_bound,
+       b.upper_bound,
+       pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT' AS is_default
+  FROM tb_partition_config p
+  JOIN pg_inherits i ON i.inhparent = p.parent_table
+  JOIN pg_class c ON c.oid = i.inhrelid
+  CROSS JOIN LATERAL _fraiseql_partition_bounds(c.oid) b;
+
+-- The registry row of a managed table, or a clear error.
+CREATE FUNCTION _fraiseql_partition_config(parent regclass)
+RETURNS tb_partition_config
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg tb_partition_config;
+BEGIN
+    SELECT * INTO cfg FROM tb_partition_config WHERE parent_table = parent;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fraiseql_obs: % is not a table managed by fraiseql_obs', parent
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Managed tables are listed in tb_partition_config.';
+    END IF;
+    RETURN cfg;
+END
+$$;
+
+-- Name of the partitioning column ("occurred_at", "sent_at", ...).
+CREATE FUNCTION _fraiseql_partition_key(parent regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT (regexp_match(pg_get_partkeydef(parent), '^RANGE \((\w+)\)$'))[1]
+$$;
+
+CREATE FUNCTION _fraiseql_default_partition(parent regclass) RETURNS regclass
+LANGUAGE sql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT c.oid::regclass
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = parent
+       AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
+$$;
+
+-- Create (idempotently) the partition of `parent` that holds `target`.
+-- Rows already sitting in the default partition for that range are moved
+-- into the new partition in the same transaction, so nothing is lost and the
+-- default partition never blocks partition creation.
+CREATE FUNCTION fraiseql_create_partition(parent regclass, target timestamptz,
+                                          OUT partition_name text,
+                                          OUT created boolean,
+                                          OUT moved_rows bigint)
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg      tb_partition_config := _fraiseql_partition_config(parent);
+    unit     interval := ('1 ' || cfg.granularity)::interval;
+    lo       timestamptz := date_trunc(cfg.granularity, target);
+    hi       timestamptz := lo + unit;
+    nsp      text;
+    base     text;
+    key      text := _fraiseql_partition_key(parent);
+    dflt     regclass := _fraiseql_default_partition(parent);
+    has_rows boolean := false;
+BEGIN
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: target date must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    moved_rows := 0;
+    created := false;
+
+    SELECT v.partition_name INTO partition_name
+      FROM v_partitions v
+     WHERE v.parent_table = parent AND v.lower_bound = lo;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+
+    SELECT n.nspname, c.relname INTO nsp, base
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = parent;
+    partition_name := base || '_' || to_char(lo, CASE cfg.granularity WHEN 'month' THEN 'YYYY_MM' ELSE 'YYYY_MM_DD' END);
+
+    IF to_regclass(format('%I.%I', nsp, partition_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: cannot create partition %.%: a relation with that name exists and is not the partition for %',
+            nsp, partition_name, lo
+            USING ERRCODE = 'duplicate_table',
+                  HINT = 'Rename or drop that relation; fraiseql_obs names partitions <table>_YYYY_MM (or _YYYY_MM_DD).';
+    END IF;
+
+    IF dflt IS NOT NULL THEN
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I >= $1 AND %I < $2)', dflt, key, key)
+           INTO has_rows USING lo, hi;
+    END IF;
+
+    IF has_rows THEN
+        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)',
+                       nsp, partition_name, parent);
+        EXECUTE format('WITH moved AS (DELETE FROM %s WHERE %I >= $1 AND %I < $2 RETURNING *) '
+                       'INSERT INTO %I.%I SELECT * FROM moved', dflt, key, key, nsp, partition_name)
+           USING lo, hi;
+        GET DIAGNOSTICS moved_rows = ROW_COUNT;
+        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
+                       parent, nsp, partition_name, lo, hi);
+    ELSE
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
+                       nsp, partition_name, parent, lo, hi);
+    END IF;
+    created := true;
+END
+$$;
+
+-- Make sure the partitions for the current unit and `ahead` units after it exist.
+CREATE FUNCTION fraiseql_ensure_partitions(parent regclass, ahead integer)
+RETURNS TABLE (partition_name text, created boolean)
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg  tb_partition_config := _fraiseql_partition_config(parent);
+    unit interval := ('1 ' || cfg.granularity)::interval;
+    r    record;
+BEGIN
+    IF ahead IS NULL OR ahead < 0 THEN
+        RAISE EXCEPTION 'fraiseql_obs: the number of partitions to create ahead must be >= 0, got %', ahead
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 0..ahead LOOP
+        r := fraiseql_create_partition(parent, date_trunc(cfg.granularity, now()) + i * unit);
+        partition_name := r.partition_name;
+        created := r.created;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- Drop the partitions of `parent` that end at or before the start of the
+-- current unit minus `keep` units. keep = 0 keeps everything. The partition
+-- holding now() is never dropped.
+CREATE FUNCTION fraiseql_drop_old_partitions(parent regclass, keep integer)
+RETURNS TABLE (partition_name text, dropped boolean)
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg    tb_partition_config := _fraiseql_partition_config(parent);
+    unit   interval := ('1 ' || cfg.granularity)::interval;
+    cutoff timestamptz;
+    r      record;
+BEGIN
+    IF keep IS NULL OR keep < 0 THEN
+        RAISE EXCEPTION 'fraiseql_obs: retention must be >= 0 (0 keeps data forever), got %', keep
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF keep = 0 THEN
+        RETURN;
+    END IF;
+    cutoff := date_trunc(cfg.granularity, now()) - keep * unit;
+    FOR r IN
+        SELECT v.partition, v.partition_name
+          FROM v_partitions v
+         WHERE v.parent_table = parent
+           AND NOT v.is_default
+           AND v.upper_bound <= cutoff
+           AND NOT (now() >= v.lower_bound AND now() < v.upper_bound)
+         ORDER BY v.lower_bound
+    LOOP
+        EXECUTE format('DROP TABLE %s', r.partition);
+        partition_name := r.partition_name;
+        dropped := true;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- Move every row of the default partition into its proper partition
+-- (creating it). Returns the number of rows moved.
+CREATE FUNCTION fraiseql_move_default_rows(parent regclass) RETURNS bigint
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg   tb_partition_config := _fraiseql_partition_config(parent);
+    dflt  regclass := _fraiseql_default_partition(parent);
+    key   text := _fraiseql_partition_key(parent);
+    unit_start timestamptz;
+    total bigint := 0;
+BEGIN
+    IF dflt IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR unit_start IN
+        EXECUTE format('SELECT DISTINCT date_trunc(%L, %I) FROM %s', cfg.granularity, key, dflt)
+    LOOP
+        total := total + (fraiseql_create_partition(parent, unit_start)).moved_rows;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The seed's functions, by their seed names and signatures.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION create_error_occurrence_partition(target_date date) RETURNS text
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT (fraiseql_create_partition('@extschema@.tb_error_occurrence'::regclass,
+                                      (target_date::text || ' 00:00:00+00')::timestamptz)).partition_name
+$$;
+
+CREATE FUNCTION create_notification_log_partition(target_date date) RETURNS text
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT (fraiseql_create_partition('@extschema@.tb_error_notification_log'::regclass,
+                                      (target_date::text || ' 00:00:00+00')::timestamptz)).partition_name
+$$;
+
+CREATE FUNCTION ensure_error_occurrence_partitions(months_ahead integer)
+RETURNS TABLE (partition_name text, created boolean)
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT * FROM fraiseql_ensure_partitions('@extschema@.tb_error_occurrence'::regclass, months_ahead)
+$$;
+
+CREATE FUNCTION ensure_notification_log_partitions(months_ahead integer)
+RETURNS TABLE (partition_name text, created boolean)
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT * FROM fraiseql_ensure_partitions('@extschema@.tb_error_notification_log'::regclass, months_ahead)
+$$;
+
+CREATE FUNCTION drop_old_error_occurrence_partitions(retention_months integer)
+RETURNS TABLE (partition_name text, dropped boolean)
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT * FROM fraiseql_drop_old_partitions('@extschema@.tb_error_occurrence'::regclass, retention_months)
+$$;
+
+CREATE FUNCTION drop_old_notification_log_partitions(retention_months integer)
+RETURNS TABLE (partition_name text, dropped boolean)
+LANGUAGE sql
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT * FROM fraiseql_drop_old_partitions('@extschema@.tb_error_notification_log'::regclass, retention_months)
+$$;
+
+-- Storage statistics with exact row counts (count(*) per partition: exact, and
+-- proportional to the table's size; use pg_class.reltuples for an estimate).
+CREATE FUNCTION get_partition_stats()
+RETURNS TABLE (table_name text, partition_name text, row_count bigint, total_size text, index_size text)
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT v.parent_table, v.partition, v.partition_name
+          FROM v_partitions v
+         ORDER BY v.parent_table::text, v.is_default, v.lower_bound
+    LOOP
+        table_name := (SELECT c.relname::text FROM pg_class c WHERE c.oid = r.parent_table);
+        partition_name := r.partition_name;
+        EXECUTE format('SELECT count(*) FROM %s', r.partition) INTO row_count;
+        total_size := pg_size_pretty(pg_total_relation_size(r.partition));
+        index_size := pg_size_pretty(pg_indexes_size(r.partition));
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

@@ -1,0 +1,162 @@
+-- fraiseql_obs: tables. Runs first (bootstrap), before any function exists.
+--
+-- Everything lives in the extension's schema (@extschema@, `public` unless
+-- CREATE EXTENSION ... SCHEMA says otherwise), except the seed's `monitoring.*`
+-- names, which are views or tables in the `monitoring` schema.
+
+CREATE SCHEMA IF NOT EXISTS monitoring;
+
+-- ---------------------------------------------------------------------------
+-- Error groups: one row per fingerprint.
+-- occurrence_count / last_seen are folded in from tb_error_counter (see there).
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_error_log (
+    error_id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    error_fingerprint   text NOT NULL UNIQUE,
+    fingerprint_version integer NOT NULL DEFAULT 1,
+    error_type          text NOT NULL,
+    error_message       text NOT NULL,
+    stack_trace         text,
+    title               text,
+    culprit             text,
+    severity            text NOT NULL DEFAULT 'error'
+        CHECK (severity IN ('debug', 'info', 'warning', 'error', 'critical')),
+    environment         text NOT NULL,
+    release_version     text,
+    occurrence_count    bigint NOT NULL DEFAULT 0,
+    first_seen          timestamptz NOT NULL DEFAULT now(),
+    last_seen           timestamptz NOT NULL DEFAULT now(),
+    status              text NOT NULL DEFAULT 'unresolved'
+        CHECK (status IN ('unresolved', 'resolved', 'ignored')),
+    assigned_to         text,
+    resolved_at         timestamptz,
+    resolved_by         text,
+    resolution_notes    text,
+    -- regression: a resolved group that recurred
+    is_regression       boolean NOT NULL DEFAULT false,
+    regressed_at        timestamptz,
+    regression_count    integer NOT NULL DEFAULT 0
+);
+CREATE INDEX idx_error_log_last_seen ON tb_error_log (last_seen DESC);
+CREATE INDEX idx_error_log_status ON tb_error_log (status, last_seen DESC);
+
+COMMENT ON TABLE tb_error_log IS
+  'One row per error group (fingerprint). occurrence_count and last_seen are '
+  'folded in from tb_error_counter by fraiseql_flush_counts() (the worker runs '
+  'it every second); v_error_groups shows live values.';
+
+-- ---------------------------------------------------------------------------
+-- Striped occurrence counters.
+-- Updating the group row on every capture makes a hot fingerprint a lock convoy
+-- (every session waits for the previous one to commit). Instead each backend
+-- bumps its own stripe (stripe = backend slot), and the counts are folded into
+-- tb_error_log in the background, like Sentry's counter buffer.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_error_counter (
+    error_id         uuid NOT NULL,
+    stripe           integer NOT NULL,
+    occurrence_count bigint NOT NULL,
+    first_seen       timestamptz NOT NULL,
+    last_seen        timestamptz NOT NULL,
+    PRIMARY KEY (error_id, stripe)
+) WITH (fillfactor = 50);
+
+-- ---------------------------------------------------------------------------
+-- Occurrences: one row per capture, monthly partitions (UTC) + a default
+-- partition so that a capture dated into a month without a partition is kept.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_error_occurrence (
+    occurrence_id   uuid NOT NULL DEFAULT gen_random_uuid(),
+    error_id        uuid NOT NULL,
+    occurred_at     timestamptz NOT NULL DEFAULT now(),
+    error_type      text NOT NULL,
+    message         text NOT NULL,
+    stack_trace     text,
+    context         jsonb,
+    severity        text NOT NULL DEFAULT 'error',
+    environment     text NOT NULL,
+    release_version text,
+    trace_id        text,
+    span_id         text,
+    resolved        boolean NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (occurrence_id, occurred_at)
+) PARTITION BY RANGE (occurred_at);
+
+CREATE TABLE tb_error_occurrence_default PARTITION OF tb_error_occurrence DEFAULT;
+
+CREATE INDEX idx_error_occurrence_occurred_at ON tb_error_occurrence (occurred_at DESC);
+CREATE INDEX idx_error_occurrence_error_id ON tb_error_occurrence (error_id, occurred_at DESC);
+CREATE INDEX idx_error_occurrence_environment ON tb_error_occurrence (environment, occurred_at DESC);
+CREATE INDEX idx_error_occurrence_trace_id ON tb_error_occurrence (trace_id) WHERE trace_id IS NOT NULL;
+CREATE INDEX idx_error_occurrence_context ON tb_error_occurrence USING gin (context jsonb_path_ops);
+
+-- ---------------------------------------------------------------------------
+-- Notification rules and delivery log (delivery itself: see notify/*).
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_error_notification_config (
+    config_id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    error_fingerprint    text,
+    error_type           text,
+    severity             text[],
+    environment          text[],
+    channel_type         text NOT NULL,
+    channel_config       jsonb NOT NULL DEFAULT '{}'::jsonb,
+    rate_limit_minutes   integer NOT NULL DEFAULT 0 CHECK (rate_limit_minutes >= 0),
+    min_occurrence_count integer NOT NULL DEFAULT 1 CHECK (min_occurrence_count >= 1),
+    message_template     text,
+    enabled              boolean NOT NULL DEFAULT true,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    last_triggered       timestamptz
+);
+
+CREATE TABLE tb_error_notification_log (
+    notification_id uuid NOT NULL DEFAULT gen_random_uuid(),
+    config_id       uuid NOT NULL,
+    error_id        uuid NOT NULL,
+    sent_at         timestamptz NOT NULL DEFAULT now(),
+    channel_type    text NOT NULL,
+    recipient       text,
+    status          text NOT NULL CHECK (status IN ('sent', 'failed', 'retrying')),
+    error_message   text,
+    attempt         integer NOT NULL DEFAULT 1,
+    response_code   text,
+    duration_ms     integer,
+    delivery_id     uuid,
+    PRIMARY KEY (notification_id, sent_at)
+) PARTITION BY RANGE (sent_at);
+
+CREATE TABLE tb_error_notification_log_default PARTITION OF tb_error_notification_log DEFAULT;
+CREATE INDEX idx_notification_log_sent_at ON tb_error_notification_log (sent_at DESC);
+CREATE INDEX idx_notification_log_error_id ON tb_error_notification_log (error_id);
+
+-- ---------------------------------------------------------------------------
+-- Partition registry: which tables maintenance manages, by what unit, and
+-- which setting holds their retention. Later features add their tables here.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_partition_config (
+    parent_table   regclass PRIMARY KEY,
+    granularity    text NOT NULL CHECK (granularity IN ('month', 'day')),
+    -- setting (GUC) holding how many units to keep; 0 keeps data forever
+    retention_guc  text NOT NULL,
+    -- error groups are pruned once their occurrences have all aged out
+    prune_groups   boolean NOT NULL DEFAULT false
+);
+
+-- ---------------------------------------------------------------------------
+-- Maintenance runs, newest first in v_maintenance_runs.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_maintenance_run (
+    run_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at     timestamptz,
+    duration_ms     double precision,
+    triggered_by    text NOT NULL DEFAULT 'manual',
+    created         text[] NOT NULL DEFAULT '{}',
+    dropped         text[] NOT NULL DEFAULT '{}',
+    moved_rows      bigint NOT NULL DEFAULT 0,
+    groups_removed  bigint NOT NULL DEFAULT 0,
+    skipped         text[] NOT NULL DEFAULT '{}',
+    last_error      text
+);
+CREATE INDEX idx_maintenance_run_started ON tb_maintenance_run (started_at DESC);

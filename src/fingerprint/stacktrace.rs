@@ -1,0 +1,849 @@
+//! Stack trace parsing for the common languages' text formats.
+//!
+//! Each language has a line matcher. Detection counts which matcher
+//! recognizes the most lines; the trace is then parsed with that one. Only
+//! what grouping needs is kept: the module (or file basename) and the
+//! normalized function of each frame, whether it is application code, and the
+//! line number for display. Every step is a scan over the input: linear time,
+//! no regex back-tracking, no recursion.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python,
+    JavaScript,
+    Java,
+    Go,
+    Ruby,
+    DotNet,
+    Rust,
+    Php,
+    Unknown,
+}
+
+impl Language {
+    pub fn name(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::JavaScript => "javascript",
+            Language::Java => "java",
+            Language::Go => "go",
+            Language::Ruby => "ruby",
+            Language::DotNet => "dotnet",
+            Language::Rust => "rust",
+            Language::Php => "php",
+            Language::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the language prints the innermost (failing) frame last.
+    fn innermost_last(self) -> bool {
+        matches!(self, Language::Python)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    pub module: String,
+    pub function: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    pub in_app: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParsedTrace {
+    pub language: Language,
+    pub frames: Vec<Frame>,
+}
+
+const LANGS: [Language; 8] = [
+    Language::Python,
+    Language::Java,
+    Language::DotNet,
+    Language::JavaScript,
+    Language::Go,
+    Language::Ruby,
+    Language::Rust,
+    Language::Php,
+];
+
+/// Parse a stack trace. Text in no known format yields no frames.
+pub fn parse(trace: &str) -> ParsedTrace {
+    let lines: Vec<&str> = trace.lines().collect();
+    let mut best = (Language::Unknown, 0usize);
+    for lang in LANGS {
+        let hits = count_hits(lang, &lines);
+        if hits > best.1 {
+            best = (lang, hits);
+        }
+    }
+    let language = best.0;
+    let frames = match language {
+        Language::Unknown => Vec::new(),
+        Language::Go => parse_go(&lines),
+        Language::Rust => parse_rust(&lines),
+        lang => lines.iter().filter_map(|l| parse_line(lang, l)).collect(),
+    };
+    ParsedTrace { language, frames }
+}
+
+fn count_hits(lang: Language, lines: &[&str]) -> usize {
+    match lang {
+        Language::Go => lines
+            .windows(2)
+            .filter(|w| go_function_line(w[0]).is_some() && go_location_line(w[1]).is_some())
+            .count(),
+        Language::Rust => lines.iter().filter(|l| rust_symbol_line(l).is_some()).count(),
+        _ => lines.iter().filter(|l| parse_line(lang, l).is_some()).count(),
+    }
+}
+
+fn parse_line(lang: Language, line: &str) -> Option<Frame> {
+    match lang {
+        Language::Python => python_frame(line),
+        Language::Java => java_frame(line),
+        Language::DotNet => dotnet_frame(line),
+        Language::JavaScript => js_frame(line),
+        Language::Ruby => ruby_frame(line),
+        Language::Php => php_frame(line),
+        _ => None,
+    }
+}
+
+impl ParsedTrace {
+    /// Frames that grouping uses: the in-app frames when there are any (else
+    /// all), with directly repeated frames (recursion) collapsed.
+    pub fn grouping_frames(&self) -> Vec<&Frame> {
+        let any_in_app = self.frames.iter().any(|f| f.in_app);
+        let mut out: Vec<&Frame> = Vec::new();
+        for f in self.frames.iter().filter(|f| f.in_app || !any_in_app) {
+            if let Some(last) = out.last() {
+                if last.module == f.module && last.function == f.function {
+                    continue;
+                }
+            }
+            out.push(f);
+        }
+        out
+    }
+
+    /// The frame where the error happened: the innermost in-app frame.
+    pub fn culprit(&self) -> Option<&Frame> {
+        let mut in_app = self.frames.iter().filter(|f| f.in_app);
+        if self.language.innermost_last() {
+            in_app.next_back().or_else(|| self.frames.last())
+        } else {
+            in_app.next().or_else(|| self.frames.first())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------
+
+/// Last path component, without a query string or fragment.
+fn basename(path: &str) -> &str {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.rsplit(['/', '\\']).next().unwrap_or(path)
+}
+
+fn strip_ext<'a>(name: &'a str, exts: &[&str]) -> &'a str {
+    for e in exts {
+        if let Some(s) = name.strip_suffix(e) {
+            if !s.is_empty() {
+                return s;
+            }
+        }
+    }
+    name
+}
+
+fn all_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// "file:line:col" / "file:line" -> (file, line)
+fn split_location(loc: &str) -> (&str, Option<u32>) {
+    let mut file = loc;
+    let mut line = None;
+    for _ in 0..2 {
+        match file.rsplit_once(':') {
+            Some((f, n)) if all_digits(n) => {
+                line = n.parse().ok();
+                file = f;
+            }
+            _ => break,
+        }
+    }
+    (file, line)
+}
+
+
+/// Whether a dot/dash separated piece of a file name looks like a content hash.
+fn looks_like_hash(piece: &str) -> bool {
+    let n = piece.len();
+    if n < 6 {
+        return false;
+    }
+    let digits = piece.bytes().filter(|c| c.is_ascii_digit()).count();
+    let hex = piece.bytes().all(|c| c.is_ascii_hexdigit());
+    (hex && digits > 0) || (n >= 8 && digits > 0 && piece.bytes().all(|c| c.is_ascii_alphanumeric()) && digits * 4 >= n)
+}
+
+/// main.3f2a9c1b.js, chunk-ABCD1234.js, app-3f2a1b9c.min.js -> main.js, chunk.js, app.min.js
+fn normalize_js_file(file: &str) -> String {
+    let base = basename(file);
+    // pieces with the separator that precedes them; hash pieces are dropped
+    // together with that separator
+    let mut pieces: Vec<(Option<char>, String)> = vec![(None, String::new())];
+    for ch in base.chars() {
+        if ch == '.' || ch == '-' || ch == '_' {
+            pieces.push((Some(ch), String::new()));
+        } else if let Some(last) = pieces.last_mut() {
+            last.1.push(ch);
+        }
+    }
+    let mut out = String::with_capacity(base.len());
+    for (sep, piece) in pieces.iter().filter(|(_, p)| !looks_like_hash(p)) {
+        if !out.is_empty() {
+            if let Some(c) = sep {
+                out.push(*c);
+            }
+        }
+        out.push_str(piece);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Python:   File "/srv/app/x.py", line 42, in handler
+// ---------------------------------------------------------------------------
+fn python_frame(line: &str) -> Option<Frame> {
+    let t = line.trim_start();
+    let rest = t.strip_prefix("File \"")?;
+    let (path, rest) = rest.split_once("\", line ")?;
+    let (num, rest) = rest.split_once(", in ").unwrap_or((rest.trim(), "?"));
+    let lineno: u32 = num.trim().parse().ok()?;
+    let function = rest.trim().to_string();
+    let lib = path.contains("site-packages/")
+        || path.contains("dist-packages/")
+        || path.contains("site-packages\\")
+        || path.starts_with('<')
+        || is_python_stdlib(path);
+    let module = if let Some(i) = path.find("-packages/") {
+        strip_ext(&path[i + "-packages/".len()..], &[".py"]).replace('/', ".")
+    } else {
+        strip_ext(basename(path), &[".py", ".pyx"]).to_string()
+    };
+    Some(Frame { module, function, file: Some(path.to_string()), line: Some(lineno), in_app: !lib })
+}
+
+fn is_python_stdlib(path: &str) -> bool {
+    // /usr/lib/python3.11/x.py, /usr/local/lib/python3.12/x.py, ...\Lib\x.py
+    if let Some(i) = path.find("/lib/python") {
+        let rest = &path[i + "/lib/python".len()..];
+        let ver = rest.split('/').next().unwrap_or("");
+        return ver.chars().all(|c| c.is_ascii_digit() || c == '.') && !rest.contains("site-packages");
+    }
+    path.contains("\\Lib\\") && !path.contains("site-packages")
+}
+
+// ---------------------------------------------------------------------------
+// JavaScript: V8 "    at fn (file:1:2)" / "    at file:1:2"; Firefox/Safari "fn@file:1:2"
+// ---------------------------------------------------------------------------
+fn js_frame(line: &str) -> Option<Frame> {
+    let t = line.trim();
+    let (func, loc) = if let Some(rest) = t.strip_prefix("at ") {
+        if let Some(body) = rest.strip_suffix(')') {
+            let (f, l) = body.split_once(" (")?;
+            // a Java/.NET frame has no space before '(' and no :col
+            (f, l)
+        } else {
+            ("", rest)
+        }
+    } else if let Some((f, l)) = t.rsplit_once('@') {
+        if f.contains(' ') && !f.contains("/<") {
+            return None;
+        }
+        (f, l)
+    } else {
+        return None;
+    };
+    let loc = loc.trim();
+    // "eval at fn (file:1:2), <anonymous>:3:4" -> use the outer location
+    let loc = loc.rsplit(", ").last().unwrap_or(loc);
+    let loc = loc.strip_prefix("eval at ").map(|s| s.split(" (").nth(1).unwrap_or(s)).unwrap_or(loc);
+    let (file, lineno) = split_location(loc.trim_end_matches(')'));
+    if lineno.is_none() && file != "native" && file != "<anonymous>" {
+        return None;
+    }
+    let lib = file.contains("node_modules")
+        || file.starts_with("node:")
+        || file.starts_with("internal/")
+        || file == "native"
+        || file == "<anonymous>";
+    Some(Frame {
+        module: normalize_js_file(file),
+        function: normalize_js_function(func),
+        file: Some(file.to_string()),
+        line: lineno,
+        in_app: !lib,
+    })
+}
+
+fn normalize_js_function(f: &str) -> String {
+    let mut f = f.trim();
+    for p in ["async ", "new "] {
+        if let Some(r) = f.strip_prefix(p) {
+            f = r.trim();
+        }
+    }
+    // "Object.method [as alias]"
+    if let Some((head, _)) = f.split_once(" [as ") {
+        f = head;
+    }
+    // Firefox: "outer/inner<", "fn/<"
+    let f = f.trim_end_matches("/<").trim_end_matches('<');
+    let f = f.strip_prefix("Object.").unwrap_or(f);
+    if f.is_empty() || f == "<anonymous>" || f == "Object.<anonymous>" {
+        "<anonymous>".to_string()
+    } else {
+        f.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Java / JVM:  "\tat com.acme.Foo.bar(Foo.java:42)"
+// ---------------------------------------------------------------------------
+const JVM_LIBRARY_PREFIXES: &[&str] = &[
+    "java.", "javax.", "jakarta.", "jdk.", "sun.", "com.sun.", "kotlin.", "kotlinx.", "scala.",
+    "groovy.", "org.codehaus.groovy.", "org.springframework.", "org.apache.", "org.hibernate.",
+    "io.netty.", "com.fasterxml.", "org.junit.", "junit.", "reactor.", "io.reactivex.", "okhttp3.",
+    "com.google.", "org.eclipse.jetty.", "io.micronaut.", "io.quarkus.", "io.vertx.", "akka.",
+    "org.glassfish.", "com.zaxxer.", "org.postgresql.", "org.slf4j.", "ch.qos.logback.",
+];
+
+fn java_frame(line: &str) -> Option<Frame> {
+    let t = line.trim();
+    let rest = t.strip_prefix("at ")?;
+    let body = rest.strip_suffix(')')?;
+    let (qual, loc) = body.split_once('(')?;
+    if qual.contains(' ') || loc.contains('(') {
+        return None;
+    }
+    let is_jvm_loc = loc == "Native Method"
+        || loc == "Unknown Source"
+        || loc.starts_with("Unknown Source")
+        || [".java:", ".kt:", ".scala:", ".groovy:", ".clj:"].iter().any(|e| loc.contains(e))
+        || [".java", ".kt", ".scala", ".groovy"].iter().any(|e| loc.ends_with(e));
+    if !is_jvm_loc {
+        return None;
+    }
+    // strip class loader / module prefixes: "app//", "java.base/", "java.base@17/"
+    let qual = qual.rsplit('/').next().unwrap_or(qual);
+    let (class, method) = qual.rsplit_once('.')?;
+    let lineno = loc.rsplit_once(':').and_then(|(_, n)| n.parse().ok());
+    let class = normalize_jvm_class(class);
+    let lib = JVM_LIBRARY_PREFIXES.iter().any(|p| class.starts_with(p))
+        || class.contains("$$Lambda")
+        || class.contains("GeneratedMethodAccessor")
+        || class.contains("GeneratedConstructorAccessor")
+        || class.starts_with("$Proxy")
+        || class.contains(".$Proxy");
+    Some(Frame {
+        module: class,
+        function: normalize_jvm_method(method),
+        file: Some(loc.split(':').next().unwrap_or(loc).to_string()),
+        line: lineno,
+        in_app: !lib,
+    })
+}
+
+fn normalize_jvm_class(class: &str) -> String {
+    let mut c = class.to_string();
+    // CGLIB / ByteBuddy / javassist proxies carry a per-run hash or counter
+    for marker in ["$$EnhancerBySpringCGLIB$$", "$$EnhancerByCGLIB$$", "$$FastClassBySpringCGLIB$$",
+                   "$$FastClassByCGLIB$$", "$$SpringCGLIB$$", "$HibernateProxy$", "$ByteBuddy$",
+                   "$MockitoMock$", "_$$_javassist_", "_$$_jvst"] {
+        if let Some(i) = c.find(marker) {
+            c.truncate(i + marker.len());
+            let trimmed = c.trim_end_matches('$').trim_end_matches('_').to_string();
+            c = trimmed;
+        }
+    }
+    if let Some(i) = c.find("$$Lambda") {
+        c.truncate(i + "$$Lambda".len());
+    }
+    for gen in ["GeneratedMethodAccessor", "GeneratedConstructorAccessor", "GeneratedSerializationConstructorAccessor"] {
+        if let Some(i) = c.find(gen) {
+            c.truncate(i + gen.len());
+        }
+    }
+    if let Some(i) = c.find("$Proxy") {
+        c.truncate(i + "$Proxy".len());
+    }
+    c
+}
+
+fn normalize_jvm_method(m: &str) -> String {
+    // lambda$handle$3 -> lambda$handle ; access$000 -> access
+    if let Some(rest) = m.strip_prefix("lambda$") {
+        let name = rest.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('$');
+        return format!("lambda${name}");
+    }
+    if m.starts_with("access$") {
+        return "access".to_string();
+    }
+    m.to_string()
+}
+
+// ---------------------------------------------------------------------------
+// .NET:  "   at Acme.Orders.Service.Place(Order o) in /src/Service.cs:line 42"
+// ---------------------------------------------------------------------------
+const DOTNET_LIBRARY_PREFIXES: &[&str] = &[
+    "System.", "Microsoft.", "Newtonsoft.", "Npgsql.", "Dapper.", "Serilog.", "NUnit.", "Xunit.",
+    "Castle.", "Polly.", "MediatR.", "AutoMapper.", "Grpc.", "StackExchange.",
+];
+
+fn dotnet_frame(line: &str) -> Option<Frame> {
+    let t = line.trim();
+    let rest = t.strip_prefix("at ")?;
+    let (sig, loc) = match rest.split_once(") in ") {
+        Some((s, l)) => (format!("{s})"), Some(l)),
+        None => (rest.to_string(), None),
+    };
+    let open = sig.find('(')?;
+    if !sig.ends_with(')') {
+        return None;
+    }
+    let qual = &sig[..open];
+    let args = &sig[open + 1..sig.len() - 1];
+    if qual.contains(' ') {
+        return None;
+    }
+    // A JVM frame has "File.java:N" in the parens; .NET has typed args or nothing.
+    if loc.is_none() && (args.contains(".java") || args.contains(".kt") || args == "Native Method"
+        || args.starts_with("Unknown Source") || args.contains(':'))
+    {
+        return None;
+    }
+    if loc.is_none() && !args.is_empty() && !args.contains(' ') {
+        return None;
+    }
+    let (file, lineno) = match loc {
+        Some(l) => match l.rsplit_once(":line ") {
+            Some((f, n)) => (Some(f.to_string()), n.trim().parse().ok()),
+            None => (Some(l.to_string()), None),
+        },
+        None => (None, None),
+    };
+    let (module, function) = split_dotnet_qual(qual);
+    let lib = DOTNET_LIBRARY_PREFIXES.iter().any(|p| module.starts_with(p));
+    Some(Frame { module, function, file, line: lineno, in_app: !lib })
+}
+
+/// "Ns.Class.<DoAsync>d__5.MoveNext" -> ("Ns.Class", "DoAsync");
+/// "Ns.Class.<>c__DisplayClass3_0.<Run>b__0" -> ("Ns.Class", "Run")
+fn split_dotnet_qual(qual: &str) -> (String, String) {
+    // generic arity and type args: List`1[T] -> List
+    let mut q = String::with_capacity(qual.len());
+    let mut depth = 0;
+    let mut chars = qual.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            '`' if depth == 0 => {
+                while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    chars.next();
+                }
+            }
+            _ if depth == 0 => q.push(c),
+            _ => {}
+        }
+    }
+    let parts: Vec<&str> = q.split('.').collect();
+    let mut module_parts: Vec<&str> = Vec::new();
+    let mut function = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        if let Some(inner) = p.strip_prefix('<') {
+            // compiler-generated: <Name>d__5, <Name>b__0_1, <>c__DisplayClass3_0, <>c
+            if let Some((name, _)) = inner.split_once('>') {
+                if !name.is_empty() {
+                    function = name.to_string();
+                }
+            }
+            continue;
+        }
+        if i + 1 == parts.len() {
+            if function.is_empty() || !matches!(*p, "MoveNext" | "Invoke") {
+                if function.is_empty() {
+                    function = p.to_string();
+                }
+            }
+        } else if !p.is_empty() {
+            module_parts.push(p);
+        }
+    }
+    if function.is_empty() {
+        function = parts.last().unwrap_or(&"").to_string();
+    }
+    (module_parts.join("."), function)
+}
+
+// ---------------------------------------------------------------------------
+// Ruby:  "/app/models/user.rb:42:in `save'"  (<= 3.3)
+//        "/app/models/user.rb:42:in 'User#save'"  (3.4)
+// ---------------------------------------------------------------------------
+fn ruby_frame(line: &str) -> Option<Frame> {
+    let t = line.trim();
+    let t = t.strip_prefix("from ").unwrap_or(t);
+    let (loc, label) = t.split_once(":in ")?;
+    let (file, lineno) = loc.rsplit_once(':')?;
+    let lineno: u32 = lineno.parse().ok()?;
+    if !(file.ends_with(".rb") || file.ends_with(".rake") || file.starts_with("<internal:") || file.ends_with(".erb")) {
+        return None;
+    }
+    let label = label.trim().trim_start_matches(['`', '\'']).trim_end_matches('\'');
+    let lib = file.contains("/gems/")
+        || file.contains("/rubygems")
+        || file.contains("/vendor/bundle/")
+        || file.starts_with("<internal:")
+        || file.contains("/lib/ruby/");
+    Some(Frame {
+        module: strip_ext(basename(file), &[".rb", ".rake", ".erb"]).to_string(),
+        function: normalize_ruby_label(label),
+        file: Some(file.to_string()),
+        line: Some(lineno),
+        in_app: !lib,
+    })
+}
+
+/// "block (2 levels) in User#save" -> "block in save"; "User.find" -> "find";
+/// "<class:User>" kept. Ruby 3.4 labels carry the class, older ones do not:
+/// only the method name is kept so an upgrade does not split groups.
+fn normalize_ruby_label(label: &str) -> String {
+    let mut prefix = String::new();
+    let mut rest = label;
+    loop {
+        if let Some(r) = rest.strip_prefix("block ") {
+            let r = match r.strip_prefix('(') {
+                Some(x) => x.split_once(") ").map(|(_, y)| y).unwrap_or(x),
+                None => r,
+            };
+            prefix.push_str("block ");
+            rest = r.strip_prefix("in ").unwrap_or(r);
+            prefix.push_str("in ");
+            continue;
+        }
+        for p in ["rescue in ", "ensure in "] {
+            if let Some(r) = rest.strip_prefix(p) {
+                prefix.push_str(p);
+                rest = r;
+            }
+        }
+        break;
+    }
+    let name = if rest.starts_with('<') { rest } else { rest.rsplit(['#', '.']).next().unwrap_or(rest) };
+    format!("{prefix}{name}")
+}
+
+// ---------------------------------------------------------------------------
+// PHP:  "#0 /var/www/src/Foo.php(42): App\Foo->bar('x')"
+// ---------------------------------------------------------------------------
+fn php_frame(line: &str) -> Option<Frame> {
+    let t = line.trim();
+    let rest = t.strip_prefix('#')?;
+    let (num, rest) = rest.split_once(' ')?;
+    if !all_digits(num) {
+        return None;
+    }
+    if rest == "{main}" {
+        return Some(Frame { module: "{main}".into(), function: "{main}".into(), file: None, line: None, in_app: false });
+    }
+    let (loc, call) = rest.split_once(": ")?;
+    let (file, lineno) = if loc == "[internal function]" {
+        (None, None)
+    } else {
+        let (f, n) = loc.strip_suffix(')')?.rsplit_once('(')?;
+        (Some(f), n.parse::<u32>().ok())
+    };
+    let call = call.split('(').next().unwrap_or(call);
+    let (class, function) = match call.rsplit_once("->").or_else(|| call.rsplit_once("::")) {
+        Some((c, f)) => (Some(c), f),
+        None => (None, call),
+    };
+    let module = match (class, file) {
+        (Some(c), _) => c.to_string(),
+        (None, Some(f)) => strip_ext(basename(f), &[".php"]).to_string(),
+        (None, None) => String::new(),
+    };
+    let lib = file.is_none_or(|f| f.contains("/vendor/") || f.contains("\\vendor\\"));
+    // closures: {closure}, App\{closure}
+    let function = if function.contains("{closure") { "{closure}".to_string() } else { function.to_string() };
+    Some(Frame { module, function, file: file.map(str::to_string), line: lineno, in_app: !lib })
+}
+
+// ---------------------------------------------------------------------------
+// Go:   main.(*Server).handle(0xc000010000, {0x1, 0x2})
+//           /home/u/app/server.go:42 +0x1d
+// ---------------------------------------------------------------------------
+fn go_function_line(line: &str) -> Option<&str> {
+    if line.starts_with([' ', '\t']) {
+        return None;
+    }
+    let t = line.trim_end();
+    let t = t.strip_prefix("created by ").unwrap_or(t);
+    // "created by x.y in goroutine 7"
+    let t = t.split(" in goroutine ").next().unwrap_or(t);
+    let name = if t.ends_with(')') { &t[..t.rfind('(')?] } else { t };
+    if name.is_empty() || name.contains(' ') || !name.contains('.') {
+        return None;
+    }
+    Some(name)
+}
+
+fn go_location_line(line: &str) -> Option<(&str, Option<u32>)> {
+    if !line.starts_with(['\t', ' ']) {
+        return None;
+    }
+    let t = line.trim();
+    let t = t.split(" +0x").next().unwrap_or(t);
+    let (file, n) = t.rsplit_once(':')?;
+    if !file.ends_with(".go") && !file.ends_with(".s") {
+        return None;
+    }
+    Some((file, n.parse().ok()))
+}
+
+fn parse_go(lines: &[&str]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i + 1 < lines.len() {
+        if let (Some(func), Some((file, lineno))) = (go_function_line(lines[i]), go_location_line(lines[i + 1])) {
+            let (pkg, function) = split_go_func(func);
+            let std = !pkg.split('/').next().unwrap_or("").contains('.') && pkg != "main";
+            let lib = std || file.contains("/pkg/mod/") || file.contains("/vendor/") || file.contains("/go/src/runtime/");
+            frames.push(Frame {
+                module: pkg.to_string(),
+                function,
+                file: Some(file.to_string()),
+                line: lineno,
+                in_app: !lib,
+            });
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    frames
+}
+
+/// "github.com/acme/app/server.(*S).Handle.func1" -> ("github.com/acme/app/server", "(*S).Handle.func1")
+fn split_go_func(full: &str) -> (&str, String) {
+    let slash = full.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let dot = full[slash..].find('.').map(|i| slash + i).unwrap_or(full.len());
+    let pkg = &full[..dot];
+    let func = full.get(dot + 1..).unwrap_or("");
+    // generics: Map[...] -> Map[...]
+    let mut out = String::with_capacity(func.len());
+    let mut depth = 0;
+    for c in func.chars() {
+        match c {
+            '[' => {
+                if depth == 0 {
+                    out.push_str("[...]");
+                }
+                depth += 1;
+            }
+            ']' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    (pkg, out)
+}
+
+// ---------------------------------------------------------------------------
+// Rust:  "  12: myapp::handlers::create::h1a2b3c4d5e6f7a8b"
+//        "             at ./src/handlers.rs:42:5"
+// ---------------------------------------------------------------------------
+const RUST_LIBRARY_PREFIXES: &[&str] = &[
+    "std::", "core::", "alloc::", "backtrace::", "rust_begin_unwind", "__rust", "tokio::", "futures::",
+    "futures_util::", "futures_core::", "hyper::", "tower::", "axum::", "actix_", "anyhow::",
+    "<std::", "<core::", "<alloc::", "<tokio::", "<futures", "<hyper::", "<tower::", "<axum::",
+    "__libc_start", "_start", "clone", "start_thread", "__GI_", "main",
+];
+
+fn rust_symbol_line(line: &str) -> Option<&str> {
+    let t = line.trim_start();
+    let (num, rest) = t.split_once(": ")?;
+    if !all_digits(num) {
+        return None;
+    }
+    let sym = rest.trim();
+    // "0x55d0c8f0 - sym" (older format)
+    let sym = match sym.split_once(" - ") {
+        Some((addr, s)) if addr.starts_with("0x") => s,
+        _ => sym,
+    };
+    if sym.is_empty() || sym.contains(' ') && !sym.starts_with('<') {
+        return None;
+    }
+    Some(sym)
+}
+
+fn parse_rust(lines: &[&str]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(sym) = rust_symbol_line(lines[i]) {
+            let mut file = None;
+            let mut lineno = None;
+            if let Some(next) = lines.get(i + 1) {
+                if let Some(loc) = next.trim().strip_prefix("at ") {
+                    let (f, n) = split_location(loc);
+                    file = Some(f.to_string());
+                    lineno = n;
+                    i += 1;
+                }
+            }
+            let sym = strip_rust_hash(sym);
+            let (module, function) = match sym.rfind("::") {
+                Some(k) => (sym[..k].to_string(), sym[k + 2..].to_string()),
+                None => (String::new(), sym.to_string()),
+            };
+            let lib = RUST_LIBRARY_PREFIXES.iter().any(|p| sym.starts_with(p))
+                || file.as_deref().is_some_and(|f| f.starts_with("/rustc/") || f.contains("/.cargo/registry/"));
+            frames.push(Frame { module, function, file, line: lineno, in_app: !lib });
+        }
+        i += 1;
+    }
+    frames
+}
+
+/// Drops the "::h0123456789abcdef" symbol hash and closure numbering.
+fn strip_rust_hash(sym: &str) -> String {
+    let s = match sym.rsplit_once("::h") {
+        Some((head, h)) if h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()) => head,
+        _ => sym,
+    };
+    // {{closure}}#1 style suffixes are not printed by std; keep {{closure}}
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python() {
+        let t = "Traceback (most recent call last):\n  File \"/srv/releases/42/app/views.py\", line 10, in handler\n    x()\n  File \"/venv/lib/python3.11/site-packages/django/core.py\", line 5, in run\n  File \"/usr/lib/python3.11/json/decoder.py\", line 337, in decode\nValueError: bad";
+        let p = parse(t);
+        assert_eq!(p.language, Language::Python);
+        assert_eq!(p.frames.len(), 3);
+        assert_eq!(p.frames[0].module, "views");
+        assert!(p.frames[0].in_app);
+        assert_eq!(p.frames[1].module, "django.core");
+        assert!(!p.frames[1].in_app);
+        assert!(!p.frames[2].in_app);
+        assert_eq!(p.culprit().unwrap().function, "handler");
+    }
+
+    #[test]
+    fn javascript_v8_and_firefox() {
+        let v8 = "TypeError: x is undefined\n    at Object.handle [as h] (/app/dist/main.3f2a9c1b.js:10:5)\n    at async run (/app/node_modules/express/lib/router.js:1:2)\n    at node:internal/process/task_queues:95:5";
+        let p = parse(v8);
+        assert_eq!(p.language, Language::JavaScript);
+        assert_eq!(p.frames[0].module, "main.js");
+        assert_eq!(p.frames[0].function, "handle");
+        assert!(p.frames[0].in_app && !p.frames[1].in_app && !p.frames[2].in_app);
+        let ff = "handle@https://cdn.example.com/app-3f2a1b9c.js:10:5\n@https://cdn.example.com/app-3f2a1b9c.js:20:1";
+        let p = parse(ff);
+        assert_eq!(p.language, Language::JavaScript);
+        assert_eq!(p.frames[0].module, "app.js");
+        assert_eq!(p.frames[1].function, "<anonymous>");
+    }
+
+    #[test]
+    fn java() {
+        let t = "java.lang.IllegalStateException: boom\n\tat com.acme.Svc$$EnhancerBySpringCGLIB$$1a2b3c.run(<generated>)\n\tat com.acme.Svc.lambda$handle$3(Svc.java:42)\n\tat java.base/java.lang.Thread.run(Thread.java:829)\nCaused by: java.io.IOException: x\n\tat com.acme.Io.read(Io.java:7)\n\t... 5 more";
+        let p = parse(t);
+        assert_eq!(p.language, Language::Java);
+        let names: Vec<_> = p.frames.iter().map(|f| (f.module.as_str(), f.function.as_str(), f.in_app)).collect();
+        assert_eq!(names, vec![
+            ("com.acme.Svc", "lambda$handle", true),
+            ("java.lang.Thread", "run", false),
+            ("com.acme.Io", "read", true),
+        ]);
+    }
+
+    #[test]
+    fn dotnet() {
+        let t = "System.InvalidOperationException: nope\n   at Acme.Orders.Service.<PlaceAsync>d__5.MoveNext() in /src/Service.cs:line 42\n   at System.Runtime.CompilerServices.TaskAwaiter.ThrowForNonSuccess(Task task)\n   at Acme.Orders.Api.<>c__DisplayClass3_0.<Run>b__0(String s) in C:\\build\\agent\\Api.cs:line 7";
+        let p = parse(t);
+        assert_eq!(p.language, Language::DotNet);
+        assert_eq!(p.frames[0].module, "Acme.Orders.Service");
+        assert_eq!(p.frames[0].function, "PlaceAsync");
+        assert!(!p.frames[1].in_app);
+        assert_eq!(p.frames[2].module, "Acme.Orders.Api");
+        assert_eq!(p.frames[2].function, "Run");
+    }
+
+    #[test]
+    fn go() {
+        let t = "panic: boom\n\ngoroutine 7 [running]:\nmain.(*Server).handle(0xc000010000, {0x1, 0x2})\n\t/home/ci/build/123/server.go:42 +0x1d\nnet/http.HandlerFunc.ServeHTTP(0x0)\n\t/usr/local/go/src/net/http/server.go:2109 +0x2f\ncreated by net/http.(*Server).Serve in goroutine 1\n\t/usr/local/go/src/net/http/server.go:3086 +0x5cb";
+        let p = parse(t);
+        assert_eq!(p.language, Language::Go);
+        assert_eq!(p.frames[0].module, "main");
+        assert_eq!(p.frames[0].function, "(*Server).handle");
+        assert!(p.frames[0].in_app && !p.frames[1].in_app && !p.frames[2].in_app);
+    }
+
+    #[test]
+    fn ruby_versions_agree() {
+        let old = "/app/models/user.rb:42:in `save'\n\tfrom /app/controllers/users_controller.rb:9:in `block (2 levels) in create'\n\tfrom /usr/local/bundle/gems/rack-3.0/lib/rack.rb:1:in `call'";
+        let new = "/app/models/user.rb:43:in 'User#save'\n\tfrom /app/controllers/users_controller.rb:10:in 'block (2 levels) in UsersController#create'\n\tfrom /usr/local/bundle/gems/rack-3.1/lib/rack.rb:1:in 'Rack::Builder#call'";
+        let a = parse(old);
+        let b = parse(new);
+        assert_eq!(a.language, Language::Ruby);
+        let ga: Vec<_> = a.grouping_frames().iter().map(|f| (f.module.clone(), f.function.clone())).collect();
+        let gb: Vec<_> = b.grouping_frames().iter().map(|f| (f.module.clone(), f.function.clone())).collect();
+        assert_eq!(ga, gb);
+        assert_eq!(ga[1].1, "block in create");
+    }
+
+    #[test]
+    fn rust_backtrace() {
+        let t = "thread 'main' panicked at src/main.rs:5:5:\nboom\nstack backtrace:\n   0: std::panicking::begin_panic\n             at /rustc/abc/library/std/src/panicking.rs:616:12\n   1: myapp::handlers::create::h1a2b3c4d5e6f7a8b\n             at ./src/handlers.rs:42:5\n   2: core::ops::function::FnOnce::call_once\n";
+        let p = parse(t);
+        assert_eq!(p.language, Language::Rust);
+        let g = p.grouping_frames();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].module, "myapp::handlers");
+        assert_eq!(g[0].function, "create");
+    }
+
+    #[test]
+    fn php() {
+        let t = "PHP Fatal error:  Uncaught Exception: x in /var/www/src/Foo.php:3\nStack trace:\n#0 /var/www/src/Foo.php(42): App\\Foo->bar('x')\n#1 /var/www/vendor/laravel/framework/src/Router.php(10): App\\Foo::run()\n#2 [internal function]: App\\{closure}(Object(Request))\n#3 {main}";
+        let p = parse(t);
+        assert_eq!(p.language, Language::Php);
+        assert_eq!(p.frames[0].module, "App\\Foo");
+        assert_eq!(p.frames[0].function, "bar");
+        assert!(p.frames[0].in_app && !p.frames[1].in_app);
+    }
+
+    #[test]
+    fn unknown_text() {
+        let p = parse("something went wrong\nsomewhere");
+        assert_eq!(p.language, Language::Unknown);
+        assert!(p.frames.is_empty());
+    }
+}

@@ -1,0 +1,110 @@
+//! Settings (GUCs). All are `fraiseql_obs.*`; see README "Settings".
+//!
+//! Worker timing settings are reloadable (SIGHUP / pg_reload_conf()).
+//! Retention and limits can also be SET by a superuser in a session, which
+//! the manual maintenance functions then honour.
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+pub static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"production"));
+pub static TRACE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SPAN_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static MAINTENANCE_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static LAUNCHER_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(3);
+pub static PREMAKE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
+pub static ERROR_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
+pub static NOTIFICATION_LOG_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
+pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
+pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+
+fn int(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, ctx: GucContext, flags: GucFlags) {
+    GucRegistry::define_int_guc(name, desc, desc, s, min, max, ctx, flags);
+}
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.environment",
+        c"Environment recorded with captures that do not name one.",
+        c"Environment recorded with captures that do not name one.",
+        &ENVIRONMENT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.trace_id",
+        c"Trace id of the current transaction (set by fraiseql_set_trace_context).",
+        c"Trace id of the current transaction (set by fraiseql_set_trace_context).",
+        &TRACE_ID,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.span_id",
+        c"Span id of the current transaction (set by fraiseql_set_trace_context).",
+        c"Span id of the current transaction (set by fraiseql_set_trace_context).",
+        &SPAN_ID,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"fraiseql_obs.worker_enabled",
+        c"Whether the background worker runs maintenance and flushes counters.",
+        c"Whether the background worker runs maintenance and flushes counters.",
+        &WORKER_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(c"fraiseql_obs.maintenance_interval", c"Time between two maintenance runs of the worker.",
+        &MAINTENANCE_INTERVAL_S, 1, 7 * 86400, GucContext::Sighup, GucFlags::UNIT_S);
+    int(c"fraiseql_obs.flush_interval", c"Time between two folds of the occurrence counters.",
+        &FLUSH_INTERVAL_MS, 10, 3_600_000, GucContext::Sighup, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.launcher_naptime", c"How often the launcher looks for databases to serve.",
+        &LAUNCHER_NAPTIME_S, 1, 3600, GucContext::Sighup, GucFlags::UNIT_S);
+    int(c"fraiseql_obs.premake_months", c"Monthly partitions created ahead of the current month.",
+        &PREMAKE_MONTHS, 0, 120, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.premake_days", c"Daily partitions created ahead of the current day.",
+        &PREMAKE_DAYS, 0, 366, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.error_retention_months", c"Months of error occurrences kept (0 keeps forever).",
+        &ERROR_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.notification_log_retention_months", c"Months of notification log kept (0 keeps forever).",
+        &NOTIFICATION_LOG_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.ddl_lock_timeout", c"lock_timeout of maintenance DDL; a table whose lock is not had in time is retried next run.",
+        &DDL_LOCK_TIMEOUT_MS, 1, 600_000, GucContext::Suset, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.max_message_bytes", c"Messages longer than this are truncated, with a marker.",
+        &MAX_MESSAGE_BYTES, 256, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.max_stack_trace_bytes", c"Stack traces longer than this are truncated, with a marker.",
+        &MAX_STACK_TRACE_BYTES, 1024, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.max_context_bytes", c"Contexts larger than this are reduced, with a marker.",
+        &MAX_CONTEXT_BYTES, 256, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"fraiseql_obs".as_ptr());
+    }
+}
+
+pub fn int_value(s: &GucSetting<i32>) -> usize {
+    s.get().max(0) as usize
+}
+
+/// The current value of a setting, as SHOW prints it. Being a function of this
+/// library, calling it guarantees that the settings above are defined.
+#[pg_extern(stable, parallel_safe)]
+fn fraiseql_setting(name: &str) -> Option<String> {
+    let cname = CString::new(name).ok()?;
+    unsafe {
+        let v = pg_sys::GetConfigOptionByName(cname.as_ptr(), std::ptr::null_mut(), false);
+        if v.is_null() {
+            None
+        } else {
+            Some(CStr::from_ptr(v).to_string_lossy().into_owned())
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! fraiseql_obs: error tracking, notifications, traces and metrics inside PostgreSQL.
+//!
+//! This file only wires modules together. The schema, the partition DDL and the
+//! capture path live in `sql/*.sql` (they are naturally SQL); parsing,
+//! fingerprinting, validation and the background worker live in Rust.
+use pgrx::prelude::*;
+
+mod capture;
+mod error;
+pub mod fingerprint;
+mod guc;
+mod shmem;
+mod trace_context;
+mod worker;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+pgrx::pg_module_magic!();
+
+// The SQL files run after every Rust function exists, in this order.
+// Tables first; then every Rust function; then the SQL that uses them, in
+// dependency order; `finalize` runs last.
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/partitions.sql", name = "partitions", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
+    requires = ["partitions", fingerprint::fraiseql_fingerprint_version]
+);
+extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["capture", guc::fraiseql_setting]);
+extension_sql_file!("../sql/notification_rules.sql", name = "notification_rules", requires = ["maintenance"]);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::define();
+    shmem::init();
+    worker::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

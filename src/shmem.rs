@@ -1,0 +1,76 @@
+//! Shared memory: the registry of running workers, so that any backend can
+//! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
+//! database that is about to be dropped.
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::pg_shmem_init;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub const MAX_DATABASES: usize = 256;
+
+#[derive(Copy, Clone, Default)]
+pub struct Slot {
+    pub db_oid: u32,
+    /// pid of the database's worker, 0 when none runs
+    pub pid: i32,
+    /// unix seconds before which the launcher must not start a worker here
+    /// (the extension is not installed, or the database is being dropped)
+    pub hold_until: i64,
+    /// why it is held: 1 = extension not installed (CREATE EXTENSION lifts it)
+    pub hold_reason: u8,
+}
+
+#[derive(Copy, Clone)]
+pub struct Registry {
+    pub launcher_pid: i32,
+    /// set by CREATE EXTENSION: forget the hold times and look again
+    pub rescan: bool,
+    pub slots: [Slot; MAX_DATABASES],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { launcher_pid: 0, rescan: false, slots: [Slot::default(); MAX_DATABASES] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Registry {}
+
+pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"fraiseql_obs_registry") };
+
+/// Set in the postmaster when loaded through shared_preload_libraries and
+/// inherited by every backend it forks.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        pg_shmem_init!(REGISTRY);
+        PRELOADED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether the registry exists (the library was preloaded).
+pub fn available() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Sets the latch of the process with this pid, if it is alive.
+pub fn set_latch_of(pid: i32) {
+    if pid == 0 {
+        return;
+    }
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+        }
+    }
+}

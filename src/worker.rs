@@ -1,0 +1,491 @@
+//! Background workers: no cron needed.
+//!
+//! * The **launcher** (one per cluster, started with the server when the
+//!   library is in shared_preload_libraries, after recovery so a standby waits
+//!   for promotion) connects to no database. Every `launcher_naptime` it lists
+//!   the databases and starts a **database worker** for each one that has none.
+//! * A **database worker** checks that the extension is installed (if not, it
+//!   tells the registry to leave that database alone for a while, and exits
+//!   quietly), then loops: fold the occurrence counters every
+//!   `flush_interval`, run `fraiseql_run_maintenance('worker')` every
+//!   `maintenance_interval` (and once at start). Each step is its own short
+//!   transaction; an error is logged and the step retried on the next tick.
+//! * SIGTERM uses PostgreSQL's own `die` handler, so it interrupts even a
+//!   running query; SIGHUP reloads the configuration.
+//! * `DROP DATABASE` / `ALTER DATABASE ... RENAME` are never blocked: a
+//!   utility hook stops that database's worker first and holds it off.
+use crate::guc;
+use crate::shmem::{self, REGISTRY};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker};
+use pgrx::pg_sys;
+use pgrx::pg_sys::PgTryBuilder;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::time::{Duration, Instant};
+
+const LIBRARY: &str = "fraiseql_obs";
+const LAUNCHER_TYPE: &str = "fraiseql_obs launcher";
+const WORKER_TYPE: &str = "fraiseql_obs worker";
+/// How long a database without the extension is left alone.
+const NOT_INSTALLED_HOLD_S: i64 = 60;
+/// How long a database being dropped or renamed is left alone.
+const DROP_HOLD_S: i64 = 30;
+
+const HOLD_NOT_INSTALLED: u8 = 1;
+
+pub fn register() {
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    BackgroundWorkerBuilder::new(LAUNCHER_TYPE)
+        .set_type(LAUNCHER_TYPE)
+        .set_library(LIBRARY)
+        .set_function("fraiseql_obs_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+    unsafe {
+        PREV_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility_hook);
+    }
+}
+
+/// PostgreSQL's own handlers: `die` turns SIGTERM into a FATAL at the next
+/// interrupt check (also inside a running query); SIGHUP sets ConfigReloadPending.
+unsafe fn install_signal_handlers() {
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(pg_config_reload));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+// The C signal handlers themselves (pgrx's wrappers are Rust functions).
+unsafe extern "C-unwind" {
+    #[link_name = "die"]
+    fn pg_die(sig: std::os::raw::c_int);
+    #[link_name = "SignalHandlerForConfigReload"]
+    fn pg_config_reload(sig: std::os::raw::c_int);
+}
+
+/// Waits on our latch (set by signals, by children starting or stopping, or
+/// by another backend), then handles interrupts and configuration reloads.
+fn wait(timeout: Duration) {
+    unsafe {
+        let ms = timeout.as_millis().clamp(1, i64::MAX as u128) as i64;
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+    reload_config_if_asked();
+}
+
+fn reload_config_if_asked() {
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
+
+fn report_activity(what: Option<&str>) {
+    unsafe {
+        match what {
+            Some(s) => {
+                let c = CString::new(s).unwrap_or_default();
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr());
+            }
+            None => pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()),
+        }
+    }
+}
+
+/// Runs `f` in its own transaction. A PostgreSQL error is caught, the
+/// transaction rolled back, and the error returned as text.
+fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(|| Ok(f()))
+        .catch_others(|e| {
+            Err(match e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            })
+        })
+        .execute();
+    unsafe {
+        match result {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------
+
+struct Database {
+    oid: u32,
+    name: String,
+}
+
+/// Databases a worker may serve: connectable, not templates, not half-dropped.
+fn list_databases() -> Vec<Database> {
+    let mut out = Vec::new();
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            // GETSTRUCT(tup)
+            let header = (*tup).t_data;
+            let f = &*((header as *const u8).add((*header).t_hoff as usize) as *const pg_sys::FormData_pg_database);
+            // datconnlimit -2: a database whose DROP was interrupted
+            if f.datallowconn && !f.datistemplate && f.datconnlimit != -2 {
+                let name = CStr::from_ptr(f.datname.data.as_ptr()).to_string_lossy().into_owned();
+                out.push(Database { oid: f.oid.to_u32(), name });
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+    }
+    out
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
+    unsafe { install_signal_handlers() };
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    REGISTRY.exclusive().launcher_pid = my_pid;
+    log!("fraiseql_obs launcher started");
+
+    let mut children: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
+    loop {
+        if guc::WORKER_ENABLED.get() {
+            let dbs = match in_transaction(list_databases) {
+                Ok(d) => d,
+                Err(e) => {
+                    warning!("fraiseql_obs launcher: could not list databases: {e}");
+                    Vec::new()
+                }
+            };
+            // children that stopped are forgotten (and may be started again)
+            children.retain(|_, h| h.pid().is_ok());
+            let now = shmem::now_secs();
+            let mut to_start = Vec::new();
+            {
+                let mut reg = REGISTRY.exclusive();
+                let rescan = std::mem::take(&mut reg.rescan);
+                // forget databases that are gone
+                for s in reg.slots.iter_mut() {
+                    if s.db_oid != 0 && !dbs.iter().any(|d| d.oid == s.db_oid) {
+                        *s = shmem::Slot::default();
+                    }
+                }
+                for db in &dbs {
+                    if children.contains_key(&db.oid) {
+                        continue;
+                    }
+                    let idx = match reg.slots.iter().position(|s| s.db_oid == db.oid) {
+                        Some(i) => i,
+                        None => match reg.slots.iter().position(|s| s.db_oid == 0) {
+                            Some(i) => {
+                                reg.slots[i] = shmem::Slot { db_oid: db.oid, ..Default::default() };
+                                i
+                            }
+                            None => continue, // more databases than slots
+                        },
+                    };
+                    let slot = &mut reg.slots[idx];
+                    if rescan && slot.hold_reason == HOLD_NOT_INSTALLED {
+                        slot.hold_until = 0;
+                    }
+                    if slot.pid == 0 && slot.hold_until <= now {
+                        to_start.push((db.oid, db.name.clone()));
+                    }
+                }
+            }
+            for (oid, name) in to_start {
+                let started = BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} {name}"))
+                    .set_type(WORKER_TYPE)
+                    .set_library(LIBRARY)
+                    .set_function("fraiseql_obs_worker_main")
+                    .enable_spi_access()
+                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                    .set_restart_time(None)
+                    .set_argument(Some(pg_sys::Datum::from(oid)))
+                    .set_notify_pid(my_pid)
+                    .load_dynamic();
+                match started {
+                    Ok(h) => {
+                        children.insert(oid, h);
+                    }
+                    Err(_) => warning!(
+                        "fraiseql_obs launcher: could not start a worker for database \"{name}\" (raise max_worker_processes)"
+                    ),
+                }
+            }
+        }
+        let nap = Duration::from_secs(guc::LAUNCHER_NAPTIME_S.get().max(1) as u64);
+        wait(nap);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Database worker
+// ---------------------------------------------------------------------------
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
+    let oid = arg.value() as u32;
+    let mut reg = REGISTRY.exclusive();
+    let me = unsafe { pg_sys::MyProcPid };
+    for s in reg.slots.iter_mut() {
+        if s.db_oid == oid && s.pid == me {
+            s.pid = 0;
+        }
+    }
+}
+
+fn set_my_slot(oid: u32, f: impl Fn(&mut shmem::Slot)) {
+    let mut reg = REGISTRY.exclusive();
+    if let Some(s) = reg.slots.iter_mut().find(|s| s.db_oid == oid) {
+        f(s);
+    }
+}
+
+/// The schema the extension is installed in, or None.
+fn extension_schema() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+         WHERE e.extname = 'fraiseql_obs'",
+    )
+    .ok()
+    .flatten()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
+    let oid = arg.value() as u32;
+    unsafe { install_signal_handlers() };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(oid)), None);
+    let me = unsafe { pg_sys::MyProcPid };
+    set_my_slot(oid, |s| s.pid = me);
+    unsafe { pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(oid)) };
+    let appname = CString::new(WORKER_TYPE).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
+
+    let schema = match in_transaction(extension_schema) {
+        Ok(Some(s)) => s,
+        _ => {
+            // Not installed here (yet): leave this database alone for a while.
+            // CREATE EXTENSION wakes the launcher, which then comes back at once.
+            set_my_slot(oid, |s| {
+                s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
+                s.hold_reason = HOLD_NOT_INSTALLED;
+            });
+            return;
+        }
+    };
+    set_my_slot(oid, |s| s.hold_reason = 0);
+    log!("fraiseql_obs worker serving its database (extension schema {schema})");
+
+    let flush_sql = format!("SELECT {schema}.fraiseql_flush_counts()::text");
+    let maintenance_sql = format!("SELECT {schema}.fraiseql_run_maintenance('worker')::text");
+    let mut next_maintenance = Instant::now();
+    let mut next_flush = Instant::now();
+    let mut last_error: Option<String> = None;
+
+    loop {
+        if guc::WORKER_ENABLED.get() {
+            let now = Instant::now();
+            if now >= next_flush {
+                step("flushing counters", &flush_sql, &mut last_error);
+                next_flush = Instant::now() + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+            }
+            if now >= next_maintenance {
+                step("maintenance", &maintenance_sql, &mut last_error);
+                next_maintenance = Instant::now() + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
+            }
+            if last_error.is_some() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
+                // DROP EXTENSION: stop quietly; the launcher looks again later.
+                set_my_slot(oid, |s| {
+                    s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
+                    s.hold_reason = HOLD_NOT_INSTALLED;
+                });
+                return;
+            }
+        }
+        let until = next_flush.min(next_maintenance);
+        let timeout = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        // a reloaded interval takes effect at once
+        let before = (guc::FLUSH_INTERVAL_MS.get(), guc::MAINTENANCE_INTERVAL_S.get());
+        wait(timeout);
+        let after = (guc::FLUSH_INTERVAL_MS.get(), guc::MAINTENANCE_INTERVAL_S.get());
+        if before != after {
+            next_flush = Instant::now();
+            next_maintenance = Instant::now();
+        }
+    }
+}
+
+/// One step of the worker. Errors are logged once per distinct message (no
+/// log spam while a problem persists) and the step is retried next tick.
+fn step(what: &str, sql: &str, last_error: &mut Option<String>) {
+    report_activity(Some(&format!("fraiseql_obs: {what}")));
+    let sql = sql.to_string();
+    let r = in_transaction(move || Spi::get_one::<String>(&sql));
+    report_activity(None);
+    match r {
+        Ok(Ok(_)) => *last_error = None,
+        Ok(Err(e)) => note_error(what, e.to_string(), last_error),
+        Err(e) => note_error(what, e, last_error),
+    }
+}
+
+fn note_error(what: &str, e: String, last_error: &mut Option<String>) {
+    if last_error.as_deref() != Some(e.as_str()) {
+        warning!("fraiseql_obs worker: {what} failed, retried next tick: {e}");
+    }
+    *last_error = Some(e);
+}
+
+// ---------------------------------------------------------------------------
+// DROP DATABASE is never blocked by our worker
+// ---------------------------------------------------------------------------
+
+static mut PREV_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn utility_hook(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::os::raw::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if !node.is_null() {
+            if pgrx::is_a(node, pg_sys::NodeTag::T_DropdbStmt) {
+                let stmt = node as *mut pg_sys::DropdbStmt;
+                stop_worker_of((*stmt).dbname);
+            } else if pgrx::is_a(node, pg_sys::NodeTag::T_RenameStmt) {
+                let stmt = node as *mut pg_sys::RenameStmt;
+                if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
+                    stop_worker_of((*stmt).subname);
+                }
+            }
+        }
+        match PREV_UTILITY_HOOK {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+        }
+    }
+}
+
+/// Stops the worker connected to the named database and keeps the launcher
+/// from starting another one for a while; waits (at most 5 s) for it to exit.
+unsafe fn stop_worker_of(dbname: *const std::os::raw::c_char) {
+    if dbname.is_null() || !shmem::available() {
+        return;
+    }
+    let oid = unsafe { pg_sys::get_database_oid(dbname, true) };
+    if oid == pg_sys::InvalidOid {
+        return;
+    }
+    let oid = oid.to_u32();
+    let pid = {
+        let mut reg = REGISTRY.exclusive();
+        match reg.slots.iter_mut().find(|s| s.db_oid == oid) {
+            Some(s) => {
+                s.hold_until = shmem::now_secs() + DROP_HOLD_S;
+                s.hold_reason = 0;
+                s.pid
+            }
+            None => 0,
+        }
+    };
+    if pid == 0 {
+        return;
+    }
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..500 {
+        let still = REGISTRY.share().slots.iter().any(|s| s.db_oid == oid && s.pid == pid);
+        if !still || unsafe { libc::kill(pid, 0) } != 0 {
+            break;
+        }
+        unsafe { pg_sys::pg_usleep(10_000) };
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Wake the launcher when CREATE EXTENSION commits
+// ---------------------------------------------------------------------------
+
+static mut WAKE_PENDING: bool = false;
+static mut XACT_CALLBACK_REGISTERED: bool = false;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    unsafe {
+        match event {
+            pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING => {
+                WAKE_PENDING = false;
+                let pid = {
+                    let mut reg = REGISTRY.exclusive();
+                    reg.rescan = true;
+                    reg.launcher_pid
+                };
+                shmem::set_latch_of(pid);
+            }
+            pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING = false,
+            _ => {}
+        }
+    }
+}
+
+/// Asks the launcher to look for databases again once this transaction
+/// commits (CREATE EXTENSION calls it, so the new database is served at once).
+#[pg_extern(volatile)]
+fn _fraiseql_wake_launcher() -> bool {
+    if !shmem::available() {
+        return false;
+    }
+    unsafe {
+        if !XACT_CALLBACK_REGISTERED {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            XACT_CALLBACK_REGISTERED = true;
+        }
+        WAKE_PENDING = true;
+    }
+    true
+}
