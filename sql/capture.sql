@@ -159,7 +159,11 @@ COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text
   'Record an event without an exception; messages group by their normalized text.';
 
 -- Fold the striped counters into tb_error_log. The worker runs this every
--- second; call it by hand for exact counts right now. Returns groups updated.
+-- flush_interval; call it by hand for exact counts right now. Returns the
+-- number of groups updated.
+-- It never waits: group rows and stripes that another transaction holds (a
+-- capture still in progress) are skipped and folded next time. Waiting there
+-- would make every capture on the stripes already taken queue behind it.
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -168,8 +172,18 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    WITH drained AS (
-        DELETE FROM tb_error_counter RETURNING *
+    WITH groups AS (
+        SELECT g.error_id FROM tb_error_log g
+         WHERE g.error_id IN (SELECT DISTINCT c.error_id FROM tb_error_counter c)
+         FOR NO KEY UPDATE SKIP LOCKED
+    ), stripes AS (
+        SELECT c.error_id, c.stripe FROM tb_error_counter c
+         WHERE c.error_id IN (SELECT error_id FROM groups)
+         FOR UPDATE SKIP LOCKED
+    ), drained AS (
+        DELETE FROM tb_error_counter c USING stripes s
+         WHERE c.error_id = s.error_id AND c.stripe = s.stripe
+        RETURNING c.*
     ), agg AS (
         SELECT error_id, sum(occurrence_count) AS cnt, min(first_seen) AS fs, max(last_seen) AS ls
           FROM drained GROUP BY error_id

@@ -63,8 +63,14 @@ DECLARE
     r             record;
     v_result      jsonb;
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint) THEN
-        RETURN jsonb_build_object('skipped', true, 'reason', 'another maintenance run is in progress');
+    -- Two runs never overlap. The worker skips its tick when a run is in
+    -- progress; a manual run waits for it (runs are short).
+    IF triggered_by = 'worker' THEN
+        IF NOT pg_try_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint) THEN
+            RETURN jsonb_build_object('busy', true, 'reason', 'another maintenance run is in progress');
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint);
     END IF;
 
     PERFORM set_config('lock_timeout', fraiseql_setting('fraiseql_obs.ddl_lock_timeout'), true);

@@ -16,7 +16,9 @@
 //!   utility hook stops that database's worker first and holds it off.
 use crate::guc;
 use crate::shmem::{self, REGISTRY};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
+};
 use pgrx::pg_sys;
 use pgrx::pg_sys::PgTryBuilder;
 use pgrx::prelude::*;
@@ -33,6 +35,7 @@ const NOT_INSTALLED_HOLD_S: i64 = 60;
 const DROP_HOLD_S: i64 = 30;
 
 const HOLD_NOT_INSTALLED: u8 = 1;
+const HOLD_DROPPING: u8 = 2;
 
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -182,6 +185,8 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
     log!("fraiseql_obs launcher started");
 
     let mut children: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
+    // databases we already warned about (no free worker slot), to warn once
+    let mut warned: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
         if guc::WORKER_ENABLED.get() {
             let dbs = match in_transaction(list_databases) {
@@ -191,8 +196,11 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     Vec::new()
                 }
             };
-            // children that stopped are forgotten (and may be started again)
-            children.retain(|_, h| h.pid().is_ok());
+            // children that stopped are forgotten (and may be started again);
+            // one registered but not started yet is still ours
+            children.retain(|_, h| {
+                !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped) | Err(BackgroundWorkerStatus::PostmasterDied))
+            });
             let now = shmem::now_secs();
             let mut to_start = Vec::new();
             {
@@ -241,10 +249,15 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                 match started {
                     Ok(h) => {
                         children.insert(oid, h);
+                        warned.remove(&oid);
                     }
-                    Err(_) => warning!(
-                        "fraiseql_obs launcher: could not start a worker for database \"{name}\" (raise max_worker_processes)"
-                    ),
+                    Err(_) => {
+                        if warned.insert(oid) {
+                            warning!(
+                                "fraiseql_obs launcher: could not start a worker for database \"{name}\" (raise max_worker_processes); retrying quietly"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -293,8 +306,22 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     unsafe { install_signal_handlers() };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(oid)), None);
     let me = unsafe { pg_sys::MyProcPid };
-    set_my_slot(oid, |s| s.pid = me);
     unsafe { pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(oid)) };
+    // Registered, then check for a DROP DATABASE that began while we were
+    // starting: it saw no pid to stop, so we step aside ourselves.
+    let held_for_drop = {
+        let mut reg = REGISTRY.exclusive();
+        match reg.slots.iter_mut().find(|s| s.db_oid == oid) {
+            Some(s) => {
+                s.pid = me;
+                s.hold_reason == HOLD_DROPPING && s.hold_until > shmem::now_secs()
+            }
+            None => false,
+        }
+    };
+    if held_for_drop {
+        return;
+    }
     let appname = CString::new(WORKER_TYPE).unwrap_or_default();
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
 
@@ -427,7 +454,7 @@ unsafe fn stop_worker_of(dbname: *const std::os::raw::c_char) {
         match reg.slots.iter_mut().find(|s| s.db_oid == oid) {
             Some(s) => {
                 s.hold_until = shmem::now_secs() + DROP_HOLD_S;
-                s.hold_reason = 0;
+                s.hold_reason = HOLD_DROPPING;
                 s.pid
             }
             None => 0,

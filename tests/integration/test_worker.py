@@ -1,0 +1,144 @@
+"""The background worker on a real cluster (launcher_naptime 1 s,
+maintenance_interval 2 s, flush_interval 100 ms): no cron needed."""
+import os
+import signal
+import threading
+
+import psycopg
+
+from conftest import wait_for
+
+
+def worker_pid(cluster, db):
+    with cluster.connect() as c:
+        r = c.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'fraiseql_obs worker' AND datname = %s", (db,)
+        ).fetchone()
+        return r[0] if r else None
+
+
+def partitions(cluster, db):
+    with cluster.connect(db) as c:
+        return {r[0] for r in c.execute(
+            "SELECT partition_name FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass")}
+
+
+def test_launcher_and_worker_are_visible(cluster, db):
+    assert wait_for(lambda: worker_pid(cluster, db), what="a worker for the database")
+    with cluster.connect() as c:
+        launcher = c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fraiseql_obs launcher'").fetchone()[0]
+        assert launcher == 1
+
+
+def test_counts_are_folded_without_manual_call(cluster, db):
+    with cluster.connect(db) as c:
+        for _ in range(5):
+            c.execute("SELECT fraiseql_capture_error('E', 'fold me')")
+        assert wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log").fetchone()[0] == 5,
+                        what="counts folded by the worker")
+
+
+def test_partitions_appear_and_expire_without_manual_call(cluster, db):
+    wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect(db) as c:
+        furthest = max(p for p in partitions(cluster, db) if p[-1].isdigit())
+        c.execute(f"DROP TABLE {furthest}")
+        c.execute("SELECT create_error_occurrence_partition('2020-02-02')")
+        # a capture dated beyond the premade partitions lands in the default partition
+        c.execute("SELECT fraiseql_capture_error('E', 'future', occurred_at => now() + interval '9 months')")
+        assert c.execute("SELECT count(*) FROM tb_error_occurrence_default").fetchone()[0] == 1
+    wait_for(lambda: furthest in partitions(cluster, db), what=f"{furthest} recreated")
+    wait_for(lambda: "tb_error_occurrence_2020_02" not in partitions(cluster, db), what="old partition dropped")
+    with cluster.connect(db) as c:
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_occurrence_default").fetchone()[0] == 0,
+                 what="default partition emptied")
+        assert c.execute("SELECT count(*) FROM tb_error_occurrence WHERE message = 'future'").fetchone()[0] == 1
+        runs = c.execute("SELECT count(*) FROM v_maintenance_runs WHERE triggered_by = 'worker'").fetchone()[0]
+        assert runs >= 1
+
+
+def test_reloaded_retention_setting_is_used(cluster, db):
+    with cluster.connect(db) as c:
+        name = c.execute(
+            "SELECT create_error_occurrence_partition((now() AT TIME ZONE 'UTC' - interval '3 months')::date)").fetchone()[0]
+    # kept under the default retention of 6 months
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_run_maintenance()")
+    assert name in partitions(cluster, db)
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET fraiseql_obs.error_retention_months = 1")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        wait_for(lambda: name not in partitions(cluster, db), what="partition dropped after reload")
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.error_retention_months")
+            c.execute("SELECT pg_reload_conf()")
+
+
+def test_maintenance_does_not_queue_behind_a_long_transaction(cluster, db):
+    # 3 months old: the worker (6 months' retention) keeps it; the manual runs
+    # below use a retention of 1 month and want to drop it
+    with cluster.connect(db) as c:
+        name = c.execute(
+            "SELECT create_error_occurrence_partition((now() AT TIME ZONE 'UTC' - interval '3 months')::date)").fetchone()[0]
+    reader = cluster.connect(db, autocommit=False)
+    try:
+        # a long transaction holds a lock on the partition maintenance wants to drop
+        reader.execute(f"SELECT count(*) FROM {name}")
+        with cluster.connect(db) as m:
+            m.execute("SET fraiseql_obs.error_retention_months = 1")
+            result = m.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+            assert any("tb_error_occurrence" in s for s in result["skipped"]), result
+            # and application readers and writers are not blocked meanwhile
+            with cluster.connect(db) as app:
+                app.execute("SET lock_timeout = '2s'")
+                app.execute("SELECT count(*) FROM tb_error_occurrence")
+                app.execute("SELECT fraiseql_capture_error('E', 'still capturing')")
+            assert name in partitions(cluster, db)
+            reader.rollback()
+            result = m.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+            assert name in result["dropped"], result
+    finally:
+        reader.rollback()
+        reader.close()
+
+
+def test_terminated_worker_comes_back(cluster, db):
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect() as c:
+        c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    new = wait_for(lambda: (p := worker_pid(cluster, db)) and p != pid and p, what="worker restarted")
+    assert new != pid
+
+
+def test_killed_worker_comes_back(cluster, db):
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    os.kill(pid, signal.SIGKILL)  # the postmaster restarts every process
+    new = wait_for(lambda: (p := worker_pid(cluster, db)) and p != pid and p, timeout=60, what="worker back after kill -9")
+    assert new != pid
+
+
+def test_drop_database_is_not_blocked(cluster):
+    name = cluster.new_database()
+    wait_for(lambda: worker_pid(cluster, name), what="worker connected")
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE {name}")
+        assert c.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,)).fetchone()[0] == 0
+
+
+def test_database_without_extension_is_left_alone_until_created(cluster):
+    name = cluster.new_database(extension=False)
+    try:
+        log_before = cluster.log().count("fraiseql_obs")
+        # several launcher naps pass: no worker stays, nothing is logged
+        with cluster.connect() as c:
+            c.execute("SELECT pg_sleep(3)")
+        assert worker_pid(cluster, name) is None
+        with cluster.connect(name) as c:
+            c.execute("CREATE EXTENSION fraiseql_obs")
+        wait_for(lambda: worker_pid(cluster, name), timeout=10, what="worker after CREATE EXTENSION")
+        assert cluster.log().count("fraiseql_obs") - log_before <= 2
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name}")
