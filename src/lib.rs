@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 
 mod capture;
 mod error;
-pub mod fingerprint;
+mod fingerprint;
 mod guc;
 mod shmem;
 mod trace_context;

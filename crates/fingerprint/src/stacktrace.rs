@@ -7,6 +7,7 @@
 //! line number for display. Every step is a scan over the input: linear time,
 //! no regex back-tracking, no recursion.
 
+use crate::faststr::FastStr;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -75,32 +76,31 @@ const LANGS: [Language; 8] = [
 /// Parse a stack trace. Text in no known format yields no frames.
 pub fn parse(trace: &str) -> ParsedTrace {
     let lines: Vec<&str> = trace.lines().collect();
-    let mut best = (Language::Unknown, 0usize);
+    // Each matcher parses every line; the one that recognizes the most wins and
+    // its frames are kept (no second pass).
+    let mut best = (Language::Unknown, 0usize, Vec::new());
     for lang in LANGS {
-        let hits = count_hits(lang, &lines);
-        if hits > best.1 {
-            best = (lang, hits);
+        let (score, frames) = match lang {
+            Language::Go => {
+                let f = parse_go(&lines);
+                (f.len(), f)
+            }
+            // a Rust frame is a numbered symbol line plus an "at file:line"
+            // line, which the JavaScript matcher would also claim: weigh it double
+            Language::Rust => {
+                let f = parse_rust(&lines);
+                (2 * f.len(), f)
+            }
+            _ => {
+                let f: Vec<Frame> = lines.iter().filter_map(|l| parse_line(lang, l)).collect();
+                (f.len(), f)
+            }
+        };
+        if score > best.1 {
+            best = (lang, score, frames);
         }
     }
-    let language = best.0;
-    let frames = match language {
-        Language::Unknown => Vec::new(),
-        Language::Go => parse_go(&lines),
-        Language::Rust => parse_rust(&lines),
-        lang => lines.iter().filter_map(|l| parse_line(lang, l)).collect(),
-    };
-    ParsedTrace { language, frames }
-}
-
-fn count_hits(lang: Language, lines: &[&str]) -> usize {
-    match lang {
-        Language::Go => lines
-            .windows(2)
-            .filter(|w| go_function_line(w[0]).is_some() && go_location_line(w[1]).is_some())
-            .count(),
-        Language::Rust => lines.iter().filter(|l| rust_symbol_line(l).is_some()).count(),
-        _ => lines.iter().filter(|l| parse_line(lang, l).is_some()).count(),
-    }
+    ParsedTrace { language: best.0, frames: best.2 }
 }
 
 fn parse_line(lang: Language, line: &str) -> Option<Frame> {
@@ -227,16 +227,16 @@ fn normalize_js_file(file: &str) -> String {
 fn python_frame(line: &str) -> Option<Frame> {
     let t = line.trim_start();
     let rest = t.strip_prefix("File \"")?;
-    let (path, rest) = rest.split_once("\", line ")?;
-    let (num, rest) = rest.split_once(", in ").unwrap_or((rest.trim(), "?"));
+    let (path, rest) = rest.fsplit_once("\", line ")?;
+    let (num, rest) = rest.fsplit_once(", in ").unwrap_or((rest.trim(), "?"));
     let lineno: u32 = num.trim().parse().ok()?;
     let function = rest.trim().to_string();
-    let lib = path.contains("site-packages/")
-        || path.contains("dist-packages/")
-        || path.contains("site-packages\\")
+    let lib = path.fcontains("site-packages/")
+        || path.fcontains("dist-packages/")
+        || path.fcontains("site-packages\\")
         || path.starts_with('<')
         || is_python_stdlib(path);
-    let module = if let Some(i) = path.find("-packages/") {
+    let module = if let Some(i) = path.ffind("-packages/") {
         strip_ext(&path[i + "-packages/".len()..], &[".py"]).replace('/', ".")
     } else {
         strip_ext(basename(path), &[".py", ".pyx"]).to_string()
@@ -246,12 +246,12 @@ fn python_frame(line: &str) -> Option<Frame> {
 
 fn is_python_stdlib(path: &str) -> bool {
     // /usr/lib/python3.11/x.py, /usr/local/lib/python3.12/x.py, ...\Lib\x.py
-    if let Some(i) = path.find("/lib/python") {
+    if let Some(i) = path.ffind("/lib/python") {
         let rest = &path[i + "/lib/python".len()..];
         let ver = rest.split('/').next().unwrap_or("");
-        return ver.chars().all(|c| c.is_ascii_digit() || c == '.') && !rest.contains("site-packages");
+        return ver.chars().all(|c| c.is_ascii_digit() || c == '.') && !rest.fcontains("site-packages");
     }
-    path.contains("\\Lib\\") && !path.contains("site-packages")
+    path.fcontains("\\Lib\\") && !path.fcontains("site-packages")
 }
 
 // ---------------------------------------------------------------------------
@@ -261,14 +261,14 @@ fn js_frame(line: &str) -> Option<Frame> {
     let t = line.trim();
     let (func, loc) = if let Some(rest) = t.strip_prefix("at ") {
         if let Some(body) = rest.strip_suffix(')') {
-            let (f, l) = body.split_once(" (")?;
+            let (f, l) = body.fsplit_once(" (")?;
             // a Java/.NET frame has no space before '(' and no :col
             (f, l)
         } else {
-            ("", rest)
+            ("", rest.strip_prefix("async ").unwrap_or(rest))
         }
     } else if let Some((f, l)) = t.rsplit_once('@') {
-        if f.contains(' ') && !f.contains("/<") {
+        if f.contains(' ') && !f.fcontains("/<") {
             return None;
         }
         (f, l)
@@ -277,13 +277,13 @@ fn js_frame(line: &str) -> Option<Frame> {
     };
     let loc = loc.trim();
     // "eval at fn (file:1:2), <anonymous>:3:4" -> use the outer location
-    let loc = loc.rsplit(", ").last().unwrap_or(loc);
+    let loc = loc.fsplit_once(", ").map(|(a, _)| a).unwrap_or(loc);
     let loc = loc.strip_prefix("eval at ").map(|s| s.split(" (").nth(1).unwrap_or(s)).unwrap_or(loc);
     let (file, lineno) = split_location(loc.trim_end_matches(')'));
     if lineno.is_none() && file != "native" && file != "<anonymous>" {
         return None;
     }
-    let lib = file.contains("node_modules")
+    let lib = file.fcontains("node_modules")
         || file.starts_with("node:")
         || file.starts_with("internal/")
         || file == "native"
@@ -305,11 +305,15 @@ fn normalize_js_function(f: &str) -> String {
         }
     }
     // "Object.method [as alias]"
-    if let Some((head, _)) = f.split_once(" [as ") {
+    if let Some((head, _)) = f.fsplit_once(" [as ") {
         f = head;
     }
     // Firefox: "outer/inner<", "fn/<"
-    let f = f.trim_end_matches("/<").trim_end_matches('<');
+    let mut f = f;
+    while let Some(x) = f.strip_suffix("/<") {
+        f = x;
+    }
+    let f = f.trim_end_matches('<');
     let f = f.strip_prefix("Object.").unwrap_or(f);
     if f.is_empty() || f == "<anonymous>" || f == "Object.<anonymous>" {
         "<anonymous>".to_string()
@@ -340,8 +344,8 @@ fn java_frame(line: &str) -> Option<Frame> {
     let is_jvm_loc = loc == "Native Method"
         || loc == "Unknown Source"
         || loc.starts_with("Unknown Source")
-        || [".java:", ".kt:", ".scala:", ".groovy:", ".clj:"].iter().any(|e| loc.contains(e))
-        || [".java", ".kt", ".scala", ".groovy"].iter().any(|e| loc.ends_with(e));
+        || [".java:", ".kt:", ".scala:", ".groovy:", ".clj:"].iter().any(|e| loc.fcontains(e))
+        || [".java", ".kt", ".scala", ".groovy"].iter().any(|e| loc.as_bytes().ends_with(e.as_bytes()));
     if !is_jvm_loc {
         return None;
     }
@@ -350,12 +354,12 @@ fn java_frame(line: &str) -> Option<Frame> {
     let (class, method) = qual.rsplit_once('.')?;
     let lineno = loc.rsplit_once(':').and_then(|(_, n)| n.parse().ok());
     let class = normalize_jvm_class(class);
-    let lib = JVM_LIBRARY_PREFIXES.iter().any(|p| class.starts_with(p))
-        || class.contains("$$Lambda")
-        || class.contains("GeneratedMethodAccessor")
-        || class.contains("GeneratedConstructorAccessor")
+    let lib = JVM_LIBRARY_PREFIXES.iter().any(|p| class.as_bytes().starts_with(p.as_bytes()))
+        || class.fcontains("$$Lambda")
+        || class.fcontains("GeneratedMethodAccessor")
+        || class.fcontains("GeneratedConstructorAccessor")
         || class.starts_with("$Proxy")
-        || class.contains(".$Proxy");
+        || class.fcontains(".$Proxy");
     Some(Frame {
         module: class,
         function: normalize_jvm_method(method),
@@ -366,18 +370,22 @@ fn java_frame(line: &str) -> Option<Frame> {
 }
 
 fn normalize_jvm_class(class: &str) -> String {
+    // every pattern below contains '$' or "Generated"
+    if !class.as_bytes().contains(&b'$') && !class.fcontains("Generated") {
+        return class.to_string();
+    }
     let mut c = class.to_string();
     // CGLIB / ByteBuddy / javassist proxies carry a per-run hash or counter
     for marker in ["$$EnhancerBySpringCGLIB$$", "$$EnhancerByCGLIB$$", "$$FastClassBySpringCGLIB$$",
                    "$$FastClassByCGLIB$$", "$$SpringCGLIB$$", "$HibernateProxy$", "$ByteBuddy$",
                    "$MockitoMock$", "_$$_javassist_", "_$$_jvst"] {
-        if let Some(i) = c.find(marker) {
+        if let Some(i) = c.ffind(marker) {
             c.truncate(i + marker.len());
             let trimmed = c.trim_end_matches('$').trim_end_matches('_').to_string();
             c = trimmed;
         }
     }
-    if let Some(i) = c.find("$$Lambda") {
+    if let Some(i) = c.ffind("$$Lambda") {
         c.truncate(i + "$$Lambda".len());
     }
     for gen in ["GeneratedMethodAccessor", "GeneratedConstructorAccessor", "GeneratedSerializationConstructorAccessor"] {
@@ -385,7 +393,7 @@ fn normalize_jvm_class(class: &str) -> String {
             c.truncate(i + gen.len());
         }
     }
-    if let Some(i) = c.find("$Proxy") {
+    if let Some(i) = c.ffind("$Proxy") {
         c.truncate(i + "$Proxy".len());
     }
     c
@@ -414,9 +422,9 @@ const DOTNET_LIBRARY_PREFIXES: &[&str] = &[
 fn dotnet_frame(line: &str) -> Option<Frame> {
     let t = line.trim();
     let rest = t.strip_prefix("at ")?;
-    let (sig, loc) = match rest.split_once(") in ") {
-        Some((s, l)) => (format!("{s})"), Some(l)),
-        None => (rest.to_string(), None),
+    let (sig, loc) = match rest.ffind(") in ") {
+        Some(i) => (&rest[..i + 1], Some(&rest[i + ") in ".len()..])),
+        None => (rest, None),
     };
     let open = sig.find('(')?;
     if !sig.ends_with(')') {
@@ -428,7 +436,7 @@ fn dotnet_frame(line: &str) -> Option<Frame> {
         return None;
     }
     // A JVM frame has "File.java:N" in the parens; .NET has typed args or nothing.
-    if loc.is_none() && (args.contains(".java") || args.contains(".kt") || args == "Native Method"
+    if loc.is_none() && (args.fcontains(".java") || args.fcontains(".kt") || args == "Native Method"
         || args.starts_with("Unknown Source") || args.contains(':'))
     {
         return None;
@@ -437,14 +445,14 @@ fn dotnet_frame(line: &str) -> Option<Frame> {
         return None;
     }
     let (file, lineno) = match loc {
-        Some(l) => match l.rsplit_once(":line ") {
+        Some(l) => match l.frsplit_once(":line ") {
             Some((f, n)) => (Some(f.to_string()), n.trim().parse().ok()),
             None => (Some(l.to_string()), None),
         },
         None => (None, None),
     };
     let (module, function) = split_dotnet_qual(qual);
-    let lib = DOTNET_LIBRARY_PREFIXES.iter().any(|p| module.starts_with(p));
+    let lib = DOTNET_LIBRARY_PREFIXES.iter().any(|p| module.as_bytes().starts_with(p.as_bytes()));
     Some(Frame { module, function, file, line: lineno, in_app: !lib })
 }
 
@@ -473,8 +481,9 @@ fn split_dotnet_qual(qual: &str) -> (String, String) {
     let mut function = String::new();
     for (i, p) in parts.iter().enumerate() {
         if let Some(inner) = p.strip_prefix('<') {
-            // compiler-generated: <Name>d__5, <Name>b__0_1, <>c__DisplayClass3_0, <>c
-            if let Some((name, _)) = inner.split_once('>') {
+            // compiler-generated: <Name>d__5, <Name>b__0_1, <>c__DisplayClass3_0,
+            // <>c, and async lambdas <<Name>b__0>d
+            if let Some((name, _)) = inner.trim_start_matches('<').split_once('>') {
                 if !name.is_empty() {
                     function = name.to_string();
                 }
@@ -504,18 +513,18 @@ fn split_dotnet_qual(qual: &str) -> (String, String) {
 fn ruby_frame(line: &str) -> Option<Frame> {
     let t = line.trim();
     let t = t.strip_prefix("from ").unwrap_or(t);
-    let (loc, label) = t.split_once(":in ")?;
+    let (loc, label) = t.fsplit_once(":in ")?;
     let (file, lineno) = loc.rsplit_once(':')?;
     let lineno: u32 = lineno.parse().ok()?;
     if !(file.ends_with(".rb") || file.ends_with(".rake") || file.starts_with("<internal:") || file.ends_with(".erb")) {
         return None;
     }
     let label = label.trim().trim_start_matches(['`', '\'']).trim_end_matches('\'');
-    let lib = file.contains("/gems/")
-        || file.contains("/rubygems")
-        || file.contains("/vendor/bundle/")
+    let lib = file.fcontains("/gems/")
+        || file.fcontains("/rubygems")
+        || file.fcontains("/vendor/bundle/")
         || file.starts_with("<internal:")
-        || file.contains("/lib/ruby/");
+        || file.fcontains("/lib/ruby/");
     Some(Frame {
         module: strip_ext(basename(file), &[".rb", ".rake", ".erb"]).to_string(),
         function: normalize_ruby_label(label),
@@ -534,7 +543,7 @@ fn normalize_ruby_label(label: &str) -> String {
     loop {
         if let Some(r) = rest.strip_prefix("block ") {
             let r = match r.strip_prefix('(') {
-                Some(x) => x.split_once(") ").map(|(_, y)| y).unwrap_or(x),
+                Some(x) => x.fsplit_once(") ").map(|(_, y)| y).unwrap_or(x),
                 None => r,
             };
             prefix.push_str("block ");
@@ -567,7 +576,7 @@ fn php_frame(line: &str) -> Option<Frame> {
     if rest == "{main}" {
         return Some(Frame { module: "{main}".into(), function: "{main}".into(), file: None, line: None, in_app: false });
     }
-    let (loc, call) = rest.split_once(": ")?;
+    let (loc, call) = rest.fsplit_once(": ")?;
     let (file, lineno) = if loc == "[internal function]" {
         (None, None)
     } else {
@@ -575,7 +584,7 @@ fn php_frame(line: &str) -> Option<Frame> {
         (Some(f), n.parse::<u32>().ok())
     };
     let call = call.split('(').next().unwrap_or(call);
-    let (class, function) = match call.rsplit_once("->").or_else(|| call.rsplit_once("::")) {
+    let (class, function) = match call.frsplit_once("->").or_else(|| call.frsplit_once("::")) {
         Some((c, f)) => (Some(c), f),
         None => (None, call),
     };
@@ -584,9 +593,9 @@ fn php_frame(line: &str) -> Option<Frame> {
         (None, Some(f)) => strip_ext(basename(f), &[".php"]).to_string(),
         (None, None) => String::new(),
     };
-    let lib = file.is_none_or(|f| f.contains("/vendor/") || f.contains("\\vendor\\"));
+    let lib = file.is_none_or(|f| f.fcontains("/vendor/") || f.fcontains("\\vendor\\"));
     // closures: {closure}, App\{closure}
-    let function = if function.contains("{closure") { "{closure}".to_string() } else { function.to_string() };
+    let function = if function.fcontains("{closure") { "{closure}".to_string() } else { function.to_string() };
     Some(Frame { module, function, file: file.map(str::to_string), line: lineno, in_app: !lib })
 }
 
@@ -601,7 +610,7 @@ fn go_function_line(line: &str) -> Option<&str> {
     let t = line.trim_end();
     let t = t.strip_prefix("created by ").unwrap_or(t);
     // "created by x.y in goroutine 7"
-    let t = t.split(" in goroutine ").next().unwrap_or(t);
+    let t = t.fsplit_once(" in goroutine ").map(|(a, _)| a).unwrap_or(t);
     let name = if t.ends_with(')') { &t[..t.rfind('(')?] } else { t };
     if name.is_empty() || name.contains(' ') || !name.contains('.') {
         return None;
@@ -614,7 +623,7 @@ fn go_location_line(line: &str) -> Option<(&str, Option<u32>)> {
         return None;
     }
     let t = line.trim();
-    let t = t.split(" +0x").next().unwrap_or(t);
+    let t = t.fsplit_once(" +0x").map(|(a, _)| a).unwrap_or(t);
     let (file, n) = t.rsplit_once(':')?;
     if !file.ends_with(".go") && !file.ends_with(".s") {
         return None;
@@ -629,7 +638,7 @@ fn parse_go(lines: &[&str]) -> Vec<Frame> {
         if let (Some(func), Some((file, lineno))) = (go_function_line(lines[i]), go_location_line(lines[i + 1])) {
             let (pkg, function) = split_go_func(func);
             let std = !pkg.split('/').next().unwrap_or("").contains('.') && pkg != "main";
-            let lib = std || file.contains("/pkg/mod/") || file.contains("/vendor/") || file.contains("/go/src/runtime/");
+            let lib = std || file.fcontains("/pkg/mod/") || file.fcontains("/vendor/") || file.fcontains("/go/src/runtime/");
             frames.push(Frame {
                 module: pkg.to_string(),
                 function,
@@ -683,13 +692,13 @@ const RUST_LIBRARY_PREFIXES: &[&str] = &[
 
 fn rust_symbol_line(line: &str) -> Option<&str> {
     let t = line.trim_start();
-    let (num, rest) = t.split_once(": ")?;
+    let (num, rest) = t.fsplit_once(": ")?;
     if !all_digits(num) {
         return None;
     }
     let sym = rest.trim();
     // "0x55d0c8f0 - sym" (older format)
-    let sym = match sym.split_once(" - ") {
+    let sym = match sym.fsplit_once(" - ") {
         Some((addr, s)) if addr.starts_with("0x") => s,
         _ => sym,
     };
@@ -715,12 +724,12 @@ fn parse_rust(lines: &[&str]) -> Vec<Frame> {
                 }
             }
             let sym = strip_rust_hash(sym);
-            let (module, function) = match sym.rfind("::") {
+            let (module, function) = match sym.frfind("::") {
                 Some(k) => (sym[..k].to_string(), sym[k + 2..].to_string()),
                 None => (String::new(), sym.to_string()),
             };
-            let lib = RUST_LIBRARY_PREFIXES.iter().any(|p| sym.starts_with(p))
-                || file.as_deref().is_some_and(|f| f.starts_with("/rustc/") || f.contains("/.cargo/registry/"));
+            let lib = RUST_LIBRARY_PREFIXES.iter().any(|p| sym.as_bytes().starts_with(p.as_bytes()))
+                || file.as_deref().is_some_and(|f| f.starts_with("/rustc/") || f.fcontains("/.cargo/registry/"));
             frames.push(Frame { module, function, file, line: lineno, in_app: !lib });
         }
         i += 1;
@@ -730,7 +739,7 @@ fn parse_rust(lines: &[&str]) -> Vec<Frame> {
 
 /// Drops the "::h0123456789abcdef" symbol hash and closure numbering.
 fn strip_rust_hash(sym: &str) -> String {
-    let s = match sym.rsplit_once("::h") {
+    let s = match sym.frsplit_once("::h") {
         Some((head, h)) if h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()) => head,
         _ => sym,
     };

@@ -79,6 +79,13 @@ fn run(b: &[u8], f: impl Fn(u8) -> bool) -> usize {
     b.iter().take_while(|&&c| f(c)).count()
 }
 
+/// Like `run`, but looks at most `max` bytes ahead. Every pattern that can
+/// start in the middle of a run of its own characters ("a.a.a.a", "1,1,1")
+/// uses this, so that the scan stays linear in the message length.
+fn run_max(b: &[u8], max: usize, f: impl Fn(u8) -> bool) -> usize {
+    b.iter().take(max).take_while(|&&c| f(c)).count()
+}
+
 /// Tries every parameter pattern at a word start; returns (bytes consumed, placeholder).
 fn match_token(b: &[u8]) -> Option<(usize, &'static str)> {
     if let Some(n) = match_url(b) {
@@ -90,21 +97,21 @@ fn match_token(b: &[u8]) -> Option<(usize, &'static str)> {
     if let Some(n) = match_uuid(b) {
         return Some((n, "<uuid>"));
     }
+    if let Some(n) = match_datetime(b) {
+        return Some((n, "<date>"));
+    }
     if let Some(n) = match_ipv4(b) {
         return Some((n, "<ip>"));
     }
     if let Some(n) = match_ipv6(b) {
         return Some((n, "<ip>"));
     }
-    if let Some(n) = match_datetime(b) {
-        return Some((n, "<date>"));
-    }
     if let Some(n) = match_hex(b) {
         return Some((n, "<hex>"));
     }
     if let Some(n) = match_number(b) {
         // a number directly followed by a unit is a duration (3000ms, 1.5s)
-        let unit = run(&b[n..], |c| c.is_ascii_alphabetic() || c == 0xc2 || c == 0xb5);
+        let unit = run_max(&b[n..], 8, |c| c.is_ascii_alphabetic() || c == 0xc2 || c == 0xb5);
         if unit > 0 && !b.get(n + unit).is_some_and(|&c| is_word(c)) {
             let u = std::str::from_utf8(&b[n..n + unit]).unwrap_or("");
             if DURATION_UNITS.contains(&u.to_ascii_lowercase().as_str()) {
@@ -125,7 +132,7 @@ const DURATION_UNITS: &[&str] = &[
 ];
 
 fn match_url(b: &[u8]) -> Option<usize> {
-    let scheme = run(b, |c| c.is_ascii_alphanumeric() || c == b'+' || c == b'.' || c == b'-');
+    let scheme = run_max(b, 32, |c| c.is_ascii_alphanumeric() || c == b'+' || c == b'.' || c == b'-');
     if scheme == 0 || !b[0].is_ascii_alphabetic() || !b[scheme..].starts_with(b"://") {
         return None;
     }
@@ -144,11 +151,11 @@ fn match_url(b: &[u8]) -> Option<usize> {
 }
 
 fn match_email(b: &[u8]) -> Option<usize> {
-    let local = run(b, |c| c.is_ascii_alphanumeric() || b"._%+-".contains(&c));
+    let local = run_max(b, 64, |c| c.is_ascii_alphanumeric() || b"._%+-".contains(&c));
     if local == 0 || b.get(local) != Some(&b'@') {
         return None;
     }
-    let dom = run(&b[local + 1..], |c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-');
+    let dom = run_max(&b[local + 1..], 255, |c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-');
     let mut end = local + 1 + dom;
     while end > local + 1 && b[end - 1] == b'.' {
         end -= 1;
@@ -169,7 +176,7 @@ fn match_uuid(b: &[u8]) -> Option<usize> {
     let groups = [8, 4, 4, 4, 12];
     let mut i = 0;
     for (k, g) in groups.iter().enumerate() {
-        if run(&b[i..], is_hex) < *g {
+        if run_max(&b[i..], g + 1, is_hex) != *g {
             return None;
         }
         i += g;
@@ -217,7 +224,7 @@ fn match_ipv4(b: &[u8]) -> Option<usize> {
 fn match_ipv6(b: &[u8]) -> Option<usize> {
     // [v6]:port or a bare run of hex groups with at least two ':'
     let (start, bracket) = if b.first() == Some(&b'[') { (1, true) } else { (0, false) };
-    let n = run(&b[start..], |c| is_hex(c) || c == b':' || c == b'.');
+    let n = run_max(&b[start..], 45, |c| is_hex(c) || c == b':' || c == b'.');
     let s = &b[start..start + n];
     let colons = s.iter().filter(|&&c| c == b':').count();
     let hex_digits = s.iter().filter(|c| is_hex(**c)).count();
@@ -341,7 +348,7 @@ fn match_number(b: &[u8]) -> Option<usize> {
     if matches!(b.first(), Some(b'-') | Some(b'+')) && b.get(1).is_some_and(|c| c.is_ascii_digit()) {
         i = 1;
     }
-    let d = run(&b[i..], |c| c.is_ascii_digit() || c == b',' || c == b'_');
+    let d = run_max(&b[i..], 64, |c| c.is_ascii_digit() || c == b',' || c == b'_');
     if d == 0 || !b[i].is_ascii_digit() {
         return None;
     }

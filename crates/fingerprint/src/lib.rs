@@ -1,4 +1,5 @@
-//! Grouping: which occurrences are the same error.
+//! fraiseql_fingerprint: grouping for fraiseql_obs — which occurrences are the same error.
+//! Pure Rust (no PostgreSQL), so it is unit-tested, fuzzed and benchmarked on its own.
 //!
 //! Algorithm v1, in the spirit of Sentry's grouping:
 //! * with a parsable stack trace: the exception type plus, for each in-app
@@ -14,10 +15,10 @@
 //! v1 hash (recording the v2 hash on the group it found), as Sentry does with
 //! its "secondary grouping config". Groups created after the transition carry v2.
 
+mod faststr;
 pub mod normalize;
 pub mod stacktrace;
 
-use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub const ALGORITHM_VERSION: i32 = 1;
@@ -40,10 +41,12 @@ impl Hasher {
         self.0.update(s.as_bytes());
     }
     fn finish(self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let d = self.0.finalize();
         let mut s = String::with_capacity(32);
         for b in &d[..16] {
-            s.push_str(&format!("{b:02x}"));
+            s.push(HEX[(b >> 4) as usize] as char);
+            s.push(HEX[(b & 15) as usize] as char);
         }
         s
     }
@@ -128,85 +131,6 @@ pub fn title_and_culprit(exception_type: &str, message: &str, stack_trace: Optio
         p.culprit().map(|f| format!("{} in {}", f.module, f.function))
     });
     (title, culprit)
-}
-
-// ---------------------------------------------------------------------------
-// SQL interface
-// ---------------------------------------------------------------------------
-
-/// The fingerprint capture uses when no custom fingerprint is given.
-#[pg_extern(immutable, parallel_safe)]
-fn fraiseql_fingerprint(exception_type: Option<&str>, message: Option<&str>, stack_trace: Option<&str>) -> String {
-    default_fingerprint(exception_type.unwrap_or(""), message.unwrap_or(""), stack_trace)
-}
-
-/// The grouping algorithm version written with new groups.
-#[pg_extern(immutable, parallel_safe)]
-fn fraiseql_fingerprint_version() -> i32 {
-    ALGORITHM_VERSION
-}
-
-/// What grouping sees in a stack trace: language, frames, culprit.
-#[pg_extern(immutable, strict, parallel_safe)]
-fn fraiseql_parse_stack_trace(stack_trace: &str) -> pgrx::JsonB {
-    let parsed = stacktrace::parse(stack_trace);
-    let culprit = parsed.culprit().map(|f| format!("{} in {}", f.module, f.function));
-    let in_app = parsed.frames.iter().filter(|f| f.in_app).count();
-    pgrx::JsonB(serde_json::json!({
-        "language": parsed.language.name(),
-        "frames": parsed.frames,
-        "in_app_frames": in_app,
-        "culprit": culprit,
-    }))
-}
-
-/// The group key of one capture: custom fingerprint (argument, then the
-/// context's "fingerprint" array) over the default.
-#[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_group_fingerprint(
-    exception_type: &str,
-    message: &str,
-    stack_trace: Option<&str>,
-    fingerprint: Option<&str>,
-    context_fingerprint: Option<pgrx::JsonB>,
-    is_message: bool,
-) -> String {
-    let default = if is_message {
-        message_fingerprint(message)
-    } else {
-        default_fingerprint(exception_type, message, stack_trace)
-    };
-    if let Some(fp) = fingerprint {
-        if fp.trim().is_empty() {
-            crate::error::ObsError::invalid("fingerprint", "must not be empty when given").report();
-        }
-        return custom_fingerprint(&default, &[fp.to_string()]).unwrap_or(default);
-    }
-    if let Some(pgrx::JsonB(v)) = context_fingerprint {
-        let parts: Vec<String> = match v {
-            serde_json::Value::Array(items) => items
-                .into_iter()
-                .map(|i| match i {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                })
-                .collect(),
-            serde_json::Value::String(s) => vec![s],
-            serde_json::Value::Null => vec![],
-            _ => crate::error::ObsError::invalid("context", "\"fingerprint\" must be an array of strings").report(),
-        };
-        if let Some(fp) = custom_fingerprint(&default, &parts) {
-            return fp;
-        }
-    }
-    default
-}
-
-/// Title and culprit of a new group.
-#[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_group_meta(exception_type: &str, message: &str, stack_trace: Option<&str>) -> pgrx::JsonB {
-    let (title, culprit) = title_and_culprit(exception_type, message, stack_trace);
-    pgrx::JsonB(serde_json::json!({ "title": title, "culprit": culprit }))
 }
 
 #[cfg(test)]
