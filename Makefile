@@ -54,7 +54,11 @@ $(VENV)/.ok: tests/requirements.txt
 	$(VENV)/bin/pip install -q -r tests/requirements.txt
 	touch $@
 
-test: setup test-pgrx test-integration
+test: setup test-unit test-pgrx test-integration
+
+# The grouping engine: corpus, property and hostile-input tests (no PostgreSQL).
+test-unit:
+	cargo test -p fraiseql_fingerprint
 
 # Rust unit tests and in-database tests (each in a rolled-back transaction).
 test-pgrx: setup

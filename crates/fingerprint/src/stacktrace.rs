@@ -9,6 +9,7 @@
 
 use crate::faststr::FastStr;
 use serde::Serialize;
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,21 +46,22 @@ impl Language {
     }
 }
 
+/// One frame; the strings borrow from the trace unless normalization changed them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Frame {
-    pub module: String,
-    pub function: String,
+pub struct Frame<'a> {
+    pub module: Cow<'a, str>,
+    pub function: Cow<'a, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
+    pub file: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
     pub in_app: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ParsedTrace {
+pub struct ParsedTrace<'a> {
     pub language: Language,
-    pub frames: Vec<Frame>,
+    pub frames: Vec<Frame<'a>>,
 }
 
 const LANGS: [Language; 8] = [
@@ -74,36 +76,48 @@ const LANGS: [Language; 8] = [
 ];
 
 /// Parse a stack trace. Text in no known format yields no frames.
-pub fn parse(trace: &str) -> ParsedTrace {
+/// Lines looked at to recognize the language; a trace is in one language,
+/// so its head decides (the whole text is used when the head has no frame).
+const DETECT_LINES: usize = 40;
+
+pub fn parse(trace: &str) -> ParsedTrace<'_> {
     let lines: Vec<&str> = trace.lines().collect();
-    // Each matcher parses every line; the one that recognizes the most wins and
-    // its frames are kept (no second pass).
+    if lines.len() <= DETECT_LINES {
+        let (language, frames) = detect(&lines);
+        return ParsedTrace { language, frames };
+    }
+    let (mut language, _) = detect(&lines[..DETECT_LINES]);
+    if language == Language::Unknown {
+        language = detect(&lines).0;
+    }
+    ParsedTrace { language, frames: parse_as(language, &lines) }
+}
+
+/// The language whose matcher recognizes the most lines, with its frames.
+fn detect<'a>(lines: &[&'a str]) -> (Language, Vec<Frame<'a>>) {
     let mut best = (Language::Unknown, 0usize, Vec::new());
     for lang in LANGS {
-        let (score, frames) = match lang {
-            Language::Go => {
-                let f = parse_go(&lines);
-                (f.len(), f)
-            }
-            // a Rust frame is a numbered symbol line plus an "at file:line"
-            // line, which the JavaScript matcher would also claim: weigh it double
-            Language::Rust => {
-                let f = parse_rust(&lines);
-                (2 * f.len(), f)
-            }
-            _ => {
-                let f: Vec<Frame> = lines.iter().filter_map(|l| parse_line(lang, l)).collect();
-                (f.len(), f)
-            }
-        };
+        let frames = parse_as(lang, lines);
+        // a Rust frame is a numbered symbol line plus an "at file:line"
+        // line, which the JavaScript matcher would also claim: weigh it double
+        let score = if lang == Language::Rust { 2 * frames.len() } else { frames.len() };
         if score > best.1 {
             best = (lang, score, frames);
         }
     }
-    ParsedTrace { language: best.0, frames: best.2 }
+    (best.0, best.2)
 }
 
-fn parse_line(lang: Language, line: &str) -> Option<Frame> {
+fn parse_as<'a>(lang: Language, lines: &[&'a str]) -> Vec<Frame<'a>> {
+    match lang {
+        Language::Unknown => Vec::new(),
+        Language::Go => parse_go(lines),
+        Language::Rust => parse_rust(lines),
+        _ => lines.iter().filter_map(|l| parse_line(lang, l)).collect(),
+    }
+}
+
+fn parse_line(lang: Language, line: &str) -> Option<Frame<'_>> {
     match lang {
         Language::Python => python_frame(line),
         Language::Java => java_frame(line),
@@ -115,12 +129,12 @@ fn parse_line(lang: Language, line: &str) -> Option<Frame> {
     }
 }
 
-impl ParsedTrace {
+impl<'a> ParsedTrace<'a> {
     /// Frames that grouping uses: the in-app frames when there are any (else
     /// all), with directly repeated frames (recursion) collapsed.
-    pub fn grouping_frames(&self) -> Vec<&Frame> {
+    pub fn grouping_frames(&self) -> Vec<&Frame<'a>> {
         let any_in_app = self.frames.iter().any(|f| f.in_app);
-        let mut out: Vec<&Frame> = Vec::new();
+        let mut out: Vec<&Frame<'a>> = Vec::new();
         for f in self.frames.iter().filter(|f| f.in_app || !any_in_app) {
             if let Some(last) = out.last() {
                 if last.module == f.module && last.function == f.function {
@@ -133,7 +147,7 @@ impl ParsedTrace {
     }
 
     /// The frame where the error happened: the innermost in-app frame.
-    pub fn culprit(&self) -> Option<&Frame> {
+    pub fn culprit(&self) -> Option<&Frame<'a>> {
         let mut in_app = self.frames.iter().filter(|f| f.in_app);
         if self.language.innermost_last() {
             in_app.next_back().or_else(|| self.frames.last())
@@ -197,51 +211,55 @@ fn looks_like_hash(piece: &str) -> bool {
 }
 
 /// main.3f2a9c1b.js, chunk-ABCD1234.js, app-3f2a1b9c.min.js -> main.js, chunk.js, app.min.js
-fn normalize_js_file(file: &str) -> String {
+fn normalize_js_file(file: &str) -> Cow<'_, str> {
     let base = basename(file);
-    // pieces with the separator that precedes them; hash pieces are dropped
-    // together with that separator
-    let mut pieces: Vec<(Option<char>, String)> = vec![(None, String::new())];
-    for ch in base.chars() {
-        if ch == '.' || ch == '-' || ch == '_' {
-            pieces.push((Some(ch), String::new()));
-        } else if let Some(last) = pieces.last_mut() {
-            last.1.push(ch);
-        }
+    let is_sep = |c: char| c == '.' || c == '-' || c == '_';
+    if !base.split(is_sep).any(looks_like_hash) {
+        return Cow::Borrowed(base);
     }
+    // drop hash pieces together with the separator that precedes them
     let mut out = String::with_capacity(base.len());
-    for (sep, piece) in pieces.iter().filter(|(_, p)| !looks_like_hash(p)) {
-        if !out.is_empty() {
-            if let Some(c) = sep {
-                out.push(*c);
+    let mut start = 0;
+    let mut sep: Option<char> = None;
+    for (i, c) in base.char_indices().chain(std::iter::once((base.len(), '.'))) {
+        if i == base.len() || is_sep(c) {
+            let piece = &base[start..i];
+            if !looks_like_hash(piece) {
+                if !out.is_empty() {
+                    if let Some(sc) = sep {
+                        out.push(sc);
+                    }
+                }
+                out.push_str(piece);
             }
+            sep = Some(c);
+            start = i + c.len_utf8();
         }
-        out.push_str(piece);
     }
-    out
+    Cow::Owned(out)
 }
 
 // ---------------------------------------------------------------------------
 // Python:   File "/srv/app/x.py", line 42, in handler
 // ---------------------------------------------------------------------------
-fn python_frame(line: &str) -> Option<Frame> {
+fn python_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim_start();
     let rest = t.strip_prefix("File \"")?;
     let (path, rest) = rest.fsplit_once("\", line ")?;
     let (num, rest) = rest.fsplit_once(", in ").unwrap_or((rest.trim(), "?"));
     let lineno: u32 = num.trim().parse().ok()?;
-    let function = rest.trim().to_string();
+    let function = Cow::Borrowed(rest.trim());
     let lib = path.fcontains("site-packages/")
         || path.fcontains("dist-packages/")
         || path.fcontains("site-packages\\")
         || path.starts_with('<')
         || is_python_stdlib(path);
     let module = if let Some(i) = path.ffind("-packages/") {
-        strip_ext(&path[i + "-packages/".len()..], &[".py"]).replace('/', ".")
+        Cow::Owned(strip_ext(&path[i + "-packages/".len()..], &[".py"]).replace('/', "."))
     } else {
-        strip_ext(basename(path), &[".py", ".pyx"]).to_string()
+        Cow::Borrowed(strip_ext(basename(path), &[".py", ".pyx"]))
     };
-    Some(Frame { module, function, file: Some(path.to_string()), line: Some(lineno), in_app: !lib })
+    Some(Frame { module, function, file: Some(path), line: Some(lineno), in_app: !lib })
 }
 
 fn is_python_stdlib(path: &str) -> bool {
@@ -257,7 +275,7 @@ fn is_python_stdlib(path: &str) -> bool {
 // ---------------------------------------------------------------------------
 // JavaScript: V8 "    at fn (file:1:2)" / "    at file:1:2"; Firefox/Safari "fn@file:1:2"
 // ---------------------------------------------------------------------------
-fn js_frame(line: &str) -> Option<Frame> {
+fn js_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim();
     let (func, loc) = if let Some(rest) = t.strip_prefix("at ") {
         if let Some(body) = rest.strip_suffix(')') {
@@ -291,13 +309,13 @@ fn js_frame(line: &str) -> Option<Frame> {
     Some(Frame {
         module: normalize_js_file(file),
         function: normalize_js_function(func),
-        file: Some(file.to_string()),
+        file: Some(file),
         line: lineno,
         in_app: !lib,
     })
 }
 
-fn normalize_js_function(f: &str) -> String {
+fn normalize_js_function(f: &str) -> Cow<'_, str> {
     let mut f = f.trim();
     for p in ["async ", "new "] {
         if let Some(r) = f.strip_prefix(p) {
@@ -316,9 +334,9 @@ fn normalize_js_function(f: &str) -> String {
     let f = f.trim_end_matches('<');
     let f = f.strip_prefix("Object.").unwrap_or(f);
     if f.is_empty() || f == "<anonymous>" || f == "Object.<anonymous>" {
-        "<anonymous>".to_string()
+        Cow::Borrowed("<anonymous>")
     } else {
-        f.to_string()
+        Cow::Borrowed(f)
     }
 }
 
@@ -333,7 +351,7 @@ const JVM_LIBRARY_PREFIXES: &[&str] = &[
     "org.glassfish.", "com.zaxxer.", "org.postgresql.", "org.slf4j.", "ch.qos.logback.",
 ];
 
-fn java_frame(line: &str) -> Option<Frame> {
+fn java_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim();
     let rest = t.strip_prefix("at ")?;
     let body = rest.strip_suffix(')')?;
@@ -363,52 +381,48 @@ fn java_frame(line: &str) -> Option<Frame> {
     Some(Frame {
         module: class,
         function: normalize_jvm_method(method),
-        file: Some(loc.split(':').next().unwrap_or(loc).to_string()),
+        file: Some(loc.split(':').next().unwrap_or(loc)),
         line: lineno,
         in_app: !lib,
     })
 }
 
-fn normalize_jvm_class(class: &str) -> String {
-    // every pattern below contains '$' or "Generated"
-    if !class.as_bytes().contains(&b'$') && !class.fcontains("Generated") {
-        return class.to_string();
+/// Generated-class noise carries a per-run hash or counter: CGLIB / ByteBuddy /
+/// javassist proxies ("Svc$$EnhancerBySpringCGLIB$$1a2b3c", "Svc_$$_jvst12_0",
+/// "Svc$HibernateProxy$Xyz"), lambdas ("Svc$$Lambda$123/0x0000"), reflection
+/// accessors ("GeneratedMethodAccessor57"), JDK proxies ("$Proxy12"). Everything
+/// from the generated marker on is dropped, so a proxy frame reads as its class.
+fn normalize_jvm_class(class: &str) -> Cow<'_, str> {
+    let b = class.as_bytes();
+    if !b.contains(&b'$') && !class.fcontains("Generated") {
+        return Cow::Borrowed(class);
     }
-    let mut c = class.to_string();
-    // CGLIB / ByteBuddy / javassist proxies carry a per-run hash or counter
-    for marker in ["$$EnhancerBySpringCGLIB$$", "$$EnhancerByCGLIB$$", "$$FastClassBySpringCGLIB$$",
-                   "$$FastClassByCGLIB$$", "$$SpringCGLIB$$", "$HibernateProxy$", "$ByteBuddy$",
-                   "$MockitoMock$", "_$$_javassist_", "_$$_jvst"] {
-        if let Some(i) = c.ffind(marker) {
-            c.truncate(i + marker.len());
-            let trimmed = c.trim_end_matches('$').trim_end_matches('_').to_string();
-            c = trimmed;
+    let mut end = class.len();
+    for marker in ["$$", "$HibernateProxy$", "$ByteBuddy$", "$MockitoMock$"] {
+        if let Some(i) = class[..end].ffind(marker) {
+            end = i;
         }
     }
-    if let Some(i) = c.ffind("$$Lambda") {
-        c.truncate(i + "$$Lambda".len());
+    let mut c = class[..end].trim_end_matches('_');
+    if c.is_empty() {
+        c = class;
     }
-    for gen in ["GeneratedMethodAccessor", "GeneratedConstructorAccessor", "GeneratedSerializationConstructorAccessor"] {
-        if let Some(i) = c.find(gen) {
-            c.truncate(i + gen.len());
-        }
+    // GeneratedMethodAccessor57, $Proxy12: drop the counter
+    if c.fcontains("Generated") || c.fcontains("$Proxy") {
+        c = c.trim_end_matches(|ch: char| ch.is_ascii_digit());
     }
-    if let Some(i) = c.ffind("$Proxy") {
-        c.truncate(i + "$Proxy".len());
-    }
-    c
+    Cow::Borrowed(c)
 }
 
-fn normalize_jvm_method(m: &str) -> String {
+fn normalize_jvm_method(m: &str) -> Cow<'_, str> {
     // lambda$handle$3 -> lambda$handle ; access$000 -> access
-    if let Some(rest) = m.strip_prefix("lambda$") {
-        let name = rest.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('$');
-        return format!("lambda${name}");
+    if m.starts_with("lambda$") {
+        return Cow::Borrowed(m.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('$'));
     }
     if m.starts_with("access$") {
-        return "access".to_string();
+        return Cow::Borrowed("access");
     }
-    m.to_string()
+    Cow::Borrowed(m)
 }
 
 // ---------------------------------------------------------------------------
@@ -419,7 +433,7 @@ const DOTNET_LIBRARY_PREFIXES: &[&str] = &[
     "Castle.", "Polly.", "MediatR.", "AutoMapper.", "Grpc.", "StackExchange.",
 ];
 
-fn dotnet_frame(line: &str) -> Option<Frame> {
+fn dotnet_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim();
     let rest = t.strip_prefix("at ")?;
     let (sig, loc) = match rest.ffind(") in ") {
@@ -446,8 +460,8 @@ fn dotnet_frame(line: &str) -> Option<Frame> {
     }
     let (file, lineno) = match loc {
         Some(l) => match l.frsplit_once(":line ") {
-            Some((f, n)) => (Some(f.to_string()), n.trim().parse().ok()),
-            None => (Some(l.to_string()), None),
+            Some((f, n)) => (Some(f), n.trim().parse().ok()),
+            None => (Some(l), None),
         },
         None => (None, None),
     };
@@ -457,60 +471,63 @@ fn dotnet_frame(line: &str) -> Option<Frame> {
 }
 
 /// "Ns.Class.<DoAsync>d__5.MoveNext" -> ("Ns.Class", "DoAsync");
-/// "Ns.Class.<>c__DisplayClass3_0.<Run>b__0" -> ("Ns.Class", "Run")
-fn split_dotnet_qual(qual: &str) -> (String, String) {
-    // generic arity and type args: List`1[T] -> List
-    let mut q = String::with_capacity(qual.len());
-    let mut depth = 0;
-    let mut chars = qual.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '[' => depth += 1,
-            ']' => depth -= 1,
-            '`' if depth == 0 => {
-                while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
-                    chars.next();
+/// "Ns.Class.<>c__DisplayClass3_0.<Run>b__0" -> ("Ns.Class", "Run");
+/// "Ns.Class.Method" -> ("Ns.Class", "Method")
+fn split_dotnet_qual(qual: &str) -> (Cow<'_, str>, Cow<'_, str>) {
+    if qual.as_bytes().iter().any(|&c| c == b'`' || c == b'[') {
+        // generic arity and type arguments: List`1[T] -> List
+        let mut q = String::with_capacity(qual.len());
+        let mut depth = 0i32;
+        let mut chars = qual.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                '`' if depth == 0 => {
+                    while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                        chars.next();
+                    }
+                }
+                _ if depth == 0 => q.push(c),
+                _ => {}
+            }
+        }
+        let (m, f) = split_dotnet_plain(&q);
+        return (Cow::Owned(m.to_string()), Cow::Owned(f.to_string()));
+    }
+    let (m, f) = split_dotnet_plain(qual);
+    (Cow::Borrowed(m), Cow::Borrowed(f))
+}
+
+fn split_dotnet_plain(q: &str) -> (&str, &str) {
+    // compiler-generated parts start with '<': the module ends before the first
+    // one, the function is the first name written between '<' and '>'
+    if let Some(i) = q.ffind(".<") {
+        let module = &q[..i];
+        let rest = &q[i + 1..];
+        let mut from = 0;
+        while let Some(lt) = rest[from..].find('<').map(|k| from + k) {
+            let after = &rest[lt + 1..];
+            if !after.starts_with(['<', '>']) {
+                if let Some(gt) = after.find('>') {
+                    return (module, &after[..gt]);
                 }
             }
-            _ if depth == 0 => q.push(c),
-            _ => {}
+            from = lt + 1;
         }
+        return (module, rest.rsplit('.').next().unwrap_or(rest));
     }
-    let parts: Vec<&str> = q.split('.').collect();
-    let mut module_parts: Vec<&str> = Vec::new();
-    let mut function = String::new();
-    for (i, p) in parts.iter().enumerate() {
-        if let Some(inner) = p.strip_prefix('<') {
-            // compiler-generated: <Name>d__5, <Name>b__0_1, <>c__DisplayClass3_0,
-            // <>c, and async lambdas <<Name>b__0>d
-            if let Some((name, _)) = inner.trim_start_matches('<').split_once('>') {
-                if !name.is_empty() {
-                    function = name.to_string();
-                }
-            }
-            continue;
-        }
-        if i + 1 == parts.len() {
-            if function.is_empty() || !matches!(*p, "MoveNext" | "Invoke") {
-                if function.is_empty() {
-                    function = p.to_string();
-                }
-            }
-        } else if !p.is_empty() {
-            module_parts.push(p);
-        }
+    match q.rsplit_once('.') {
+        Some((m, f)) => (m, f),
+        None => ("", q),
     }
-    if function.is_empty() {
-        function = parts.last().unwrap_or(&"").to_string();
-    }
-    (module_parts.join("."), function)
 }
 
 // ---------------------------------------------------------------------------
 // Ruby:  "/app/models/user.rb:42:in `save'"  (<= 3.3)
 //        "/app/models/user.rb:42:in 'User#save'"  (3.4)
 // ---------------------------------------------------------------------------
-fn ruby_frame(line: &str) -> Option<Frame> {
+fn ruby_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim();
     let t = t.strip_prefix("from ").unwrap_or(t);
     let (loc, label) = t.fsplit_once(":in ")?;
@@ -526,9 +543,9 @@ fn ruby_frame(line: &str) -> Option<Frame> {
         || file.starts_with("<internal:")
         || file.fcontains("/lib/ruby/");
     Some(Frame {
-        module: strip_ext(basename(file), &[".rb", ".rake", ".erb"]).to_string(),
+        module: Cow::Borrowed(strip_ext(basename(file), &[".rb", ".rake", ".erb"])),
         function: normalize_ruby_label(label),
-        file: Some(file.to_string()),
+        file: Some(file),
         line: Some(lineno),
         in_app: !lib,
     })
@@ -537,7 +554,7 @@ fn ruby_frame(line: &str) -> Option<Frame> {
 /// "block (2 levels) in User#save" -> "block in save"; "User.find" -> "find";
 /// "<class:User>" kept. Ruby 3.4 labels carry the class, older ones do not:
 /// only the method name is kept so an upgrade does not split groups.
-fn normalize_ruby_label(label: &str) -> String {
+fn normalize_ruby_label(label: &str) -> Cow<'_, str> {
     let mut prefix = String::new();
     let mut rest = label;
     loop {
@@ -560,13 +577,13 @@ fn normalize_ruby_label(label: &str) -> String {
         break;
     }
     let name = if rest.starts_with('<') { rest } else { rest.rsplit(['#', '.']).next().unwrap_or(rest) };
-    format!("{prefix}{name}")
+    if prefix.is_empty() { Cow::Borrowed(name) } else { Cow::Owned(format!("{prefix}{name}")) }
 }
 
 // ---------------------------------------------------------------------------
 // PHP:  "#0 /var/www/src/Foo.php(42): App\Foo->bar('x')"
 // ---------------------------------------------------------------------------
-fn php_frame(line: &str) -> Option<Frame> {
+fn php_frame(line: &str) -> Option<Frame<'_>> {
     let t = line.trim();
     let rest = t.strip_prefix('#')?;
     let (num, rest) = rest.split_once(' ')?;
@@ -574,7 +591,7 @@ fn php_frame(line: &str) -> Option<Frame> {
         return None;
     }
     if rest == "{main}" {
-        return Some(Frame { module: "{main}".into(), function: "{main}".into(), file: None, line: None, in_app: false });
+        return Some(Frame { module: Cow::Borrowed("{main}"), function: Cow::Borrowed("{main}"), file: None, line: None, in_app: false });
     }
     let (loc, call) = rest.fsplit_once(": ")?;
     let (file, lineno) = if loc == "[internal function]" {
@@ -589,14 +606,14 @@ fn php_frame(line: &str) -> Option<Frame> {
         None => (None, call),
     };
     let module = match (class, file) {
-        (Some(c), _) => c.to_string(),
-        (None, Some(f)) => strip_ext(basename(f), &[".php"]).to_string(),
-        (None, None) => String::new(),
+        (Some(c), _) => c,
+        (None, Some(f)) => strip_ext(basename(f), &[".php"]),
+        (None, None) => "",
     };
     let lib = file.is_none_or(|f| f.fcontains("/vendor/") || f.fcontains("\\vendor\\"));
     // closures: {closure}, App\{closure}
-    let function = if function.fcontains("{closure") { "{closure}".to_string() } else { function.to_string() };
-    Some(Frame { module, function, file: file.map(str::to_string), line: lineno, in_app: !lib })
+    let function = if function.fcontains("{closure") { "{closure}" } else { function };
+    Some(Frame { module: Cow::Borrowed(module), function: Cow::Borrowed(function), file, line: lineno, in_app: !lib })
 }
 
 // ---------------------------------------------------------------------------
@@ -631,7 +648,7 @@ fn go_location_line(line: &str) -> Option<(&str, Option<u32>)> {
     Some((file, n.parse().ok()))
 }
 
-fn parse_go(lines: &[&str]) -> Vec<Frame> {
+fn parse_go<'a>(lines: &[&'a str]) -> Vec<Frame<'a>> {
     let mut frames = Vec::new();
     let mut i = 0;
     while i + 1 < lines.len() {
@@ -640,9 +657,9 @@ fn parse_go(lines: &[&str]) -> Vec<Frame> {
             let std = !pkg.split('/').next().unwrap_or("").contains('.') && pkg != "main";
             let lib = std || file.fcontains("/pkg/mod/") || file.fcontains("/vendor/") || file.fcontains("/go/src/runtime/");
             frames.push(Frame {
-                module: pkg.to_string(),
+                module: Cow::Borrowed(pkg),
                 function,
-                file: Some(file.to_string()),
+                file: Some(file),
                 line: lineno,
                 in_app: !lib,
             });
@@ -655,12 +672,15 @@ fn parse_go(lines: &[&str]) -> Vec<Frame> {
 }
 
 /// "github.com/acme/app/server.(*S).Handle.func1" -> ("github.com/acme/app/server", "(*S).Handle.func1")
-fn split_go_func(full: &str) -> (&str, String) {
+fn split_go_func(full: &str) -> (&str, Cow<'_, str>) {
     let slash = full.rfind('/').map(|i| i + 1).unwrap_or(0);
     let dot = full[slash..].find('.').map(|i| slash + i).unwrap_or(full.len());
     let pkg = &full[..dot];
     let func = full.get(dot + 1..).unwrap_or("");
-    // generics: Map[...] -> Map[...]
+    if !func.as_bytes().contains(&b'[') {
+        return (pkg, Cow::Borrowed(func));
+    }
+    // generics: Map[int,string] -> Map[...]
     let mut out = String::with_capacity(func.len());
     let mut depth = 0;
     for c in func.chars() {
@@ -676,7 +696,7 @@ fn split_go_func(full: &str) -> (&str, String) {
             _ => {}
         }
     }
-    (pkg, out)
+    (pkg, Cow::Owned(out))
 }
 
 // ---------------------------------------------------------------------------
@@ -708,7 +728,7 @@ fn rust_symbol_line(line: &str) -> Option<&str> {
     Some(sym)
 }
 
-fn parse_rust(lines: &[&str]) -> Vec<Frame> {
+fn parse_rust<'a>(lines: &[&'a str]) -> Vec<Frame<'a>> {
     let mut frames = Vec::new();
     let mut i = 0;
     while i < lines.len() {
@@ -718,18 +738,18 @@ fn parse_rust(lines: &[&str]) -> Vec<Frame> {
             if let Some(next) = lines.get(i + 1) {
                 if let Some(loc) = next.trim().strip_prefix("at ") {
                     let (f, n) = split_location(loc);
-                    file = Some(f.to_string());
+                    file = Some(f);
                     lineno = n;
                     i += 1;
                 }
             }
             let sym = strip_rust_hash(sym);
             let (module, function) = match sym.frfind("::") {
-                Some(k) => (sym[..k].to_string(), sym[k + 2..].to_string()),
-                None => (String::new(), sym.to_string()),
+                Some(k) => (Cow::Borrowed(&sym[..k]), Cow::Borrowed(&sym[k + 2..])),
+                None => (Cow::Borrowed(""), Cow::Borrowed(sym)),
             };
             let lib = RUST_LIBRARY_PREFIXES.iter().any(|p| sym.as_bytes().starts_with(p.as_bytes()))
-                || file.as_deref().is_some_and(|f| f.starts_with("/rustc/") || f.fcontains("/.cargo/registry/"));
+                || file.is_some_and(|f| f.starts_with("/rustc/") || f.fcontains("/.cargo/registry/"));
             frames.push(Frame { module, function, file, line: lineno, in_app: !lib });
         }
         i += 1;
@@ -738,13 +758,12 @@ fn parse_rust(lines: &[&str]) -> Vec<Frame> {
 }
 
 /// Drops the "::h0123456789abcdef" symbol hash and closure numbering.
-fn strip_rust_hash(sym: &str) -> String {
+fn strip_rust_hash(sym: &str) -> &str {
     let s = match sym.frsplit_once("::h") {
         Some((head, h)) if h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()) => head,
         _ => sym,
     };
-    // {{closure}}#1 style suffixes are not printed by std; keep {{closure}}
-    s.to_string()
+    s
 }
 
 #[cfg(test)]
@@ -785,7 +804,7 @@ mod tests {
         let t = "java.lang.IllegalStateException: boom\n\tat com.acme.Svc$$EnhancerBySpringCGLIB$$1a2b3c.run(<generated>)\n\tat com.acme.Svc.lambda$handle$3(Svc.java:42)\n\tat java.base/java.lang.Thread.run(Thread.java:829)\nCaused by: java.io.IOException: x\n\tat com.acme.Io.read(Io.java:7)\n\t... 5 more";
         let p = parse(t);
         assert_eq!(p.language, Language::Java);
-        let names: Vec<_> = p.frames.iter().map(|f| (f.module.as_str(), f.function.as_str(), f.in_app)).collect();
+        let names: Vec<_> = p.frames.iter().map(|f| (f.module.as_ref(), f.function.as_ref(), f.in_app)).collect();
         assert_eq!(names, vec![
             ("com.acme.Svc", "lambda$handle", true),
             ("java.lang.Thread", "run", false),
