@@ -33,7 +33,8 @@ start)
     if as_owner "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
         echo "pgcluster: already running in $dir"
     else
-        as_owner "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+        # no Rust backtraces in error details, as in production
+        as_owner env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
         echo "pgcluster: started in $dir (port $port)"
     fi
     ;;

@@ -36,9 +36,10 @@ CREATE TABLE tb_error_log (
     is_regression       boolean NOT NULL DEFAULT false,
     regressed_at        timestamptz,
     regression_count    integer NOT NULL DEFAULT 0
-);
-CREATE INDEX idx_error_log_last_seen ON tb_error_log (last_seen DESC);
-CREATE INDEX idx_error_log_status ON tb_error_log (status, last_seen DESC);
+) WITH (fillfactor = 70);
+-- No index on occurrence_count, first_seen or last_seen: folding the counters
+-- (every second) then stays a HOT update that touches no index.
+CREATE INDEX idx_error_log_status ON tb_error_log (status);
 
 COMMENT ON TABLE tb_error_log IS
   'One row per error group (fingerprint). occurrence_count and last_seen are '

@@ -6,19 +6,7 @@ use pgrx::prelude::*;
 
 pub const SEVERITIES: [&str; 5] = ["debug", "info", "warning", "error", "critical"];
 
-/// Raises a clear error naming the first bad argument.
-#[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_validate_capture(
-    exception_type: Option<&str>,
-    message: Option<&str>,
-    context_type: Option<&str>,
-    severity: Option<&str>,
-    occurred_at: Option<pgrx::datum::TimestampWithTimeZone>,
-) {
-    validate(exception_type, message, context_type, severity, occurred_at.is_some())
-        .unwrap_or_else(|e| e.report());
-}
-
+/// Checks the capture arguments; the error names the first bad one.
 pub fn validate(
     exception_type: Option<&str>,
     message: Option<&str>,
@@ -71,15 +59,6 @@ pub fn normalize_id(value: &str, kind: &'static str) -> Result<String, ObsError>
 
 fn preview(s: &str) -> String {
     if s.chars().count() > 40 { s.chars().take(40).collect::<String>() + "…" } else { s.to_string() }
-}
-
-#[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_normalize_id(value: Option<&str>, kind: &str) -> Option<String> {
-    let v = value?;
-    if kind != "trace_id" && kind != "span_id" {
-        ObsError::invalid("kind", "must be trace_id or span_id").report();
-    }
-    Some(normalize_id(v, if kind == "trace_id" { "trace_id" } else { "span_id" }).unwrap_or_else(|e| e.report()))
 }
 
 /// Cuts `text` to at most `max` bytes keeping its head and tail (a stack
@@ -223,4 +202,55 @@ mod tests {
         assert_eq!(out["small"], 1);
         assert!(out["_fraiseql_truncated"]["original_bytes"].as_u64().unwrap() > 100_000);
     }
+}
+
+/// Everything capture needs from Rust in one call (each call from PL/pgSQL
+/// into the library costs about a microsecond): validates the arguments,
+/// resolves the environment and trace context from the settings, normalizes
+/// the ids and computes the group fingerprint. Returns
+/// [fingerprint, environment, trace_id, span_id].
+#[pg_extern(stable, parallel_safe)]
+#[allow(clippy::too_many_arguments)]
+fn _fraiseql_prepare_capture(
+    exception_type: Option<&str>,
+    message: Option<&str>,
+    stack_trace: Option<&str>,
+    context_type: Option<&str>,
+    severity: Option<&str>,
+    occurred_at: Option<pgrx::datum::TimestampWithTimeZone>,
+    environment: Option<&str>,
+    trace_id: Option<&str>,
+    span_id: Option<&str>,
+    fingerprint: Option<&str>,
+    context_fingerprint: Option<pgrx::JsonB>,
+    is_message: bool,
+) -> Vec<Option<String>> {
+    validate(exception_type, message, context_type, severity, occurred_at.is_some()).unwrap_or_else(|e| e.report());
+    let setting = |s: &guc_setting::Str| s.get().and_then(|c| c.into_string().ok()).filter(|v| !v.is_empty());
+    let environment = environment
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .or_else(|| setting(&guc::ENVIRONMENT))
+        .unwrap_or_else(|| "production".to_string());
+    let trace_id = match trace_id.map(str::to_string).or_else(|| setting(&guc::TRACE_ID)) {
+        Some(t) => Some(normalize_id(&t, "trace_id").unwrap_or_else(|e| e.report())),
+        None => None,
+    };
+    let span_id = match span_id.map(str::to_string).or_else(|| setting(&guc::SPAN_ID)) {
+        Some(s) => Some(normalize_id(&s, "span_id").unwrap_or_else(|e| e.report())),
+        None => None,
+    };
+    let fp = crate::fingerprint::group_fingerprint(
+        exception_type.unwrap_or_default(),
+        message.unwrap_or_default(),
+        stack_trace,
+        fingerprint,
+        context_fingerprint,
+        is_message,
+    );
+    vec![Some(fp), Some(environment), trace_id, span_id]
+}
+
+mod guc_setting {
+    pub type Str = pgrx::guc::GucSetting<Option<std::ffi::CString>>;
 }

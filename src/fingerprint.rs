@@ -43,6 +43,17 @@ fn _fraiseql_group_fingerprint(
     context_fingerprint: Option<pgrx::JsonB>,
     is_message: bool,
 ) -> String {
+    group_fingerprint(exception_type, message, stack_trace, fingerprint, context_fingerprint, is_message)
+}
+
+pub fn group_fingerprint(
+    exception_type: &str,
+    message: &str,
+    stack_trace: Option<&str>,
+    fingerprint: Option<&str>,
+    context_fingerprint: Option<pgrx::JsonB>,
+    is_message: bool,
+) -> String {
     let default = if is_message {
         message_fingerprint(message)
     } else {

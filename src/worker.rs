@@ -344,26 +344,42 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     let maintenance_sql = format!("SELECT {schema}.fraiseql_run_maintenance('worker')::text");
     let mut next_maintenance = Instant::now();
     let mut next_flush = Instant::now();
-    let mut last_error: Option<String> = None;
+    // last error of each step (flush, maintenance), to log each problem once
+    let mut last_errors: [Option<String>; 2] = [None, None];
 
     loop {
         if guc::WORKER_ENABLED.get() {
             let now = Instant::now();
+            let mut failures: Vec<(usize, &str, String)> = Vec::new();
+            let mut successes: Vec<usize> = Vec::new();
             if now >= next_flush {
-                step("flushing counters", &flush_sql, &mut last_error);
+                match step("flushing counters", &flush_sql) {
+                    Ok(()) => successes.push(0),
+                    Err(e) => failures.push((0, "flushing counters", e)),
+                }
                 next_flush = Instant::now() + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
             }
             if now >= next_maintenance {
-                step("maintenance", &maintenance_sql, &mut last_error);
+                match step("maintenance", &maintenance_sql) {
+                    Ok(()) => successes.push(1),
+                    Err(e) => failures.push((1, "maintenance", e)),
+                }
                 next_maintenance = Instant::now() + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
             }
-            if last_error.is_some() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
-                // DROP EXTENSION: stop quietly; the launcher looks again later.
+            if !failures.is_empty() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
+                // DROP EXTENSION: the failure was expected; stop quietly and
+                // let the launcher look again later.
                 set_my_slot(oid, |s| {
                     s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
                     s.hold_reason = HOLD_NOT_INSTALLED;
                 });
                 return;
+            }
+            for i in successes {
+                last_errors[i] = None;
+            }
+            for (i, what, e) in failures {
+                note_error(what, e, &mut last_errors[i]);
             }
         }
         let until = next_flush.min(next_maintenance);
@@ -379,20 +395,21 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     }
 }
 
-/// One step of the worker. Errors are logged once per distinct message (no
-/// log spam while a problem persists) and the step is retried next tick.
-fn step(what: &str, sql: &str, last_error: &mut Option<String>) {
+/// One step of the worker, in its own transaction; the error text if it failed.
+fn step(what: &str, sql: &str) -> Result<(), String> {
     report_activity(Some(&format!("fraiseql_obs: {what}")));
     let sql = sql.to_string();
     let r = in_transaction(move || Spi::get_one::<String>(&sql));
     report_activity(None);
     match r {
-        Ok(Ok(_)) => *last_error = None,
-        Ok(Err(e)) => note_error(what, e.to_string(), last_error),
-        Err(e) => note_error(what, e, last_error),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }
 
+/// Logs a failure once per distinct message, so a persisting problem does not
+/// fill the log; the step is retried on its next tick anyway.
 fn note_error(what: &str, e: String, last_error: &mut Option<String>) {
     if last_error.as_deref() != Some(e.as_str()) {
         warning!("fraiseql_obs worker: {what} failed, retried next tick: {e}");

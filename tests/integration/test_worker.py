@@ -142,3 +142,68 @@ def test_database_without_extension_is_left_alone_until_created(cluster):
     finally:
         with cluster.connect() as c:
             c.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_extension_in_its_own_schema(cluster):
+    name = cluster.new_database(extension=False)
+    try:
+        with cluster.connect(name) as c:
+            c.execute("CREATE SCHEMA obs")
+            c.execute("CREATE EXTENSION fraiseql_obs SCHEMA obs")
+            # the seed's functions work there, found through the schema, not `public`
+            c.execute("SET search_path = obs")
+            c.execute("SELECT create_error_occurrence_partition('2020-06-01')")
+            assert c.execute("SELECT to_regclass('obs.tb_error_occurrence_2020_06') IS NOT NULL").fetchone()[0]
+            dropped = c.execute("SELECT partition_name FROM drop_old_error_occurrence_partitions(6)").fetchall()
+            assert ("tb_error_occurrence_2020_06",) in dropped
+            c.execute("RESET search_path")
+            c.execute("SELECT obs.fraiseql_capture_error('E', 'in obs')")
+            assert c.execute("SELECT count(*) FROM monitoring.errors").fetchone()[0] == 1
+        # and the worker serves it
+        wait_for(lambda: worker_pid(cluster, name), what="worker")
+        with cluster.connect(name) as c:
+            wait_for(lambda: c.execute("SELECT occurrence_count FROM obs.tb_error_log").fetchone()[0] == 1
+                     and c.execute("SELECT count(*) FROM obs.v_maintenance_runs WHERE triggered_by = 'worker'").fetchone()[0] > 0,
+                     what="worker ran in schema obs")
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_failing_tick_is_recorded_logged_once_and_retried(cluster, db):
+    with cluster.connect(db) as c:
+        # a table squatting on the name of the next partition to create
+        nxt = c.execute("SELECT 'tb_error_occurrence_' || to_char((now() AT TIME ZONE 'UTC') + interval '4 months', 'YYYY_MM')").fetchone()[0]
+        c.execute("ALTER SYSTEM SET fraiseql_obs.premake_months = 4")
+        c.execute("SELECT pg_reload_conf()")
+        c.execute(f"CREATE TABLE {nxt} (x int)")
+    try:
+        with cluster.connect(db) as c:
+            wait_for(lambda: c.execute(
+                "SELECT count(*) FROM v_maintenance_runs WHERE triggered_by = 'worker' AND last_error LIKE %s",
+                (f"%{nxt}%",)).fetchone()[0] >= 2, what="two failing runs recorded")
+        warnings = [l for l in cluster.log().splitlines() if "WARNING" in l and nxt in l]
+        assert len(warnings) <= 1, warnings  # a persisting error is not logged at every tick
+        with cluster.connect(db) as c:
+            c.execute(f"DROP TABLE {nxt}")
+        wait_for(lambda: nxt in partitions(cluster, db), what="retried and created once the name is free")
+        assert worker_pid(cluster, db)
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.premake_months")
+            c.execute("SELECT pg_reload_conf()")
+
+
+def test_drop_extension_lets_the_worker_go_quietly(cluster):
+    name = cluster.new_database()
+    try:
+        wait_for(lambda: worker_pid(cluster, name), what="worker")
+        with cluster.connect(name) as c:
+            c.execute("DROP EXTENSION fraiseql_obs")
+        wait_for(lambda: worker_pid(cluster, name) is None, what="worker gone after DROP EXTENSION")
+        with cluster.connect() as c:
+            c.execute("SELECT pg_sleep(2)")
+        assert worker_pid(cluster, name) is None
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name}")

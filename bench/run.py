@@ -1,0 +1,248 @@
+"""make bench: measures fraiseql_obs on this machine and writes BENCHMARKS.md.
+
+Everything compared is measured in the same run, on the same cluster, so the
+ratios mean something on a noisy machine; absolute numbers do not travel.
+"""
+import datetime
+import os
+import pathlib
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
+DURATION = int(os.environ.get("BENCH_SECONDS", "10"))
+ROWS = int(os.environ.get("BENCH_ROWS", "1000000"))
+
+TRACE = """Traceback (most recent call last):
+  File "/srv/app/releases/20261101/venv/lib/python3.11/site-packages/django/core/handlers/exception.py", line 55, in inner
+    response = get_response(request)
+  File "/srv/app/releases/20261101/venv/lib/python3.11/site-packages/django/core/handlers/base.py", line 197, in _get_response
+    response = wrapped_callback(request, *callback_args, **callback_kwargs)
+  File "/srv/app/releases/20261101/api/views/orders.py", line 88, in create_order
+    qty = parse_quantity(payload)
+  File "/srv/app/releases/20261101/api/services/parsing.py", line 12, in parse_quantity
+    return int(payload["qty"])
+ValueError: invalid literal for int() with base 10: 'abc'"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine():
+    cpu = "unknown CPU"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = "?"
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
+    return f"{os.cpu_count()} cores ({cpu}), {mem} RAM, {platform.system()} {platform.release()}"
+
+
+class Bench:
+    def __init__(self):
+        self.dir = pathlib.Path(tempfile.gettempdir()) / "fraiseql_obs_bench"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.port = free_port()
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(self.dir), str(self.port),
+                        "shared_buffers = 512MB", "max_wal_size = 4GB", "checkpoint_timeout = 30min",
+                        "fraiseql_obs.maintenance_interval = 3600"], check=True)
+        with self.connect("postgres") as c:
+            c.execute("CREATE DATABASE bench")
+        with self.connect() as c:
+            c.execute("CREATE EXTENSION fraiseql_obs")
+            self.pg_version = c.execute("SHOW server_version").fetchone()[0]
+
+    def connect(self, db="bench"):
+        return psycopg.connect(host=str(self.dir), port=self.port, dbname=db, user="postgres", autocommit=True)
+
+    def stop(self):
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(self.dir)], check=False)
+
+    def pgbench(self, script: str, clients: int, seconds: int = DURATION, mode: str = "prepared") -> float:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write(script)
+            path = f.name
+        os.chmod(path, 0o644)
+        # -M prepared: as application drivers run statements (psycopg, asyncpg, JDBC);
+        # -M simple: pgbench's default, every statement parsed again
+        cmd = [f"{BIN}/pgbench", "-n", "-M", mode, "-c", str(clients), "-j", str(clients), "-T", str(seconds),
+               "-f", path, "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "bench"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        os.unlink(path)
+        m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+        return float(m.group(1))
+
+
+CAPTURE_DISTINCT = """\\set id random(1, 10000)
+SELECT fraiseql_capture_error('BenchError' || :id, 'invalid literal for int()', (SELECT t FROM bench_trace), '{"user_id": "u-1", "path": "/orders"}');
+"""
+CAPTURE_HOT = """SELECT fraiseql_capture_error('BenchError', 'invalid literal for int()', (SELECT t FROM bench_trace), '{"user_id": "u-1", "path": "/orders"}');
+"""
+PLAIN_INSERT = """INSERT INTO bench_plain (error_id, error_type, message, stack_trace, context, severity, environment)
+VALUES (gen_random_uuid(), 'BenchError', 'invalid literal for int()', (SELECT t FROM bench_trace), '{"user_id": "u-1", "path": "/orders"}', 'error', 'production');
+"""
+
+
+def bench_capture(b: Bench):
+    with b.connect() as c:
+        c.execute("CREATE TABLE bench_trace (t text)")
+        c.execute("INSERT INTO bench_trace VALUES (%s)", (TRACE,))
+        # same columns, defaults and indexes as the occurrence table, unpartitioned
+        c.execute("CREATE TABLE bench_plain (LIKE tb_error_occurrence INCLUDING DEFAULTS INCLUDING INDEXES)")
+        # warm up: create the 10,000 groups of the distinct case, and the hot one
+        c.execute("SELECT fraiseql_capture_error('BenchError' || g, 'invalid literal for int()', %s) FROM generate_series(1, 10000) g", (TRACE,))
+        c.execute("SELECT fraiseql_capture_error('BenchError', 'invalid literal for int()', %s)", (TRACE,))
+    rows = []
+    for mode in ("simple", "prepared"):
+        for clients in (1, 8):
+            plain = b.pgbench(PLAIN_INSERT, clients, mode=mode)
+            distinct = b.pgbench(CAPTURE_DISTINCT, clients, mode=mode)
+            hot = b.pgbench(CAPTURE_HOT, clients, mode=mode)
+            rows.append((mode, clients, plain, distinct, hot))
+            print(f"capture, {mode}, {clients} connection(s): plain {plain:.0f}/s, distinct {distinct:.0f}/s, hot {hot:.0f}/s", flush=True)
+    with b.connect() as c:
+        c.execute("SELECT fraiseql_flush_counts()")
+        counted = c.execute("SELECT sum(occurrence_count) FROM v_error_groups").fetchone()[0]
+        stored = c.execute("SELECT count(*) FROM tb_error_occurrence").fetchone()[0]
+    assert counted == stored, (counted, stored)
+    return rows
+
+
+def timed(c, sql, params=None):
+    t = time.perf_counter()
+    c.execute(sql, params)
+    return (time.perf_counter() - t) * 1000
+
+
+def bench_retention(b: Bench):
+    with b.connect() as c:
+        c.execute("SET fraiseql_obs.error_retention_months = 2")
+        month = c.execute("SELECT date_trunc('month', now() AT TIME ZONE 'UTC') - interval '3 months'").fetchone()[0]
+        name = c.execute("SELECT create_error_occurrence_partition(%s::date)", (month,)).fetchone()[0]
+        fill = f"""INSERT INTO tb_error_occurrence (error_id, occurred_at, error_type, message, context, environment)
+                   SELECT gen_random_uuid(), %s::timestamp AT TIME ZONE 'UTC' + (g %% 2500000) * interval '1 second',
+                          'BenchError', 'row ' || g, '{{"user_id": "u"}}', 'production'
+                     FROM generate_series(1, {ROWS}) g"""
+        c.execute(fill, (month,))
+        c.execute(f"VACUUM ANALYZE {name}")
+        delete_ms = timed(c, "DELETE FROM tb_error_occurrence WHERE occurred_at >= %s::timestamp AT TIME ZONE 'UTC' "
+                             "AND occurred_at < (%s::timestamp + interval '1 month') AT TIME ZONE 'UTC'", (month, month))
+        c.execute(fill, (month,))
+        drop_ms = timed(c, "SELECT * FROM drop_old_error_occurrence_partitions(2)")
+        assert c.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None
+    print(f"retention of {ROWS} rows: DELETE {delete_ms:.0f} ms, partition drop {drop_ms:.1f} ms", flush=True)
+    return delete_ms, drop_ms
+
+
+def bench_maintenance(b: Bench):
+    with b.connect() as c:
+        c.execute("SET fraiseql_obs.error_retention_months = 36")
+        for i in range(1, 21):
+            c.execute("SELECT create_error_occurrence_partition((now() AT TIME ZONE 'UTC' - %s * interval '1 month')::date)", (i,))
+        n = c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass AND NOT is_default").fetchone()[0]
+        c.execute("SELECT fraiseql_run_maintenance()")
+        times = sorted(timed(c, "SELECT fraiseql_run_maintenance()") for _ in range(21))
+    median = times[len(times) // 2]
+    print(f"maintenance tick with {n} monthly partitions: median {median:.1f} ms (p max {times[-1]:.1f} ms)", flush=True)
+    return n, median, times[-1]
+
+
+def bench_fingerprint():
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "fraiseql_fingerprint"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    table = "\n".join(l for l in out.splitlines() if l.startswith("|"))
+    print(table, flush=True)
+    return table
+
+
+def main():
+    started = datetime.datetime.now(datetime.timezone.utc)
+    if os.environ.get("BENCH_ONLY") == "capture":  # quick iteration; writes nothing
+        b = Bench()
+        try:
+            bench_capture(b)
+        finally:
+            b.stop()
+        return
+    fp_table = bench_fingerprint()
+    b = Bench()
+    try:
+        capture = bench_capture(b)
+        delete_ms, drop_ms = bench_retention(b)
+        parts, tick_ms, tick_max = bench_maintenance(b)
+        pg_version = b.pg_version
+    finally:
+        b.stop()
+        shutil.rmtree(b.dir, ignore_errors=True)
+
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (bench/run.py); numbers from one run. Absolute figures depend on the",
+        "machine; compare the ratios, which are measured side by side in the same run.",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine()}",
+        f"- PostgreSQL {pg_version}, release build, default durability (synchronous_commit on),"
+        " shared_buffers 512MB; pgbench runs of " + f"{DURATION} s each",
+        "",
+        "## Error capture throughput (issue: foundation)",
+        "",
+        "`fraiseql_capture_error` with a 5-frame Python trace and a small context, against a plain INSERT of",
+        "the same row into an unpartitioned table with the occurrence table's columns and indexes",
+        "(the floor of what PostgreSQL can do). *Distinct*: each capture picks one of 10,000 existing",
+        "fingerprints at random; *hot*: every capture has the same fingerprint.",
+        "",
+        "| protocol | connections | plain INSERT /s | capture, distinct /s | capture, hot /s | distinct ÷ plain | hot ÷ distinct |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, clients, plain, distinct, hot in capture:
+        lines.append(f"| {mode} | {clients} | {plain:.0f} | {distinct:.0f} | {hot:.0f} | {distinct / plain:.2f} | {hot / distinct:.2f} |")
+    lines += [
+        "",
+        "Targets: capture ≥ 0.7× plain INSERT; hot ≥ 0.8× distinct. After the run, the folded",
+        "counts equal the stored occurrences (checked by the script).",
+        "",
+        "## Retention: partition drop versus DELETE (issue: worker)",
+        "",
+        f"| rows in the month | DELETE of the month | drop of its partition | ratio |",
+        "|---:|---:|---:|---:|",
+        f"| {ROWS:,} | {delete_ms:,.0f} ms | {drop_ms:,.1f} ms | {delete_ms / max(drop_ms, 0.001):,.0f}× |",
+        "",
+        "The seed claims 45 s versus 15 ms for 1,000,000 rows; the DELETE here does not include the",
+        "VACUUM it leaves behind.",
+        "",
+        "## Maintenance tick (issue: worker)",
+        "",
+        f"`fraiseql_run_maintenance()` with {parts} monthly occurrence partitions plus the notification",
+        f"log's, nothing to create or drop (steady state): median {tick_ms:.1f} ms, max {tick_max:.1f} ms over 21 runs.",
+        "",
+        "## Fingerprinting (issue: grouping)",
+        "",
+        "Microseconds per fingerprint of a 30-frame trace (a third of them library frames), beside",
+        "SHA-256 of the same bytes: the floor, since any fingerprint must read its input. Target ≤ 20 µs.",
+        "",
+        fp_table,
+        "",
+    ]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+    print("wrote BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
