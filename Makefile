@@ -61,6 +61,9 @@ test-unit:
 	cargo test -p fraiseql_fingerprint
 
 # Rust unit tests and in-database tests (each in a rolled-back transaction).
+# One at a time: they share a database, and partition DDL in concurrent
+# transactions would wait on (or deadlock with) each other.
+test-pgrx: export RUST_TEST_THREADS = 1
 test-pgrx: setup
 	mkdir -p $(PGRX_TEST_DIR) && if [ "$$(id -u)" = 0 ]; then chown postgres: $(PGRX_TEST_DIR); fi
 	if [ "$$(id -u)" = 0 ]; then \

@@ -2,7 +2,9 @@
 
 INSERT INTO tb_partition_config (parent_table, granularity, retention_guc, prune_groups) VALUES
     ('@extschema@.tb_error_occurrence'::regclass, 'month', 'fraiseql_obs.error_retention_months', true),
-    ('@extschema@.tb_error_notification_log'::regclass, 'month', 'fraiseql_obs.notification_log_retention_months', false);
+    ('@extschema@.tb_error_notification_log'::regclass, 'month', 'fraiseql_obs.notification_log_retention_months', false),
+    ('monitoring.traces'::regclass, 'day', 'fraiseql_obs.trace_retention_days', false),
+    ('monitoring.metrics'::regclass, 'day', 'fraiseql_obs.metric_retention_days', false);
 
 -- Partitions for this month and the next ones exist right away. They are then
 -- released from the extension: otherwise DROP TABLE by retention would be
@@ -11,13 +13,13 @@ DO $$
 DECLARE
     r record;
 BEGIN
-    FOR r IN
-        SELECT e.partition_name
-          FROM @extschema@.tb_partition_config c,
-               @extschema@.fraiseql_ensure_partitions(c.parent_table,
-                   @extschema@.fraiseql_setting('fraiseql_obs.premake_months')::integer) e
-    LOOP
-        EXECUTE format('ALTER EXTENSION fraiseql_obs DROP TABLE @extschema@.%I', r.partition_name);
+    PERFORM @extschema@.fraiseql_ensure_partitions(c.parent_table,
+                CASE c.granularity
+                    WHEN 'month' THEN @extschema@.fraiseql_setting('fraiseql_obs.premake_months')::integer
+                    ELSE @extschema@.fraiseql_setting('fraiseql_obs.premake_days')::integer END)
+       FROM @extschema@.tb_partition_config c;
+    FOR r IN SELECT v.partition FROM @extschema@.v_partitions v WHERE NOT v.is_default LOOP
+        EXECUTE format('ALTER EXTENSION fraiseql_obs DROP TABLE %s', r.partition);
     END LOOP;
 END
 $$;
@@ -27,6 +29,10 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_counter', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_config', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_partition_config', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_definition', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_series', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_stripe', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_entity_change_log', '');
 
 -- Privileges: nothing is callable by PUBLIC. An application role needs only
 --   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz),

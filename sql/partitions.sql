@@ -64,7 +64,10 @@ CREATE FUNCTION _fraiseql_partition_key(parent regclass) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = @extschema@, pg_temp
 AS $$
-    SELECT (regexp_match(pg_get_partkeydef(parent), '^RANGE \((\w+)\)$'))[1]
+    SELECT a.attname::text
+      FROM pg_partitioned_table p
+      JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
+     WHERE p.partrelid = parent
 $$;
 
 CREATE FUNCTION _fraiseql_default_partition(parent regclass) RETURNS regclass

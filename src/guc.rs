@@ -20,6 +20,8 @@ pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static PREMAKE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
 pub static ERROR_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
 pub static NOTIFICATION_LOG_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
+pub static TRACE_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static METRIC_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
 pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
@@ -77,6 +79,10 @@ pub fn define() {
         &ERROR_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
     int(c"fraiseql_obs.notification_log_retention_months", c"Months of notification log kept (0 keeps forever).",
         &NOTIFICATION_LOG_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.trace_retention_days", c"Days of spans kept (0 keeps forever).",
+        &TRACE_RETENTION_DAYS, 0, 36600, GucContext::Suset, GucFlags::default());
+    int(c"fraiseql_obs.metric_retention_days", c"Days of raw metric values kept (0 keeps forever); series totals are kept regardless.",
+        &METRIC_RETENTION_DAYS, 0, 36600, GucContext::Suset, GucFlags::default());
     int(c"fraiseql_obs.ddl_lock_timeout", c"lock_timeout of maintenance DDL; a table whose lock is not had in time is retried next run.",
         &DDL_LOCK_TIMEOUT_MS, 1, 600_000, GucContext::Suset, GucFlags::UNIT_MS);
     int(c"fraiseql_obs.max_message_bytes", c"Messages longer than this are truncated, with a marker.",

@@ -9,8 +9,10 @@ mod capture;
 mod error;
 mod fingerprint;
 mod guc;
+mod metrics;
 mod shmem;
 mod trace_context;
+mod traces;
 mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -30,6 +32,11 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["capture", guc::fraiseql_setting]);
 extension_sql_file!("../sql/notification_rules.sql", name = "notification_rules", requires = ["maintenance"]);
+extension_sql_file!(
+    "../sql/telemetry.sql",
+    name = "telemetry",
+    requires = ["notification_rules", traces::_fraiseql_ingest_otlp_traces, metrics::_fraiseql_check_metric]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

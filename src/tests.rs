@@ -263,9 +263,154 @@ mod tests {
         assert_eq!(v.0["frames"][0]["function"], "create_order");
         assert_eq!(v.0["culprit"], "views in create_order");
     }
-}
 
-#[cfg(test)]
-mod unit {
-    // pure-Rust tests live next to their code (fingerprint, capture, ...)
+    // ---- traces, metrics, business events ----
+
+    const SDK_EXPORT: &str = include_str!("../tests/otel/sdk_export.json");
+
+    #[pg_test]
+    fn official_sdk_payload_ingests() {
+        let escaped = SDK_EXPORT.replace('\'', "''");
+        let r: pgrx::JsonB = one(&format!("SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"));
+        assert_eq!(r.0["stored"], 3, "{}", r.0);
+        assert_eq!(r.0["rejected"], 0);
+        let (svc, env): (String, String) = (
+            one("SELECT DISTINCT service_name FROM monitoring.traces"),
+            one("SELECT DISTINCT environment FROM monitoring.traces"),
+        );
+        assert_eq!((svc.as_str(), env.as_str()), ("orders-api", "staging"));
+        let root: String = one("SELECT span_kind FROM monitoring.traces WHERE operation_name = 'POST /orders'");
+        assert_eq!(root, "server");
+        let db: pgrx::JsonB = one("SELECT attributes FROM monitoring.traces WHERE operation_name = 'db.query'");
+        assert_eq!(db.0["db.system"], "postgresql");
+        assert_eq!(db.0["db.rows_returned"], 3);
+        assert_eq!(db.0["tags"], serde_json::json!(["a", "b"]));
+        let err: (i32, String) = (
+            one("SELECT status_code FROM monitoring.traces WHERE operation_name = 'charge card'"),
+            one("SELECT status_message FROM monitoring.traces WHERE operation_name = 'charge card'"),
+        );
+        assert_eq!(err, (2, "gateway timeout".to_string()));
+        let children: i64 = one(
+            "SELECT count(*) FROM monitoring.traces c JOIN monitoring.traces p ON c.parent_span_id = p.span_id AND c.trace_id = p.trace_id",
+        );
+        assert_eq!(children, 2);
+        let links: i64 = one("SELECT jsonb_array_length(links) FROM monitoring.traces WHERE operation_name = 'charge card'");
+        assert_eq!(links, 1);
+        // a retry of the same export stores nothing twice
+        let again: pgrx::JsonB = one(&format!("SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"));
+        assert_eq!(again.0["stored"], 0);
+        assert_eq!(again.0["duplicates"], 3);
+    }
+
+    #[pg_test]
+    fn malformed_spans_are_rejected_one_by_one() {
+        setup_helpers();
+        let r: pgrx::JsonB = one(r#"SELECT fraiseql_ingest_otlp_traces('{"resourceSpans":[{"scopeSpans":[{"spans":[
+            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"ok","startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000000001000000"},
+            {"traceId":"nothex","spanId":"eee19b7ec3c1b175","name":"bad id","startTimeUnixNano":"1","endTimeUnixNano":"2"},
+            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b176","name":"backwards","startTimeUnixNano":"9","endTimeUnixNano":"2"},
+            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b177","name":"kind","kind":9,"startTimeUnixNano":"1","endTimeUnixNano":"2"}
+        ]}]}]}')"#);
+        assert_eq!(r.0["stored"], 1, "{}", r.0);
+        assert_eq!(r.0["partialSuccess"]["rejectedSpans"], 3);
+        let msg = r.0["partialSuccess"]["errorMessage"].as_str().unwrap().to_string();
+        assert!(msg.contains("traceId") && msg.contains("before") && msg.contains("kind"), "{msg}");
+        for (sql, needle) in [
+            ("SELECT fraiseql_ingest_otlp_traces('[1,2]')", "payload"),
+            ("SELECT fraiseql_ingest_otlp_traces('{\"resourceSpans\": 5}')", "resourceSpans"),
+            ("SELECT fraiseql_record_span('abc', '00f067aa0ba902b7', 'x', now(), now())", "trace_id"),
+            ("SELECT fraiseql_record_span('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7', 'x', now(), now() - interval '1 s')", "end_time"),
+            ("SELECT fraiseql_record_span('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7', 'x', now(), now(), span_kind => 'sideways')", "span_kind"),
+            ("SELECT fraiseql_metric_increment('m', '{}', 'NaN')", "finite"),
+            ("SELECT fraiseql_metric_increment('m', '{}', -1)", "negative"),
+            ("SELECT fraiseql_metric_set_gauge('m', 1, '{\"a\": {\"b\": 1}}')", "flat"),
+            ("SELECT fraiseql_metric_set_gauge('m', 1, '[1]')", "labels"),
+        ] {
+            let e = error_of(sql);
+            assert!(e.contains(needle), "{sql}: expected '{needle}' in: {e}");
+        }
+        let n: i64 = one("SELECT count(*) FROM monitoring.traces");
+        assert_eq!(n, 1, "nothing half-written");
+        let m: i64 = one("SELECT count(*) FROM monitoring.metrics");
+        assert_eq!(m, 0);
+    }
+
+    #[pg_test]
+    fn record_span_from_sql() {
+        let stored: bool = one(
+            "SELECT fraiseql_record_span('4BF92F3577B34DA6A3CE929D0E0E4736', '00F067AA0BA902B7', 'checkout', \
+             '2026-11-24 10:00:00+00', '2026-11-24 10:00:00.2505+00', attributes => '{\"user_id\": \"u-1\"}', span_kind => 'server')",
+        );
+        assert!(stored);
+        let (d, t): (f64, String) = (
+            one("SELECT duration_ms FROM monitoring.traces"),
+            one("SELECT trace_id FROM monitoring.traces"),
+        );
+        assert!((d - 250.5).abs() < 1e-9, "{d}");
+        assert_eq!(t, "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[pg_test]
+    fn metrics_and_prometheus() {
+        run("SELECT fraiseql_metric_increment('graphql.requests.total', '{\"operation\": \"getUser\", \"status\": \"success\"}')");
+        run("SELECT fraiseql_metric_increment('graphql.requests.total', '{\"operation\": \"getUser\", \"status\": \"success\"}', 2)");
+        run("SELECT fraiseql_metric_set_gauge('db.pool.connections.active', 7, '{\"pool\": \"primary\"}')");
+        run("SELECT fraiseql_metric_set_gauge('db.pool.connections.active', 5, '{\"pool\": \"primary\"}')");
+        run("SELECT fraiseql_metric_define('graphql.request.duration_ms', 'GraphQL request duration', '{10, 100, 1000}')");
+        for v in [5, 50, 500, 5000] {
+            run(&format!("SELECT fraiseql_metric_record_histogram('graphql.request.duration_ms', {v}, '{{\"operation\": \"getOrders\"}}')"));
+        }
+        let text: String = one("SELECT fraiseql_metrics_prometheus()");
+        assert!(text.contains("# TYPE graphql_requests_total counter"), "{text}");
+        assert!(text.contains("graphql_requests_total{environment=\"production\",operation=\"getUser\",status=\"success\"} 3"), "{text}");
+        assert!(text.contains("db_pool_connections_active{environment=\"production\",pool=\"primary\"} 5"), "{text}");
+        assert!(text.contains("# HELP graphql_request_duration_ms GraphQL request duration"), "{text}");
+        assert!(text.contains("le=\"100\"} 2"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 4"), "{text}");
+        assert!(text.contains("graphql_request_duration_ms_sum{environment=\"production\",operation=\"getOrders\"} 5555"), "{text}");
+        let raw: i64 = one("SELECT count(*) FROM monitoring.metrics");
+        assert_eq!(raw, 8);
+        // counters survive the loss of their raw rows (retention)
+        run("DELETE FROM monitoring.metrics");
+        let text: String = one("SELECT fraiseql_metrics_prometheus()");
+        assert!(text.contains("status=\"success\"} 3"), "{text}");
+        setup_helpers();
+        let e = error_of("SELECT fraiseql_metric_set_gauge('graphql.requests.total', 1, '{\"operation\": \"getUser\", \"status\": \"success\"}')");
+        assert!(e.contains("is a counter"), "{e}");
+    }
+
+    #[pg_test]
+    fn changes_are_tracked_with_the_trace() {
+        run("CREATE TABLE orders (id int PRIMARY KEY, status text)");
+        run("SELECT fraiseql_track_changes('orders', 'order')");
+        run("SELECT fraiseql_set_trace_context('00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')");
+        run("INSERT INTO orders VALUES (42, 'new')");
+        run("UPDATE orders SET status = 'paid' WHERE id = 42");
+        run("UPDATE orders SET status = 'paid' WHERE id = 42"); // no change: not recorded
+        run("DELETE FROM orders WHERE id = 42");
+        let types: String = one("SELECT string_agg(change_type, ',' ORDER BY change_id) FROM tb_entity_change_log");
+        assert_eq!(types, "insert,update,delete");
+        let (id, before, after, trace): (String, String, String, String) = (
+            one("SELECT DISTINCT entity_id FROM tb_entity_change_log"),
+            one("SELECT before_data->>'status' FROM tb_entity_change_log WHERE change_type = 'update'"),
+            one("SELECT after_data->>'status' FROM tb_entity_change_log WHERE change_type = 'update'"),
+            one("SELECT DISTINCT trace_id FROM tb_entity_change_log"),
+        );
+        assert_eq!((id.as_str(), before.as_str(), after.as_str()), ("42", "new", "paid"));
+        assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let name: String = one("SELECT DISTINCT entity_name FROM tb_entity_change_log");
+        assert_eq!(name, "order");
+    }
+
+    #[pg_test]
+    fn daily_partitions_for_traces_and_metrics() {
+        let t: i64 = one("SELECT count(*) FROM v_partitions WHERE parent_table = 'monitoring.traces'::regclass AND NOT is_default");
+        let m: i64 = one("SELECT count(*) FROM v_partitions WHERE parent_table = 'monitoring.metrics'::regclass AND NOT is_default");
+        assert!(t >= 8 && m >= 8, "{t} {m}");
+        run("SELECT fraiseql_record_span('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7', 'old', now() - interval '40 days', now() - interval '40 days')");
+        let r: pgrx::JsonB = one("SELECT fraiseql_run_maintenance()");
+        assert!(r.0["moved_rows"].as_i64().unwrap() >= 1, "{}", r.0);
+        let left: i64 = one("SELECT count(*) FROM monitoring.traces");
+        assert_eq!(left, 0, "30 days of retention: {}", r.0);
+    }
 }
