@@ -207,3 +207,46 @@ def test_drop_extension_lets_the_worker_go_quietly(cluster):
     finally:
         with cluster.connect() as c:
             c.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_standby_waits_for_promotion(cluster, db):
+    """A streaming replica runs no worker (it could not write); once promoted,
+    the launcher starts and serves the database."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    from conftest import BIN, free_port
+
+    standby = pathlib.Path(f"{cluster.path}_standby")
+    shutil.rmtree(standby, ignore_errors=True)
+    port = free_port()
+
+    def as_postgres(*cmd):
+        if os.geteuid() == 0:
+            cmd = ("runuser", "-u", "postgres", "--", *cmd)
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "RUST_BACKTRACE": "0"})
+
+    as_postgres(f"{BIN}/pg_basebackup", "-h", str(cluster.path), "-p", str(cluster.port), "-U", "postgres",
+                "-D", str(standby), "-R", "-X", "stream", "-c", "fast")
+    with open(standby / "postgresql.conf", "a") as f:
+        f.write(f"\nport = {port}\nunix_socket_directories = '{standby}'\n")
+    as_postgres(f"{BIN}/pg_ctl", "-D", str(standby), "-l", str(standby / "server.log"), "-w", "start")
+    try:
+        dsn = f"host={standby} port={port} dbname=postgres user=postgres"
+
+        def workers():
+            with psycopg.connect(dsn, autocommit=True) as c:
+                return c.execute("SELECT count(*) FILTER (WHERE backend_type = 'fraiseql_obs launcher'),"
+                                 " count(*) FILTER (WHERE backend_type = 'fraiseql_obs worker' AND datname = %s),"
+                                 " pg_is_in_recovery() FROM pg_stat_activity", (db,)).fetchone()
+
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("SELECT pg_sleep(2)")  # several launcher naps
+        assert workers() == (0, 0, True)
+        as_postgres(f"{BIN}/pg_ctl", "-D", str(standby), "-w", "promote")
+        wait_for(lambda: workers() == (1, 1, False), what="launcher and worker after promotion")
+    finally:
+        subprocess.run(("runuser", "-u", "postgres", "--") * (os.geteuid() == 0) +
+                       (f"{BIN}/pg_ctl", "-D", str(standby), "-m", "immediate", "-w", "stop"), check=False, capture_output=True)
+        shutil.rmtree(standby, ignore_errors=True)
