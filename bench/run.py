@@ -196,6 +196,65 @@ def bench_metrics(b: Bench):
     return out
 
 
+PANEL_ROWS = int(os.environ.get("BENCH_PANEL_ROWS", "10000000"))
+
+
+def bench_panels(b: Bench):
+    """Each dashboard panel's query over PANEL_ROWS occurrences and PANEL_ROWS
+    spans spread over 30 days, for a 24-hour and a 7-day range."""
+    sys.path.insert(0, str(ROOT / "grafana"))
+    import build
+    import datetime
+    with b.connect() as c:
+        c.execute("SET fraiseql_obs.error_retention_months = 12")
+        c.execute("SET fraiseql_obs.trace_retention_days = 60")
+        for d in range(0, 32):
+            c.execute("SELECT fraiseql_create_partition('monitoring.traces', now() - %s * interval '1 day')", (d,))
+            c.execute("SELECT fraiseql_create_partition('monitoring.metrics', now() - %s * interval '1 day')", (d,))
+        c.execute("SELECT create_error_occurrence_partition((now() - interval '32 days')::date)")
+        c.execute("SELECT fraiseql_capture_error('PanelError' || g, 'failure ' || g, environment => (ARRAY['production','staging','dev'])[1 + g % 3]) FROM generate_series(1, 1000) g")
+        t = time.perf_counter()
+        c.execute(f"""INSERT INTO tb_error_occurrence (error_id, occurred_at, error_type, message, context, severity, environment, trace_id)
+            SELECT ids[1 + (g::bigint * 7919) % 1000], now() - random() * interval '30 days', 'PanelError', 'failure',
+                   jsonb_build_object('user_id', 'u' || (g % 20000)), 'error', (ARRAY['production','staging','dev'])[1 + g % 3],
+                   CASE WHEN g % 10 = 0 THEN lpad(to_hex(g), 32, '0') END
+              FROM generate_series(1, {PANEL_ROWS}) g,
+                   (SELECT array_agg(error_id) AS ids FROM tb_error_log) i""")
+        c.execute(f"""INSERT INTO monitoring.traces (trace_id, span_id, parent_span_id, operation_name, start_time, end_time,
+                          duration_ms, status_code, attributes, environment, span_kind)
+            SELECT lpad(to_hex(g / 4 + 1), 32, '0'), lpad(to_hex(g + 1), 16, '0'),
+                   CASE WHEN g % 4 = 0 THEN NULL ELSE lpad(to_hex(g - g % 4 + 1), 16, '0') END,
+                   CASE WHEN g % 4 = 0 THEN (ARRAY['POST /orders','GET /users/{{id}}','GET /cart'])[1 + g % 3] ELSE 'db.query' END,
+                   s, s + d * interval '1 millisecond', d, (g % 7 = 0)::int + 1,
+                   CASE WHEN g % 4 = 0 THEN '{{}}'::jsonb ELSE '{{"db.system": "postgresql"}}'::jsonb END,
+                   (ARRAY['production','staging','dev'])[1 + (g / 4) % 3], CASE WHEN g % 4 = 0 THEN 'server' ELSE 'client' END
+              FROM generate_series(0, {PANEL_ROWS} - 1) g,
+                   -- g inside: a LATERAL subquery that does not refer to g is evaluated once
+                   LATERAL (SELECT now() - random() * interval '30 days' + g * interval '0' AS s,
+                                   (random() * 500 + g * 0)::float8 AS d) x""")
+        c.execute(f"""INSERT INTO monitoring.metrics (metric_name, metric_type, metric_value, labels, "timestamp", environment)
+            SELECT (ARRAY['db.pool.connections.active','db.pool.connections.idle','cache.hits','cache.misses',
+                          'graphql.requests.total','process.memory.rss_bytes','db.query.duration_ms'])[1 + g % 7],
+                   'gauge', (random() * 100)::numeric, jsonb_build_object('operation', 'op' || g % 5),
+                   now() - random() * interval '30 days', (ARRAY['production','staging','dev'])[1 + g % 3]
+              FROM generate_series(1, {PANEL_ROWS // 10}) g""")
+        c.execute("ANALYZE")
+        load_s = time.perf_counter() - t
+        envs = [r[0] for r in c.execute("SELECT environment FROM v_environments ORDER BY 1")]
+        end = datetime.datetime.now(datetime.timezone.utc)
+        results = []
+        for name, d in build.DASHBOARDS.items():
+            for p in d["panels"]:
+                row = [name.removesuffix(".json"), p["title"]]
+                for hours, interval in ((24, "1m"), (24 * 7, "10m")):
+                    sql = build.expand(p["targets"][0]["rawSql"], end - datetime.timedelta(hours=hours), end, interval, envs)
+                    times = sorted(timed(c, sql) for _ in range(3))
+                    row.append(times[1])
+                results.append(row)
+                print(f"panel {row[0]} / {row[1]}: 24h {row[2]:.0f} ms, 7d {row[3]:.0f} ms", flush=True)
+    return load_s, results
+
+
 def timed(c, sql, params=None):
     t = time.perf_counter()
     c.execute(sql, params)
@@ -251,7 +310,7 @@ def main():
         b = Bench()
         try:
             {"capture": bench_capture, "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
-             "retention": bench_retention}[only](b)
+             "retention": bench_retention, "panels": bench_panels}[only](b)
         finally:
             b.stop()
         return
@@ -263,6 +322,7 @@ def main():
         ingest, copy = bench_ingest(b)
         metric_rates = bench_metrics(b)
         parts, tick_ms, tick_max = bench_maintenance(b)
+        panel_load_s, panels = bench_panels(b)
         pg_version = b.pg_version
     finally:
         b.stop()
@@ -324,6 +384,16 @@ def main():
         *[f"| {cl} | {hot:,.0f} | {spread:,.0f} |" for cl, hot, spread in metric_rates],
         "",
         "After the run the Prometheus counter total equals the number of raw rows (checked by the script).",
+        "",
+        "## Dashboard panels (issue: Grafana)",
+        "",
+        f"Each panel's SQL (macros expanded as Grafana does, all environments selected) over {PANEL_ROWS:,}",
+        f"error occurrences, {PANEL_ROWS:,} spans and {PANEL_ROWS // 10:,} metric values spread over 30 days",
+        f"(loaded in {panel_load_s:,.0f} s); median of 3 runs. Target: every panel under 200 ms.",
+        "",
+        "| dashboard | panel | 24 h | 7 days |",
+        "|---|---|---:|---:|",
+        *[f"| {d} | {t} | {a:,.0f} ms{' ⚠' if a > 200 else ''} | {b_:,.0f} ms{' ⚠' if b_ > 200 else ''} |" for d, t, a, b_ in panels],
         "",
         "## Fingerprinting (issue: grouping)",
         "",

@@ -328,3 +328,26 @@ $$;
 CREATE FUNCTION fraiseql_metrics_prometheus() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
 AS $$ BEGIN RETURN _fraiseql_metrics_prometheus(); END $$;
+
+-- The environments seen, for dashboard variables. Metric series are few;
+-- occurrences and spans are read with a skip scan of their environment index
+-- (one index probe per distinct environment) instead of a full scan. (Error
+-- groups span environments, so occurrences are the source, not groups.)
+CREATE VIEW v_environments AS
+SELECT environment FROM tb_metric_series
+UNION
+SELECT env FROM (
+    WITH RECURSIVE e(env) AS (
+        SELECT min(environment) FROM @extschema@.tb_error_occurrence
+        UNION ALL
+        SELECT (SELECT min(o.environment) FROM @extschema@.tb_error_occurrence o WHERE o.environment > e.env)
+          FROM e WHERE e.env IS NOT NULL)
+    SELECT env FROM e WHERE env IS NOT NULL) o
+UNION
+SELECT env FROM (
+    WITH RECURSIVE e(env) AS (
+        SELECT min(environment) FROM monitoring.traces
+        UNION ALL
+        SELECT (SELECT min(t.environment) FROM monitoring.traces t WHERE t.environment > e.env)
+          FROM e WHERE e.env IS NOT NULL)
+    SELECT env FROM e WHERE env IS NOT NULL) t;

@@ -1,0 +1,243 @@
+"""Builds the Grafana dashboards (grafana/*.json) from the panel specs below.
+
+Run: python3 grafana/build.py   (the JSON files are committed; CI checks they
+are up to date and that every panel's SQL runs on the extension's tables).
+
+Every panel uses the PostgreSQL datasource by uid (see
+provisioning/datasources/fraiseql_obs.yaml), Grafana's SQL macros so the time
+picker works, and the $environment variable filled from the data.
+"""
+import json
+import pathlib
+import re
+
+HERE = pathlib.Path(__file__).parent
+DS = {"type": "grafana-postgresql-datasource", "uid": "fraiseql-obs"}
+
+ENV_VAR = {
+    "name": "environment",
+    "label": "Environment",
+    "type": "query",
+    "datasource": DS,
+    # the distinct environments, without scanning the big tables
+    "query": "SELECT environment FROM v_environments ORDER BY 1",
+    "definition": "SELECT environment FROM v_environments ORDER BY 1",
+    "refresh": 2,
+    "multi": True,
+    "includeAll": True,
+    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+}
+
+
+def target(sql, fmt="time_series"):
+    return {"refId": "A", "datasource": DS, "format": fmt, "rawQuery": True, "editorMode": "code", "rawSql": sql.strip()}
+
+
+def panel(title, kind, sql, w=12, h=8, fmt=None, unit=None, description=None):
+    fmt = fmt or ("time_series" if kind == "timeseries" else "table")
+    p = {"title": title, "type": kind, "datasource": DS, "targets": [target(sql, fmt)],
+         "gridPos": {"w": w, "h": h}, "fieldConfig": {"defaults": {}, "overrides": []}, "options": {}}
+    if unit:
+        p["fieldConfig"]["defaults"]["unit"] = unit
+    if description:
+        p["description"] = description
+    if kind == "piechart":
+        p["options"] = {"reduceOptions": {"values": True, "calcs": ["lastNotNull"], "fields": ""}, "pieType": "donut"}
+    return p
+
+
+ERRORS = [
+    panel("Error rate", "timeseries", """
+SELECT $__timeGroupAlias(occurred_at, $__interval), count(*) AS errors
+  FROM tb_error_occurrence
+ WHERE $__timeFilter(occurred_at) AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", w=24, unit="short"),
+    panel("Top 10 errors", "table", """
+SELECT g.title, g.culprit, t.occurrences, t.users_affected, t.last_seen, g.status, g.error_fingerprint AS fingerprint
+  FROM (SELECT error_id, count(*) AS occurrences,
+               count(DISTINCT context->>'user_id') AS users_affected, max(occurred_at) AS last_seen
+          FROM tb_error_occurrence
+         WHERE $__timeFilter(occurred_at) AND environment IN ($environment)
+         GROUP BY error_id ORDER BY count(*) DESC LIMIT 10) t
+  JOIN tb_error_log g ON g.error_id = t.error_id
+ ORDER BY t.occurrences DESC""", w=16, h=9),
+    panel("Errors by environment", "piechart", """
+SELECT environment AS metric, count(*) AS errors
+  FROM tb_error_occurrence
+ WHERE $__timeFilter(occurred_at)
+ GROUP BY environment ORDER BY 2 DESC""", w=8, h=9),
+    panel("Recent errors", "table", """
+SELECT o.occurred_at AS "time", o.error_type, left(o.message, 200) AS message, o.environment,
+       o.severity, g.status, o.trace_id, g.error_fingerprint AS fingerprint
+  FROM tb_error_occurrence o
+  JOIN tb_error_log g ON g.error_id = o.error_id
+ WHERE $__timeFilter(o.occurred_at) AND o.environment IN ($environment)
+ ORDER BY o.occurred_at DESC LIMIT 100""", w=24, h=10),
+    panel("Resolution status", "piechart", """
+SELECT status AS metric, count(*) AS groups
+  FROM tb_error_log
+ WHERE last_seen >= $__timeFrom() AND environment IN ($environment)
+ GROUP BY status ORDER BY status""", w=8),
+    panel("Regressions", "table", """
+SELECT regressed_at AS "time", title, culprit, regression_count, status, assigned_to
+  FROM tb_error_log
+ WHERE is_regression AND regressed_at BETWEEN $__timeFrom() AND $__timeTo() AND environment IN ($environment)
+ ORDER BY regressed_at DESC LIMIT 50""", w=16),
+]
+
+# Requests are the root spans (no parent).
+TRACES = [
+    panel("Request rate", "timeseries", """
+SELECT $__timeGroupAlias(start_time, $__interval), count(*) * 1000.0 / $__interval_ms AS "requests/s"
+  FROM monitoring.traces
+ WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="reqps"),
+    panel("Latency P50 / P95 / P99", "timeseries", """
+SELECT $__timeGroupAlias(start_time, $__interval),
+       percentile_cont(0.50) WITHIN GROUP (ORDER BY duration_ms) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms) AS p99
+  FROM monitoring.traces
+ WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="ms"),
+    panel("Slowest operations", "table", """
+SELECT operation_name, count(*) AS requests,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1) AS p95_ms,
+       round(max(duration_ms)::numeric, 1) AS max_ms
+  FROM monitoring.traces
+ WHERE $__timeFilter(start_time) AND environment IN ($environment)
+ GROUP BY operation_name ORDER BY p95_ms DESC LIMIT 20""", w=16, h=9),
+    panel("Trace status", "piechart", """
+SELECT CASE status_code WHEN 2 THEN 'error' WHEN 1 THEN 'ok' ELSE 'unset' END AS metric, count(*) AS spans
+  FROM monitoring.traces
+ WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", w=8, h=9),
+    panel("Database query duration", "timeseries", """
+SELECT $__timeGroupAlias(start_time, $__interval), avg(duration_ms) AS avg_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
+  FROM monitoring.traces
+ WHERE $__timeFilter(start_time) AND attributes @> '{"db.system": "postgresql"}' AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="ms"),
+    panel("Error rate by operation", "table", """
+SELECT t.operation_name, count(*) AS requests, count(e.trace_id) AS with_errors,
+       round(100.0 * count(e.trace_id) / count(*), 2) AS error_rate_pct
+  FROM monitoring.traces t
+  LEFT JOIN LATERAL (SELECT o.trace_id FROM tb_error_occurrence o
+                      WHERE o.trace_id = t.trace_id LIMIT 1) e ON true
+ WHERE $__timeFilter(t.start_time) AND t.parent_span_id IS NULL AND t.environment IN ($environment)
+ GROUP BY t.operation_name ORDER BY error_rate_pct DESC LIMIT 20""", w=12),
+]
+
+SYSTEM = [
+    panel("Database pool connections", "timeseries", """
+SELECT $__timeGroupAlias("timestamp", $__interval), replace(metric_name, 'db.pool.connections.', '') AS metric,
+       avg(metric_value) AS connections
+  FROM monitoring.metrics
+ WHERE $__timeFilter("timestamp") AND metric_name IN ('db.pool.connections.active', 'db.pool.connections.idle')
+   AND environment IN ($environment)
+ GROUP BY 1, 2 ORDER BY 1""", description="gauges db.pool.connections.active and db.pool.connections.idle"),
+    panel("Cache hit rate", "timeseries", """
+SELECT $__timeGroupAlias("timestamp", $__interval),
+       sum(metric_value) FILTER (WHERE metric_name = 'cache.hits')
+         / nullif(sum(metric_value) FILTER (WHERE metric_name IN ('cache.hits', 'cache.misses')), 0) AS hit_rate
+  FROM monitoring.metrics
+ WHERE $__timeFilter("timestamp") AND metric_name IN ('cache.hits', 'cache.misses') AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="percentunit", description="counters cache.hits and cache.misses"),
+    panel("GraphQL operation rate", "timeseries", """
+SELECT $__timeGroupAlias("timestamp", $__interval), coalesce(labels->>'operation', '?') AS metric,
+       sum(metric_value) * 1000.0 / $__interval_ms AS "ops/s"
+  FROM monitoring.metrics
+ WHERE $__timeFilter("timestamp") AND metric_name = 'graphql.requests.total' AND environment IN ($environment)
+ GROUP BY 1, 2 ORDER BY 1""", unit="ops", description="counter graphql.requests.total, by its operation label"),
+    panel("Memory usage", "timeseries", """
+SELECT $__timeGroupAlias("timestamp", $__interval), avg(metric_value) AS rss
+  FROM monitoring.metrics
+ WHERE $__timeFilter("timestamp") AND metric_name = 'process.memory.rss_bytes' AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="bytes", description="gauge process.memory.rss_bytes"),
+    panel("Query execution time", "timeseries", """
+SELECT $__timeGroupAlias("timestamp", $__interval), avg(metric_value) AS avg_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY metric_value) AS p95_ms
+  FROM monitoring.metrics
+ WHERE $__timeFilter("timestamp") AND metric_name = 'db.query.duration_ms' AND environment IN ($environment)
+ GROUP BY 1 ORDER BY 1""", unit="ms", description="histogram db.query.duration_ms"),
+    panel("Notification deliveries", "timeseries", """
+SELECT $__timeGroupAlias(sent_at, $__interval), status AS metric, count(*) AS deliveries
+  FROM tb_error_notification_log
+ WHERE $__timeFilter(sent_at)
+ GROUP BY 1, 2 ORDER BY 1"""),
+    panel("Last maintenance runs", "table", """
+SELECT started_at AS "time", triggered_by, round(duration_ms::numeric, 1) AS duration_ms,
+       cardinality(created) AS created, cardinality(dropped) AS dropped, moved_rows, last_error
+  FROM v_maintenance_runs LIMIT 20""", w=12, h=9),
+    panel("Partition sizes", "table", """
+SELECT parent_table::text AS "table", partition_name AS "partition",
+       pg_total_relation_size(partition) AS bytes, lower_bound, upper_bound
+  FROM v_partitions
+ ORDER BY parent_table::text, lower_bound DESC NULLS LAST""", w=12, h=9),
+]
+
+
+def layout(panels):
+    """Left to right, wrapping at 24 columns; ids 1..n."""
+    x = y = row_h = 0
+    for i, p in enumerate(panels, 1):
+        w, h = p["gridPos"]["w"], p["gridPos"]["h"]
+        if x + w > 24:
+            x, y, row_h = 0, y + row_h, 0
+        p["gridPos"] = {"x": x, "y": y, "w": w, "h": h}
+        p["id"] = i
+        x += w
+        row_h = max(row_h, h)
+    return panels
+
+
+def dashboard(uid, title, panels, tags):
+    return {
+        "uid": uid, "title": title, "tags": ["fraiseql_obs", *tags], "timezone": "utc", "schemaVersion": 39,
+        "version": 1, "editable": True, "refresh": "30s", "time": {"from": "now-24h", "to": "now"},
+        "templating": {"list": [ENV_VAR]}, "annotations": {"list": []}, "panels": layout(panels),
+    }
+
+
+DASHBOARDS = {
+    "error_monitoring.json": dashboard("fraiseql-errors", "fraiseql_obs: Error monitoring", ERRORS, ["errors"]),
+    "trace_performance.json": dashboard("fraiseql-traces", "fraiseql_obs: Trace performance", TRACES, ["traces"]),
+    "system_metrics.json": dashboard("fraiseql-system", "fraiseql_obs: System metrics", SYSTEM, ["metrics"]),
+}
+
+
+def interval_seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+)(ms|s|m|h|d)", text.strip().strip("'"))
+    n, unit = int(m.group(1)), m.group(2)
+    return {"ms": n / 1000, "s": n, "m": n * 60, "h": n * 3600, "d": n * 86400}[unit]
+
+
+def expand(sql, start, end, interval, environments):
+    """Expands Grafana's macros as its PostgreSQL datasource does (used by the
+    tests and the benchmark to run the panels' SQL without Grafana)."""
+    iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    sql = sql.replace("$__interval_ms", str(int(interval_seconds(interval) * 1000)))
+    sql = sql.replace("$__interval", interval)
+    sql = re.sub(r"\$__timeFilter\(([^)]+)\)",
+                 lambda m: f"{m.group(1).strip()} BETWEEN '{iso(start)}' AND '{iso(end)}'", sql)
+    sql = sql.replace("$__timeFrom()", f"'{iso(start)}'").replace("$__timeTo()", f"'{iso(end)}'")
+
+    def group(m, alias):
+        col, iv = [x.strip() for x in m.group(1).split(",")[:2]]
+        s = int(interval_seconds(iv))
+        return f"floor(extract(epoch from {col})/{s})*{s}" + (' AS "time"' if alias else "")
+    sql = re.sub(r"\$__timeGroupAlias\(([^)]+)\)", lambda m: group(m, True), sql)
+    sql = re.sub(r"\$__timeGroup\(([^)]+)\)", lambda m: group(m, False), sql)
+    sql = sql.replace("$environment", ",".join(f"'{e}'" for e in environments))
+    assert "$" not in re.sub(r"'[^']*'", "", sql), f"unexpanded macro or variable in: {sql}"
+    return sql
+
+
+def render(d):
+    return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    for name, d in DASHBOARDS.items():
+        (HERE / name).write_text(render(d))
+        print(f"wrote grafana/{name} ({len(d['panels'])} panels)")
