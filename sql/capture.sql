@@ -33,6 +33,8 @@ DECLARE
     v_stack    text;
     v_context  jsonb;
     v_stripe   integer;
+    v_is_new   boolean := false;
+    v_regressed boolean := false;
 BEGIN
     -- Validates (a clear error naming the argument; nothing is written before
     -- it), resolves environment and trace context, computes the fingerprint.
@@ -75,6 +77,7 @@ BEGIN
                     1, p_occurred_at, p_occurred_at)
             ON CONFLICT (error_fingerprint) DO NOTHING
             RETURNING g.error_id INTO v_error_id;
+            v_is_new := v_error_id IS NOT NULL;
 
             IF v_error_id IS NULL THEN
                 -- Another session created the group first (we waited for it to commit).
@@ -102,6 +105,7 @@ BEGIN
                    regression_count = g.regression_count + 1,
                    resolved_at = NULL, resolved_by = NULL
              WHERE g.error_id = v_error_id AND g.status = 'resolved';
+            v_regressed := FOUND;
         END IF;
         IF _fraiseql_severity_rank(p_severity) > _fraiseql_severity_rank(v_group.severity) THEN
             UPDATE tb_error_log g SET severity = p_severity
@@ -115,6 +119,18 @@ BEGIN
          environment, release_version, trace_id, span_id)
     VALUES (v_error_id, p_occurred_at, p_exception_type, v_message, v_stack, v_context,
             p_severity, v_prep[2], p_release_version, v_prep[3], v_prep[4]);
+
+    -- Notifications are queued in this transaction: a rolled-back capture
+    -- notifies nobody, a committed one is never lost.
+    IF EXISTS (SELECT 1 FROM tb_error_notification_config WHERE enabled) THEN
+        PERFORM _fraiseql_notify_capture(v_error_id, v_fp, p_exception_type, p_severity, v_prep[2], v_is_new, v_regressed,
+            jsonb_build_object('message', v_message, 'stack_trace', v_stack, 'context', v_context,
+                               'environment', v_prep[2], 'release_version', p_release_version, 'trace_id', v_prep[3]));
+        IF v_is_new THEN
+            -- the creating capture is occurrence 1 (later counts come from the fold)
+            PERFORM _fraiseql_notify_milestones(v_error_id, 0, 1);
+        END IF;
+    END IF;
 
     RETURN v_error_id;
 END
@@ -172,6 +188,8 @@ COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text
 -- It never waits: group rows and stripes that another transaction holds (a
 -- capture still in progress) are skipped and folded next time. Waiting there
 -- would make every capture on the stripes already taken queue behind it.
+CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint);
+
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -179,6 +197,7 @@ SET search_path = @extschema@, pg_temp
 AS $$
 DECLARE
     n bigint;
+    v_folds @extschema@._fraiseql_fold[];
 BEGIN
     -- Stripes are zeroed, not deleted: the next capture on them is then a
     -- cheap in-place (HOT) update. Idle zero stripes are removed below.
@@ -199,14 +218,26 @@ BEGIN
     ), agg AS (
         SELECT error_id, sum(occurrence_count) AS cnt, min(first_seen) AS fs, max(last_seen) AS ls
           FROM drained GROUP BY error_id
+    ), folded AS (
+        UPDATE tb_error_log g
+           SET occurrence_count = g.occurrence_count + agg.cnt,
+               first_seen = least(g.first_seen, agg.fs),
+               last_seen = greatest(g.last_seen, agg.ls)
+          FROM agg
+         WHERE g.error_id = agg.error_id
+        RETURNING g.error_id, g.occurrence_count AS new_count, agg.cnt AS added
     )
-    UPDATE tb_error_log g
-       SET occurrence_count = g.occurrence_count + agg.cnt,
-           first_seen = least(g.first_seen, agg.fs),
-           last_seen = greatest(g.last_seen, agg.ls)
-      FROM agg
-     WHERE g.error_id = agg.error_id;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
+      INTO v_folds FROM folded f;
+    n := cardinality(v_folds);
+    -- Milestones (notify_on_occurrence) are decided here, where the count is
+    -- exact: each fold of a group is serialized (its row is locked).
+    IF n > 0 AND EXISTS (SELECT 1 FROM tb_error_notification_config c
+                          WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
+        FOR i IN 1..n LOOP
+            PERFORM _fraiseql_notify_milestones(v_folds[i].error_id, v_folds[i].old_count, v_folds[i].new_count);
+        END LOOP;
+    END IF;
     -- stripes idle for a while: their backend is gone or busy elsewhere
     DELETE FROM tb_error_counter c
      WHERE c.occurrence_count = 0 AND c.last_seen < now() - interval '10 minutes'
@@ -219,7 +250,7 @@ $$;
 
 -- Error groups with live counts (folded + not yet folded).
 CREATE VIEW v_error_groups AS
-SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.title, g.culprit,
+SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_trace, g.title, g.culprit,
        g.severity, g.environment, g.release_version, g.status, g.assigned_to,
        (g.occurrence_count + coalesce(c.cnt, 0))::bigint AS occurrence_count,
        least(g.first_seen, c.fs)                     AS first_seen,

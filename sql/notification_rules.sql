@@ -1,12 +1,76 @@
--- fraiseql_obs: notification rules (the tables are in schema.sql).
---
--- The seed's examples insert rules without a channel_type when the
--- channel_config says which channel it is ('{"webhook_url": ...}' is Slack's
--- incoming webhook). This trigger fills it in, and normalizes empty filters.
-CREATE FUNCTION _fraiseql_notification_config_defaults() RETURNS trigger
+-- fraiseql_obs: notification rules, queue and delivery bookkeeping.
+-- Delivery itself (SMTP, HTTP) is done by the background worker (src/notify).
+
+-- ---------------------------------------------------------------------------
+-- Channels: the built-in ones and those registered with
+-- fraiseql_register_channel(). default_config is merged under each rule's
+-- channel_config (typically the SMTP server, or a team's Slack webhook).
+-- Secrets live here and in the rules: neither table is readable by PUBLIC.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_notification_channel (
+    channel_type   text PRIMARY KEY CHECK (channel_type ~ '^[a-z][a-z0-9_]*$'),
+    handler        regprocedure,
+    default_config jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(default_config) = 'object'),
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO tb_notification_channel (channel_type) VALUES ('email'), ('slack'), ('webhook'), ('pg_notify');
+
+-- Registers a custom channel: handler(error jsonb, config jsonb) returning
+-- (success boolean, error_message text) — a composite, a record with those
+-- OUT parameters, or a table of one row. The worker calls it for each delivery.
+CREATE FUNCTION fraiseql_register_channel(channel_type text, handler regprocedure, default_config jsonb DEFAULT '{}')
+RETURNS void
 LANGUAGE plpgsql
 SET search_path = @extschema@, pg_temp
 AS $$
+DECLARE
+    v_args oidvector;
+BEGIN
+    IF $1 IN ('email', 'slack', 'webhook', 'pg_notify') THEN
+        RAISE EXCEPTION 'fraiseql_obs: % is a built-in channel', $1 USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT proargtypes INTO v_args FROM pg_proc WHERE oid = $2;
+    IF v_args IS NULL OR array_length(v_args::oid[], 1) IS DISTINCT FROM 2
+       OR v_args[0] <> 'jsonb'::regtype OR v_args[1] <> 'jsonb'::regtype THEN
+        RAISE EXCEPTION 'fraiseql_obs: a channel handler takes (error jsonb, config jsonb), % does not', $2
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO tb_notification_channel AS c (channel_type, handler, default_config)
+    VALUES ($1, $2, coalesce($3, '{}'))
+    ON CONFLICT ON CONSTRAINT tb_notification_channel_pkey
+        DO UPDATE SET handler = excluded.handler, default_config = excluded.default_config;
+END
+$$;
+
+-- Defaults of a built-in channel (SMTP server, a default Slack webhook, ...).
+CREATE FUNCTION fraiseql_set_channel_defaults(channel_type text, default_config jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+BEGIN
+    IF jsonb_typeof($2) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'fraiseql_obs: default_config must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE tb_notification_channel c SET default_config = $2 WHERE c.channel_type = $1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fraiseql_obs: unknown channel type "%"', $1 USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Rule validation. The seed's examples insert rules without a channel_type
+-- when the config says which channel it is ('{"webhook_url": ...}' is Slack's
+-- incoming webhook): it is inferred. Bad rows are refused with a clear error.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION _fraiseql_notification_config_check() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_channel tb_notification_channel;
+    v_config  jsonb;
+    v_missing text;
 BEGIN
     IF NEW.channel_config IS NULL THEN
         NEW.channel_config := '{}'::jsonb;
@@ -27,12 +91,374 @@ BEGIN
                       HINT = 'Set channel_type to email, slack, webhook, pg_notify or a registered channel.';
         END IF;
     END IF;
+    SELECT * INTO v_channel FROM tb_notification_channel c WHERE c.channel_type = NEW.channel_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fraiseql_obs: unknown channel type "%"', NEW.channel_type
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Built-in: email, slack, webhook, pg_notify; others need fraiseql_register_channel().';
+    END IF;
+    v_config := v_channel.default_config || NEW.channel_config;
+    v_missing := CASE NEW.channel_type
+        WHEN 'email' THEN CASE WHEN NOT (v_config ? 'to') THEN 'to (the recipients)' END
+        WHEN 'slack' THEN CASE WHEN NOT (v_config ? 'webhook_url') THEN 'webhook_url' END
+        WHEN 'webhook' THEN CASE WHEN NOT (v_config ? 'url') THEN 'url' END
+    END;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: a % rule needs % in channel_config (or in the channel''s defaults)',
+            NEW.channel_type, v_missing
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'See fraiseql_set_channel_defaults().';
+    END IF;
+    IF NEW.channel_type = 'webhook' AND upper(coalesce(v_config->>'method', 'POST')) NOT IN ('POST', 'PUT', 'PATCH') THEN
+        RAISE EXCEPTION 'fraiseql_obs: webhook method must be POST, PUT or PATCH' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.channel_type IN ('slack', 'webhook') AND coalesce(v_config->>CASE NEW.channel_type WHEN 'slack' THEN 'webhook_url' ELSE 'url' END, '')
+       !~ '^https?://[^/?#]+' THEN
+        RAISE EXCEPTION 'fraiseql_obs: the % url must start with http:// or https://', NEW.channel_type
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.notify_on_occurrence IS NOT NULL AND (cardinality(NEW.notify_on_occurrence) = 0
+       OR EXISTS (SELECT 1 FROM unnest(NEW.notify_on_occurrence) m WHERE m IS NULL OR m < 1)) THEN
+        RAISE EXCEPTION 'fraiseql_obs: notify_on_occurrence must list counts >= 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.digest AND NEW.rate_limit_minutes = 0 THEN
+        RAISE EXCEPTION 'fraiseql_obs: a digest rule needs rate_limit_minutes > 0 (its window)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF NEW.severity = '{}' THEN NEW.severity := NULL; END IF;
     IF NEW.environment = '{}' THEN NEW.environment := NULL; END IF;
     RETURN NEW;
 END
 $$;
 
-CREATE TRIGGER notification_config_defaults
+CREATE TRIGGER notification_config_check
     BEFORE INSERT OR UPDATE ON tb_error_notification_config
-    FOR EACH ROW EXECUTE FUNCTION _fraiseql_notification_config_defaults();
+    FOR EACH ROW EXECUTE FUNCTION _fraiseql_notification_config_check();
+
+-- Rules as anyone allowed to read them may see them: secrets redacted.
+CREATE VIEW v_notification_rules AS
+SELECT config_id, error_fingerprint, error_type, severity, environment, channel_type,
+       (SELECT jsonb_object_agg(k, CASE WHEN k ~* '(password|token|secret|auth|webhook_url|url|headers|key|sid)'
+                                        THEN '"[redacted]"'::jsonb ELSE v END)
+          FROM jsonb_each(channel_config) AS e(k, v)) AS channel_config,
+       rate_limit_minutes, min_occurrence_count, notify_on_new, notify_on_regression,
+       notify_on_occurrence, condition, digest, enabled, created_at, last_triggered
+  FROM tb_error_notification_config;
+
+-- ---------------------------------------------------------------------------
+-- The delivery queue. Capture inserts into it in its own transaction (a
+-- rolled-back capture notifies nobody; a committed one is never lost); the
+-- worker delivers, at least once, with a stable delivery_id.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_notification_queue (
+    delivery_id     uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    config_id       uuid NOT NULL,
+    error_id        uuid NOT NULL,
+    reason          text NOT NULL,
+    payload         jsonb NOT NULL,
+    attempt         integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    locked_until    timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    last_error      text
+);
+CREATE INDEX idx_notification_queue_due ON tb_notification_queue (next_attempt_at);
+
+-- Rate limiting: when each rule last notified about each group.
+CREATE TABLE tb_notification_state (
+    config_id        uuid NOT NULL,
+    error_id         uuid NOT NULL,
+    last_enqueued_at timestamptz NOT NULL,
+    PRIMARY KEY (config_id, error_id)
+) WITH (fillfactor = 70);
+
+-- Digest rules collect matching groups over their window.
+CREATE TABLE tb_notification_digest (
+    config_id    uuid NOT NULL,
+    error_id     uuid NOT NULL,
+    window_start timestamptz NOT NULL,
+    PRIMARY KEY (config_id, error_id)
+);
+
+-- The error as notifications describe it (the seed's webhook payload).
+CREATE FUNCTION _fraiseql_error_payload(p_error_id uuid, p_occurrence jsonb DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'error_id', g.error_id, 'error_fingerprint', g.error_fingerprint, 'error_type', g.error_type,
+        'error_message', coalesce(p_occurrence->>'message', g.error_message), 'severity', g.severity,
+        'occurrence_count', g.occurrence_count, 'first_seen', g.first_seen, 'last_seen', g.last_seen,
+        'environment', coalesce(p_occurrence->>'environment', g.environment),
+        'release_version', coalesce(p_occurrence->>'release_version', g.release_version),
+        'stack_trace', left(coalesce(p_occurrence->>'stack_trace', g.stack_trace), 16384),
+        'title', g.title, 'culprit', g.culprit, 'status', g.status,
+        'context', p_occurrence->'context', 'trace_id', p_occurrence->>'trace_id')
+      FROM v_error_groups g WHERE g.error_id = p_error_id
+$$;
+
+-- Enqueue one notification, honouring the rule's rate limit and digest mode.
+-- In an error storm the state row says "recently notified" and is only read,
+-- so captures are not serialized on it.
+CREATE FUNCTION _fraiseql_enqueue(p_rule tb_error_notification_config, p_error_id uuid, p_reason text,
+                                  p_payload jsonb) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_last timestamptz;
+BEGIN
+    IF p_rule.digest THEN
+        PERFORM 1 FROM tb_notification_digest d WHERE d.config_id = p_rule.config_id AND d.error_id = p_error_id;
+        IF NOT FOUND THEN
+            INSERT INTO tb_notification_digest (config_id, error_id, window_start)
+            VALUES (p_rule.config_id, p_error_id, now()) ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN false;
+    END IF;
+    -- milestones are exact by design; everything else obeys the rate limit
+    IF p_rule.rate_limit_minutes > 0 AND p_reason <> 'milestone' THEN
+        SELECT s.last_enqueued_at INTO v_last FROM tb_notification_state s
+         WHERE s.config_id = p_rule.config_id AND s.error_id = p_error_id;
+        IF v_last > now() - p_rule.rate_limit_minutes * interval '1 minute' THEN
+            RETURN false;
+        END IF;
+        -- claim the window; of concurrent captures exactly one succeeds
+        INSERT INTO tb_notification_state AS s (config_id, error_id, last_enqueued_at)
+        VALUES (p_rule.config_id, p_error_id, now())
+        ON CONFLICT (config_id, error_id) DO UPDATE SET last_enqueued_at = excluded.last_enqueued_at
+         WHERE s.last_enqueued_at <= now() - p_rule.rate_limit_minutes * interval '1 minute'
+        RETURNING s.last_enqueued_at INTO v_last;
+        IF v_last IS NULL THEN
+            RETURN false;
+        END IF;
+    END IF;
+    INSERT INTO tb_notification_queue (config_id, error_id, reason, payload)
+    VALUES (p_rule.config_id, p_error_id, p_reason, p_payload || jsonb_build_object('reason', p_reason));
+    PERFORM _fraiseql_wake_worker();
+    RETURN true;
+END
+$$;
+
+-- Called by capture after the occurrence is stored, when rules exist.
+-- Milestones (notify_on_occurrence) are handled by fraiseql_flush_counts(),
+-- where the count is exact.
+CREATE FUNCTION _fraiseql_notify_capture(p_error_id uuid, p_fingerprint text, p_type text, p_severity text,
+                                         p_environment text, p_is_new boolean, p_is_regression boolean,
+                                         p_occurrence jsonb) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    r        tb_error_notification_config;
+    v_payload jsonb;
+    v_count  bigint;
+    v_reason text;
+    n        integer := 0;
+BEGIN
+    FOR r IN
+        SELECT * FROM tb_error_notification_config c
+         WHERE c.enabled
+           AND c.notify_on_occurrence IS NULL
+           AND (c.error_fingerprint IS NULL OR c.error_fingerprint = p_fingerprint)
+           AND (c.error_type IS NULL OR c.error_type = p_type)
+           AND (c.severity IS NULL OR p_severity = ANY (c.severity))
+           AND (c.environment IS NULL OR p_environment = ANY (c.environment))
+           AND (NOT c.notify_on_new OR p_is_new OR (c.notify_on_regression AND p_is_regression))
+           AND (NOT c.notify_on_regression OR p_is_regression OR (c.notify_on_new AND p_is_new))
+    LOOP
+        IF v_payload IS NULL THEN
+            v_payload := _fraiseql_error_payload(p_error_id, p_occurrence);
+        END IF;
+        IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
+            CONTINUE;
+        END IF;
+        IF r.min_occurrence_count > 1 THEN
+            v_count := (v_payload->>'occurrence_count')::bigint;
+            IF v_count < r.min_occurrence_count THEN
+                CONTINUE;
+            END IF;
+        END IF;
+        v_reason := CASE WHEN p_is_new THEN 'new' WHEN p_is_regression THEN 'regression' ELSE 'occurrence' END;
+        IF _fraiseql_enqueue(r, p_error_id, v_reason, v_payload) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Milestones crossed by a fold: exact, since folds are serialized per group.
+CREATE FUNCTION _fraiseql_notify_milestones(p_error_id uuid, p_old bigint, p_new bigint) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    r tb_error_notification_config;
+    g record;
+    m integer;
+    v_payload jsonb;
+    n integer := 0;
+BEGIN
+    SELECT * INTO g FROM tb_error_log WHERE error_id = p_error_id;
+    FOR r IN
+        SELECT * FROM tb_error_notification_config c
+         WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
+           AND EXISTS (SELECT 1 FROM unnest(c.notify_on_occurrence) x WHERE x > p_old AND x <= p_new)
+           AND (c.error_fingerprint IS NULL OR c.error_fingerprint = g.error_fingerprint)
+           AND (c.error_type IS NULL OR c.error_type = g.error_type)
+           AND (c.severity IS NULL OR g.severity = ANY (c.severity))
+           AND (c.environment IS NULL OR g.environment = ANY (c.environment))
+    LOOP
+        v_payload := _fraiseql_error_payload(p_error_id);
+        IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
+            CONTINUE;
+        END IF;
+        FOR m IN SELECT DISTINCT x FROM unnest(r.notify_on_occurrence) x WHERE x > p_old AND x <= p_new ORDER BY x LOOP
+            IF _fraiseql_enqueue(r, p_error_id, 'milestone',
+                                 v_payload || jsonb_build_object('occurrence_count', m, 'milestone', m)) THEN
+                n := n + 1;
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Digests whose window has passed become one queued message each.
+CREATE FUNCTION _fraiseql_queue_due_digests() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    FOR r IN
+        SELECT c.config_id, min(d.window_start) AS window_start,
+               jsonb_agg(jsonb_build_object(
+                   'error_id', g.error_id, 'error_type', g.error_type, 'title', g.title,
+                   'environment', g.environment, 'severity', g.severity,
+                   'occurrences_in_window', (SELECT count(*) FROM tb_error_occurrence o
+                                              WHERE o.error_id = g.error_id AND o.occurred_at >= d.window_start))
+                   ORDER BY g.last_seen DESC) AS errors,
+               (array_agg(g.error_id ORDER BY g.last_seen DESC))[1] AS any_error
+          FROM tb_notification_digest d
+          JOIN tb_error_notification_config c ON c.config_id = d.config_id
+          JOIN tb_error_log g ON g.error_id = d.error_id
+         GROUP BY c.config_id, c.rate_limit_minutes
+        HAVING min(d.window_start) <= now() - c.rate_limit_minutes * interval '1 minute'
+    LOOP
+        INSERT INTO tb_notification_queue (config_id, error_id, reason, payload)
+        VALUES (r.config_id, r.any_error, 'digest',
+                jsonb_build_object('reason', 'digest', 'window_start', r.window_start, 'window_end', now(),
+                                   'errors', r.errors, 'error_count', jsonb_array_length(r.errors),
+                                   'error_type', 'Digest', 'error_message',
+                                   jsonb_array_length(r.errors) || ' errors since ' || r.window_start,
+                                   'severity', 'info', 'environment', ''));
+        DELETE FROM tb_notification_digest d WHERE d.config_id = r.config_id AND d.window_start <= now();
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- The worker's claim: due deliveries, leased (locked_until) so that a
+-- delivery in flight is not claimed twice, and retried after the lease if the
+-- worker died mid-delivery (same delivery_id: receivers can deduplicate).
+CREATE FUNCTION _fraiseql_claim_deliveries(p_limit integer, p_lease interval) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    PERFORM _fraiseql_queue_due_digests();
+    WITH due AS (
+        SELECT q.delivery_id FROM tb_notification_queue q
+         WHERE q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())
+         ORDER BY q.next_attempt_at
+         LIMIT p_limit
+         FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE tb_notification_queue q
+           SET locked_until = now() + p_lease, attempt = q.attempt + 1
+          FROM due WHERE q.delivery_id = due.delivery_id
+        RETURNING q.*
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'delivery_id', c.delivery_id, 'config_id', c.config_id, 'error_id', c.error_id,
+               'attempt', c.attempt, 'reason', c.reason, 'payload', c.payload || jsonb_build_object('delivery_id', c.delivery_id),
+               'channel_type', r.channel_type,
+               'config', coalesce(ch.default_config, '{}') || coalesce(r.channel_config, '{}'),
+               'template', r.message_template,
+               'handler', ch.handler::text,
+               'rule_exists', r.config_id IS NOT NULL AND r.enabled)), '[]')
+      INTO v
+      FROM claimed c
+      LEFT JOIN tb_error_notification_config r ON r.config_id = c.config_id
+      LEFT JOIN tb_notification_channel ch ON ch.channel_type = r.channel_type;
+    RETURN v;
+END
+$$;
+
+-- Calls a custom channel's handler (in a subtransaction: its errors are a
+-- failed delivery, not a failed worker).
+CREATE FUNCTION _fraiseql_call_channel(p_handler regprocedure, p_error jsonb, p_config jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    EXECUTE format('SELECT * FROM %s($1, $2)', p_handler::regproc) INTO v USING p_error, p_config;
+    RETURN jsonb_build_object('ok', coalesce((to_jsonb(v)->>'success')::boolean, (to_jsonb(v)->>'f1')::boolean, false),
+                              'error', coalesce(to_jsonb(v)->>'error_message', to_jsonb(v)->>'f2'));
+EXCEPTION WHEN OTHERS THEN
+    RETURN jsonb_build_object('ok', false, 'error', 'handler raised: ' || SQLERRM);
+END
+$$;
+
+-- Records the outcome of attempts: a log row each; sent or finally failed
+-- deliveries leave the queue, others are retried with exponential backoff.
+CREATE FUNCTION _fraiseql_record_deliveries(p_results jsonb, p_max_attempts integer, p_retry_base interval)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    r jsonb;
+    v_final boolean;
+    v_status text;
+BEGIN
+    FOR r IN SELECT * FROM jsonb_array_elements(p_results) LOOP
+        v_final := (r->>'ok')::boolean OR (r->>'attempt')::integer >= p_max_attempts OR (r->>'permanent')::boolean;
+        v_status := CASE WHEN (r->>'ok')::boolean THEN 'sent' WHEN v_final THEN 'failed' ELSE 'retrying' END;
+        INSERT INTO tb_error_notification_log
+            (config_id, error_id, channel_type, recipient, status, error_message, attempt, response_code,
+             duration_ms, delivery_id)
+        VALUES ((r->>'config_id')::uuid, (r->>'error_id')::uuid, r->>'channel_type', r->>'recipient', v_status,
+                r->>'error', (r->>'attempt')::integer, r->>'response_code', (r->>'duration_ms')::integer,
+                (r->>'delivery_id')::uuid);
+        IF v_final THEN
+            DELETE FROM tb_notification_queue WHERE delivery_id = (r->>'delivery_id')::uuid;
+        ELSE
+            UPDATE tb_notification_queue
+               SET locked_until = NULL, last_error = r->>'error',
+                   next_attempt_at = now() + least(p_retry_base * power(2, (r->>'attempt')::integer - 1), interval '1 hour')
+             WHERE delivery_id = (r->>'delivery_id')::uuid;
+        END IF;
+        IF (r->>'ok')::boolean THEN
+            UPDATE tb_error_notification_config SET last_triggered = now()
+             WHERE config_id = (r->>'config_id')::uuid;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Notifications waiting or being retried.
+CREATE VIEW v_notification_queue AS
+SELECT q.delivery_id, q.config_id, r.channel_type, q.error_id, q.reason, q.attempt, q.next_attempt_at,
+       q.locked_until, q.created_at, q.last_error
+  FROM tb_notification_queue q
+  LEFT JOIN tb_error_notification_config r ON r.config_id = q.config_id
+ ORDER BY q.next_attempt_at;

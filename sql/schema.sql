@@ -108,7 +108,13 @@ CREATE TABLE tb_error_notification_config (
     message_template     text,
     enabled              boolean NOT NULL DEFAULT true,
     created_at           timestamptz NOT NULL DEFAULT now(),
-    last_triggered       timestamptz
+    last_triggered       timestamptz,
+    -- the seed's best-practice rules, as columns
+    notify_on_new        boolean NOT NULL DEFAULT false,   -- only a new fingerprint
+    notify_on_regression boolean NOT NULL DEFAULT false,   -- only a resolved group recurring
+    notify_on_occurrence integer[],                        -- exactly when the count reaches each
+    condition            jsonpath,                         -- jsonb_path_match() on the error
+    digest               boolean NOT NULL DEFAULT false    -- one message per rate-limit window
 );
 
 CREATE TABLE tb_error_notification_log (

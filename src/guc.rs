@@ -24,6 +24,13 @@ pub static TRACE_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static METRIC_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
 pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+pub static NOTIFY_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static NOTIFY_RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static NOTIFY_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+pub static NOTIFY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static NOTIFY_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static NOTIFY_ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"*"));
+
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -85,6 +92,24 @@ pub fn define() {
         &METRIC_RETENTION_DAYS, 0, 36600, GucContext::Suset, GucFlags::default());
     int(c"fraiseql_obs.ddl_lock_timeout", c"lock_timeout of maintenance DDL; a table whose lock is not had in time is retried next run.",
         &DDL_LOCK_TIMEOUT_MS, 1, 600_000, GucContext::Suset, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.notification_max_attempts", c"Attempts per notification before it is logged as failed.",
+        &NOTIFY_MAX_ATTEMPTS, 1, 100, GucContext::Sighup, GucFlags::default());
+    int(c"fraiseql_obs.notification_retry_interval", c"Wait before the first retry; doubles at each attempt (at most 1 h).",
+        &NOTIFY_RETRY_INTERVAL_MS, 10, 3_600_000, GucContext::Sighup, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.notification_connect_timeout", c"Connect timeout of a delivery.",
+        &NOTIFY_CONNECT_TIMEOUT_MS, 10, 600_000, GucContext::Sighup, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.notification_timeout", c"Total timeout of a delivery: a hung endpoint delays others by no more.",
+        &NOTIFY_TIMEOUT_MS, 10, 600_000, GucContext::Sighup, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.notification_batch_size", c"Deliveries claimed per round.",
+        &NOTIFY_BATCH_SIZE, 1, 10_000, GucContext::Sighup, GucFlags::default());
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.notification_allowed_hosts",
+        c"Hosts notifications may be sent to: * for any, or a comma-separated list (*.example.com for a domain).",
+        c"Hosts notifications may be sent to: * for any, or a comma-separated list (*.example.com for a domain).",
+        &NOTIFY_ALLOWED_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     int(c"fraiseql_obs.max_message_bytes", c"Messages longer than this are truncated, with a marker.",
         &MAX_MESSAGE_BYTES, 256, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
     int(c"fraiseql_obs.max_stack_trace_bytes", c"Stack traces longer than this are truncated, with a marker.",

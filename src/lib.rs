@@ -10,6 +10,7 @@ mod error;
 mod fingerprint;
 mod guc;
 mod metrics;
+mod notify;
 mod shmem;
 mod trace_context;
 mod traces;
@@ -31,7 +32,11 @@ extension_sql_file!(
     requires = ["partitions", fingerprint::fraiseql_fingerprint_version]
 );
 extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["capture", guc::fraiseql_setting]);
-extension_sql_file!("../sql/notification_rules.sql", name = "notification_rules", requires = ["maintenance"]);
+extension_sql_file!(
+    "../sql/notification_rules.sql",
+    name = "notification_rules",
+    requires = ["maintenance", notify::_fraiseql_wake_worker]
+);
 extension_sql_file!(
     "../sql/telemetry.sql",
     name = "telemetry",

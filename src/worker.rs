@@ -344,8 +344,9 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     let maintenance_sql = format!("SELECT {schema}.fraiseql_run_maintenance('worker')::text");
     let mut next_maintenance = Instant::now();
     let mut next_flush = Instant::now();
-    // last error of each step (flush, maintenance), to log each problem once
-    let mut last_errors: [Option<String>; 2] = [None, None];
+    // last error of each step (flush, maintenance, delivery), to log each problem once
+    let mut last_errors: [Option<String>; 3] = [None, None, None];
+    let mut more_to_deliver = false;
 
     loop {
         if guc::WORKER_ENABLED.get() {
@@ -366,6 +367,20 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 }
                 next_maintenance = Instant::now() + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
             }
+            // Notifications: every wake-up (a capture that queued one sets our
+            // latch at commit), and at once again while batches come back full.
+            report_activity(Some("fraiseql_obs: delivering notifications"));
+            match crate::notify::deliver_due(&schema, &query_text) {
+                Ok(n) => {
+                    successes.push(2);
+                    more_to_deliver = n >= guc::NOTIFY_BATCH_SIZE.get().max(1) as usize;
+                }
+                Err(e) => {
+                    failures.push((2, "delivering notifications", e));
+                    more_to_deliver = false;
+                }
+            }
+            report_activity(None);
             if !failures.is_empty() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
                 // DROP EXTENSION: the failure was expected; stop quietly and
                 // let the launcher look again later.
@@ -383,7 +398,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             }
         }
         let until = next_flush.min(next_maintenance);
-        let timeout = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        let timeout = if more_to_deliver {
+            Duration::from_millis(1)
+        } else {
+            until.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))
+        };
         // a reloaded interval takes effect at once
         let before = (guc::FLUSH_INTERVAL_MS.get(), guc::MAINTENANCE_INTERVAL_S.get());
         wait(timeout);
@@ -393,6 +412,25 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             next_maintenance = Instant::now();
         }
     }
+}
+
+/// Runs one query returning one text value in its own transaction (the
+/// notification code's access to the database; its arguments are text).
+fn query_text(sql: &str, args: Vec<serde_json::Value>) -> Result<Option<String>, String> {
+    let sql = sql.to_string();
+    let args: Vec<Option<String>> = args
+        .into_iter()
+        .map(|v| match v {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        })
+        .collect();
+    in_transaction(move || {
+        let datums: Vec<pgrx::datum::DatumWithOid> = args.iter().map(|a| a.clone().into()).collect();
+        Spi::get_one_with_args::<String>(&sql, &datums)
+    })
+    .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
 /// One step of the worker, in its own transaction; the error text if it failed.

@@ -73,6 +73,11 @@ def cluster():
         "fraiseql_obs.maintenance_interval = 2",
         "fraiseql_obs.flush_interval = 100",
         "fraiseql_obs.ddl_lock_timeout = 200",
+        # never send anything beyond this machine
+        "fraiseql_obs.notification_allowed_hosts = '127.0.0.1,localhost'",
+        "fraiseql_obs.notification_retry_interval = 200",
+        "fraiseql_obs.notification_timeout = 1500",
+        "fraiseql_obs.notification_connect_timeout = 500",
         "restart_after_crash = on",
         "max_connections = 60",
     ]

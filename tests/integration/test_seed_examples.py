@@ -55,6 +55,14 @@ def populate(conn):
     conn.execute("SELECT fraiseql_capture_error('PaymentError', 'Payment gateway timeout', fingerprint => 'payment_processing_error')")
     conn.execute("SELECT fraiseql_capture_error('Old', 'ancient', occurred_at => now() - interval '120 days')")
     conn.execute("SELECT fraiseql_flush_counts()")
+    # The installation the seed's rules assume: a default Slack webhook and
+    # default e-mail recipients (its "environment-specific" rules name no
+    # destination), and the Twilio channel of its custom-channel example.
+    conn.execute("""SELECT fraiseql_set_channel_defaults('slack', '{"webhook_url": "https://hooks.slack.com/services/T0/B0/x"}')""")
+    conn.execute("""SELECT fraiseql_set_channel_defaults('email', '{"to": ["oncall@myapp.com"], "smtp_host": "smtp.myapp.com"}')""")
+    conn.execute("""CREATE FUNCTION twilio_sms(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
+                    LANGUAGE sql AS $$ SELECT false, 'not configured in tests' $$""")
+    conn.execute("SELECT fraiseql_register_channel('twilio_sms', 'twilio_sms(jsonb, jsonb)')")
     gid = conn.execute("SELECT error_id FROM tb_error_log WHERE error_type = 'ValueError'").fetchone()[0]
     # delivery log rows, as the worker writes them
     conn.execute(
@@ -74,6 +82,8 @@ def test_every_seed_example_runs_unmodified(cluster, db):
             for stmt in statements(sql):
                 # '...' is the seed's placeholder for an error id
                 stmt = stmt.replace("error_id = '...'", f"error_id = '{gid}'")
+                # '...' is also its placeholder for a webhook URL
+                stmt = stmt.replace('{"webhook_url": "..."}', '{"webhook_url": "https://hooks.slack.com/services/T1/B1/y"}')
                 if name in BROKEN_IN_SEED:
                     expected, corrected = BROKEN_IN_SEED[name]
                     try:

@@ -1,0 +1,313 @@
+//! Notification delivery, run by the database worker.
+//!
+//! Capture queues notifications in its own transaction (sql/notification_rules.sql)
+//! and wakes the worker at commit. The worker claims due deliveries in one short
+//! transaction (a lease, so a crash mid-delivery re-delivers with the same
+//! delivery id), sends them with no transaction open (SMTP and HTTP are
+//! blocking with bounded timeouts; SIGTERM is checked between items), then
+//! records every attempt and schedules retries in another short transaction.
+pub mod email;
+pub mod slack;
+pub mod webhook;
+
+use crate::guc;
+use crate::shmem::{self, REGISTRY};
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// One claimed delivery.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub delivery_id: String,
+    pub config_id: String,
+    pub error_id: String,
+    pub attempt: i64,
+    pub reason: String,
+    pub payload: Value,
+    pub channel_type: String,
+    pub config: Value,
+    pub template: Option<String>,
+    pub handler: Option<String>,
+    pub rule_exists: bool,
+}
+
+/// What happened to one attempt.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub ok: bool,
+    /// no point retrying (bad configuration, host not allowed, rule deleted)
+    pub permanent: bool,
+    pub error: Option<String>,
+    pub response_code: Option<String>,
+    pub recipient: Option<String>,
+}
+
+impl Outcome {
+    pub fn sent(code: impl Into<String>, recipient: Option<String>) -> Self {
+        Outcome { ok: true, response_code: Some(code.into()), recipient, ..Default::default() }
+    }
+    pub fn failed(error: impl Into<String>, permanent: bool) -> Self {
+        Outcome { ok: false, permanent, error: Some(error.into()), ..Default::default() }
+    }
+}
+
+pub struct Limits {
+    pub connect: Duration,
+    pub total: Duration,
+}
+
+impl Limits {
+    pub fn from_settings() -> Self {
+        Limits {
+            connect: Duration::from_millis(guc::NOTIFY_CONNECT_TIMEOUT_MS.get().max(1) as u64),
+            total: Duration::from_millis(guc::NOTIFY_TIMEOUT_MS.get().max(1) as u64),
+        }
+    }
+}
+
+/// {error_type}, {error_message}, ... replaced by the error's fields.
+pub fn render(template: &str, payload: &Value) -> String {
+    const FIELDS: [&str; 11] = [
+        "error_type", "error_message", "environment", "severity", "occurrence_count", "first_seen", "last_seen",
+        "error_id", "error_fingerprint", "release_version", "stack_trace",
+    ];
+    let mut out = template.to_string();
+    for f in FIELDS {
+        let needle = format!("{{{f}}}");
+        if out.contains(&needle) {
+            let v = match payload.get(f) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            out = out.replace(&needle, &v);
+        }
+    }
+    out
+}
+
+/// Whether the settings allow sending to this host (fraiseql_obs.notification_allowed_hosts:
+/// "*" for any, or a comma-separated list of host names, "*.example.com" for a domain).
+pub fn host_allowed(host: &str, allow_list: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    allow_list.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).any(|h| {
+        h == "*" || h == host || h.strip_prefix("*.").is_some_and(|d| host.ends_with(&format!(".{d}")))
+    })
+}
+
+pub fn allowed_hosts() -> String {
+    guc::NOTIFY_ALLOWED_HOSTS.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "*".into())
+}
+
+/// Host of an http(s) URL.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    let host = if authority.starts_with('[') { authority.split(']').next()?.trim_start_matches('[') } else { authority.split(':').next()? };
+    (!host.is_empty()).then_some(host)
+}
+
+/// An error text with any URL reduced to scheme and host: webhook URLs carry
+/// secrets in their path (Slack's do) and must not reach the log.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("http") {
+        let (before, from) = rest.split_at(i);
+        out.push_str(before);
+        if from.starts_with("http://") || from.starts_with("https://") {
+            let end = from.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')').unwrap_or(from.len());
+            let url = &from[..end];
+            let scheme = url.split("://").next().unwrap_or("http");
+            out.push_str(&format!("{scheme}://{}/…", url_host(url).unwrap_or("?")));
+            rest = &from[end..];
+        } else {
+            out.push_str("http");
+            rest = &from[4..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn parse(items: &Value) -> Vec<Delivery> {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    items
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| Delivery {
+                    delivery_id: s(i, "delivery_id").unwrap_or_default(),
+                    config_id: s(i, "config_id").unwrap_or_default(),
+                    error_id: s(i, "error_id").unwrap_or_default(),
+                    attempt: i.get("attempt").and_then(Value::as_i64).unwrap_or(1),
+                    reason: s(i, "reason").unwrap_or_default(),
+                    payload: i.get("payload").cloned().unwrap_or(Value::Null),
+                    channel_type: s(i, "channel_type").unwrap_or_default(),
+                    config: i.get("config").cloned().unwrap_or(json!({})),
+                    template: s(i, "template"),
+                    handler: s(i, "handler"),
+                    rule_exists: i.get("rule_exists").and_then(Value::as_bool).unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends one delivery. Network channels run here, outside any transaction;
+/// pg_notify and custom channels need the database and run in `in_txn`.
+fn send(d: &Delivery, limits: &Limits, in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>) -> Outcome {
+    if !d.rule_exists {
+        return Outcome::failed("the rule was deleted or disabled before delivery", true);
+    }
+    match d.channel_type.as_str() {
+        "webhook" => webhook::send(d, limits),
+        "slack" => slack::send(d, limits),
+        "email" => email::send(d, limits),
+        "pg_notify" => {
+            let channel = d.config.get("channel").and_then(Value::as_str).unwrap_or("fraiseql_obs_errors").to_string();
+            let mut payload = d.payload.clone();
+            // NOTIFY payloads are limited to 8000 bytes
+            if payload.to_string().len() > 7000 {
+                payload["stack_trace"] = Value::String("[truncated: see tb_error_log]".into());
+                payload["context"] = Value::Null;
+            }
+            match in_txn("SELECT pg_notify($1, $2)::text", vec![Value::String(channel.clone()), Value::String(payload.to_string())]) {
+                Ok(_) => Outcome::sent("notified", Some(channel)),
+                Err(e) => Outcome::failed(e, false),
+            }
+        }
+        _ => {
+            let Some(handler) = &d.handler else {
+                return Outcome::failed(format!("channel type \"{}\" is not registered", d.channel_type), true);
+            };
+            match in_txn(
+                "SELECT _fraiseql_call_channel($1::regprocedure, $2::jsonb, $3::jsonb)::text",
+                vec![Value::String(handler.clone()), Value::String(d.payload.to_string()), Value::String(d.config.to_string())],
+            ) {
+                Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => Outcome::sent("ok", None),
+                Ok(v) => Outcome::failed(v.get("error").and_then(Value::as_str).unwrap_or("handler reported failure").to_string(), false),
+                Err(e) => Outcome::failed(e, false),
+            }
+        }
+    }
+}
+
+/// One delivery round: claim, send, record. Returns how many were attempted.
+/// `txn` runs a query returning one text value in its own transaction.
+pub fn deliver_due(schema: &str, txn: &dyn Fn(&str, Vec<Value>) -> Result<Option<String>, String>) -> Result<usize, String> {
+    let limits = Limits::from_settings();
+    // a claimed delivery not recorded within its lease (the worker died in
+    // flight) is delivered again, with the same delivery id
+    let lease_s = (limits.total.as_secs() * 2 + 5).max(10);
+    let batch = guc::NOTIFY_BATCH_SIZE.get().max(1);
+    let claimed = txn(
+        &format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds')::text"),
+        vec![],
+    )?
+    .unwrap_or_else(|| "[]".into());
+    let items = parse(&serde_json::from_str(&claimed).unwrap_or(json!([])));
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let in_txn = |sql: &str, args: Vec<Value>| -> Result<Value, String> {
+        let sql = sql.replace("_fraiseql_call_channel", &format!("{schema}._fraiseql_call_channel"));
+        let v = txn(&sql, args)?;
+        Ok(v.and_then(|t| serde_json::from_str(&t).ok().or(Some(Value::String(t)))).unwrap_or(Value::Null))
+    };
+    let mut results = Vec::with_capacity(items.len());
+    for d in &items {
+        // SIGTERM between items: what was not attempted stays leased and is
+        // delivered after the lease by the next worker
+        pg_sys::check_for_interrupts!();
+        let started = Instant::now();
+        let mut out = send(d, &limits, &in_txn);
+        if let Some(e) = out.error.take() {
+            out.error = Some(redact_urls(&e));
+        }
+        results.push(json!({
+            "delivery_id": d.delivery_id, "config_id": d.config_id, "error_id": d.error_id,
+            "channel_type": d.channel_type, "attempt": d.attempt, "ok": out.ok, "permanent": out.permanent,
+            "error": out.error, "response_code": out.response_code, "recipient": out.recipient,
+            "duration_ms": started.elapsed().as_millis() as i64,
+        }));
+    }
+    let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
+    let retry_ms = guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1);
+    txn(
+        &format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text"),
+        vec![Value::String(Value::Array(results).to_string())],
+    )?;
+    Ok(items.len())
+}
+
+// ---------------------------------------------------------------------------
+// Waking the worker when a capture that queued a notification commits
+// ---------------------------------------------------------------------------
+
+static mut WAKE_PENDING: bool = false;
+static mut CALLBACK_REGISTERED: bool = false;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    unsafe {
+        match event {
+            pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING => {
+                WAKE_PENDING = false;
+                let db = pg_sys::MyDatabaseId.to_u32();
+                let pid = REGISTRY.share().slots.iter().find(|s| s.db_oid == db).map(|s| s.pid).unwrap_or(0);
+                shmem::set_latch_of(pid);
+            }
+            pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING = false,
+            _ => {}
+        }
+    }
+}
+
+/// Wakes this database's worker when the current transaction commits.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_wake_worker() -> bool {
+    if !shmem::available() {
+        return false;
+    }
+    unsafe {
+        if !CALLBACK_REGISTERED {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            CALLBACK_REGISTERED = true;
+        }
+        WAKE_PENDING = true;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates() {
+        let p = json!({"error_type": "ValueError", "occurrence_count": 5, "environment": "production", "release_version": null});
+        assert_eq!(render("{error_type} x{occurrence_count} in {environment}{release_version}", &p), "ValueError x5 in production");
+    }
+
+    #[test]
+    fn allow_list() {
+        assert!(host_allowed("hooks.slack.com", "*"));
+        assert!(host_allowed("hooks.slack.com", "api.myapp.com, *.slack.com"));
+        assert!(!host_allowed("evil.com", "api.myapp.com,*.slack.com"));
+        assert!(!host_allowed("slack.com.evil.com", "*.slack.com"));
+        assert!(!host_allowed("x", ""));
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(url_host("https://hooks.slack.com/services/T/B/secret"), Some("hooks.slack.com"));
+        assert_eq!(url_host("http://user:pw@127.0.0.1:8080/x"), Some("127.0.0.1"));
+        assert_eq!(url_host("http://[::1]:80/"), Some("::1"));
+        let r = redact_urls("POST https://hooks.slack.com/services/T/B/secret failed: http://x/y?token=1");
+        assert!(!r.contains("secret") && !r.contains("token"), "{r}");
+        assert!(r.contains("hooks.slack.com"));
+    }
+}
