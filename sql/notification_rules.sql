@@ -266,6 +266,17 @@ BEGIN
            AND (NOT c.notify_on_new OR p_is_new OR (c.notify_on_regression AND p_is_regression))
            AND (NOT c.notify_on_regression OR p_is_regression OR (c.notify_on_new AND p_is_new))
     LOOP
+        -- Cheapest test first, and only a read: in an error storm the rule
+        -- has notified recently, and the capture is done here.
+        IF r.digest THEN
+            PERFORM 1 FROM tb_notification_digest d WHERE d.config_id = r.config_id AND d.error_id = p_error_id;
+            IF FOUND THEN CONTINUE; END IF;
+        ELSIF r.rate_limit_minutes > 0 THEN
+            PERFORM 1 FROM tb_notification_state s
+             WHERE s.config_id = r.config_id AND s.error_id = p_error_id
+               AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute';
+            IF FOUND THEN CONTINUE; END IF;
+        END IF;
         IF v_payload IS NULL THEN
             v_payload := _fraiseql_error_payload(p_error_id, p_occurrence);
         END IF;
