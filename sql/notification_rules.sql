@@ -239,6 +239,17 @@ BEGIN
 END
 $$;
 
+-- Whether a rule's filters (NULL matches anything) admit an error.
+CREATE FUNCTION _fraiseql_rule_admits(r tb_error_notification_config, p_fingerprint text, p_type text,
+                                      p_severity text, p_environment text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT (r.error_fingerprint IS NULL OR r.error_fingerprint = p_fingerprint)
+       AND (r.error_type IS NULL OR r.error_type = p_type)
+       AND (r.severity IS NULL OR p_severity = ANY (r.severity))
+       AND (r.environment IS NULL OR p_environment = ANY (r.environment))
+$$;
+
 -- Called by capture after the occurrence is stored, when rules exist.
 -- Milestones (notify_on_occurrence) are handled by fraiseql_flush_counts(),
 -- where the count is exact.
@@ -259,10 +270,7 @@ BEGIN
         SELECT * FROM tb_error_notification_config c
          WHERE c.enabled
            AND c.notify_on_occurrence IS NULL
-           AND (c.error_fingerprint IS NULL OR c.error_fingerprint = p_fingerprint)
-           AND (c.error_type IS NULL OR c.error_type = p_type)
-           AND (c.severity IS NULL OR p_severity = ANY (c.severity))
-           AND (c.environment IS NULL OR p_environment = ANY (c.environment))
+           AND _fraiseql_rule_admits(c, p_fingerprint, p_type, p_severity, p_environment)
            AND (NOT c.notify_on_new OR p_is_new OR (c.notify_on_regression AND p_is_regression))
            AND (NOT c.notify_on_regression OR p_is_regression OR (c.notify_on_new AND p_is_new))
     LOOP
@@ -315,10 +323,7 @@ BEGIN
         SELECT * FROM tb_error_notification_config c
          WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
            AND EXISTS (SELECT 1 FROM unnest(c.notify_on_occurrence) x WHERE x > p_old AND x <= p_new)
-           AND (c.error_fingerprint IS NULL OR c.error_fingerprint = g.error_fingerprint)
-           AND (c.error_type IS NULL OR c.error_type = g.error_type)
-           AND (c.severity IS NULL OR g.severity = ANY (c.severity))
-           AND (c.environment IS NULL OR g.environment = ANY (c.environment))
+           AND _fraiseql_rule_admits(c, g.error_fingerprint, g.error_type, g.severity, g.environment)
     LOOP
         v_payload := _fraiseql_error_payload(p_error_id);
         IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN

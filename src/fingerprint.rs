@@ -34,18 +34,6 @@ fn fraiseql_parse_stack_trace(stack_trace: &str) -> pgrx::JsonB {
 
 /// The group key of one capture: custom fingerprint (argument, then the
 /// context's "fingerprint" array) over the default.
-#[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_group_fingerprint(
-    exception_type: &str,
-    message: &str,
-    stack_trace: Option<&str>,
-    fingerprint: Option<&str>,
-    context_fingerprint: Option<pgrx::JsonB>,
-    is_message: bool,
-) -> String {
-    group_fingerprint(exception_type, message, stack_trace, fingerprint, context_fingerprint, is_message)
-}
-
 pub fn group_fingerprint(
     exception_type: &str,
     message: &str,

@@ -74,3 +74,72 @@ pub fn set_latch_of(pid: i32) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Waking a process when the current transaction commits (never on abort):
+// the launcher after CREATE EXTENSION, a database's worker after a capture
+// queued a notification.
+// ---------------------------------------------------------------------------
+
+/// What to wake at commit.
+#[derive(Clone, Copy)]
+pub enum WakeAtCommit {
+    /// the launcher, asking it to look for databases again
+    Launcher,
+    /// the worker of the current database
+    Worker,
+}
+
+static mut WAKE_LAUNCHER: bool = false;
+static mut WAKE_WORKER: bool = false;
+static mut XACT_CALLBACK_REGISTERED: bool = false;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    unsafe {
+        match event {
+            pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+                let (launcher, worker) = (WAKE_LAUNCHER, WAKE_WORKER);
+                WAKE_LAUNCHER = false;
+                WAKE_WORKER = false;
+                if !(launcher || worker) {
+                    return;
+                }
+                let db = pg_sys::MyDatabaseId.to_u32();
+                let pids = {
+                    let mut reg = REGISTRY.exclusive();
+                    if launcher {
+                        reg.rescan = true;
+                    }
+                    let worker_pid = reg.slots.iter().find(|s| s.db_oid == db).map(|s| s.pid).unwrap_or(0);
+                    [if launcher { reg.launcher_pid } else { 0 }, if worker { worker_pid } else { 0 }]
+                };
+                pids.into_iter().for_each(set_latch_of);
+            }
+            pg_sys::XactEvent::XACT_EVENT_ABORT => {
+                WAKE_LAUNCHER = false;
+                WAKE_WORKER = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Arranges for `what` to be woken when the current transaction commits.
+/// Returns false when the library was not preloaded (no workers to wake).
+pub fn wake_at_commit(what: WakeAtCommit) -> bool {
+    if !available() {
+        return false;
+    }
+    unsafe {
+        if !XACT_CALLBACK_REGISTERED {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            XACT_CALLBACK_REGISTERED = true;
+        }
+        match what {
+            WakeAtCommit::Launcher => WAKE_LAUNCHER = true,
+            WakeAtCommit::Worker => WAKE_WORKER = true,
+        }
+    }
+    true
+}

@@ -533,41 +533,9 @@ unsafe fn stop_worker_of(dbname: *const std::os::raw::c_char) {
 // Wake the launcher when CREATE EXTENSION commits
 // ---------------------------------------------------------------------------
 
-static mut WAKE_PENDING: bool = false;
-static mut XACT_CALLBACK_REGISTERED: bool = false;
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    unsafe {
-        match event {
-            pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING => {
-                WAKE_PENDING = false;
-                let pid = {
-                    let mut reg = REGISTRY.exclusive();
-                    reg.rescan = true;
-                    reg.launcher_pid
-                };
-                shmem::set_latch_of(pid);
-            }
-            pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING = false,
-            _ => {}
-        }
-    }
-}
-
 /// Asks the launcher to look for databases again once this transaction
 /// commits (CREATE EXTENSION calls it, so the new database is served at once).
 #[pg_extern(volatile)]
 fn _fraiseql_wake_launcher() -> bool {
-    if !shmem::available() {
-        return false;
-    }
-    unsafe {
-        if !XACT_CALLBACK_REGISTERED {
-            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-            XACT_CALLBACK_REGISTERED = true;
-        }
-        WAKE_PENDING = true;
-    }
-    true
+    shmem::wake_at_commit(shmem::WakeAtCommit::Launcher)
 }

@@ -4,12 +4,13 @@
 //!
 //! Settings (rule channel_config over the channel's defaults):
 //! smtp_host, smtp_port, smtp_user, smtp_password, tls ("starttls" |
-//! "tls" | "none"; or the seed's use_tls: true = starttls), from_address (or
-//! from), to (a list or one address), subject, template.
+//! "tls" | "none"; or the seed's use_tls: true = starttls), tls_ca_file (a PEM
+//! CA to trust besides the system's, for relays with a private CA),
+//! from_address (or from), to (a list or one address), subject, template.
 use super::{allowed_hosts, host_allowed, render, Delivery, Limits, Outcome};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{Message, SmtpTransport, Transport};
 use serde_json::Value;
 
@@ -123,11 +124,20 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
         .unwrap_or(if tls_mode == "tls" { 465 } else { 587 }) as u16;
     let tls = match tls_mode.as_str() {
         "none" => Tls::None,
-        mode => match TlsParameters::new(host.to_string()) {
-            Ok(p) if mode == "tls" => Tls::Wrapper(p),
-            Ok(p) => Tls::Required(p),
-            Err(e) => return Outcome::failed(format!("TLS setup: {e}"), true),
-        },
+        mode => {
+            let mut params = TlsParameters::builder(host.to_string());
+            if let Some(ca) = s(c, "tls_ca_file") {
+                match std::fs::read(ca).map_err(|e| e.to_string()).and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string())) {
+                    Ok(cert) => params = params.add_root_certificate(cert),
+                    Err(e) => return Outcome::failed(format!("tls_ca_file {ca}: {e}"), true),
+                }
+            }
+            match params.build_rustls() {
+                Ok(p) if mode == "tls" => Tls::Wrapper(p),
+                Ok(p) => Tls::Required(p),
+                Err(e) => return Outcome::failed(format!("TLS setup: {e}"), true),
+            }
+        }
     };
     let mut builder = SmtpTransport::builder_dangerous(host).port(port).tls(tls).timeout(Some(limits.total));
     if let (Some(u), Some(pw)) = (s(c, "smtp_user"), s(c, "smtp_password")) {

@@ -11,7 +11,7 @@ pub mod slack;
 pub mod webhook;
 
 use crate::guc;
-use crate::shmem::{self, REGISTRY};
+use crate::shmem;
 use pgrx::prelude::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -243,43 +243,10 @@ pub fn deliver_due(schema: &str, txn: &dyn Fn(&str, Vec<Value>) -> Result<Option
     Ok(items.len())
 }
 
-// ---------------------------------------------------------------------------
-// Waking the worker when a capture that queued a notification commits
-// ---------------------------------------------------------------------------
-
-static mut WAKE_PENDING: bool = false;
-static mut CALLBACK_REGISTERED: bool = false;
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    unsafe {
-        match event {
-            pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING => {
-                WAKE_PENDING = false;
-                let db = pg_sys::MyDatabaseId.to_u32();
-                let pid = REGISTRY.share().slots.iter().find(|s| s.db_oid == db).map(|s| s.pid).unwrap_or(0);
-                shmem::set_latch_of(pid);
-            }
-            pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING = false,
-            _ => {}
-        }
-    }
-}
-
 /// Wakes this database's worker when the current transaction commits.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _fraiseql_wake_worker() -> bool {
-    if !shmem::available() {
-        return false;
-    }
-    unsafe {
-        if !CALLBACK_REGISTERED {
-            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-            CALLBACK_REGISTERED = true;
-        }
-        WAKE_PENDING = true;
-    }
-    true
+    shmem::wake_at_commit(shmem::WakeAtCommit::Worker)
 }
 
 #[cfg(test)]

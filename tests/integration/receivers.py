@@ -68,10 +68,36 @@ class HttpReceiver:
 
 
 class SmtpReceiver:
-    def __init__(self):
+    """mode: "plain"; "starttls" (STARTTLS and AUTH required); "tls" (implicit
+    TLS, AUTH required). TLS modes need cert/key files."""
+
+    def __init__(self, mode: str = "plain", cert: str | None = None, key: str | None = None,
+                 user: str = "alerts@myapp.com", password: str = "app_password"):
+        import ssl
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
         self.port = free_port()
         self.messages = []
+        self.logins = []
         receiver = self
+        kwargs = {}
+        if mode != "plain":
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cert, key)
+
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user \
+                    and auth_data.password.decode() == password
+                receiver.logins.append((mechanism, ok))
+                return AuthResult(success=ok)
+
+            kwargs.update(authenticator=authenticator, auth_required=True)
+            if mode == "starttls":
+                kwargs.update(tls_context=ctx, require_starttls=True, auth_require_tls=True)
+            else:
+                # implicit TLS: the whole connection is TLS, but aiosmtpd only
+                # counts STARTTLS as TLS for auth_require_tls
+                kwargs.update(ssl_context=ctx, auth_require_tls=False)
 
         class Handler:
             async def handle_DATA(self, server, session, envelope):
@@ -79,7 +105,7 @@ class SmtpReceiver:
                 receiver.messages.append({"from": envelope.mail_from, "to": envelope.rcpt_tos, "message": msg})
                 return "250 OK"
 
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **kwargs)
 
     def start(self):
         self.controller.start()

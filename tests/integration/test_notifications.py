@@ -326,3 +326,47 @@ def test_worker_killed_mid_delivery_redelivers_with_the_same_id(cluster, db):
             wait_for(lambda: c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 0, what="queue drained")
     finally:
         slow.stop()
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+def test_email_over_tls_with_login(cluster, db, mode):
+    import pathlib
+    import shutil
+    import subprocess
+    import tempfile
+    # readable by the server, which runs as another OS user
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="fraiseql_obs_tls_"))
+    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    cert, key, csr, ext = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "srv.csr", tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    for cmd in (["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+                 "-days", "1", "-subj", "/CN=fraiseql test CA"],
+                ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1"],
+                ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-out", str(cert), "-days", "1", "-extfile", str(ext)]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(ca, 0o644)
+    smtp = SmtpReceiver(mode, str(cert), str(key)).start()
+    try:
+        with cluster.connect(db) as c:
+            cfg = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": mode, "tls_ca_file": str(ca),
+                   "smtp_user": "alerts@myapp.com", "smtp_password": "app_password",
+                   "from_address": "noreply@myapp.com", "to": "oncall@myapp.com"}
+            rule(c, "email", cfg)
+            c.execute("SELECT fraiseql_capture_error('TlsError', 'over tls')")
+            try:
+                wait_for(lambda: smtp.messages, what=f"e-mail over {mode}")
+            except AssertionError:
+                raise AssertionError(f"no e-mail over {mode}; delivery log: {log(c)}")
+            assert smtp.logins and all(ok for _, ok in smtp.logins)
+            assert smtp.messages[0]["to"] == ["oncall@myapp.com"]
+            # a wrong password is a logged failure, and the password is never in the log
+            c.execute("DELETE FROM tb_error_notification_config")
+            rule(c, "email", {**cfg, "smtp_password": "wrong-password"})
+            c.execute("SELECT fraiseql_capture_error('TlsError2', 'bad login')")
+            wait_for(lambda: any(r[0] in ("failed", "retrying") for r in log(c)), what="failed login logged")
+            assert "wrong-password" not in str(log(c)) and "app_password" not in str(log(c))
+    finally:
+        smtp.stop()
+        shutil.rmtree(tmp_path, ignore_errors=True)
