@@ -12,8 +12,9 @@
 //!   transaction; an error is logged and the step retried on the next tick.
 //! * SIGTERM uses PostgreSQL's own `die` handler, so it interrupts even a
 //!   running query; SIGHUP reloads the configuration.
-//! * `DROP DATABASE` / `ALTER DATABASE ... RENAME` are never blocked: a
-//!   utility hook stops that database's worker first and holds it off.
+//! * `DROP DATABASE`, `ALTER DATABASE ... RENAME` and `CREATE DATABASE ...
+//!   TEMPLATE` are never blocked by us: a utility hook stops that database's
+//!   worker first and holds it off.
 use crate::guc;
 use crate::shmem::{self, REGISTRY};
 use pgrx::bgworkers::{
@@ -483,6 +484,18 @@ unsafe extern "C-unwind" fn utility_hook(
                 let stmt = node as *mut pg_sys::RenameStmt;
                 if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
                     stop_worker_of((*stmt).subname);
+                }
+            } else if pgrx::is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
+                // CREATE DATABASE ... TEMPLATE x needs x to have no connections
+                let stmt = node as *mut pg_sys::CreatedbStmt;
+                let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*stmt).options);
+                for opt in options.iter_ptr() {
+                    if !(*opt).defname.is_null()
+                        && CStr::from_ptr((*opt).defname).to_bytes() == b"template"
+                        && !(*opt).arg.is_null()
+                    {
+                        stop_worker_of(pg_sys::defGetString(opt));
+                    }
                 }
             }
         }

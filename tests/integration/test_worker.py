@@ -250,3 +250,17 @@ def test_standby_waits_for_promotion(cluster, db):
         subprocess.run(("runuser", "-u", "postgres", "--") * (os.geteuid() == 0) +
                        (f"{BIN}/pg_ctl", "-D", str(standby), "-m", "immediate", "-w", "stop"), check=False, capture_output=True)
         shutil.rmtree(standby, ignore_errors=True)
+
+
+def test_database_with_a_worker_can_be_a_template(cluster):
+    name = cluster.new_database()
+    copy = name + "_copy"
+    try:
+        wait_for(lambda: worker_pid(cluster, name), what="worker connected to the template")
+        with cluster.connect() as c:
+            c.execute(f"CREATE DATABASE {copy} TEMPLATE {name}")
+        wait_for(lambda: worker_pid(cluster, copy), what="the copy is served too")
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {copy}")
+            c.execute(f"DROP DATABASE IF EXISTS {name}")
