@@ -35,6 +35,8 @@ DECLARE
     v_stripe   integer;
     v_is_new   boolean := false;
     v_regressed boolean := false;
+    v_stored   boolean := false;
+    v_has_rules boolean := false;
 BEGIN
     -- Validates (a clear error naming the argument; nothing is written before
     -- it), resolves environment and trace context, computes the fingerprint.
@@ -50,19 +52,39 @@ BEGIN
     v_context := CASE WHEN pg_column_size(p_context) > current_setting('fraiseql_obs.max_context_bytes')::integer
                       THEN _fraiseql_clip_context(p_context) ELSE coalesce(p_context, '{}'::jsonb) END;
 
-    -- Common case, one statement: the group exists and this backend already
-    -- has a counter stripe for it. Count on the stripe (never waits on other
-    -- sessions: the stripe is this backend's own) and read the group.
+    -- Common case, ONE statement: the group exists and this backend already
+    -- has a counter stripe for it. It counts on the stripe (never waits on
+    -- other sessions: the stripe is this backend's own), reads the group,
+    -- stores the occurrence and tells whether notification rules exist.
+    -- (Data-modifying CTEs always run to completion.)
     v_stripe := _fraiseql_stripe();
-    UPDATE tb_error_counter c
-       SET occurrence_count = c.occurrence_count + 1,
-           first_seen = least(c.first_seen, p_occurred_at),
-           last_seen = greatest(c.last_seen, p_occurred_at)
-      FROM tb_error_log g
-     WHERE g.error_fingerprint = v_fp AND c.error_id = g.error_id AND c.stripe = v_stripe
-    RETURNING g.error_id, g.status, g.severity, g.resolved_at INTO v_group;
+    WITH counted AS (
+        UPDATE tb_error_counter c
+           SET occurrence_count = c.occurrence_count + 1,
+               first_seen = least(c.first_seen, p_occurred_at),
+               last_seen = greatest(c.last_seen, p_occurred_at)
+          FROM tb_error_log g
+         WHERE g.error_fingerprint = v_fp AND c.error_id = g.error_id AND c.stripe = v_stripe
+        RETURNING g.error_id, g.status, g.severity, g.resolved_at
+    ), stored AS (
+        INSERT INTO tb_error_occurrence
+            (error_id, occurred_at, error_type, message, stack_trace, context, severity,
+             environment, release_version, trace_id, span_id)
+        SELECT k.error_id, p_occurred_at, p_exception_type, v_message, v_stack, v_context,
+               p_severity, v_prep[2], p_release_version, v_prep[3], v_prep[4]
+          FROM counted k
+        RETURNING 1
+    )
+    SELECT k.error_id, k.status, k.severity, k.resolved_at,
+           EXISTS (SELECT 1 FROM tb_error_notification_config WHERE enabled) AS has_rules
+      INTO v_group
+      FROM counted k;
+    v_stored := FOUND;
+    IF v_stored THEN
+        v_has_rules := v_group.has_rules;
+    END IF;
 
-    IF NOT FOUND THEN
+    IF NOT v_stored THEN
         SELECT g.error_id, g.status, g.severity, g.resolved_at INTO v_group
           FROM tb_error_log g WHERE g.error_fingerprint = v_fp;
         IF NOT FOUND THEN
@@ -114,15 +136,18 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO tb_error_occurrence
-        (error_id, occurred_at, error_type, message, stack_trace, context, severity,
-         environment, release_version, trace_id, span_id)
-    VALUES (v_error_id, p_occurred_at, p_exception_type, v_message, v_stack, v_context,
-            p_severity, v_prep[2], p_release_version, v_prep[3], v_prep[4]);
+    IF NOT v_stored THEN
+        INSERT INTO tb_error_occurrence
+            (error_id, occurred_at, error_type, message, stack_trace, context, severity,
+             environment, release_version, trace_id, span_id)
+        VALUES (v_error_id, p_occurred_at, p_exception_type, v_message, v_stack, v_context,
+                p_severity, v_prep[2], p_release_version, v_prep[3], v_prep[4]);
+        v_has_rules := EXISTS (SELECT 1 FROM tb_error_notification_config WHERE enabled);
+    END IF;
 
     -- Notifications are queued in this transaction: a rolled-back capture
     -- notifies nobody, a committed one is never lost.
-    IF EXISTS (SELECT 1 FROM tb_error_notification_config WHERE enabled) THEN
+    IF v_has_rules THEN
         PERFORM _fraiseql_notify_capture(v_error_id, v_fp, p_exception_type, p_severity, v_prep[2], v_is_new, v_regressed,
             jsonb_build_object('message', v_message, 'stack_trace', v_stack, 'context', v_context,
                                'environment', v_prep[2], 'release_version', p_release_version, 'trace_id', v_prep[3]));
