@@ -15,15 +15,24 @@ pub fn validate(
     has_time: bool,
 ) -> Result<(), ObsError> {
     if exception_type.is_none_or(|s| s.trim().is_empty()) {
-        return Err(ObsError::MissingArgument { argument: "exception_type" });
+        return Err(ObsError::MissingArgument {
+            argument: "exception_type",
+        });
     }
     if message.is_none_or(|s| s.trim().is_empty()) {
-        return Err(ObsError::MissingArgument { argument: "message" });
+        return Err(ObsError::MissingArgument {
+            argument: "message",
+        });
     }
     // context_type is jsonb_typeof(context): the value itself is not copied here
     match context_type {
         None | Some("object") => {}
-        Some(kind) => return Err(ObsError::invalid("context", format!("must be a JSON object, got {kind}"))),
+        Some(kind) => {
+            return Err(ObsError::invalid(
+                "context",
+                format!("must be a JSON object, got {kind}"),
+            ))
+        }
     }
     match severity {
         Some(s) if SEVERITIES.contains(&s) => {}
@@ -33,10 +42,16 @@ pub fn validate(
                 format!("must be one of debug, info, warning, error, critical, got \"{s}\""),
             ))
         }
-        None => return Err(ObsError::MissingArgument { argument: "severity" }),
+        None => {
+            return Err(ObsError::MissingArgument {
+                argument: "severity",
+            })
+        }
     }
     if !has_time {
-        return Err(ObsError::MissingArgument { argument: "occurred_at" });
+        return Err(ObsError::MissingArgument {
+            argument: "occurred_at",
+        });
     }
     Ok(())
 }
@@ -49,7 +64,10 @@ pub fn normalize_id(value: &str, kind: &'static str) -> Result<String, ObsError>
     };
     let v = value.trim();
     if v.len() != want || !v.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err(ObsError::invalid(kind, format!("must be {want} hexadecimal digits, got \"{}\"", preview(v))));
+        return Err(ObsError::invalid(
+            kind,
+            format!("must be {want} hexadecimal digits, got \"{}\"", preview(v)),
+        ));
     }
     if v.bytes().all(|c| c == b'0') {
         return Err(ObsError::invalid(kind, "must not be all zeros"));
@@ -58,7 +76,11 @@ pub fn normalize_id(value: &str, kind: &'static str) -> Result<String, ObsError>
 }
 
 fn preview(s: &str) -> String {
-    if s.chars().count() > 40 { s.chars().take(40).collect::<String>() + "…" } else { s.to_string() }
+    if s.chars().count() > 40 {
+        s.chars().take(40).collect::<String>() + "…"
+    } else {
+        s.to_string()
+    }
 }
 
 /// Cuts `text` to at most `max` bytes keeping its head and tail (a stack
@@ -103,7 +125,10 @@ fn _fraiseql_clip_stack_trace(stack_trace: Option<&str>) -> Option<String> {
 /// Reduces a context to at most `max` bytes of JSON: keeps whole top-level keys
 /// (smallest first) while they fit, clips long strings, and records what was
 /// dropped under "_fraiseql_truncated".
-pub fn clip_context(ctx: serde_json::Map<String, serde_json::Value>, max: usize) -> serde_json::Value {
+pub fn clip_context(
+    ctx: serde_json::Map<String, serde_json::Value>,
+    max: usize,
+) -> serde_json::Value {
     let original = serde_json::to_string(&ctx).map(|s| s.len()).unwrap_or(0);
     if original <= max {
         return serde_json::Value::Object(ctx);
@@ -146,7 +171,10 @@ pub fn clip_context(ctx: serde_json::Map<String, serde_json::Value>, max: usize)
 #[pg_extern(stable, parallel_safe)]
 fn _fraiseql_clip_context(context: Option<pgrx::JsonB>) -> Option<pgrx::JsonB> {
     match context?.0 {
-        serde_json::Value::Object(m) => Some(pgrx::JsonB(clip_context(m, guc::int_value(&guc::MAX_CONTEXT_BYTES)))),
+        serde_json::Value::Object(m) => Some(pgrx::JsonB(clip_context(
+            m,
+            guc::int_value(&guc::MAX_CONTEXT_BYTES),
+        ))),
         other => Some(pgrx::JsonB(other)),
     }
 }
@@ -175,9 +203,15 @@ mod tests {
 
     #[test]
     fn ids() {
-        assert_eq!(normalize_id("4BF92F3577B34DA6A3CE929D0E0E4736", "trace_id").unwrap(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            normalize_id("4BF92F3577B34DA6A3CE929D0E0E4736", "trace_id").unwrap(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert!(normalize_id("00000000000000000000000000000000", "trace_id").is_err());
-        assert!(normalize_id("xyz", "span_id").unwrap_err().to_string().contains("span_id"));
+        assert!(normalize_id("xyz", "span_id")
+            .unwrap_err()
+            .to_string()
+            .contains("span_id"));
     }
 
     #[test]
@@ -200,7 +234,12 @@ mod tests {
         let s = serde_json::to_string(&out).unwrap();
         assert!(s.len() <= 4096, "{}", s.len());
         assert_eq!(out["small"], 1);
-        assert!(out["_fraiseql_truncated"]["original_bytes"].as_u64().unwrap() > 100_000);
+        assert!(
+            out["_fraiseql_truncated"]["original_bytes"]
+                .as_u64()
+                .unwrap()
+                > 100_000
+        );
     }
 }
 
@@ -225,18 +264,35 @@ fn _fraiseql_prepare_capture(
     context_fingerprint: Option<pgrx::JsonB>,
     is_message: bool,
 ) -> Vec<Option<String>> {
-    validate(exception_type, message, context_type, severity, occurred_at.is_some()).unwrap_or_else(|e| e.report());
-    let setting = |s: &guc_setting::Str| s.get().and_then(|c| c.into_string().ok()).filter(|v| !v.is_empty());
+    validate(
+        exception_type,
+        message,
+        context_type,
+        severity,
+        occurred_at.is_some(),
+    )
+    .unwrap_or_else(|e| e.report());
+    let setting = |s: &guc_setting::Str| {
+        s.get()
+            .and_then(|c| c.into_string().ok())
+            .filter(|v| !v.is_empty())
+    };
     let environment = environment
         .filter(|e| !e.is_empty())
         .map(str::to_string)
         .or_else(|| setting(&guc::ENVIRONMENT))
         .unwrap_or_else(|| "production".to_string());
-    let trace_id = match trace_id.map(str::to_string).or_else(|| setting(&guc::TRACE_ID)) {
+    let trace_id = match trace_id
+        .map(str::to_string)
+        .or_else(|| setting(&guc::TRACE_ID))
+    {
         Some(t) => Some(normalize_id(&t, "trace_id").unwrap_or_else(|e| e.report())),
         None => None,
     };
-    let span_id = match span_id.map(str::to_string).or_else(|| setting(&guc::SPAN_ID)) {
+    let span_id = match span_id
+        .map(str::to_string)
+        .or_else(|| setting(&guc::SPAN_ID))
+    {
         Some(s) => Some(normalize_id(&s, "span_id").unwrap_or_else(|e| e.report())),
         None => None,
     };

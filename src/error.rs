@@ -7,14 +7,20 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 #[derive(Debug)]
 pub enum ObsError {
     /// An argument has a value that is not allowed.
-    InvalidArgument { argument: &'static str, reason: String },
+    InvalidArgument {
+        argument: &'static str,
+        reason: String,
+    },
     /// A required argument is NULL or empty.
     MissingArgument { argument: &'static str },
 }
 
 impl ObsError {
     pub fn invalid(argument: &'static str, reason: impl Into<String>) -> Self {
-        ObsError::InvalidArgument { argument, reason: reason.into() }
+        ObsError::InvalidArgument {
+            argument,
+            reason: reason.into(),
+        }
     }
 
     fn code(&self) -> PgSqlErrorCode {
@@ -35,8 +41,12 @@ impl ObsError {
 impl std::fmt::Display for ObsError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ObsError::InvalidArgument { argument, reason } => write!(f, "fraiseql_obs: {argument} {reason}"),
-            ObsError::MissingArgument { argument } => write!(f, "fraiseql_obs: {argument} must not be NULL or empty"),
+            ObsError::InvalidArgument { argument, reason } => {
+                write!(f, "fraiseql_obs: {argument} {reason}")
+            }
+            ObsError::MissingArgument { argument } => {
+                write!(f, "fraiseql_obs: {argument} must not be NULL or empty")
+            }
         }
     }
 }

@@ -1,5 +1,8 @@
 //! SQL interface of the grouping engine (crates/fingerprint).
-use fraiseql_fingerprint::{custom_fingerprint, default_fingerprint, message_fingerprint, stacktrace, title_and_culprit, ALGORITHM_VERSION};
+use fraiseql_fingerprint::{
+    custom_fingerprint, default_fingerprint, message_fingerprint, stacktrace, title_and_culprit,
+    ALGORITHM_VERSION,
+};
 use pgrx::prelude::*;
 
 // ---------------------------------------------------------------------------
@@ -8,8 +11,16 @@ use pgrx::prelude::*;
 
 /// The fingerprint capture uses when no custom fingerprint is given.
 #[pg_extern(immutable, parallel_safe)]
-fn fraiseql_fingerprint(exception_type: Option<&str>, message: Option<&str>, stack_trace: Option<&str>) -> String {
-    default_fingerprint(exception_type.unwrap_or(""), message.unwrap_or(""), stack_trace)
+fn fraiseql_fingerprint(
+    exception_type: Option<&str>,
+    message: Option<&str>,
+    stack_trace: Option<&str>,
+) -> String {
+    default_fingerprint(
+        exception_type.unwrap_or(""),
+        message.unwrap_or(""),
+        stack_trace,
+    )
 }
 
 /// The grouping algorithm version written with new groups.
@@ -22,7 +33,9 @@ fn fraiseql_fingerprint_version() -> i32 {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn fraiseql_parse_stack_trace(stack_trace: &str) -> pgrx::JsonB {
     let parsed = stacktrace::parse(stack_trace);
-    let culprit = parsed.culprit().map(|f| format!("{} in {}", f.module, f.function));
+    let culprit = parsed
+        .culprit()
+        .map(|f| format!("{} in {}", f.module, f.function));
     let in_app = parsed.frames.iter().filter(|f| f.in_app).count();
     pgrx::JsonB(serde_json::json!({
         "language": parsed.language.name(),
@@ -64,7 +77,11 @@ pub fn group_fingerprint(
                 .collect(),
             serde_json::Value::String(s) => vec![s],
             serde_json::Value::Null => vec![],
-            _ => crate::error::ObsError::invalid("context", "\"fingerprint\" must be an array of strings").report(),
+            _ => crate::error::ObsError::invalid(
+                "context",
+                "\"fingerprint\" must be an array of strings",
+            )
+            .report(),
         };
         if let Some(fp) = custom_fingerprint(&default, &parts) {
             return fp;
@@ -75,8 +92,11 @@ pub fn group_fingerprint(
 
 /// Title and culprit of a new group.
 #[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_group_meta(exception_type: &str, message: &str, stack_trace: Option<&str>) -> pgrx::JsonB {
+fn _fraiseql_group_meta(
+    exception_type: &str,
+    message: &str,
+    stack_trace: Option<&str>,
+) -> pgrx::JsonB {
     let (title, culprit) = title_and_culprit(exception_type, message, stack_trace);
     pgrx::JsonB(serde_json::json!({ "title": title, "culprit": culprit }))
 }
-

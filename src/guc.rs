@@ -7,7 +7,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use std::ffi::{CStr, CString};
 
-pub static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"production"));
+pub static ENVIRONMENT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"production"));
 pub static TRACE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SPAN_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -29,13 +30,22 @@ pub static NOTIFY_RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10
 pub static NOTIFY_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static NOTIFY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static NOTIFY_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
-pub static NOTIFY_ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"*"));
+pub static NOTIFY_ALLOWED_HOSTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"*"));
 
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
-fn int(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, ctx: GucContext, flags: GucFlags) {
+fn int(
+    name: &'static CStr,
+    desc: &'static CStr,
+    s: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    ctx: GucContext,
+    flags: GucFlags,
+) {
     GucRegistry::define_int_guc(name, desc, desc, s, min, max, ctx, flags);
 }
 
@@ -72,36 +82,134 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(c"fraiseql_obs.maintenance_interval", c"Time between two maintenance runs of the worker.",
-        &MAINTENANCE_INTERVAL_S, 1, 7 * 86400, GucContext::Sighup, GucFlags::UNIT_S);
-    int(c"fraiseql_obs.flush_interval", c"Time between two folds of the occurrence counters.",
-        &FLUSH_INTERVAL_MS, 10, 3_600_000, GucContext::Sighup, GucFlags::UNIT_MS);
-    int(c"fraiseql_obs.launcher_naptime", c"How often the launcher looks for databases to serve.",
-        &LAUNCHER_NAPTIME_S, 1, 3600, GucContext::Sighup, GucFlags::UNIT_S);
-    int(c"fraiseql_obs.premake_months", c"Monthly partitions created ahead of the current month.",
-        &PREMAKE_MONTHS, 0, 120, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.premake_days", c"Daily partitions created ahead of the current day.",
-        &PREMAKE_DAYS, 0, 366, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.error_retention_months", c"Months of error occurrences kept (0 keeps forever).",
-        &ERROR_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.notification_log_retention_months", c"Months of notification log kept (0 keeps forever).",
-        &NOTIFICATION_LOG_RETENTION_MONTHS, 0, 1200, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.trace_retention_days", c"Days of spans kept (0 keeps forever).",
-        &TRACE_RETENTION_DAYS, 0, 36600, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.metric_retention_days", c"Days of raw metric values kept (0 keeps forever); series totals are kept regardless.",
-        &METRIC_RETENTION_DAYS, 0, 36600, GucContext::Suset, GucFlags::default());
+    int(
+        c"fraiseql_obs.maintenance_interval",
+        c"Time between two maintenance runs of the worker.",
+        &MAINTENANCE_INTERVAL_S,
+        1,
+        7 * 86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"fraiseql_obs.flush_interval",
+        c"Time between two folds of the occurrence counters.",
+        &FLUSH_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"fraiseql_obs.launcher_naptime",
+        c"How often the launcher looks for databases to serve.",
+        &LAUNCHER_NAPTIME_S,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"fraiseql_obs.premake_months",
+        c"Monthly partitions created ahead of the current month.",
+        &PREMAKE_MONTHS,
+        0,
+        120,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.premake_days",
+        c"Daily partitions created ahead of the current day.",
+        &PREMAKE_DAYS,
+        0,
+        366,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.error_retention_months",
+        c"Months of error occurrences kept (0 keeps forever).",
+        &ERROR_RETENTION_MONTHS,
+        0,
+        1200,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.notification_log_retention_months",
+        c"Months of notification log kept (0 keeps forever).",
+        &NOTIFICATION_LOG_RETENTION_MONTHS,
+        0,
+        1200,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.trace_retention_days",
+        c"Days of spans kept (0 keeps forever).",
+        &TRACE_RETENTION_DAYS,
+        0,
+        36600,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.metric_retention_days",
+        c"Days of raw metric values kept (0 keeps forever); series totals are kept regardless.",
+        &METRIC_RETENTION_DAYS,
+        0,
+        36600,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     int(c"fraiseql_obs.ddl_lock_timeout", c"lock_timeout of maintenance DDL; a table whose lock is not had in time is retried next run.",
         &DDL_LOCK_TIMEOUT_MS, 1, 600_000, GucContext::Suset, GucFlags::UNIT_MS);
-    int(c"fraiseql_obs.notification_max_attempts", c"Attempts per notification before it is logged as failed.",
-        &NOTIFY_MAX_ATTEMPTS, 1, 100, GucContext::Sighup, GucFlags::default());
-    int(c"fraiseql_obs.notification_retry_interval", c"Wait before the first retry; doubles at each attempt (at most 1 h).",
-        &NOTIFY_RETRY_INTERVAL_MS, 10, 3_600_000, GucContext::Sighup, GucFlags::UNIT_MS);
-    int(c"fraiseql_obs.notification_connect_timeout", c"Connect timeout of a delivery.",
-        &NOTIFY_CONNECT_TIMEOUT_MS, 10, 600_000, GucContext::Sighup, GucFlags::UNIT_MS);
-    int(c"fraiseql_obs.notification_timeout", c"Total timeout of a delivery: a hung endpoint delays others by no more.",
-        &NOTIFY_TIMEOUT_MS, 10, 600_000, GucContext::Sighup, GucFlags::UNIT_MS);
-    int(c"fraiseql_obs.notification_batch_size", c"Deliveries claimed per round.",
-        &NOTIFY_BATCH_SIZE, 1, 10_000, GucContext::Sighup, GucFlags::default());
+    int(
+        c"fraiseql_obs.notification_max_attempts",
+        c"Attempts per notification before it is logged as failed.",
+        &NOTIFY_MAX_ATTEMPTS,
+        1,
+        100,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.notification_retry_interval",
+        c"Wait before the first retry; doubles at each attempt (at most 1 h).",
+        &NOTIFY_RETRY_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"fraiseql_obs.notification_connect_timeout",
+        c"Connect timeout of a delivery.",
+        &NOTIFY_CONNECT_TIMEOUT_MS,
+        10,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"fraiseql_obs.notification_timeout",
+        c"Total timeout of a delivery: a hung endpoint delays others by no more.",
+        &NOTIFY_TIMEOUT_MS,
+        10,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"fraiseql_obs.notification_batch_size",
+        c"Deliveries claimed per round.",
+        &NOTIFY_BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"fraiseql_obs.notification_allowed_hosts",
         c"Hosts notifications may be sent to: * for any, or a comma-separated list (*.example.com for a domain).",
@@ -110,12 +218,33 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(c"fraiseql_obs.max_message_bytes", c"Messages longer than this are truncated, with a marker.",
-        &MAX_MESSAGE_BYTES, 256, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.max_stack_trace_bytes", c"Stack traces longer than this are truncated, with a marker.",
-        &MAX_STACK_TRACE_BYTES, 1024, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
-    int(c"fraiseql_obs.max_context_bytes", c"Contexts larger than this are reduced, with a marker.",
-        &MAX_CONTEXT_BYTES, 256, 100 * 1024 * 1024, GucContext::Suset, GucFlags::default());
+    int(
+        c"fraiseql_obs.max_message_bytes",
+        c"Messages longer than this are truncated, with a marker.",
+        &MAX_MESSAGE_BYTES,
+        256,
+        100 * 1024 * 1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.max_stack_trace_bytes",
+        c"Stack traces longer than this are truncated, with a marker.",
+        &MAX_STACK_TRACE_BYTES,
+        1024,
+        100 * 1024 * 1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.max_context_bytes",
+        c"Contexts larger than this are reduced, with a marker.",
+        &MAX_CONTEXT_BYTES,
+        256,
+        100 * 1024 * 1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"fraiseql_obs".as_ptr());
     }

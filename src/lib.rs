@@ -25,13 +25,21 @@ pgrx::pg_module_magic!();
 // Tables first; then every Rust function; then the SQL that uses them, in
 // dependency order; `finalize` runs last.
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/partitions.sql", name = "partitions", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/partitions.sql",
+    name = "partitions",
+    requires = ["schema"]
+);
 extension_sql_file!(
     "../sql/capture.sql",
     name = "capture",
     requires = ["partitions", fingerprint::fraiseql_fingerprint_version]
 );
-extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["capture", guc::fraiseql_setting]);
+extension_sql_file!(
+    "../sql/maintenance.sql",
+    name = "maintenance",
+    requires = ["capture", guc::fraiseql_setting]
+);
 extension_sql_file!(
     "../sql/notification_rules.sql",
     name = "notification_rules",
@@ -40,7 +48,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/telemetry.sql",
     name = "telemetry",
-    requires = ["notification_rules", traces::_fraiseql_ingest_otlp_traces, metrics::_fraiseql_check_metric]
+    requires = [
+        "notification_rules",
+        traces::_fraiseql_ingest_otlp_traces,
+        metrics::_fraiseql_check_metric
+    ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

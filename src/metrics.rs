@@ -8,7 +8,12 @@ use std::fmt::Write;
 /// Checks a metric update; returns the labels with every value as a string
 /// (Prometheus label values are strings), so {"code": 200} and
 /// {"code": "200"} are one series.
-pub fn check(name: &str, kind: &str, value: f64, labels: Option<&Value>) -> Result<Map<String, Value>, ObsError> {
+pub fn check(
+    name: &str,
+    kind: &str,
+    value: f64,
+    labels: Option<&Value>,
+) -> Result<Map<String, Value>, ObsError> {
     if name.trim().is_empty() {
         return Err(ObsError::MissingArgument { argument: "name" });
     }
@@ -16,10 +21,16 @@ pub fn check(name: &str, kind: &str, value: f64, labels: Option<&Value>) -> Resu
         return Err(ObsError::invalid("name", "must be at most 200 bytes"));
     }
     if !value.is_finite() {
-        return Err(ObsError::invalid("value", format!("must be a finite number, got {value}")));
+        return Err(ObsError::invalid(
+            "value",
+            format!("must be a finite number, got {value}"),
+        ));
     }
     if kind == "counter" && value < 0.0 {
-        return Err(ObsError::invalid("value", "of a counter increment must not be negative (counters only go up)"));
+        return Err(ObsError::invalid(
+            "value",
+            "of a counter increment must not be negative (counters only go up)",
+        ));
     }
     let mut out = Map::new();
     match labels {
@@ -30,36 +41,63 @@ pub fn check(name: &str, kind: &str, value: f64, labels: Option<&Value>) -> Resu
             }
             for (k, v) in m {
                 if k.is_empty() {
-                    return Err(ObsError::invalid("labels", "must not have an empty label name"));
+                    return Err(ObsError::invalid(
+                        "labels",
+                        "must not have an empty label name",
+                    ));
                 }
                 let s = match v {
                     Value::String(s) => s.clone(),
                     Value::Number(n) => n.to_string(),
                     Value::Bool(b) => b.to_string(),
                     Value::Null => continue,
-                    _ => return Err(ObsError::invalid("labels", format!("must be a flat object: label \"{k}\" is {v}"))),
+                    _ => {
+                        return Err(ObsError::invalid(
+                            "labels",
+                            format!("must be a flat object: label \"{k}\" is {v}"),
+                        ))
+                    }
                 };
                 out.insert(k.clone(), Value::String(s));
             }
         }
-        Some(other) => return Err(ObsError::invalid("labels", format!("must be a JSON object, got {other}"))),
+        Some(other) => {
+            return Err(ObsError::invalid(
+                "labels",
+                format!("must be a JSON object, got {other}"),
+            ))
+        }
     }
     Ok(out)
 }
 
 #[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_check_metric(name: Option<&str>, kind: &str, value: Option<f64>, labels: Option<pgrx::JsonB>) -> pgrx::JsonB {
+fn _fraiseql_check_metric(
+    name: Option<&str>,
+    kind: &str,
+    value: Option<f64>,
+    labels: Option<pgrx::JsonB>,
+) -> pgrx::JsonB {
     let name = name.unwrap_or_else(|| ObsError::MissingArgument { argument: "name" }.report());
     let value = value.unwrap_or_else(|| ObsError::MissingArgument { argument: "value" }.report());
-    let labels = check(name, kind, value, labels.as_ref().map(|l| &l.0)).unwrap_or_else(|e| e.report());
+    let labels =
+        check(name, kind, value, labels.as_ref().map(|l| &l.0)).unwrap_or_else(|e| e.report());
     pgrx::JsonB(Value::Object(labels))
 }
 
 /// Adds one observation to per-bucket (non-cumulative) counts.
 #[pg_extern(immutable, parallel_safe)]
-fn _fraiseql_bucket_add(counts: Option<Vec<Option<i64>>>, buckets: Option<Vec<Option<f64>>>, value: f64) -> Vec<i64> {
+fn _fraiseql_bucket_add(
+    counts: Option<Vec<Option<i64>>>,
+    buckets: Option<Vec<Option<f64>>>,
+    value: f64,
+) -> Vec<i64> {
     let bounds: Vec<f64> = buckets.unwrap_or_default().into_iter().flatten().collect();
-    let mut c: Vec<i64> = counts.unwrap_or_default().into_iter().map(|x| x.unwrap_or(0)).collect();
+    let mut c: Vec<i64> = counts
+        .unwrap_or_default()
+        .into_iter()
+        .map(|x| x.unwrap_or(0))
+        .collect();
     c.resize(bounds.len(), 0);
     if let Some(i) = bounds.iter().position(|b| value <= *b) {
         c[i] += 1;
@@ -69,7 +107,16 @@ fn _fraiseql_bucket_add(counts: Option<Vec<Option<i64>>>, buckets: Option<Vec<Op
 
 /// A metric name as Prometheus accepts it: [a-zA-Z_:][a-zA-Z0-9_:]*
 pub fn sanitize_name(name: &str) -> String {
-    let mut s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if s.starts_with(|c: char| c.is_ascii_digit()) || s.is_empty() {
         s.insert(0, '_');
     }
@@ -78,7 +125,16 @@ pub fn sanitize_name(name: &str) -> String {
 
 /// A label name: [a-zA-Z_][a-zA-Z0-9_]*, and not starting with "__" (reserved).
 pub fn sanitize_label(name: &str) -> String {
-    let mut s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if s.starts_with(|c: char| c.is_ascii_digit()) || s.is_empty() {
         s.insert(0, '_');
     }
@@ -89,7 +145,9 @@ pub fn sanitize_label(name: &str) -> String {
 }
 
 fn escape_label_value(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn escape_help(v: &str) -> String {
@@ -101,7 +159,11 @@ fn num(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v == v.trunc() && v.abs() < 1e15 {
         format!("{}", v as i64)
     } else {
@@ -126,7 +188,10 @@ fn label_block(labels: &[(String, String)]) -> String {
     if labels.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v))).collect();
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v)))
+        .collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -135,9 +200,17 @@ pub fn exposition(mut series: Vec<Series>) -> String {
     // counters are exposed as <name>_total
     let exposed = |s: &Series| {
         let n = sanitize_name(&s.name);
-        if s.kind == "counter" && !n.ends_with("_total") { format!("{n}_total") } else { n }
+        if s.kind == "counter" && !n.ends_with("_total") {
+            format!("{n}_total")
+        } else {
+            n
+        }
     };
-    series.sort_by(|a, b| exposed(a).cmp(&exposed(b)).then(a.environment.cmp(&b.environment)));
+    series.sort_by(|a, b| {
+        exposed(a)
+            .cmp(&exposed(b))
+            .then(a.environment.cmp(&b.environment))
+    });
     let mut out = String::new();
     let mut current: Option<(String, String)> = None;
     for s in &series {
@@ -158,7 +231,14 @@ pub fn exposition(mut series: Vec<Series>) -> String {
         let mut labels: Vec<(String, String)> = s
             .labels
             .iter()
-            .map(|(k, v)| (sanitize_label(k), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                (
+                    sanitize_label(k),
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
             .filter(|(k, _)| k != "le" && k != "environment")
             .collect();
         labels.push(("environment".into(), s.environment.clone()));
@@ -180,7 +260,12 @@ pub fn exposition(mut series: Vec<Series>) -> String {
                 let _ = writeln!(out, "{name}_count{} {}", label_block(&labels), s.obs_count);
             }
             _ => {
-                let _ = writeln!(out, "{name}{} {}", label_block(&labels), num(s.value.unwrap_or(0.0)));
+                let _ = writeln!(
+                    out,
+                    "{name}{} {}",
+                    label_block(&labels),
+                    num(s.value.unwrap_or(0.0))
+                );
             }
         }
     }
@@ -212,8 +297,18 @@ fn _fraiseql_metrics_prometheus() -> String {
                 environment: r.get::<String>(4)?.unwrap_or_default(),
                 help: r.get::<String>(5)?,
                 value: r.get::<f64>(6)?,
-                buckets: r.get::<Vec<Option<f64>>>(7)?.unwrap_or_default().into_iter().flatten().collect(),
-                bucket_counts: r.get::<Vec<Option<i64>>>(8)?.unwrap_or_default().into_iter().map(|x| x.unwrap_or(0)).collect(),
+                buckets: r
+                    .get::<Vec<Option<f64>>>(7)?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                bucket_counts: r
+                    .get::<Vec<Option<i64>>>(8)?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|x| x.unwrap_or(0))
+                    .collect(),
                 obs_count: r.get::<i64>(9)?.unwrap_or(0),
                 obs_sum: r.get::<f64>(10)?.unwrap_or(0.0),
             });
@@ -230,7 +325,10 @@ mod tests {
 
     #[test]
     fn names_and_escapes() {
-        assert_eq!(sanitize_name("graphql.requests.total"), "graphql_requests_total");
+        assert_eq!(
+            sanitize_name("graphql.requests.total"),
+            "graphql_requests_total"
+        );
         assert_eq!(sanitize_name("9lives"), "_9lives");
         assert_eq!(sanitize_label("__x"), "_x");
         assert_eq!(sanitize_label("a-b"), "a_b");
@@ -244,7 +342,13 @@ mod tests {
         assert!(check("x", "gauge", -1.0, None).is_ok());
         assert!(check("x", "gauge", 1.0, Some(&serde_json::json!({"a": {"b": 1}}))).is_err());
         assert!(check("x", "gauge", 1.0, Some(&serde_json::json!([1]))).is_err());
-        let l = check("x", "gauge", 1.0, Some(&serde_json::json!({"code": 200, "ok": true}))).unwrap();
+        let l = check(
+            "x",
+            "gauge",
+            1.0,
+            Some(&serde_json::json!({"code": 200, "ok": true})),
+        )
+        .unwrap();
         assert_eq!(l["code"], "200");
     }
 
@@ -264,7 +368,8 @@ mod tests {
         };
         let text = exposition(vec![s]);
         assert!(text.contains("# TYPE req_duration_ms histogram"));
-        assert!(text.contains("req_duration_ms_bucket{environment=\"production\",op=\"get\",le=\"10\"} 2"));
+        assert!(text
+            .contains("req_duration_ms_bucket{environment=\"production\",op=\"get\",le=\"10\"} 2"));
         assert!(text.contains("le=\"100\"} 3"));
         assert!(text.contains("le=\"+Inf\"} 4"));
         assert!(text.contains("req_duration_ms_sum{environment=\"production\",op=\"get\"} 555.5"));

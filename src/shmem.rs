@@ -2,9 +2,9 @@
 //! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
 //! database that is about to be dropped.
 use pgrx::lwlock::PgLwLock;
+use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
-use pgrx::pg_shmem_init;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const MAX_DATABASES: usize = 256;
@@ -31,7 +31,11 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { launcher_pid: 0, rescan: false, slots: [Slot::default(); MAX_DATABASES] }
+        Registry {
+            launcher_pid: 0,
+            rescan: false,
+            slots: [Slot::default(); MAX_DATABASES],
+        }
     }
 }
 
@@ -95,7 +99,10 @@ static mut WAKE_WORKER: bool = false;
 static mut XACT_CALLBACK_REGISTERED: bool = false;
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     unsafe {
         match event {
             pg_sys::XactEvent::XACT_EVENT_COMMIT => {
@@ -111,8 +118,16 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                     if launcher {
                         reg.rescan = true;
                     }
-                    let worker_pid = reg.slots.iter().find(|s| s.db_oid == db).map(|s| s.pid).unwrap_or(0);
-                    [if launcher { reg.launcher_pid } else { 0 }, if worker { worker_pid } else { 0 }]
+                    let worker_pid = reg
+                        .slots
+                        .iter()
+                        .find(|s| s.db_oid == db)
+                        .map(|s| s.pid)
+                        .unwrap_or(0);
+                    [
+                        if launcher { reg.launcher_pid } else { 0 },
+                        if worker { worker_pid } else { 0 },
+                    ]
                 };
                 pids.into_iter().for_each(set_latch_of);
             }

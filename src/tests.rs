@@ -3,7 +3,9 @@
 use pgrx::prelude::*;
 
 fn one<T: pgrx::IntoDatum + pgrx::FromDatum>(sql: &str) -> T {
-    Spi::get_one::<T>(sql).expect("query failed").expect("NULL result")
+    Spi::get_one::<T>(sql)
+        .expect("query failed")
+        .expect("NULL result")
 }
 
 fn run(sql: &str) {
@@ -14,10 +16,8 @@ fn run(sql: &str) {
 /// it succeeded), so a test can check the error and go on.
 fn error_of(sql: &str) -> String {
     let escaped = sql.replace('\'', "''");
-    let r: Option<String> = Spi::get_one(&format!(
-        "SELECT pg_temp._t_error_of('{escaped}')"
-    ))
-    .expect("helper failed");
+    let r: Option<String> =
+        Spi::get_one(&format!("SELECT pg_temp._t_error_of('{escaped}')")).expect("helper failed");
     r.unwrap_or_else(|| panic!("expected an error from: {sql}"))
 }
 
@@ -56,18 +56,25 @@ mod tests {
     #[pg_test]
     fn capture_groups_and_counts() {
         let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 1234 not found')");
-        let b: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 98765 not found')");
+        let b: pgrx::Uuid =
+            one("SELECT fraiseql_capture_error('NotFound', 'User 98765 not found')");
         let c: pgrx::Uuid = one("SELECT fraiseql_capture_error('KeyError', 'User 1234 not found')");
         assert_eq!(a, b);
         assert_ne!(a, c);
-        let live: i64 = one(&format!("SELECT occurrence_count FROM v_error_groups WHERE error_id = '{a}'"));
+        let live: i64 = one(&format!(
+            "SELECT occurrence_count FROM v_error_groups WHERE error_id = '{a}'"
+        ));
         assert_eq!(live, 2);
         run("SELECT fraiseql_flush_counts()");
-        let folded: i64 = one(&format!("SELECT occurrence_count FROM tb_error_log WHERE error_id = '{a}'"));
+        let folded: i64 = one(&format!(
+            "SELECT occurrence_count FROM tb_error_log WHERE error_id = '{a}'"
+        ));
         assert_eq!(folded, 2);
         let occ: i64 = one("SELECT count(*) FROM tb_error_occurrence");
         assert_eq!(occ, 3);
-        let env: String = one(&format!("SELECT environment FROM tb_error_log WHERE error_id = '{a}'"));
+        let env: String = one(&format!(
+            "SELECT environment FROM tb_error_log WHERE error_id = '{a}'"
+        ));
         assert_eq!(env, "production");
     }
 
@@ -78,19 +85,29 @@ mod tests {
         let c: pgrx::Uuid = one("SELECT fraiseql_capture_message('disk almost full')");
         assert_eq!(a, b);
         assert_ne!(a, c);
-        let sev: String = one(&format!("SELECT severity FROM tb_error_log WHERE error_id = '{c}'"));
+        let sev: String = one(&format!(
+            "SELECT severity FROM tb_error_log WHERE error_id = '{c}'"
+        ));
         assert_eq!(sev, "info");
     }
 
     #[pg_test]
     fn custom_fingerprints() {
-        let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('E', 'one', fingerprint => 'payment_processing_error')");
+        let a: pgrx::Uuid = one(
+            "SELECT fraiseql_capture_error('E', 'one', fingerprint => 'payment_processing_error')",
+        );
         let b: pgrx::Uuid = one("SELECT fraiseql_capture_error('Other', 'two', fingerprint => 'payment_processing_error')");
         assert_eq!(a, b);
-        let fp: String = one(&format!("SELECT error_fingerprint FROM tb_error_log WHERE error_id = '{a}'"));
+        let fp: String = one(&format!(
+            "SELECT error_fingerprint FROM tb_error_log WHERE error_id = '{a}'"
+        ));
         assert_eq!(fp, "payment_processing_error");
-        let c: pgrx::Uuid = one(r#"SELECT fraiseql_capture_error('E', 'x', context => '{"fingerprint": ["{{ default }}", "tenant-a"]}')"#);
-        let d: pgrx::Uuid = one(r#"SELECT fraiseql_capture_error('E', 'x', context => '{"fingerprint": ["{{ default }}", "tenant-b"]}')"#);
+        let c: pgrx::Uuid = one(
+            r#"SELECT fraiseql_capture_error('E', 'x', context => '{"fingerprint": ["{{ default }}", "tenant-a"]}')"#,
+        );
+        let d: pgrx::Uuid = one(
+            r#"SELECT fraiseql_capture_error('E', 'x', context => '{"fingerprint": ["{{ default }}", "tenant-b"]}')"#,
+        );
         let e: pgrx::Uuid = one("SELECT fraiseql_capture_error('E', 'x')");
         assert_ne!(c, d);
         assert_ne!(c, e);
@@ -99,32 +116,52 @@ mod tests {
     #[pg_test]
     fn regression_reopens_resolved_group() {
         let id: pgrx::Uuid = one("SELECT fraiseql_capture_error('E', 'boom')");
-        run(&format!("SELECT fraiseql_resolve_error('{id}', 'alice', 'fixed in v2')"));
-        let st: String = one(&format!("SELECT status FROM tb_error_log WHERE error_id = '{id}'"));
+        run(&format!(
+            "SELECT fraiseql_resolve_error('{id}', 'alice', 'fixed in v2')"
+        ));
+        let st: String = one(&format!(
+            "SELECT status FROM tb_error_log WHERE error_id = '{id}'"
+        ));
         assert_eq!(st, "resolved");
         // an occurrence dated before the resolution does not reopen it
         run("SELECT fraiseql_capture_error('E', 'boom', occurred_at => now() - interval '1 hour')");
-        let st: String = one(&format!("SELECT status FROM tb_error_log WHERE error_id = '{id}'"));
+        let st: String = one(&format!(
+            "SELECT status FROM tb_error_log WHERE error_id = '{id}'"
+        ));
         assert_eq!(st, "resolved");
         run("SELECT fraiseql_capture_error('E', 'boom', occurred_at => clock_timestamp() + interval '1 second')");
         let (st, reg, cnt): (String, bool, i32) = (
-            one(&format!("SELECT status FROM tb_error_log WHERE error_id = '{id}'")),
-            one(&format!("SELECT is_regression FROM tb_error_log WHERE error_id = '{id}'")),
-            one(&format!("SELECT regression_count FROM tb_error_log WHERE error_id = '{id}'")),
+            one(&format!(
+                "SELECT status FROM tb_error_log WHERE error_id = '{id}'"
+            )),
+            one(&format!(
+                "SELECT is_regression FROM tb_error_log WHERE error_id = '{id}'"
+            )),
+            one(&format!(
+                "SELECT regression_count FROM tb_error_log WHERE error_id = '{id}'"
+            )),
         );
         assert_eq!((st.as_str(), reg, cnt), ("unresolved", true, 1));
         // ignored groups stay ignored but keep counting
         run(&format!("SELECT fraiseql_ignore_error('{id}')"));
         run("SELECT fraiseql_capture_error('E', 'boom')");
-        let st: String = one(&format!("SELECT status FROM tb_error_log WHERE error_id = '{id}'"));
+        let st: String = one(&format!(
+            "SELECT status FROM tb_error_log WHERE error_id = '{id}'"
+        ));
         assert_eq!(st, "ignored");
-        let n: i64 = one(&format!("SELECT occurrence_count FROM v_error_groups WHERE error_id = '{id}'"));
+        let n: i64 = one(&format!(
+            "SELECT occurrence_count FROM v_error_groups WHERE error_id = '{id}'"
+        ));
         assert_eq!(n, 4);
         run(&format!("SELECT fraiseql_assign_error('{id}', 'bob')"));
         run(&format!("SELECT fraiseql_unresolve_error('{id}')"));
         let (st, who): (String, String) = (
-            one(&format!("SELECT status FROM tb_error_log WHERE error_id = '{id}'")),
-            one(&format!("SELECT assigned_to FROM tb_error_log WHERE error_id = '{id}'")),
+            one(&format!(
+                "SELECT status FROM tb_error_log WHERE error_id = '{id}'"
+            )),
+            one(&format!(
+                "SELECT assigned_to FROM tb_error_log WHERE error_id = '{id}'"
+            )),
         );
         assert_eq!((st.as_str(), who.as_str()), ("unresolved", "bob"));
     }
@@ -174,11 +211,14 @@ mod tests {
     fn oversized_input_is_truncated_with_marker() {
         run("SET fraiseql_obs.max_stack_trace_bytes = 4096");
         run("SET fraiseql_obs.max_context_bytes = 1024");
-        run("SELECT fraiseql_capture_error('E', repeat('m', 100000), repeat('frame\n', 1000000), \
-             jsonb_build_object('small', 1, 'big', repeat('x', 1000000)))");
+        run(
+            "SELECT fraiseql_capture_error('E', repeat('m', 100000), repeat('frame\n', 1000000), \
+             jsonb_build_object('small', 1, 'big', repeat('x', 1000000)))",
+        );
         let st: i32 = one("SELECT octet_length(stack_trace) FROM tb_error_occurrence");
         assert!(st <= 4096, "{st}");
-        let marker: bool = one("SELECT stack_trace LIKE '%bytes truncated%' FROM tb_error_occurrence");
+        let marker: bool =
+            one("SELECT stack_trace LIKE '%bytes truncated%' FROM tb_error_occurrence");
         assert!(marker);
         let msg: i32 = one("SELECT octet_length(message) FROM tb_error_occurrence");
         assert!(msg <= 8192);
@@ -218,12 +258,19 @@ mod tests {
         run("SELECT create_error_occurrence_partition('2020-01-10')");
         run("SELECT fraiseql_capture_error('E', 'x', occurred_at => '2020-01-10')");
         let dropped: Vec<String> = Spi::connect(|c| {
-            c.select("SELECT partition_name FROM drop_old_error_occurrence_partitions(6)", None, &[])
-                .unwrap()
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
+            c.select(
+                "SELECT partition_name FROM drop_old_error_occurrence_partitions(6)",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
         });
-        assert!(dropped.contains(&"tb_error_occurrence_2020_01".to_string()), "{dropped:?}");
+        assert!(
+            dropped.contains(&"tb_error_occurrence_2020_01".to_string()),
+            "{dropped:?}"
+        );
         let cur: bool = one(
             "SELECT EXISTS (SELECT 1 FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass AND now() >= lower_bound AND now() < upper_bound)",
         );
@@ -239,7 +286,14 @@ mod tests {
         let r: pgrx::JsonB = one("SELECT fraiseql_run_maintenance()");
         let v = r.0;
         assert_eq!(v["moved_rows"], 1, "{v}");
-        assert!(v["dropped"].as_array().unwrap().iter().any(|d| d == "tb_error_occurrence_2019_05"), "{v}");
+        assert!(
+            v["dropped"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d == "tb_error_occurrence_2019_05"),
+            "{v}"
+        );
         assert_eq!(v["groups_removed"], 1, "{v}");
         let runs: i64 = one("SELECT count(*) FROM v_maintenance_runs WHERE last_error IS NULL");
         assert!(runs >= 1);
@@ -271,7 +325,9 @@ mod tests {
     #[pg_test]
     fn official_sdk_payload_ingests() {
         let escaped = SDK_EXPORT.replace('\'', "''");
-        let r: pgrx::JsonB = one(&format!("SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"));
+        let r: pgrx::JsonB = one(&format!(
+            "SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"
+        ));
         assert_eq!(r.0["stored"], 3, "{}", r.0);
         assert_eq!(r.0["rejected"], 0);
         let (svc, env): (String, String) = (
@@ -279,15 +335,19 @@ mod tests {
             one("SELECT DISTINCT environment FROM monitoring.traces"),
         );
         assert_eq!((svc.as_str(), env.as_str()), ("orders-api", "staging"));
-        let root: String = one("SELECT span_kind FROM monitoring.traces WHERE operation_name = 'POST /orders'");
+        let root: String =
+            one("SELECT span_kind FROM monitoring.traces WHERE operation_name = 'POST /orders'");
         assert_eq!(root, "server");
-        let db: pgrx::JsonB = one("SELECT attributes FROM monitoring.traces WHERE operation_name = 'db.query'");
+        let db: pgrx::JsonB =
+            one("SELECT attributes FROM monitoring.traces WHERE operation_name = 'db.query'");
         assert_eq!(db.0["db.system"], "postgresql");
         assert_eq!(db.0["db.rows_returned"], 3);
         assert_eq!(db.0["tags"], serde_json::json!(["a", "b"]));
         let err: (i32, String) = (
             one("SELECT status_code FROM monitoring.traces WHERE operation_name = 'charge card'"),
-            one("SELECT status_message FROM monitoring.traces WHERE operation_name = 'charge card'"),
+            one(
+                "SELECT status_message FROM monitoring.traces WHERE operation_name = 'charge card'",
+            ),
         );
         assert_eq!(err, (2, "gateway timeout".to_string()));
         let children: i64 = one(
@@ -297,7 +357,9 @@ mod tests {
         let links: i64 = one("SELECT jsonb_array_length(links) FROM monitoring.traces WHERE operation_name = 'charge card'");
         assert_eq!(links, 1);
         // a retry of the same export stores nothing twice
-        let again: pgrx::JsonB = one(&format!("SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"));
+        let again: pgrx::JsonB = one(&format!(
+            "SELECT fraiseql_ingest_otlp_traces('{escaped}'::jsonb)"
+        ));
         assert_eq!(again.0["stored"], 0);
         assert_eq!(again.0["duplicates"], 3);
     }
@@ -305,16 +367,24 @@ mod tests {
     #[pg_test]
     fn malformed_spans_are_rejected_one_by_one() {
         setup_helpers();
-        let r: pgrx::JsonB = one(r#"SELECT fraiseql_ingest_otlp_traces('{"resourceSpans":[{"scopeSpans":[{"spans":[
+        let r: pgrx::JsonB = one(
+            r#"SELECT fraiseql_ingest_otlp_traces('{"resourceSpans":[{"scopeSpans":[{"spans":[
             {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"ok","startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000000001000000"},
             {"traceId":"nothex","spanId":"eee19b7ec3c1b175","name":"bad id","startTimeUnixNano":"1","endTimeUnixNano":"2"},
             {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b176","name":"backwards","startTimeUnixNano":"9","endTimeUnixNano":"2"},
             {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b177","name":"kind","kind":9,"startTimeUnixNano":"1","endTimeUnixNano":"2"}
-        ]}]}]}')"#);
+        ]}]}]}')"#,
+        );
         assert_eq!(r.0["stored"], 1, "{}", r.0);
         assert_eq!(r.0["partialSuccess"]["rejectedSpans"], 3);
-        let msg = r.0["partialSuccess"]["errorMessage"].as_str().unwrap().to_string();
-        assert!(msg.contains("traceId") && msg.contains("before") && msg.contains("kind"), "{msg}");
+        let msg = r.0["partialSuccess"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("traceId") && msg.contains("before") && msg.contains("kind"),
+            "{msg}"
+        );
         for (sql, needle) in [
             ("SELECT fraiseql_ingest_otlp_traces('[1,2]')", "payload"),
             ("SELECT fraiseql_ingest_otlp_traces('{\"resourceSpans\": 5}')", "resourceSpans"),
@@ -361,10 +431,21 @@ mod tests {
             run(&format!("SELECT fraiseql_metric_record_histogram('graphql.request.duration_ms', {v}, '{{\"operation\": \"getOrders\"}}')"));
         }
         let text: String = one("SELECT fraiseql_metrics_prometheus()");
-        assert!(text.contains("# TYPE graphql_requests_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE graphql_requests_total counter"),
+            "{text}"
+        );
         assert!(text.contains("graphql_requests_total{environment=\"production\",operation=\"getUser\",status=\"success\"} 3"), "{text}");
-        assert!(text.contains("db_pool_connections_active{environment=\"production\",pool=\"primary\"} 5"), "{text}");
-        assert!(text.contains("# HELP graphql_request_duration_ms GraphQL request duration"), "{text}");
+        assert!(
+            text.contains(
+                "db_pool_connections_active{environment=\"production\",pool=\"primary\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP graphql_request_duration_ms GraphQL request duration"),
+            "{text}"
+        );
         assert!(text.contains("le=\"100\"} 2"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 4"), "{text}");
         assert!(text.contains("graphql_request_duration_ms_sum{environment=\"production\",operation=\"getOrders\"} 5555"), "{text}");
@@ -388,7 +469,8 @@ mod tests {
         run("UPDATE orders SET status = 'paid' WHERE id = 42");
         run("UPDATE orders SET status = 'paid' WHERE id = 42"); // no change: not recorded
         run("DELETE FROM orders WHERE id = 42");
-        let types: String = one("SELECT string_agg(change_type, ',' ORDER BY change_id) FROM tb_entity_change_log");
+        let types: String =
+            one("SELECT string_agg(change_type, ',' ORDER BY change_id) FROM tb_entity_change_log");
         assert_eq!(types, "insert,update,delete");
         let (id, before, after, trace): (String, String, String, String) = (
             one("SELECT DISTINCT entity_id FROM tb_entity_change_log"),
@@ -396,7 +478,10 @@ mod tests {
             one("SELECT after_data->>'status' FROM tb_entity_change_log WHERE change_type = 'update'"),
             one("SELECT DISTINCT trace_id FROM tb_entity_change_log"),
         );
-        assert_eq!((id.as_str(), before.as_str(), after.as_str()), ("42", "new", "paid"));
+        assert_eq!(
+            (id.as_str(), before.as_str(), after.as_str()),
+            ("42", "new", "paid")
+        );
         assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
         let name: String = one("SELECT DISTINCT entity_name FROM tb_entity_change_log");
         assert_eq!(name, "order");

@@ -13,13 +13,24 @@ pub struct TraceParent {
 }
 
 pub fn parse_traceparent(s: &str) -> Result<TraceParent, ObsError> {
-    let bad = |why: &str| ObsError::invalid("traceparent", format!("is not a W3C traceparent ({why}): \"{}\"", s.chars().take(80).collect::<String>()));
+    let bad = |why: &str| {
+        ObsError::invalid(
+            "traceparent",
+            format!(
+                "is not a W3C traceparent ({why}): \"{}\"",
+                s.chars().take(80).collect::<String>()
+            ),
+        )
+    };
     let parts: Vec<&str> = s.trim().split('-').collect();
     if parts.len() < 4 {
         return Err(bad("expected version-traceid-parentid-flags"));
     }
     let (version, trace, span, flags) = (parts[0], parts[1], parts[2], parts[3]);
-    if version.len() != 2 || !version.bytes().all(|c| c.is_ascii_hexdigit()) || version.eq_ignore_ascii_case("ff") {
+    if version.len() != 2
+        || !version.bytes().all(|c| c.is_ascii_hexdigit())
+        || version.eq_ignore_ascii_case("ff")
+    {
         return Err(bad("invalid version"));
     }
     // version 00 has exactly four fields; later versions may append more
@@ -29,10 +40,18 @@ pub fn parse_traceparent(s: &str) -> Result<TraceParent, ObsError> {
     if flags.len() != 2 || !flags.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(bad("invalid flags"));
     }
-    let trace_id = normalize_id(trace, "trace_id").map_err(|_| bad("trace id must be 32 hex digits, not all zero"))?;
-    let span_id = normalize_id(span, "span_id").map_err(|_| bad("parent id must be 16 hex digits, not all zero"))?;
-    let sampled = u8::from_str_radix(flags, 16).map(|f| f & 1 == 1).unwrap_or(false);
-    Ok(TraceParent { trace_id, span_id, sampled })
+    let trace_id = normalize_id(trace, "trace_id")
+        .map_err(|_| bad("trace id must be 32 hex digits, not all zero"))?;
+    let span_id = normalize_id(span, "span_id")
+        .map_err(|_| bad("parent id must be 16 hex digits, not all zero"))?;
+    let sampled = u8::from_str_radix(flags, 16)
+        .map(|f| f & 1 == 1)
+        .unwrap_or(false);
+    Ok(TraceParent {
+        trace_id,
+        span_id,
+        sampled,
+    })
 }
 
 /// Sets the trace context for the rest of the transaction (is_local, the
@@ -50,8 +69,16 @@ fn fraiseql_set_trace_context(traceparent: &str, is_local: default!(bool, true))
 /// The current trace context as a traceparent, or NULL.
 #[pg_extern(stable)]
 fn fraiseql_current_traceparent() -> Option<String> {
-    let trace = crate::guc::TRACE_ID.get()?.into_string().ok().filter(|s| !s.is_empty())?;
-    let span = crate::guc::SPAN_ID.get()?.into_string().ok().filter(|s| !s.is_empty())?;
+    let trace = crate::guc::TRACE_ID
+        .get()?
+        .into_string()
+        .ok()
+        .filter(|s| !s.is_empty())?;
+    let span = crate::guc::SPAN_ID
+        .get()?
+        .into_string()
+        .ok()
+        .filter(|s| !s.is_empty())?;
     Some(format!("00-{trace}-{span}-01"))
 }
 
@@ -61,15 +88,26 @@ mod tests {
 
     #[test]
     fn traceparent() {
-        let t = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let t =
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.span_id, "00f067aa0ba902b7");
         assert!(t.sampled);
-        assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_err());
-        assert!(parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01").is_err());
-        assert!(parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_err());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_err()
+        );
+        assert!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01").is_err()
+        );
+        assert!(
+            parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_err()
+        );
         assert!(parse_traceparent("garbage").is_err());
-        assert!(parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_err());
-        assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_ok());
+        assert!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_err()
+        );
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_ok()
+        );
     }
 }

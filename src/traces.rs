@@ -43,7 +43,14 @@ pub struct Parsed {
     pub rejected: Vec<String>,
 }
 
-const KINDS: [&str; 6] = ["unspecified", "internal", "server", "client", "producer", "consumer"];
+const KINDS: [&str; 6] = [
+    "unspecified",
+    "internal",
+    "server",
+    "client",
+    "producer",
+    "consumer",
+];
 
 fn kind_of(v: Option<&Value>) -> Result<&'static str, String> {
     match v {
@@ -53,8 +60,15 @@ fn kind_of(v: Option<&Value>) -> Result<&'static str, String> {
             .and_then(|i| KINDS.get(i as usize).copied())
             .ok_or_else(|| format!("unknown span kind {n}")),
         Some(Value::String(s)) => {
-            let k = s.strip_prefix("SPAN_KIND_").unwrap_or(s).to_ascii_lowercase();
-            KINDS.iter().find(|x| **x == k).copied().ok_or_else(|| format!("unknown span kind \"{s}\""))
+            let k = s
+                .strip_prefix("SPAN_KIND_")
+                .unwrap_or(s)
+                .to_ascii_lowercase();
+            KINDS
+                .iter()
+                .find(|x| **x == k)
+                .copied()
+                .ok_or_else(|| format!("unknown span kind \"{s}\""))
         }
         Some(other) => Err(format!("unknown span kind {other}")),
     }
@@ -80,8 +94,13 @@ fn status_code_of(v: Option<&Value>) -> Result<i32, String> {
 /// A fixed64 / int64 given as a JSON string or number.
 fn u64_of(v: Option<&Value>, what: &str) -> Result<u64, String> {
     match v {
-        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("{what} is not an integer: \"{s}\"")),
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("{what} is not a non-negative integer: {n}")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{what} is not an integer: \"{s}\"")),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("{what} is not a non-negative integer: {n}")),
         None | Some(Value::Null) => Err(format!("{what} is missing")),
         Some(other) => Err(format!("{what} is not an integer: {other}")),
     }
@@ -89,7 +108,9 @@ fn u64_of(v: Option<&Value>, what: &str) -> Result<u64, String> {
 
 /// OTLP AnyValue -> plain JSON.
 pub fn any_value(v: &Value) -> Value {
-    let Value::Object(m) = v else { return v.clone() };
+    let Value::Object(m) = v else {
+        return v.clone();
+    };
     if let Some(s) = m.get("stringValue") {
         return s.clone();
     }
@@ -98,7 +119,10 @@ pub fn any_value(v: &Value) -> Value {
     }
     if let Some(i) = m.get("intValue") {
         return match i {
-            Value::String(s) => s.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(s.clone())),
+            Value::String(s) => s
+                .parse::<i64>()
+                .map(Value::from)
+                .unwrap_or_else(|_| Value::String(s.clone())),
             other => other.clone(),
         };
     }
@@ -106,7 +130,11 @@ pub fn any_value(v: &Value) -> Value {
         return d.clone();
     }
     if let Some(a) = m.get("arrayValue") {
-        let values = a.get("values").and_then(Value::as_array).cloned().unwrap_or_default();
+        let values = a
+            .get("values")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         return Value::Array(values.iter().map(any_value).collect());
     }
     if let Some(kv) = m.get("kvlistValue") {
@@ -124,7 +152,10 @@ pub fn key_values(v: Option<&Value>) -> Map<String, Value> {
     if let Some(Value::Array(items)) = v {
         for kv in items {
             if let Some(k) = kv.get("key").and_then(Value::as_str) {
-                out.insert(k.to_string(), kv.get("value").map(any_value).unwrap_or(Value::Null));
+                out.insert(
+                    k.to_string(),
+                    kv.get("value").map(any_value).unwrap_or(Value::Null),
+                );
             }
         }
     }
@@ -135,13 +166,17 @@ fn hex_id(v: Option<&Value>, kind: &'static str, what: &str) -> Result<Option<St
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => normalize_id(s, kind).map(Some).map_err(|e| format!("{what}: {}", strip_prefix(&e))),
+        Some(Value::String(s)) => normalize_id(s, kind)
+            .map(Some)
+            .map_err(|e| format!("{what}: {}", strip_prefix(&e))),
         Some(other) => Err(format!("{what} is not a string: {other}")),
     }
 }
 
 fn strip_prefix(e: &ObsError) -> String {
-    e.to_string().trim_start_matches("fraiseql_obs: ").to_string()
+    e.to_string()
+        .trim_start_matches("fraiseql_obs: ")
+        .to_string()
 }
 
 /// RFC 3339 UTC timestamp (microseconds) from Unix microseconds.
@@ -161,12 +196,24 @@ pub fn rfc3339_from_unix_us(us: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
 }
 
-fn span_of(span: &Value, resource: &Value, service: &Option<String>, env: &Option<String>, scope: &Value) -> Result<SpanRow, String> {
+fn span_of(
+    span: &Value,
+    resource: &Value,
+    service: &Option<String>,
+    env: &Option<String>,
+    scope: &Value,
+) -> Result<SpanRow, String> {
     let obj = span.as_object().ok_or("span is not an object")?;
-    let trace_id = hex_id(obj.get("traceId"), "trace_id", "traceId")?.ok_or("traceId is missing")?;
+    let trace_id =
+        hex_id(obj.get("traceId"), "trace_id", "traceId")?.ok_or("traceId is missing")?;
     let span_id = hex_id(obj.get("spanId"), "span_id", "spanId")?.ok_or("spanId is missing")?;
     let parent_span_id = hex_id(obj.get("parentSpanId"), "span_id", "parentSpanId")?;
     let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
@@ -176,7 +223,9 @@ fn span_of(span: &Value, resource: &Value, service: &Option<String>, env: &Optio
     let start = u64_of(obj.get("startTimeUnixNano"), "startTimeUnixNano")?;
     let end = u64_of(obj.get("endTimeUnixNano"), "endTimeUnixNano")?;
     if end < start {
-        return Err(format!("endTimeUnixNano ({end}) is before startTimeUnixNano ({start})"));
+        return Err(format!(
+            "endTimeUnixNano ({end}) is before startTimeUnixNano ({start})"
+        ));
     }
     let status = obj.get("status");
     let status_code = status_code_of(status.and_then(|s| s.get("code")))?;
@@ -199,8 +248,10 @@ fn span_of(span: &Value, resource: &Value, service: &Option<String>, env: &Optio
     let mut links = Vec::new();
     if let Some(Value::Array(ls)) = obj.get("links") {
         for l in ls {
-            let lt = hex_id(l.get("traceId"), "trace_id", "link traceId")?.ok_or("link traceId is missing")?;
-            let ls_ = hex_id(l.get("spanId"), "span_id", "link spanId")?.ok_or("link spanId is missing")?;
+            let lt = hex_id(l.get("traceId"), "trace_id", "link traceId")?
+                .ok_or("link traceId is missing")?;
+            let ls_ = hex_id(l.get("spanId"), "span_id", "link spanId")?
+                .ok_or("link spanId is missing")?;
             links.push(serde_json::json!({
                 "trace_id": lt, "span_id": ls_,
                 "attributes": Value::Object(key_values(l.get("attributes"))),
@@ -230,7 +281,9 @@ fn span_of(span: &Value, resource: &Value, service: &Option<String>, env: &Optio
 /// Parses an ExportTraceServiceRequest. Err only when the request as a whole
 /// is malformed; bad spans are listed in `rejected`.
 pub fn parse_export_request(payload: &Value) -> Result<Parsed, String> {
-    let obj = payload.as_object().ok_or("payload must be a JSON object (an OTLP ExportTraceServiceRequest)")?;
+    let obj = payload
+        .as_object()
+        .ok_or("payload must be a JSON object (an OTLP ExportTraceServiceRequest)")?;
     let mut out = Parsed::default();
     let resource_spans = match obj.get("resourceSpans") {
         None | Some(Value::Null) => return Ok(out),
@@ -239,15 +292,22 @@ pub fn parse_export_request(payload: &Value) -> Result<Parsed, String> {
     };
     for rs in resource_spans {
         let res_attrs = key_values(rs.get("resource").and_then(|r| r.get("attributes")));
-        let service = res_attrs.get("service.name").and_then(Value::as_str).map(str::to_string);
+        let service = res_attrs
+            .get("service.name")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let env = res_attrs
             .get("deployment.environment.name")
             .or_else(|| res_attrs.get("deployment.environment"))
             .and_then(Value::as_str)
             .map(str::to_string);
         let resource = Value::Object(res_attrs);
-        let scope_spans = rs.get("scopeSpans").or_else(|| rs.get("instrumentationLibrarySpans"));
-        let Some(Value::Array(scope_spans)) = scope_spans else { continue };
+        let scope_spans = rs
+            .get("scopeSpans")
+            .or_else(|| rs.get("instrumentationLibrarySpans"));
+        let Some(Value::Array(scope_spans)) = scope_spans else {
+            continue;
+        };
         for ss in scope_spans {
             let scope = ss.get("scope").cloned().unwrap_or(Value::Null);
             let scope = match scope {
@@ -259,7 +319,9 @@ pub fn parse_export_request(payload: &Value) -> Result<Parsed, String> {
                 }
                 other => other,
             };
-            let Some(Value::Array(spans)) = ss.get("spans") else { continue };
+            let Some(Value::Array(spans)) = ss.get("spans") else {
+                continue;
+            };
             for (i, span) in spans.iter().enumerate() {
                 match span_of(span, &resource, &service, &env, &scope) {
                     Ok(row) => out.spans.push(row),
@@ -281,8 +343,13 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
     if rows.is_empty() {
         return 0;
     }
-    let env_default = crate::guc::ENVIRONMENT.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "production".into());
-    let col = |f: &dyn Fn(&SpanRow) -> Option<String>| rows.iter().map(f).collect::<Vec<Option<String>>>();
+    let env_default = crate::guc::ENVIRONMENT
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| "production".into());
+    let col = |f: &dyn Fn(&SpanRow) -> Option<String>| {
+        rows.iter().map(f).collect::<Vec<Option<String>>>()
+    };
     let trace = col(&|r| Some(r.trace_id.clone()));
     let span = col(&|r| Some(r.span_id.clone()));
     let parent = col(&|r| r.parent_span_id.clone());
@@ -299,7 +366,13 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
     let env = col(&|r| Some(r.environment.clone().unwrap_or_else(|| env_default.clone())));
     let service = col(&|r| r.service_name.clone());
     let kind = col(&|r| Some(r.kind.to_string()));
-    let scope = col(&|r| if r.scope.is_null() { None } else { Some(r.scope.to_string()) });
+    let scope = col(&|r| {
+        if r.scope.is_null() {
+            None
+        } else {
+            Some(r.scope.to_string())
+        }
+    });
     let sql = "WITH ins AS (
         INSERT INTO monitoring.traces (trace_id, span_id, parent_span_id, operation_name, start_time, end_time,
             duration_ms, status_code, status_message, attributes, events, links, resource, environment,
@@ -317,9 +390,23 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
     Spi::get_one_with_args::<i64>(
         sql,
         &[
-            trace.into(), span.into(), parent.into(), name.into(), start.into(), end.into(), dur.into(),
-            code.into(), msg.into(), attrs.into(), events.into(), links.into(), resource.into(), env.into(),
-            service.into(), kind.into(), scope.into(),
+            trace.into(),
+            span.into(),
+            parent.into(),
+            name.into(),
+            start.into(),
+            end.into(),
+            dur.into(),
+            code.into(),
+            msg.into(),
+            attrs.into(),
+            events.into(),
+            links.into(),
+            resource.into(),
+            env.into(),
+            service.into(),
+            kind.into(),
+            scope.into(),
         ],
     )
     .unwrap_or_else(|e| pgrx::error!("fraiseql_obs: could not store spans: {e}"))
@@ -331,12 +418,22 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
 #[pg_extern(volatile)]
 fn _fraiseql_ingest_otlp_traces(payload: Option<pgrx::JsonB>) -> pgrx::JsonB {
     let Some(pgrx::JsonB(payload)) = payload else {
-        ObsError::MissingArgument { argument: "payload" }.report()
+        ObsError::MissingArgument {
+            argument: "payload",
+        }
+        .report()
     };
-    let parsed = parse_export_request(&payload).unwrap_or_else(|why| ObsError::invalid("payload", why).report());
+    let parsed = parse_export_request(&payload)
+        .unwrap_or_else(|why| ObsError::invalid("payload", why).report());
     let stored = insert_spans(&parsed.spans);
     let rejected = parsed.rejected.len();
-    let mut message = parsed.rejected.iter().take(20).cloned().collect::<Vec<_>>().join("; ");
+    let mut message = parsed
+        .rejected
+        .iter()
+        .take(20)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
     if rejected > 20 {
         message.push_str(&format!("; and {} more", rejected - 20));
     }
@@ -370,26 +467,63 @@ fn _fraiseql_record_span(
     environment: Option<&str>,
 ) -> bool {
     let report = |e: ObsError| -> ! { e.report() };
-    let trace_id = normalize_id(trace_id.unwrap_or_else(|| report(ObsError::MissingArgument { argument: "trace_id" })), "trace_id")
-        .unwrap_or_else(|e| report(e));
-    let span_id = normalize_id(span_id.unwrap_or_else(|| report(ObsError::MissingArgument { argument: "span_id" })), "span_id")
-        .unwrap_or_else(|e| report(e));
-    let parent_span_id = parent_span_id.filter(|p| !p.is_empty()).map(|p| normalize_id(p, "span_id").unwrap_or_else(|e| report(e)));
-    let name = operation_name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| report(ObsError::MissingArgument { argument: "operation_name" }));
+    let trace_id = normalize_id(
+        trace_id.unwrap_or_else(|| {
+            report(ObsError::MissingArgument {
+                argument: "trace_id",
+            })
+        }),
+        "trace_id",
+    )
+    .unwrap_or_else(|e| report(e));
+    let span_id = normalize_id(
+        span_id.unwrap_or_else(|| {
+            report(ObsError::MissingArgument {
+                argument: "span_id",
+            })
+        }),
+        "span_id",
+    )
+    .unwrap_or_else(|e| report(e));
+    let parent_span_id = parent_span_id
+        .filter(|p| !p.is_empty())
+        .map(|p| normalize_id(p, "span_id").unwrap_or_else(|e| report(e)));
+    let name = operation_name
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| {
+            report(ObsError::MissingArgument {
+                argument: "operation_name",
+            })
+        });
     let us = |t: pgrx::datum::TimestampWithTimeZone| -> i64 {
         // PostgreSQL timestamps are microseconds since 2000-01-01
         let pg: i64 = t.into_inner();
         pg + 946_684_800_000_000
     };
-    let start = us(start_time.unwrap_or_else(|| report(ObsError::MissingArgument { argument: "start_time" })));
-    let end = us(end_time.unwrap_or_else(|| report(ObsError::MissingArgument { argument: "end_time" })));
+    let start = us(start_time.unwrap_or_else(|| {
+        report(ObsError::MissingArgument {
+            argument: "start_time",
+        })
+    }));
+    let end = us(end_time.unwrap_or_else(|| {
+        report(ObsError::MissingArgument {
+            argument: "end_time",
+        })
+    }));
     if end < start {
-        report(ObsError::invalid("end_time", "must not be before start_time"));
+        report(ObsError::invalid(
+            "end_time",
+            "must not be before start_time",
+        ));
     }
-    let kind = kind_of(span_kind.map(|k| Value::String(k.to_string())).as_ref()).unwrap_or_else(|e| report(ObsError::invalid("span_kind", e)));
+    let kind = kind_of(span_kind.map(|k| Value::String(k.to_string())).as_ref())
+        .unwrap_or_else(|e| report(ObsError::invalid("span_kind", e)));
     let status_code = status_code.unwrap_or(0);
     if !(0..=2).contains(&status_code) {
-        report(ObsError::invalid("status_code", "must be 0 (unset), 1 (ok) or 2 (error)"));
+        report(ObsError::invalid(
+            "status_code",
+            "must be 0 (unset), 1 (ok) or 2 (error)",
+        ));
     }
     let attributes = match attributes.map(|a| a.0) {
         None | Some(Value::Null) => Value::Object(Map::new()),
@@ -424,31 +558,31 @@ mod tests {
     #[test]
     fn otlp_request() {
         let req = serde_json::json!({
-          "resourceSpans": [{
-            "resource": {"attributes": [
-                {"key": "service.name", "value": {"stringValue": "api"}},
-                {"key": "deployment.environment", "value": {"stringValue": "staging"}}]},
-            "scopeSpans": [{
-              "scope": {"name": "my.lib", "version": "1.0"},
-              "spans": [
-                {"traceId": "5B8EFFF798038103D269B633813FC60C", "spanId": "EEE19B7EC3C1B174",
-                 "parentSpanId": "", "name": "GET /orders", "kind": 2,
-                 "startTimeUnixNano": "1544712660000000000", "endTimeUnixNano": 1544712661000000000u64,
-                 "attributes": [
-                   {"key": "http.status", "value": {"intValue": "200"}},
-                   {"key": "ok", "value": {"boolValue": true}},
-                   {"key": "ratio", "value": {"doubleValue": 0.5}},
-                   {"key": "tags", "value": {"arrayValue": {"values": [{"stringValue": "a"}, {"intValue": 3}]}}},
-                   {"key": "nested", "value": {"kvlistValue": {"values": [{"key": "k", "value": {"stringValue": "v"}}]}}}],
-                 "events": [{"timeUnixNano": "1544712660500000000", "name": "cache miss"}],
-                 "status": {"code": "STATUS_CODE_ERROR", "message": "boom"}},
-                {"traceId": "xyz", "spanId": "EEE19B7EC3C1B175", "name": "bad",
-                 "startTimeUnixNano": "1", "endTimeUnixNano": "2"},
-                {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b176", "name": "backwards",
-                 "startTimeUnixNano": "5", "endTimeUnixNano": "2"},
-                {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b177", "name": "k",
-                 "kind": "SPAN_KIND_WHATEVER", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
-              ]}]}]});
+        "resourceSpans": [{
+          "resource": {"attributes": [
+              {"key": "service.name", "value": {"stringValue": "api"}},
+              {"key": "deployment.environment", "value": {"stringValue": "staging"}}]},
+          "scopeSpans": [{
+            "scope": {"name": "my.lib", "version": "1.0"},
+            "spans": [
+              {"traceId": "5B8EFFF798038103D269B633813FC60C", "spanId": "EEE19B7EC3C1B174",
+               "parentSpanId": "", "name": "GET /orders", "kind": 2,
+               "startTimeUnixNano": "1544712660000000000", "endTimeUnixNano": 1544712661000000000u64,
+               "attributes": [
+                 {"key": "http.status", "value": {"intValue": "200"}},
+                 {"key": "ok", "value": {"boolValue": true}},
+                 {"key": "ratio", "value": {"doubleValue": 0.5}},
+                 {"key": "tags", "value": {"arrayValue": {"values": [{"stringValue": "a"}, {"intValue": 3}]}}},
+                 {"key": "nested", "value": {"kvlistValue": {"values": [{"key": "k", "value": {"stringValue": "v"}}]}}}],
+               "events": [{"timeUnixNano": "1544712660500000000", "name": "cache miss"}],
+               "status": {"code": "STATUS_CODE_ERROR", "message": "boom"}},
+              {"traceId": "xyz", "spanId": "EEE19B7EC3C1B175", "name": "bad",
+               "startTimeUnixNano": "1", "endTimeUnixNano": "2"},
+              {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b176", "name": "backwards",
+               "startTimeUnixNano": "5", "endTimeUnixNano": "2"},
+              {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b177", "name": "k",
+               "kind": "SPAN_KIND_WHATEVER", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+            ]}]}]});
         let p = parse_export_request(&req).unwrap();
         assert_eq!(p.spans.len(), 1);
         assert_eq!(p.rejected.len(), 3, "{:?}", p.rejected);
@@ -471,6 +605,9 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(rfc3339_from_unix_us(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339_from_unix_us(1_709_251_199_999_999), "2024-02-29T23:59:59.999999Z");
+        assert_eq!(
+            rfc3339_from_unix_us(1_709_251_199_999_999),
+            "2024-02-29T23:59:59.999999Z"
+        );
     }
 }

@@ -18,7 +18,8 @@
 use crate::guc;
 use crate::shmem::{self, REGISTRY};
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker,
 };
 use pgrx::pg_sys;
 use pgrx::pg_sys::PgTryBuilder;
@@ -107,14 +108,18 @@ fn report_activity(what: Option<&str>) {
                 let c = CString::new(s).unwrap_or_default();
                 pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr());
             }
-            None => pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()),
+            None => {
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
+            }
         }
     }
 }
 
 /// Runs `f` in its own transaction. A PostgreSQL error is caught, the
 /// transaction rolled back, and the error returned as text.
-fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
+fn in_transaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -125,7 +130,9 @@ fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic
             Err(match e {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_string()
+                }
             })
         })
         .execute();
@@ -163,11 +170,17 @@ fn list_databases() -> Vec<Database> {
             }
             // GETSTRUCT(tup)
             let header = (*tup).t_data;
-            let f = &*((header as *const u8).add((*header).t_hoff as usize) as *const pg_sys::FormData_pg_database);
+            let f = &*((header as *const u8).add((*header).t_hoff as usize)
+                as *const pg_sys::FormData_pg_database);
             // datconnlimit -2: a database whose DROP was interrupted
             if f.datallowconn && !f.datistemplate && f.datconnlimit != -2 {
-                let name = CStr::from_ptr(f.datname.data.as_ptr()).to_string_lossy().into_owned();
-                out.push(Database { oid: f.oid.to_u32(), name });
+                let name = CStr::from_ptr(f.datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                out.push(Database {
+                    oid: f.oid.to_u32(),
+                    name,
+                });
             }
         }
         pg_sys::table_endscan(scan);
@@ -200,7 +213,11 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
             // children that stopped are forgotten (and may be started again);
             // one registered but not started yet is still ours
             children.retain(|_, h| {
-                !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped) | Err(BackgroundWorkerStatus::PostmasterDied))
+                !matches!(
+                    h.pid(),
+                    Err(BackgroundWorkerStatus::Stopped)
+                        | Err(BackgroundWorkerStatus::PostmasterDied)
+                )
             });
             let now = shmem::now_secs();
             let mut to_start = Vec::new();
@@ -221,7 +238,10 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                         Some(i) => i,
                         None => match reg.slots.iter().position(|s| s.db_oid == 0) {
                             Some(i) => {
-                                reg.slots[i] = shmem::Slot { db_oid: db.oid, ..Default::default() };
+                                reg.slots[i] = shmem::Slot {
+                                    db_oid: db.oid,
+                                    ..Default::default()
+                                };
                                 i
                             }
                             None => continue, // more databases than slots
@@ -359,14 +379,16 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                     Ok(()) => successes.push(0),
                     Err(e) => failures.push((0, "flushing counters", e)),
                 }
-                next_flush = Instant::now() + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+                next_flush = Instant::now()
+                    + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
             }
             if now >= next_maintenance {
                 match step("maintenance", &maintenance_sql) {
                     Ok(()) => successes.push(1),
                     Err(e) => failures.push((1, "maintenance", e)),
                 }
-                next_maintenance = Instant::now() + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
+                next_maintenance = Instant::now()
+                    + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
             }
             // Notifications: every wake-up (a capture that queued one sets our
             // latch at commit), and at once again while batches come back full.
@@ -402,12 +424,20 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         let timeout = if more_to_deliver {
             Duration::from_millis(1)
         } else {
-            until.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))
+            until
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10))
         };
         // a reloaded interval takes effect at once
-        let before = (guc::FLUSH_INTERVAL_MS.get(), guc::MAINTENANCE_INTERVAL_S.get());
+        let before = (
+            guc::FLUSH_INTERVAL_MS.get(),
+            guc::MAINTENANCE_INTERVAL_S.get(),
+        );
         wait(timeout);
-        let after = (guc::FLUSH_INTERVAL_MS.get(), guc::MAINTENANCE_INTERVAL_S.get());
+        let after = (
+            guc::FLUSH_INTERVAL_MS.get(),
+            guc::MAINTENANCE_INTERVAL_S.get(),
+        );
         if before != after {
             next_flush = Instant::now();
             next_maintenance = Instant::now();
@@ -428,7 +458,8 @@ fn query_text(sql: &str, args: Vec<serde_json::Value>) -> Result<Option<String>,
         })
         .collect();
     in_transaction(move || {
-        let datums: Vec<pgrx::datum::DatumWithOid> = args.iter().map(|a| a.clone().into()).collect();
+        let datums: Vec<pgrx::datum::DatumWithOid> =
+            args.iter().map(|a| a.clone().into()).collect();
         Spi::get_one_with_args::<String>(&sql, &datums)
     })
     .and_then(|r| r.map_err(|e| e.to_string()))
@@ -500,8 +531,26 @@ unsafe extern "C-unwind" fn utility_hook(
             }
         }
         match PREV_UTILITY_HOOK {
-            Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+            Some(prev) => prev(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
         }
     }
 }
@@ -533,7 +582,11 @@ unsafe fn stop_worker_of(dbname: *const std::os::raw::c_char) {
     }
     unsafe { libc::kill(pid, libc::SIGTERM) };
     for _ in 0..500 {
-        let still = REGISTRY.share().slots.iter().any(|s| s.db_oid == oid && s.pid == pid);
+        let still = REGISTRY
+            .share()
+            .slots
+            .iter()
+            .any(|s| s.db_oid == oid && s.pid == pid);
         if !still || unsafe { libc::kill(pid, 0) } != 0 {
             break;
         }

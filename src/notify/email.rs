@@ -21,7 +21,10 @@ fn s<'a>(c: &'a Value, k: &str) -> Option<&'a str> {
 }
 
 fn html_escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn colour(severity: &str) -> &'static str {
@@ -45,7 +48,11 @@ fn field(p: &Value, k: &str) -> String {
 pub fn compose(d: &Delivery) -> (String, String, String) {
     let p = &d.payload;
     let subject_t = s(&d.config, "subject").unwrap_or(DEFAULT_SUBJECT);
-    let subject: String = render(subject_t, p).replace(['\r', '\n'], " ").chars().take(200).collect();
+    let subject: String = render(subject_t, p)
+        .replace(['\r', '\n'], " ")
+        .chars()
+        .take(200)
+        .collect();
     let stack: String = field(p, "stack_trace").chars().take(4000).collect();
     let details = [
         ("Error", field(p, "error_type")),
@@ -60,7 +67,9 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
         ("Fingerprint", field(p, "error_fingerprint")),
         ("Reason", d.reason.clone()),
     ];
-    let body_t = s(&d.config, "template").map(str::to_string).or_else(|| d.template.clone());
+    let body_t = s(&d.config, "template")
+        .map(str::to_string)
+        .or_else(|| d.template.clone());
     let text = match &body_t {
         Some(t) => render(t, p),
         None => {
@@ -75,7 +84,12 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
     };
     let rows: String = details
         .iter()
-        .map(|(k, v)| format!("<tr><th align=\"left\" style=\"padding:2px 12px 2px 0\">{k}</th><td>{}</td></tr>", html_escape(v)))
+        .map(|(k, v)| {
+            format!(
+                "<tr><th align=\"left\" style=\"padding:2px 12px 2px 0\">{k}</th><td>{}</td></tr>",
+                html_escape(v)
+            )
+        })
         .collect();
     let html = format!(
         "<!DOCTYPE html><html><body style=\"font-family:sans-serif\">\
@@ -84,9 +98,21 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
          {intro}<table>{rows}</table>\
          {trace}</div></body></html>",
         c = colour(&field(p, "severity")),
-        title = html_escape(&format!("{}: {}", field(p, "error_type"), field(p, "error_message")).chars().take(300).collect::<String>()),
-        intro = body_t.map(|_| format!("<p style=\"white-space:pre-wrap\">{}</p>", html_escape(&text))).unwrap_or_default(),
-        trace = if stack.is_empty() { String::new() } else {
+        title = html_escape(
+            &format!("{}: {}", field(p, "error_type"), field(p, "error_message"))
+                .chars()
+                .take(300)
+                .collect::<String>()
+        ),
+        intro = body_t
+            .map(|_| format!(
+                "<p style=\"white-space:pre-wrap\">{}</p>",
+                html_escape(&text)
+            ))
+            .unwrap_or_default(),
+        trace = if stack.is_empty() {
+            String::new()
+        } else {
             format!("<h3>Stack trace</h3><pre style=\"background:#f5f5f5;padding:8px;overflow:auto\">{}</pre>", html_escape(&stack))
         },
     );
@@ -95,8 +121,16 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
 
 fn recipients(c: &Value) -> Vec<String> {
     match c.get("to") {
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
-        Some(Value::String(s)) => s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
         _ => vec![],
     }
 }
@@ -108,10 +142,16 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
         return Outcome::failed("no recipients (\"to\")", true);
     }
     let Some(host) = s(c, "smtp_host") else {
-        return Outcome::failed("no smtp_host in the rule or the email channel's defaults", true);
+        return Outcome::failed(
+            "no smtp_host in the rule or the email channel's defaults",
+            true,
+        );
     };
     if !host_allowed(host, &allowed_hosts()) {
-        return Outcome::failed(format!("host {host} is not in fraiseql_obs.notification_allowed_hosts"), true);
+        return Outcome::failed(
+            format!("host {host} is not in fraiseql_obs.notification_allowed_hosts"),
+            true,
+        );
     }
     let tls_mode = s(c, "tls").map(str::to_ascii_lowercase).unwrap_or_else(|| {
         match c.get("use_tls").and_then(Value::as_bool) {
@@ -120,14 +160,22 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             None => "starttls".into(),
         }
     });
-    let port = c.get("smtp_port").and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+    let port = c
+        .get("smtp_port")
+        .and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
         .unwrap_or(if tls_mode == "tls" { 465 } else { 587 }) as u16;
     let tls = match tls_mode.as_str() {
         "none" => Tls::None,
         mode => {
             let mut params = TlsParameters::builder(host.to_string());
             if let Some(ca) = s(c, "tls_ca_file") {
-                match std::fs::read(ca).map_err(|e| e.to_string()).and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string())) {
+                match std::fs::read(ca)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string()))
+                {
                     Ok(cert) => params = params.add_root_certificate(cert),
                     Err(e) => return Outcome::failed(format!("tls_ca_file {ca}: {e}"), true),
                 }
@@ -139,12 +187,17 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             }
         }
     };
-    let mut builder = SmtpTransport::builder_dangerous(host).port(port).tls(tls).timeout(Some(limits.total));
+    let mut builder = SmtpTransport::builder_dangerous(host)
+        .port(port)
+        .tls(tls)
+        .timeout(Some(limits.total));
     if let (Some(u), Some(pw)) = (s(c, "smtp_user"), s(c, "smtp_password")) {
         builder = builder.credentials(Credentials::new(u.to_string(), pw.to_string()));
     }
     let mailer = builder.build();
-    let from = s(c, "from_address").or_else(|| s(c, "from")).unwrap_or("fraiseql-obs@localhost");
+    let from = s(c, "from_address")
+        .or_else(|| s(c, "from"))
+        .unwrap_or("fraiseql-obs@localhost");
     let (subject, text, html) = compose(d);
     let mut msg = Message::builder().subject(subject);
     msg = match from.parse::<Mailbox>() {

@@ -45,10 +45,20 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn sent(code: impl Into<String>, recipient: Option<String>) -> Self {
-        Outcome { ok: true, response_code: Some(code.into()), recipient, ..Default::default() }
+        Outcome {
+            ok: true,
+            response_code: Some(code.into()),
+            recipient,
+            ..Default::default()
+        }
     }
     pub fn failed(error: impl Into<String>, permanent: bool) -> Self {
-        Outcome { ok: false, permanent, error: Some(error.into()), ..Default::default() }
+        Outcome {
+            ok: false,
+            permanent,
+            error: Some(error.into()),
+            ..Default::default()
+        }
     }
 }
 
@@ -69,8 +79,17 @@ impl Limits {
 /// {error_type}, {error_message}, ... replaced by the error's fields.
 pub fn render(template: &str, payload: &Value) -> String {
     const FIELDS: [&str; 11] = [
-        "error_type", "error_message", "environment", "severity", "occurrence_count", "first_seen", "last_seen",
-        "error_id", "error_fingerprint", "release_version", "stack_trace",
+        "error_type",
+        "error_message",
+        "environment",
+        "severity",
+        "occurrence_count",
+        "first_seen",
+        "last_seen",
+        "error_id",
+        "error_fingerprint",
+        "release_version",
+        "stack_trace",
     ];
     let mut out = template.to_string();
     for f in FIELDS {
@@ -91,13 +110,23 @@ pub fn render(template: &str, payload: &Value) -> String {
 /// "*" for any, or a comma-separated list of host names, "*.example.com" for a domain).
 pub fn host_allowed(host: &str, allow_list: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
-    allow_list.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).any(|h| {
-        h == "*" || h == host || h.strip_prefix("*.").is_some_and(|d| host.ends_with(&format!(".{d}")))
-    })
+    allow_list
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .any(|h| {
+            h == "*"
+                || h == host
+                || h.strip_prefix("*.")
+                    .is_some_and(|d| host.ends_with(&format!(".{d}")))
+        })
 }
 
 pub fn allowed_hosts() -> String {
-    guc::NOTIFY_ALLOWED_HOSTS.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "*".into())
+    guc::NOTIFY_ALLOWED_HOSTS
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| "*".into())
 }
 
 /// Host of an http(s) URL.
@@ -105,7 +134,11 @@ pub fn url_host(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split(['/', '?', '#']).next()?;
     let authority = authority.rsplit('@').next()?;
-    let host = if authority.starts_with('[') { authority.split(']').next()?.trim_start_matches('[') } else { authority.split(':').next()? };
+    let host = if authority.starts_with('[') {
+        authority.split(']').next()?.trim_start_matches('[')
+    } else {
+        authority.split(':').next()?
+    };
     (!host.is_empty()).then_some(host)
 }
 
@@ -118,7 +151,9 @@ pub fn redact_urls(text: &str) -> String {
         let (before, from) = rest.split_at(i);
         out.push_str(before);
         if from.starts_with("http://") || from.starts_with("https://") {
-            let end = from.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')').unwrap_or(from.len());
+            let end = from
+                .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')')
+                .unwrap_or(from.len());
             let url = &from[..end];
             let scheme = url.split("://").next().unwrap_or("http");
             out.push_str(&format!("{scheme}://{}/…", url_host(url).unwrap_or("?")));
@@ -149,7 +184,10 @@ fn parse(items: &Value) -> Vec<Delivery> {
                     config: i.get("config").cloned().unwrap_or(json!({})),
                     template: s(i, "template"),
                     handler: s(i, "handler"),
-                    rule_exists: i.get("rule_exists").and_then(Value::as_bool).unwrap_or(false),
+                    rule_exists: i
+                        .get("rule_exists")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
                 })
                 .collect()
         })
@@ -158,7 +196,11 @@ fn parse(items: &Value) -> Vec<Delivery> {
 
 /// Sends one delivery. Network channels run here, outside any transaction;
 /// pg_notify and custom channels need the database and run in `in_txn`.
-fn send(d: &Delivery, limits: &Limits, in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>) -> Outcome {
+fn send(
+    d: &Delivery,
+    limits: &Limits,
+    in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>,
+) -> Outcome {
     if !d.rule_exists {
         return Outcome::failed("the rule was deleted or disabled before delivery", true);
     }
@@ -167,28 +209,54 @@ fn send(d: &Delivery, limits: &Limits, in_txn: &dyn Fn(&str, Vec<Value>) -> Resu
         "slack" => slack::send(d, limits),
         "email" => email::send(d, limits),
         "pg_notify" => {
-            let channel = d.config.get("channel").and_then(Value::as_str).unwrap_or("fraiseql_obs_errors").to_string();
+            let channel = d
+                .config
+                .get("channel")
+                .and_then(Value::as_str)
+                .unwrap_or("fraiseql_obs_errors")
+                .to_string();
             let mut payload = d.payload.clone();
             // NOTIFY payloads are limited to 8000 bytes
             if payload.to_string().len() > 7000 {
                 payload["stack_trace"] = Value::String("[truncated: see tb_error_log]".into());
                 payload["context"] = Value::Null;
             }
-            match in_txn("SELECT pg_notify($1, $2)::text", vec![Value::String(channel.clone()), Value::String(payload.to_string())]) {
+            match in_txn(
+                "SELECT pg_notify($1, $2)::text",
+                vec![
+                    Value::String(channel.clone()),
+                    Value::String(payload.to_string()),
+                ],
+            ) {
                 Ok(_) => Outcome::sent("notified", Some(channel)),
                 Err(e) => Outcome::failed(e, false),
             }
         }
         _ => {
             let Some(handler) = &d.handler else {
-                return Outcome::failed(format!("channel type \"{}\" is not registered", d.channel_type), true);
+                return Outcome::failed(
+                    format!("channel type \"{}\" is not registered", d.channel_type),
+                    true,
+                );
             };
             match in_txn(
                 "SELECT _fraiseql_call_channel($1::regprocedure, $2::jsonb, $3::jsonb)::text",
-                vec![Value::String(handler.clone()), Value::String(d.payload.to_string()), Value::String(d.config.to_string())],
+                vec![
+                    Value::String(handler.clone()),
+                    Value::String(d.payload.to_string()),
+                    Value::String(d.config.to_string()),
+                ],
             ) {
-                Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => Outcome::sent("ok", None),
-                Ok(v) => Outcome::failed(v.get("error").and_then(Value::as_str).unwrap_or("handler reported failure").to_string(), false),
+                Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {
+                    Outcome::sent("ok", None)
+                }
+                Ok(v) => Outcome::failed(
+                    v.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("handler reported failure")
+                        .to_string(),
+                    false,
+                ),
                 Err(e) => Outcome::failed(e, false),
             }
         }
@@ -197,7 +265,10 @@ fn send(d: &Delivery, limits: &Limits, in_txn: &dyn Fn(&str, Vec<Value>) -> Resu
 
 /// One delivery round: claim, send, record. Returns how many were attempted.
 /// `txn` runs a query returning one text value in its own transaction.
-pub fn deliver_due(schema: &str, txn: &dyn Fn(&str, Vec<Value>) -> Result<Option<String>, String>) -> Result<usize, String> {
+pub fn deliver_due(
+    schema: &str,
+    txn: &dyn Fn(&str, Vec<Value>) -> Result<Option<String>, String>,
+) -> Result<usize, String> {
     let limits = Limits::from_settings();
     // a claimed delivery not recorded within its lease (the worker died in
     // flight) is delivered again, with the same delivery id
@@ -213,9 +284,15 @@ pub fn deliver_due(schema: &str, txn: &dyn Fn(&str, Vec<Value>) -> Result<Option
         return Ok(0);
     }
     let in_txn = |sql: &str, args: Vec<Value>| -> Result<Value, String> {
-        let sql = sql.replace("_fraiseql_call_channel", &format!("{schema}._fraiseql_call_channel"));
+        let sql = sql.replace(
+            "_fraiseql_call_channel",
+            &format!("{schema}._fraiseql_call_channel"),
+        );
         let v = txn(&sql, args)?;
-        Ok(v.and_then(|t| serde_json::from_str(&t).ok().or(Some(Value::String(t)))).unwrap_or(Value::Null))
+        Ok(
+            v.and_then(|t| serde_json::from_str(&t).ok().or(Some(Value::String(t))))
+                .unwrap_or(Value::Null),
+        )
     };
     let mut results = Vec::with_capacity(items.len());
     for d in &items {
@@ -256,13 +333,22 @@ mod tests {
     #[test]
     fn templates() {
         let p = json!({"error_type": "ValueError", "occurrence_count": 5, "environment": "production", "release_version": null});
-        assert_eq!(render("{error_type} x{occurrence_count} in {environment}{release_version}", &p), "ValueError x5 in production");
+        assert_eq!(
+            render(
+                "{error_type} x{occurrence_count} in {environment}{release_version}",
+                &p
+            ),
+            "ValueError x5 in production"
+        );
     }
 
     #[test]
     fn allow_list() {
         assert!(host_allowed("hooks.slack.com", "*"));
-        assert!(host_allowed("hooks.slack.com", "api.myapp.com, *.slack.com"));
+        assert!(host_allowed(
+            "hooks.slack.com",
+            "api.myapp.com, *.slack.com"
+        ));
         assert!(!host_allowed("evil.com", "api.myapp.com,*.slack.com"));
         assert!(!host_allowed("slack.com.evil.com", "*.slack.com"));
         assert!(!host_allowed("x", ""));
@@ -270,10 +356,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(url_host("https://hooks.slack.com/services/T/B/secret"), Some("hooks.slack.com"));
-        assert_eq!(url_host("http://user:pw@127.0.0.1:8080/x"), Some("127.0.0.1"));
+        assert_eq!(
+            url_host("https://hooks.slack.com/services/T/B/secret"),
+            Some("hooks.slack.com")
+        );
+        assert_eq!(
+            url_host("http://user:pw@127.0.0.1:8080/x"),
+            Some("127.0.0.1")
+        );
         assert_eq!(url_host("http://[::1]:80/"), Some("::1"));
-        let r = redact_urls("POST https://hooks.slack.com/services/T/B/secret failed: http://x/y?token=1");
+        let r = redact_urls(
+            "POST https://hooks.slack.com/services/T/B/secret failed: http://x/y?token=1",
+        );
         assert!(!r.contains("secret") && !r.contains("token"), "{r}");
         assert!(r.contains("hooks.slack.com"));
     }

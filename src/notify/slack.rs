@@ -27,7 +27,19 @@ pub fn message(d: &Delivery) -> Value {
         let lines: Vec<String> = p
             .get("errors")
             .and_then(Value::as_array)
-            .map(|a| a.iter().take(30).map(|e| format!("• *{}* ×{} ({})", text(e, "title"), text(e, "occurrences_in_window"), text(e, "environment"))).collect())
+            .map(|a| {
+                a.iter()
+                    .take(30)
+                    .map(|e| {
+                        format!(
+                            "• *{}* ×{} ({})",
+                            text(e, "title"),
+                            text(e, "occurrences_in_window"),
+                            text(e, "environment")
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         return json!({
             "text": format!("Digest: {}", text(p, "error_message")),
@@ -38,7 +50,11 @@ pub fn message(d: &Delivery) -> Value {
         });
     }
     let stack: String = text(p, "stack_trace").chars().take(500).collect();
-    let summary = match d.template.as_deref().or_else(|| d.config.get("template").and_then(Value::as_str)) {
+    let summary = match d
+        .template
+        .as_deref()
+        .or_else(|| d.config.get("template").and_then(Value::as_str))
+    {
         Some(t) => render(t, p),
         None => text(p, "error_message"),
     };
@@ -70,9 +86,25 @@ pub fn message(d: &Delivery) -> Value {
 }
 
 pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
-    let url = d.config.get("webhook_url").and_then(Value::as_str).unwrap_or("");
-    let mut out = webhook::http(url, "POST", &[], message(d).to_string(), &d.delivery_id, limits);
+    let url = d
+        .config
+        .get("webhook_url")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut out = webhook::http(
+        url,
+        "POST",
+        &[],
+        message(d).to_string(),
+        &d.delivery_id,
+        limits,
+    );
     // log the Slack channel, never the webhook URL (it is the secret)
-    out.recipient = d.config.get("channel").and_then(Value::as_str).map(str::to_string).or(Some("slack".into()));
+    out.recipient = d
+        .config
+        .get("channel")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or(Some("slack".into()));
     out
 }

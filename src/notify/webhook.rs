@@ -16,12 +16,22 @@ pub fn agent(limits: &Limits) -> ureq::Agent {
 
 /// POSTs (or PUTs/PATCHes) `body` and maps the answer: 2xx is sent; 4xx other
 /// than 408/429 is permanent (retrying will not help); the rest is retried.
-pub fn http(url: &str, method: &str, headers: &[(String, String)], body: String, delivery_id: &str, limits: &Limits) -> Outcome {
+pub fn http(
+    url: &str,
+    method: &str,
+    headers: &[(String, String)],
+    body: String,
+    delivery_id: &str,
+    limits: &Limits,
+) -> Outcome {
     let Some(host) = url_host(url) else {
         return Outcome::failed("the url is not an http(s) url", true);
     };
     if !host_allowed(host, &allowed_hosts()) {
-        return Outcome::failed(format!("host {host} is not in fraiseql_obs.notification_allowed_hosts"), true);
+        return Outcome::failed(
+            format!("host {host} is not in fraiseql_obs.notification_allowed_hosts"),
+            true,
+        );
     }
     let agent = agent(limits);
     let mut req = match method.to_ascii_uppercase().as_str() {
@@ -29,7 +39,9 @@ pub fn http(url: &str, method: &str, headers: &[(String, String)], body: String,
         "PATCH" => agent.patch(url),
         _ => agent.post(url),
     };
-    req = req.header("Content-Type", "application/json").header("X-Fraiseql-Delivery-Id", delivery_id);
+    req = req
+        .header("Content-Type", "application/json")
+        .header("X-Fraiseql-Delivery-Id", delivery_id);
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }
@@ -56,14 +68,34 @@ pub fn http(url: &str, method: &str, headers: &[(String, String)], body: String,
 
 pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
     let url = d.config.get("url").and_then(Value::as_str).unwrap_or("");
-    let method = d.config.get("method").and_then(Value::as_str).unwrap_or("POST");
+    let method = d
+        .config
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or("POST");
     let headers: Vec<(String, String)> = d
         .config
         .get("headers")
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    let template = d.config.get("template").and_then(Value::as_str).map(str::to_string).or_else(|| d.template.clone());
+    let template = d
+        .config
+        .get("template")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| d.template.clone());
     let body = match template {
         Some(t) => render(&t, &d.payload),
         None => d.payload.to_string(),

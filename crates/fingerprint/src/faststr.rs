@@ -72,7 +72,16 @@ mod tests {
     #[test]
     fn agrees_with_std() {
         let hay = "aaab::c::h::d ab ab (x) ééa::";
-        for pat in ["::", "ab", " (", "é", "a::", "zz", "", "aaab::c::h::d ab ab (x) ééa::!"] {
+        for pat in [
+            "::",
+            "ab",
+            " (",
+            "é",
+            "a::",
+            "zz",
+            "",
+            "aaab::c::h::d ab ab (x) ééa::!",
+        ] {
             assert_eq!(hay.ffind(pat), hay.find(pat), "{pat}");
             assert_eq!(hay.frfind(pat), hay.rfind(pat), "{pat}");
             assert_eq!(hay.fsplit_once(pat), hay.split_once(pat), "{pat}");

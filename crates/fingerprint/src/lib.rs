@@ -53,7 +53,11 @@ impl Hasher {
 }
 
 /// The default fingerprint of an exception.
-pub fn default_fingerprint(exception_type: &str, message: &str, stack_trace: Option<&str>) -> String {
+pub fn default_fingerprint(
+    exception_type: &str,
+    message: &str,
+    stack_trace: Option<&str>,
+) -> String {
     let exception_type = exception_type.trim();
     if let Some(trace) = stack_trace.filter(|t| !t.trim().is_empty()) {
         let parsed = stacktrace::parse(trace);
@@ -92,7 +96,11 @@ pub fn message_fingerprint(message: &str) -> String {
 /// works); `{{ default }}` stands for the default fingerprint; several values
 /// are hashed together.
 pub fn custom_fingerprint(default: &str, parts: &[String]) -> Option<String> {
-    let parts: Vec<&str> = parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = parts
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect();
     match parts.as_slice() {
         [] => None,
         [one] => {
@@ -111,7 +119,11 @@ pub fn custom_fingerprint(default: &str, parts: &[String]) -> Option<String> {
         many => {
             let mut h = Hasher::new("custom");
             for p in many {
-                h.part(if DEFAULT_MARKERS.contains(p) { default } else { p });
+                h.part(if DEFAULT_MARKERS.contains(p) {
+                    default
+                } else {
+                    p
+                });
             }
             Some(h.finish())
         }
@@ -120,15 +132,24 @@ pub fn custom_fingerprint(default: &str, parts: &[String]) -> Option<String> {
 
 /// A readable title ("ValueError: invalid literal ...") and the culprit
 /// (the innermost in-app frame, "module in function").
-pub fn title_and_culprit(exception_type: &str, message: &str, stack_trace: Option<&str>) -> (String, Option<String>) {
+pub fn title_and_culprit(
+    exception_type: &str,
+    message: &str,
+    stack_trace: Option<&str>,
+) -> (String, Option<String>) {
     let first_line = message.lines().next().unwrap_or("").trim();
-    let mut title = if exception_type == "Message" { first_line.to_string() } else { format!("{exception_type}: {first_line}") };
+    let mut title = if exception_type == "Message" {
+        first_line.to_string()
+    } else {
+        format!("{exception_type}: {first_line}")
+    };
     if title.chars().count() > 120 {
         title = title.chars().take(119).collect::<String>() + "…";
     }
     let culprit = stack_trace.and_then(|t| {
         let p = stacktrace::parse(t);
-        p.culprit().map(|f| format!("{} in {}", f.module, f.function))
+        p.culprit()
+            .map(|f| format!("{} in {}", f.module, f.function))
     });
     (title, culprit)
 }
@@ -139,8 +160,14 @@ mod tests {
 
     #[test]
     fn custom() {
-        assert_eq!(custom_fingerprint("d", &["payment_error".into()]).unwrap(), "payment_error");
-        assert_eq!(custom_fingerprint("d", &["{{ default }}-x".into()]).unwrap(), "d-x");
+        assert_eq!(
+            custom_fingerprint("d", &["payment_error".into()]).unwrap(),
+            "payment_error"
+        );
+        assert_eq!(
+            custom_fingerprint("d", &["{{ default }}-x".into()]).unwrap(),
+            "d-x"
+        );
         let a = custom_fingerprint("d1", &["{{ default }}".into(), "tenant".into()]).unwrap();
         let b = custom_fingerprint("d2", &["{{ default }}".into(), "tenant".into()]).unwrap();
         assert_ne!(a, b);
@@ -157,8 +184,14 @@ mod tests {
             default_fingerprint("NotFound", "User 1234 not found", None),
             default_fingerprint("KeyError", "User 1234 not found", None)
         );
-        assert_ne!(message_fingerprint("disk full on /a"), message_fingerprint("cache miss storm"));
-        assert_eq!(message_fingerprint("retry 1 of 5"), message_fingerprint("retry 2 of 5"));
+        assert_ne!(
+            message_fingerprint("disk full on /a"),
+            message_fingerprint("cache miss storm")
+        );
+        assert_eq!(
+            message_fingerprint("retry 1 of 5"),
+            message_fingerprint("retry 2 of 5")
+        );
     }
 
     #[test]
@@ -166,7 +199,13 @@ mod tests {
         let a = "Traceback (most recent call last):\n  File \"/srv/r1/app/views.py\", line 10, in handler\nValueError: x";
         let b = "Traceback (most recent call last):\n  File \"/opt/r2/app/views.py\", line 99, in handler\nValueError: y";
         let c = "Traceback (most recent call last):\n  File \"/opt/r2/app/views.py\", line 99, in other\nValueError: y";
-        assert_eq!(default_fingerprint("ValueError", "x", Some(a)), default_fingerprint("ValueError", "y", Some(b)));
-        assert_ne!(default_fingerprint("ValueError", "x", Some(a)), default_fingerprint("ValueError", "x", Some(c)));
+        assert_eq!(
+            default_fingerprint("ValueError", "x", Some(a)),
+            default_fingerprint("ValueError", "y", Some(b))
+        );
+        assert_ne!(
+            default_fingerprint("ValueError", "x", Some(a)),
+            default_fingerprint("ValueError", "x", Some(c))
+        );
     }
 }

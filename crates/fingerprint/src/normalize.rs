@@ -111,7 +111,9 @@ fn match_token(b: &[u8]) -> Option<(usize, &'static str)> {
     }
     if let Some(n) = match_number(b) {
         // a number directly followed by a unit is a duration (3000ms, 1.5s)
-        let unit = run_max(&b[n..], 8, |c| c.is_ascii_alphabetic() || c == 0xc2 || c == 0xb5);
+        let unit = run_max(&b[n..], 8, |c| {
+            c.is_ascii_alphabetic() || c == 0xc2 || c == 0xb5
+        });
         if unit > 0 && !b.get(n + unit).is_some_and(|&c| is_word(c)) {
             let u = std::str::from_utf8(&b[n..n + unit]).unwrap_or("");
             if DURATION_UNITS.contains(&u.to_ascii_lowercase().as_str()) {
@@ -132,7 +134,9 @@ const DURATION_UNITS: &[&str] = &[
 ];
 
 fn match_url(b: &[u8]) -> Option<usize> {
-    let scheme = run_max(b, 32, |c| c.is_ascii_alphanumeric() || c == b'+' || c == b'.' || c == b'-');
+    let scheme = run_max(b, 32, |c| {
+        c.is_ascii_alphanumeric() || c == b'+' || c == b'.' || c == b'-'
+    });
     if scheme == 0 || !b[0].is_ascii_alphabetic() || !b[scheme..].starts_with(b"://") {
         return None;
     }
@@ -151,11 +155,15 @@ fn match_url(b: &[u8]) -> Option<usize> {
 }
 
 fn match_email(b: &[u8]) -> Option<usize> {
-    let local = run_max(b, 64, |c| c.is_ascii_alphanumeric() || b"._%+-".contains(&c));
+    let local = run_max(b, 64, |c| {
+        c.is_ascii_alphanumeric() || b"._%+-".contains(&c)
+    });
     if local == 0 || b.get(local) != Some(&b'@') {
         return None;
     }
-    let dom = run_max(&b[local + 1..], 255, |c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-');
+    let dom = run_max(&b[local + 1..], 255, |c| {
+        c.is_ascii_alphanumeric() || c == b'.' || c == b'-'
+    });
     let mut end = local + 1 + dom;
     while end > local + 1 && b[end - 1] == b'.' {
         end -= 1;
@@ -215,7 +223,9 @@ fn match_ipv4(b: &[u8]) -> Option<usize> {
             i += 1 + p;
         }
     }
-    if b.get(i).is_some_and(|&c| is_word(c) || c == b'.') && b.get(i + 1).is_some_and(|c| c.is_ascii_digit()) {
+    if b.get(i).is_some_and(|&c| is_word(c) || c == b'.')
+        && b.get(i + 1).is_some_and(|c| c.is_ascii_digit())
+    {
         return None;
     }
     Some(i)
@@ -223,7 +233,11 @@ fn match_ipv4(b: &[u8]) -> Option<usize> {
 
 fn match_ipv6(b: &[u8]) -> Option<usize> {
     // [v6]:port or a bare run of hex groups with at least two ':'
-    let (start, bracket) = if b.first() == Some(&b'[') { (1, true) } else { (0, false) };
+    let (start, bracket) = if b.first() == Some(&b'[') {
+        (1, true)
+    } else {
+        (0, false)
+    };
     let n = run_max(&b[start..], 45, |c| is_hex(c) || c == b':' || c == b'.');
     let s = &b[start..start + n];
     let colons = s.iter().filter(|&&c| c == b':').count();
@@ -234,7 +248,9 @@ fn match_ipv6(b: &[u8]) -> Option<usize> {
         return None;
     }
     // every group is 0..4 hex digits (the last may be a dotted IPv4)
-    if s.split(|&c| c == b':').any(|g| g.len() > 4 && !g.contains(&b'.')) {
+    if s.split(|&c| c == b':')
+        .any(|g| g.len() > 4 && !g.contains(&b'.'))
+    {
         return None;
     }
     let mut i = start + n;
@@ -262,12 +278,18 @@ fn digits(b: &[u8], i: usize, n: usize) -> bool {
 
 fn match_datetime(b: &[u8]) -> Option<usize> {
     let mut i;
-    if digits(b, 0, 4) && matches!(b.get(4), Some(b'-') | Some(b'/')) && digits(b, 5, 2)
-        && b.get(7) == b.get(4) && digits(b, 8, 2)
+    if digits(b, 0, 4)
+        && matches!(b.get(4), Some(b'-') | Some(b'/'))
+        && digits(b, 5, 2)
+        && b.get(7) == b.get(4)
+        && digits(b, 8, 2)
     {
         i = 10; // 2024-01-31 or 2024/01/31
-    } else if digits(b, 0, 2) && matches!(b.get(2), Some(b'/') | Some(b'.') | Some(b'-')) && digits(b, 3, 2)
-        && b.get(5) == b.get(2) && digits(b, 6, 4)
+    } else if digits(b, 0, 2)
+        && matches!(b.get(2), Some(b'/') | Some(b'.') | Some(b'-'))
+        && digits(b, 3, 2)
+        && b.get(5) == b.get(2)
+        && digits(b, 6, 4)
     {
         i = 10; // 31/01/2024, 01.31.2024
     } else if digits(b, 0, 2) && b.get(2) == Some(&b':') && digits(b, 3, 2) {
@@ -345,10 +367,13 @@ fn match_hex(b: &[u8]) -> Option<usize> {
 
 fn match_number(b: &[u8]) -> Option<usize> {
     let mut i = 0;
-    if matches!(b.first(), Some(b'-') | Some(b'+')) && b.get(1).is_some_and(|c| c.is_ascii_digit()) {
+    if matches!(b.first(), Some(b'-') | Some(b'+')) && b.get(1).is_some_and(|c| c.is_ascii_digit())
+    {
         i = 1;
     }
-    let d = run_max(&b[i..], 64, |c| c.is_ascii_digit() || c == b',' || c == b'_');
+    let d = run_max(&b[i..], 64, |c| {
+        c.is_ascii_digit() || c == b',' || c == b'_'
+    });
     if d == 0 || !b[i].is_ascii_digit() {
         return None;
     }
@@ -383,24 +408,45 @@ mod tests {
 
     #[test]
     fn parameters() {
-        assert_eq!(n("id 550e8400-e29b-41d4-a716-446655440000 bad"), "id <uuid> bad");
+        assert_eq!(
+            n("id 550e8400-e29b-41d4-a716-446655440000 bad"),
+            "id <uuid> bad"
+        );
         assert_eq!(n("from 10.0.0.1:5432 refused"), "from <ip> refused");
         assert_eq!(n("from [::1]:5432 refused"), "from <ip> refused");
         assert_eq!(n("host fe80::1ff:fe23:4567:890a down"), "host <ip> down");
-        assert_eq!(n("mail bob.smith@example.com bounced"), "mail <email> bounced");
-        assert_eq!(n("GET https://api.example.com/v1/users/42?x=1 failed."), "GET <url> failed.");
-        assert_eq!(n("at 2024-01-31T10:22:33.123Z and 2024-02-01 10:00"), "at <date> and <date>");
-        assert_eq!(n("expired 31/01/2024 at 10:22:33"), "expired <date> at <date>");
+        assert_eq!(
+            n("mail bob.smith@example.com bounced"),
+            "mail <email> bounced"
+        );
+        assert_eq!(
+            n("GET https://api.example.com/v1/users/42?x=1 failed."),
+            "GET <url> failed."
+        );
+        assert_eq!(
+            n("at 2024-01-31T10:22:33.123Z and 2024-02-01 10:00"),
+            "at <date> and <date>"
+        );
+        assert_eq!(
+            n("expired 31/01/2024 at 10:22:33"),
+            "expired <date> at <date>"
+        );
         assert_eq!(n("timeout after 3000ms"), "timeout after <duration>");
         assert_eq!(n("timeout after 30 s"), "timeout after <num> s");
         assert_eq!(n("ptr 0x7ffdeadbeef0 null"), "ptr <hex> null");
-        assert_eq!(n("commit d41d8cd98f00b204e9800998ecf8427e missing"), "commit <hex> missing");
+        assert_eq!(
+            n("commit d41d8cd98f00b204e9800998ecf8427e missing"),
+            "commit <hex> missing"
+        );
         assert_eq!(n("token=\"abc def\" user='x'"), "token=<val> user=<val>");
     }
 
     #[test]
     fn words_survive() {
-        assert_eq!(n("the 3rd attempt of order_123 via 2fa"), "the 3rd attempt of order_123 via 2fa");
+        assert_eq!(
+            n("the 3rd attempt of order_123 via 2fa"),
+            "the 3rd attempt of order_123 via 2fa"
+        );
         assert_eq!(n("deadbeef cafe"), "deadbeef cafe");
         assert_eq!(n("  many   spaces\n\there "), "many spaces here");
     }

@@ -90,7 +90,10 @@ pub fn parse(trace: &str) -> ParsedTrace<'_> {
     if language == Language::Unknown {
         language = detect(&lines).0;
     }
-    ParsedTrace { language, frames: parse_as(language, &lines) }
+    ParsedTrace {
+        language,
+        frames: parse_as(language, &lines),
+    }
 }
 
 /// The language whose matcher recognizes the most lines, with its frames.
@@ -100,7 +103,11 @@ fn detect<'a>(lines: &[&'a str]) -> (Language, Vec<Frame<'a>>) {
         let frames = parse_as(lang, lines);
         // a Rust frame is a numbered symbol line plus an "at file:line"
         // line, which the JavaScript matcher would also claim: weigh it double
-        let score = if lang == Language::Rust { 2 * frames.len() } else { frames.len() };
+        let score = if lang == Language::Rust {
+            2 * frames.len()
+        } else {
+            frames.len()
+        };
         if score > best.1 {
             best = (lang, score, frames);
         }
@@ -198,7 +205,6 @@ fn split_location(loc: &str) -> (&str, Option<u32>) {
     (file, line)
 }
 
-
 /// Whether a dot/dash separated piece of a file name looks like a content hash.
 fn looks_like_hash(piece: &str) -> bool {
     let n = piece.len();
@@ -207,7 +213,11 @@ fn looks_like_hash(piece: &str) -> bool {
     }
     let digits = piece.bytes().filter(|c| c.is_ascii_digit()).count();
     let hex = piece.bytes().all(|c| c.is_ascii_hexdigit());
-    (hex && digits > 0) || (n >= 8 && digits > 0 && piece.bytes().all(|c| c.is_ascii_alphanumeric()) && digits * 4 >= n)
+    (hex && digits > 0)
+        || (n >= 8
+            && digits > 0
+            && piece.bytes().all(|c| c.is_ascii_alphanumeric())
+            && digits * 4 >= n)
 }
 
 /// main.3f2a9c1b.js, chunk-ABCD1234.js, app-3f2a1b9c.min.js -> main.js, chunk.js, app.min.js
@@ -221,7 +231,10 @@ fn normalize_js_file(file: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(base.len());
     let mut start = 0;
     let mut sep: Option<char> = None;
-    for (i, c) in base.char_indices().chain(std::iter::once((base.len(), '.'))) {
+    for (i, c) in base
+        .char_indices()
+        .chain(std::iter::once((base.len(), '.')))
+    {
         if i == base.len() || is_sep(c) {
             let piece = &base[start..i];
             if !looks_like_hash(piece) {
@@ -259,7 +272,13 @@ fn python_frame(line: &str) -> Option<Frame<'_>> {
     } else {
         Cow::Borrowed(strip_ext(basename(path), &[".py", ".pyx"]))
     };
-    Some(Frame { module, function, file: Some(path), line: Some(lineno), in_app: !lib })
+    Some(Frame {
+        module,
+        function,
+        file: Some(path),
+        line: Some(lineno),
+        in_app: !lib,
+    })
 }
 
 fn is_python_stdlib(path: &str) -> bool {
@@ -267,7 +286,8 @@ fn is_python_stdlib(path: &str) -> bool {
     if let Some(i) = path.ffind("/lib/python") {
         let rest = &path[i + "/lib/python".len()..];
         let ver = rest.split('/').next().unwrap_or("");
-        return ver.chars().all(|c| c.is_ascii_digit() || c == '.') && !rest.fcontains("site-packages");
+        return ver.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && !rest.fcontains("site-packages");
     }
     path.fcontains("\\Lib\\") && !path.fcontains("site-packages")
 }
@@ -296,7 +316,10 @@ fn js_frame(line: &str) -> Option<Frame<'_>> {
     let loc = loc.trim();
     // "eval at fn (file:1:2), <anonymous>:3:4" -> use the outer location
     let loc = loc.fsplit_once(", ").map(|(a, _)| a).unwrap_or(loc);
-    let loc = loc.strip_prefix("eval at ").map(|s| s.split(" (").nth(1).unwrap_or(s)).unwrap_or(loc);
+    let loc = loc
+        .strip_prefix("eval at ")
+        .map(|s| s.split(" (").nth(1).unwrap_or(s))
+        .unwrap_or(loc);
     let (file, lineno) = split_location(loc.trim_end_matches(')'));
     if lineno.is_none() && file != "native" && file != "<anonymous>" {
         return None;
@@ -344,11 +367,38 @@ fn normalize_js_function(f: &str) -> Cow<'_, str> {
 // Java / JVM:  "\tat com.acme.Foo.bar(Foo.java:42)"
 // ---------------------------------------------------------------------------
 const JVM_LIBRARY_PREFIXES: &[&str] = &[
-    "java.", "javax.", "jakarta.", "jdk.", "sun.", "com.sun.", "kotlin.", "kotlinx.", "scala.",
-    "groovy.", "org.codehaus.groovy.", "org.springframework.", "org.apache.", "org.hibernate.",
-    "io.netty.", "com.fasterxml.", "org.junit.", "junit.", "reactor.", "io.reactivex.", "okhttp3.",
-    "com.google.", "org.eclipse.jetty.", "io.micronaut.", "io.quarkus.", "io.vertx.", "akka.",
-    "org.glassfish.", "com.zaxxer.", "org.postgresql.", "org.slf4j.", "ch.qos.logback.",
+    "java.",
+    "javax.",
+    "jakarta.",
+    "jdk.",
+    "sun.",
+    "com.sun.",
+    "kotlin.",
+    "kotlinx.",
+    "scala.",
+    "groovy.",
+    "org.codehaus.groovy.",
+    "org.springframework.",
+    "org.apache.",
+    "org.hibernate.",
+    "io.netty.",
+    "com.fasterxml.",
+    "org.junit.",
+    "junit.",
+    "reactor.",
+    "io.reactivex.",
+    "okhttp3.",
+    "com.google.",
+    "org.eclipse.jetty.",
+    "io.micronaut.",
+    "io.quarkus.",
+    "io.vertx.",
+    "akka.",
+    "org.glassfish.",
+    "com.zaxxer.",
+    "org.postgresql.",
+    "org.slf4j.",
+    "ch.qos.logback.",
 ];
 
 fn java_frame(line: &str) -> Option<Frame<'_>> {
@@ -362,8 +412,12 @@ fn java_frame(line: &str) -> Option<Frame<'_>> {
     let is_jvm_loc = loc == "Native Method"
         || loc == "Unknown Source"
         || loc.starts_with("Unknown Source")
-        || [".java:", ".kt:", ".scala:", ".groovy:", ".clj:"].iter().any(|e| loc.fcontains(e))
-        || [".java", ".kt", ".scala", ".groovy"].iter().any(|e| loc.as_bytes().ends_with(e.as_bytes()));
+        || [".java:", ".kt:", ".scala:", ".groovy:", ".clj:"]
+            .iter()
+            .any(|e| loc.fcontains(e))
+        || [".java", ".kt", ".scala", ".groovy"]
+            .iter()
+            .any(|e| loc.as_bytes().ends_with(e.as_bytes()));
     if !is_jvm_loc {
         return None;
     }
@@ -372,7 +426,9 @@ fn java_frame(line: &str) -> Option<Frame<'_>> {
     let (class, method) = qual.rsplit_once('.')?;
     let lineno = loc.rsplit_once(':').and_then(|(_, n)| n.parse().ok());
     let class = normalize_jvm_class(class);
-    let lib = JVM_LIBRARY_PREFIXES.iter().any(|p| class.as_bytes().starts_with(p.as_bytes()))
+    let lib = JVM_LIBRARY_PREFIXES
+        .iter()
+        .any(|p| class.as_bytes().starts_with(p.as_bytes()))
         || class.fcontains("$$Lambda")
         || class.fcontains("GeneratedMethodAccessor")
         || class.fcontains("GeneratedConstructorAccessor")
@@ -417,7 +473,10 @@ fn normalize_jvm_class(class: &str) -> Cow<'_, str> {
 fn normalize_jvm_method(m: &str) -> Cow<'_, str> {
     // lambda$handle$3 -> lambda$handle ; access$000 -> access
     if m.starts_with("lambda$") {
-        return Cow::Borrowed(m.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('$'));
+        return Cow::Borrowed(
+            m.trim_end_matches(|c: char| c.is_ascii_digit())
+                .trim_end_matches('$'),
+        );
     }
     if m.starts_with("access$") {
         return Cow::Borrowed("access");
@@ -429,8 +488,20 @@ fn normalize_jvm_method(m: &str) -> Cow<'_, str> {
 // .NET:  "   at Acme.Orders.Service.Place(Order o) in /src/Service.cs:line 42"
 // ---------------------------------------------------------------------------
 const DOTNET_LIBRARY_PREFIXES: &[&str] = &[
-    "System.", "Microsoft.", "Newtonsoft.", "Npgsql.", "Dapper.", "Serilog.", "NUnit.", "Xunit.",
-    "Castle.", "Polly.", "MediatR.", "AutoMapper.", "Grpc.", "StackExchange.",
+    "System.",
+    "Microsoft.",
+    "Newtonsoft.",
+    "Npgsql.",
+    "Dapper.",
+    "Serilog.",
+    "NUnit.",
+    "Xunit.",
+    "Castle.",
+    "Polly.",
+    "MediatR.",
+    "AutoMapper.",
+    "Grpc.",
+    "StackExchange.",
 ];
 
 fn dotnet_frame(line: &str) -> Option<Frame<'_>> {
@@ -450,8 +521,12 @@ fn dotnet_frame(line: &str) -> Option<Frame<'_>> {
         return None;
     }
     // A JVM frame has "File.java:N" in the parens; .NET has typed args or nothing.
-    if loc.is_none() && (args.fcontains(".java") || args.fcontains(".kt") || args == "Native Method"
-        || args.starts_with("Unknown Source") || args.contains(':'))
+    if loc.is_none()
+        && (args.fcontains(".java")
+            || args.fcontains(".kt")
+            || args == "Native Method"
+            || args.starts_with("Unknown Source")
+            || args.contains(':'))
     {
         return None;
     }
@@ -466,8 +541,16 @@ fn dotnet_frame(line: &str) -> Option<Frame<'_>> {
         None => (None, None),
     };
     let (module, function) = split_dotnet_qual(qual);
-    let lib = DOTNET_LIBRARY_PREFIXES.iter().any(|p| module.as_bytes().starts_with(p.as_bytes()));
-    Some(Frame { module, function, file, line: lineno, in_app: !lib })
+    let lib = DOTNET_LIBRARY_PREFIXES
+        .iter()
+        .any(|p| module.as_bytes().starts_with(p.as_bytes()));
+    Some(Frame {
+        module,
+        function,
+        file,
+        line: lineno,
+        in_app: !lib,
+    })
 }
 
 /// "Ns.Class.<DoAsync>d__5.MoveNext" -> ("Ns.Class", "DoAsync");
@@ -533,10 +616,17 @@ fn ruby_frame(line: &str) -> Option<Frame<'_>> {
     let (loc, label) = t.fsplit_once(":in ")?;
     let (file, lineno) = loc.rsplit_once(':')?;
     let lineno: u32 = lineno.parse().ok()?;
-    if !(file.ends_with(".rb") || file.ends_with(".rake") || file.starts_with("<internal:") || file.ends_with(".erb")) {
+    if !(file.ends_with(".rb")
+        || file.ends_with(".rake")
+        || file.starts_with("<internal:")
+        || file.ends_with(".erb"))
+    {
         return None;
     }
-    let label = label.trim().trim_start_matches(['`', '\'']).trim_end_matches('\'');
+    let label = label
+        .trim()
+        .trim_start_matches(['`', '\''])
+        .trim_end_matches('\'');
     let lib = file.fcontains("/gems/")
         || file.fcontains("/rubygems")
         || file.fcontains("/vendor/bundle/")
@@ -576,8 +666,16 @@ fn normalize_ruby_label(label: &str) -> Cow<'_, str> {
         }
         break;
     }
-    let name = if rest.starts_with('<') { rest } else { rest.rsplit(['#', '.']).next().unwrap_or(rest) };
-    if prefix.is_empty() { Cow::Borrowed(name) } else { Cow::Owned(format!("{prefix}{name}")) }
+    let name = if rest.starts_with('<') {
+        rest
+    } else {
+        rest.rsplit(['#', '.']).next().unwrap_or(rest)
+    };
+    if prefix.is_empty() {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(format!("{prefix}{name}"))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -591,7 +689,13 @@ fn php_frame(line: &str) -> Option<Frame<'_>> {
         return None;
     }
     if rest == "{main}" {
-        return Some(Frame { module: Cow::Borrowed("{main}"), function: Cow::Borrowed("{main}"), file: None, line: None, in_app: false });
+        return Some(Frame {
+            module: Cow::Borrowed("{main}"),
+            function: Cow::Borrowed("{main}"),
+            file: None,
+            line: None,
+            in_app: false,
+        });
     }
     let (loc, call) = rest.fsplit_once(": ")?;
     let (file, lineno) = if loc == "[internal function]" {
@@ -612,8 +716,18 @@ fn php_frame(line: &str) -> Option<Frame<'_>> {
     };
     let lib = file.is_none_or(|f| f.fcontains("/vendor/") || f.fcontains("\\vendor\\"));
     // closures: {closure}, App\{closure}
-    let function = if function.fcontains("{closure") { "{closure}" } else { function };
-    Some(Frame { module: Cow::Borrowed(module), function: Cow::Borrowed(function), file, line: lineno, in_app: !lib })
+    let function = if function.fcontains("{closure") {
+        "{closure}"
+    } else {
+        function
+    };
+    Some(Frame {
+        module: Cow::Borrowed(module),
+        function: Cow::Borrowed(function),
+        file,
+        line: lineno,
+        in_app: !lib,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -628,7 +742,11 @@ fn go_function_line(line: &str) -> Option<&str> {
     let t = t.strip_prefix("created by ").unwrap_or(t);
     // "created by x.y in goroutine 7"
     let t = t.fsplit_once(" in goroutine ").map(|(a, _)| a).unwrap_or(t);
-    let name = if t.ends_with(')') { &t[..t.rfind('(')?] } else { t };
+    let name = if t.ends_with(')') {
+        &t[..t.rfind('(')?]
+    } else {
+        t
+    };
     if name.is_empty() || name.contains(' ') || !name.contains('.') {
         return None;
     }
@@ -652,10 +770,15 @@ fn parse_go<'a>(lines: &[&'a str]) -> Vec<Frame<'a>> {
     let mut frames = Vec::new();
     let mut i = 0;
     while i + 1 < lines.len() {
-        if let (Some(func), Some((file, lineno))) = (go_function_line(lines[i]), go_location_line(lines[i + 1])) {
+        if let (Some(func), Some((file, lineno))) =
+            (go_function_line(lines[i]), go_location_line(lines[i + 1]))
+        {
             let (pkg, function) = split_go_func(func);
             let std = !pkg.split('/').next().unwrap_or("").contains('.') && pkg != "main";
-            let lib = std || file.fcontains("/pkg/mod/") || file.fcontains("/vendor/") || file.fcontains("/go/src/runtime/");
+            let lib = std
+                || file.fcontains("/pkg/mod/")
+                || file.fcontains("/vendor/")
+                || file.fcontains("/go/src/runtime/");
             frames.push(Frame {
                 module: Cow::Borrowed(pkg),
                 function,
@@ -674,7 +797,10 @@ fn parse_go<'a>(lines: &[&'a str]) -> Vec<Frame<'a>> {
 /// "github.com/acme/app/server.(*S).Handle.func1" -> ("github.com/acme/app/server", "(*S).Handle.func1")
 fn split_go_func(full: &str) -> (&str, Cow<'_, str>) {
     let slash = full.rfind('/').map(|i| i + 1).unwrap_or(0);
-    let dot = full[slash..].find('.').map(|i| slash + i).unwrap_or(full.len());
+    let dot = full[slash..]
+        .find('.')
+        .map(|i| slash + i)
+        .unwrap_or(full.len());
     let pkg = &full[..dot];
     let func = full.get(dot + 1..).unwrap_or("");
     if !func.as_bytes().contains(&b'[') {
@@ -704,10 +830,35 @@ fn split_go_func(full: &str) -> (&str, Cow<'_, str>) {
 //        "             at ./src/handlers.rs:42:5"
 // ---------------------------------------------------------------------------
 const RUST_LIBRARY_PREFIXES: &[&str] = &[
-    "std::", "core::", "alloc::", "backtrace::", "rust_begin_unwind", "__rust", "tokio::", "futures::",
-    "futures_util::", "futures_core::", "hyper::", "tower::", "axum::", "actix_", "anyhow::",
-    "<std::", "<core::", "<alloc::", "<tokio::", "<futures", "<hyper::", "<tower::", "<axum::",
-    "__libc_start", "_start", "clone", "start_thread", "__GI_", "main",
+    "std::",
+    "core::",
+    "alloc::",
+    "backtrace::",
+    "rust_begin_unwind",
+    "__rust",
+    "tokio::",
+    "futures::",
+    "futures_util::",
+    "futures_core::",
+    "hyper::",
+    "tower::",
+    "axum::",
+    "actix_",
+    "anyhow::",
+    "<std::",
+    "<core::",
+    "<alloc::",
+    "<tokio::",
+    "<futures",
+    "<hyper::",
+    "<tower::",
+    "<axum::",
+    "__libc_start",
+    "_start",
+    "clone",
+    "start_thread",
+    "__GI_",
+    "main",
 ];
 
 fn rust_symbol_line(line: &str) -> Option<&str> {
@@ -748,9 +899,18 @@ fn parse_rust<'a>(lines: &[&'a str]) -> Vec<Frame<'a>> {
                 Some(k) => (Cow::Borrowed(&sym[..k]), Cow::Borrowed(&sym[k + 2..])),
                 None => (Cow::Borrowed(""), Cow::Borrowed(sym)),
             };
-            let lib = RUST_LIBRARY_PREFIXES.iter().any(|p| sym.as_bytes().starts_with(p.as_bytes()))
-                || file.is_some_and(|f| f.starts_with("/rustc/") || f.fcontains("/.cargo/registry/"));
-            frames.push(Frame { module, function, file, line: lineno, in_app: !lib });
+            let lib = RUST_LIBRARY_PREFIXES
+                .iter()
+                .any(|p| sym.as_bytes().starts_with(p.as_bytes()))
+                || file
+                    .is_some_and(|f| f.starts_with("/rustc/") || f.fcontains("/.cargo/registry/"));
+            frames.push(Frame {
+                module,
+                function,
+                file,
+                line: lineno,
+                in_app: !lib,
+            });
         }
         i += 1;
     }
@@ -804,12 +964,19 @@ mod tests {
         let t = "java.lang.IllegalStateException: boom\n\tat com.acme.Svc$$EnhancerBySpringCGLIB$$1a2b3c.run(<generated>)\n\tat com.acme.Svc.lambda$handle$3(Svc.java:42)\n\tat java.base/java.lang.Thread.run(Thread.java:829)\nCaused by: java.io.IOException: x\n\tat com.acme.Io.read(Io.java:7)\n\t... 5 more";
         let p = parse(t);
         assert_eq!(p.language, Language::Java);
-        let names: Vec<_> = p.frames.iter().map(|f| (f.module.as_ref(), f.function.as_ref(), f.in_app)).collect();
-        assert_eq!(names, vec![
-            ("com.acme.Svc", "lambda$handle", true),
-            ("java.lang.Thread", "run", false),
-            ("com.acme.Io", "read", true),
-        ]);
+        let names: Vec<_> = p
+            .frames
+            .iter()
+            .map(|f| (f.module.as_ref(), f.function.as_ref(), f.in_app))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("com.acme.Svc", "lambda$handle", true),
+                ("java.lang.Thread", "run", false),
+                ("com.acme.Io", "read", true),
+            ]
+        );
     }
 
     #[test]
@@ -841,8 +1008,16 @@ mod tests {
         let a = parse(old);
         let b = parse(new);
         assert_eq!(a.language, Language::Ruby);
-        let ga: Vec<_> = a.grouping_frames().iter().map(|f| (f.module.clone(), f.function.clone())).collect();
-        let gb: Vec<_> = b.grouping_frames().iter().map(|f| (f.module.clone(), f.function.clone())).collect();
+        let ga: Vec<_> = a
+            .grouping_frames()
+            .iter()
+            .map(|f| (f.module.clone(), f.function.clone()))
+            .collect();
+        let gb: Vec<_> = b
+            .grouping_frames()
+            .iter()
+            .map(|f| (f.module.clone(), f.function.clone()))
+            .collect();
         assert_eq!(ga, gb);
         assert_eq!(ga[1].1, "block in create");
     }

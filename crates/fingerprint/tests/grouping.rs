@@ -31,8 +31,18 @@ fn corpus() -> Vec<Case> {
             }
         }
         let group = name.split("__").next().unwrap().to_string();
-        let trace = if trace.trim().is_empty() { None } else { Some(trace.to_string()) };
-        cases.push(Case { name, group, exception_type, message, trace });
+        let trace = if trace.trim().is_empty() {
+            None
+        } else {
+            Some(trace.to_string())
+        };
+        cases.push(Case {
+            name,
+            group,
+            exception_type,
+            message,
+            trace,
+        });
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     cases
@@ -45,13 +55,20 @@ fn corpus_groups_exactly_as_labelled() {
     let mut by_group: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for c in &cases {
         let fp = default_fingerprint(&c.exception_type, &c.message, c.trace.as_deref());
-        by_group.entry(c.group.clone()).or_default().push((c.name.clone(), fp));
+        by_group
+            .entry(c.group.clone())
+            .or_default()
+            .push((c.name.clone(), fp));
     }
     // same label => same group
     for (group, members) in &by_group {
         let first = &members[0].1;
         for (name, fp) in members {
-            assert_eq!(fp, first, "{name} should group with {} ({group})", members[0].0);
+            assert_eq!(
+                fp, first,
+                "{name} should group with {} ({group})",
+                members[0].0
+            );
         }
     }
     // different labels => different groups
@@ -66,16 +83,30 @@ fn corpus_groups_exactly_as_labelled() {
 #[test]
 fn every_language_of_the_corpus_is_recognized() {
     let expect = [
-        ("py_", "python"), ("js_", "javascript"), ("java_", "java"), ("go_", "go"), ("rb_", "ruby"),
-        ("dotnet_", "dotnet"), ("rust_", "rust"), ("php_", "php"), ("text_", "unknown"),
+        ("py_", "python"),
+        ("js_", "javascript"),
+        ("java_", "java"),
+        ("go_", "go"),
+        ("rb_", "ruby"),
+        ("dotnet_", "dotnet"),
+        ("rust_", "rust"),
+        ("php_", "php"),
+        ("text_", "unknown"),
     ];
     for c in corpus() {
         let Some(trace) = &c.trace else { continue };
-        let (_, lang) = expect.iter().find(|(p, _)| c.name.starts_with(p)).expect("prefix");
+        let (_, lang) = expect
+            .iter()
+            .find(|(p, _)| c.name.starts_with(p))
+            .expect("prefix");
         let parsed = stacktrace::parse(trace);
         assert_eq!(parsed.language.name(), *lang, "{}", c.name);
         if *lang != "unknown" {
-            assert!(parsed.frames.iter().any(|f| f.in_app), "{}: no in-app frame", c.name);
+            assert!(
+                parsed.frames.iter().any(|f| f.in_app),
+                "{}: no in-app frame",
+                c.name
+            );
         }
     }
 }
@@ -84,7 +115,11 @@ fn every_language_of_the_corpus_is_recognized() {
 fn exception_type_always_separates() {
     for c in corpus() {
         let a = default_fingerprint(&c.exception_type, &c.message, c.trace.as_deref());
-        let b = default_fingerprint(&format!("{}X", c.exception_type), &c.message, c.trace.as_deref());
+        let b = default_fingerprint(
+            &format!("{}X", c.exception_type),
+            &c.message,
+            c.trace.as_deref(),
+        );
         assert_ne!(a, b, "{}", c.name);
     }
 }
@@ -95,7 +130,10 @@ fn culprits_are_the_failing_app_frame() {
         ("py_orders__deploy1", "parsing in parse_quantity"),
         ("js_cart__build1", "main.js in renderCart"),
         ("java_pay__a", "com.acme.pay.StripeClient in charge"),
-        ("go_handler__a", "github.com/acme/shop/internal/orders in (*Service).Place"),
+        (
+            "go_handler__a",
+            "github.com/acme/shop/internal/orders in (*Service).Place",
+        ),
         ("rb_user__ruby34", "user in save_with_audit"),
         ("dotnet_orders__a", "Acme.Orders.OrderService in PlaceAsync"),
         ("rust_handler__a", "shop::handlers::orders in create_order"),
@@ -125,13 +163,19 @@ struct GenFrame {
 }
 
 fn frames() -> impl Strategy<Value = Vec<GenFrame>> {
-    prop::collection::vec((ident(), ident()).prop_map(|(module, function)| GenFrame { module, function }), 1..12)
+    prop::collection::vec(
+        (ident(), ident()).prop_map(|(module, function)| GenFrame { module, function }),
+        1..12,
+    )
 }
 
 fn python_trace(frames: &[GenFrame], lines: &[u32]) -> String {
     let mut s = String::from("Traceback (most recent call last):\n");
     for (f, l) in frames.iter().zip(lines.iter().cycle()) {
-        s.push_str(&format!("  File \"/srv/app/{}.py\", line {}, in {}\n    code()\n", f.module, l, f.function));
+        s.push_str(&format!(
+            "  File \"/srv/app/{}.py\", line {}, in {}\n    code()\n",
+            f.module, l, f.function
+        ));
     }
     s.push_str("ValueError: x\n");
     s
@@ -140,7 +184,10 @@ fn python_trace(frames: &[GenFrame], lines: &[u32]) -> String {
 fn java_trace(frames: &[GenFrame], lines: &[u32]) -> String {
     let mut s = String::from("com.acme.Boom: x\n");
     for (f, l) in frames.iter().zip(lines.iter().cycle()) {
-        s.push_str(&format!("\tat com.acme.{}.Svc.{}(Svc.java:{})\n", f.module, f.function, l));
+        s.push_str(&format!(
+            "\tat com.acme.{}.Svc.{}(Svc.java:{})\n",
+            f.module, f.function, l
+        ));
     }
     s
 }
@@ -148,7 +195,13 @@ fn java_trace(frames: &[GenFrame], lines: &[u32]) -> String {
 fn js_trace(frames: &[GenFrame], lines: &[u32]) -> String {
     let mut s = String::from("Error: x\n");
     for (f, l) in frames.iter().zip(lines.iter().cycle()) {
-        s.push_str(&format!("    at {} (/app/src/{}.js:{}:{})\n", f.function, f.module, l, l % 80 + 1));
+        s.push_str(&format!(
+            "    at {} (/app/src/{}.js:{}:{})\n",
+            f.function,
+            f.module,
+            l,
+            l % 80 + 1
+        ));
     }
     s
 }
@@ -156,7 +209,15 @@ fn js_trace(frames: &[GenFrame], lines: &[u32]) -> String {
 fn go_trace(frames: &[GenFrame], lines: &[u32]) -> String {
     let mut s = String::from("panic: x\n\ngoroutine 1 [running]:\n");
     for (f, l) in frames.iter().zip(lines.iter().cycle()) {
-        s.push_str(&format!("github.com/acme/{}.{}(0xc000{:x})\n\t/src/{}.go:{} +0x{:x}\n", f.module, f.function, l, f.module, l, l * 3));
+        s.push_str(&format!(
+            "github.com/acme/{}.{}(0xc000{:x})\n\t/src/{}.go:{} +0x{:x}\n",
+            f.module,
+            f.function,
+            l,
+            f.module,
+            l,
+            l * 3
+        ));
     }
     s
 }
@@ -234,7 +295,10 @@ proptest! {
 #[test]
 fn ten_megabytes_of_trace() {
     let frame = "  File \"/srv/app/views.py\", line 10, in handler\n    x()\n";
-    let trace = format!("Traceback (most recent call last):\n{}ValueError: x", frame.repeat(10 * 1024 * 1024 / frame.len()));
+    let trace = format!(
+        "Traceback (most recent call last):\n{}ValueError: x",
+        frame.repeat(10 * 1024 * 1024 / frame.len())
+    );
     let fp = default_fingerprint("ValueError", "x", Some(&trace));
     // recursion collapses: same group as a single frame
     let one = format!("Traceback (most recent call last):\n{frame}ValueError: x");
@@ -256,7 +320,9 @@ fn hundred_thousand_distinct_frames() {
 fn deeply_nested_cause_chain() {
     let mut trace = String::from("com.acme.Top: x\n\tat com.acme.A.a(A.java:1)\n");
     for i in 0..20_000 {
-        trace.push_str(&format!("Caused by: com.acme.E{i}: nested\n\tat com.acme.B.b{i}(B.java:{i})\n\t... 1 more\n"));
+        trace.push_str(&format!(
+            "Caused by: com.acme.E{i}: nested\n\tat com.acme.B.b{i}(B.java:{i})\n\t... 1 more\n"
+        ));
     }
     let p = stacktrace::parse(&trace);
     assert_eq!(p.language.name(), "java");
@@ -265,7 +331,9 @@ fn deeply_nested_cause_chain() {
 
 #[test]
 fn pathological_messages_are_linear() {
-    for unit in ["a.", "1,", "a@", "1.", "a:", "0x", "[:", "-1", "é.", "=\"", "ab-", "1e"] {
+    for unit in [
+        "a.", "1,", "a@", "1.", "a:", "0x", "[:", "-1", "é.", "=\"", "ab-", "1e",
+    ] {
         let s = unit.repeat(2_000_000 / unit.len());
         let _ = normalize_message(&s);
         let _ = default_fingerprint("E", &s, Some(&s));
