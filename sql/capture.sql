@@ -176,11 +176,10 @@ BEGIN
             occurred_at     timestamptz DEFAULT now())
         RETURNS uuid LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
         AS %L $f$,
-        replace(replace(body, '$ARGS$',
+        replace(body, '$ARGS$',
             'p_exception_type text := $1; p_message text := $2; p_stack_trace text := $3; p_context jsonb := $4;
              p_environment text := $5; p_severity text := $6; p_release_version text := $7; p_trace_id text := $8;
-             p_span_id text := $9; p_fingerprint text := $10; p_occurred_at timestamptz := $11; p_is_message boolean := false;'),
-            '$NAME$', 'fraiseql_capture_error'));
+             p_span_id text := $9; p_fingerprint text := $10; p_occurred_at timestamptz := $11; p_is_message boolean := false;'));
     EXECUTE format($f$
         CREATE FUNCTION fraiseql_capture_message(
             message         text,
@@ -194,11 +193,10 @@ BEGIN
             occurred_at     timestamptz DEFAULT now())
         RETURNS uuid LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
         AS %L $f$,
-        replace(replace(body, '$ARGS$',
+        replace(body, '$ARGS$',
             'p_exception_type text := ''Message''; p_message text := $1; p_stack_trace text := NULL; p_context jsonb := $3;
              p_environment text := $4; p_severity text := $2; p_release_version text := $5; p_trace_id text := $6;
-             p_span_id text := $7; p_fingerprint text := $8; p_occurred_at timestamptz := $9; p_is_message boolean := true;'),
-            '$NAME$', 'fraiseql_capture_message'));
+             p_span_id text := $7; p_fingerprint text := $8; p_occurred_at timestamptz := $9; p_is_message boolean := true;'));
 END
 $outer$;
 

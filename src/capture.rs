@@ -272,30 +272,19 @@ fn _fraiseql_prepare_capture(
         occurred_at.is_some(),
     )
     .unwrap_or_else(|e| e.report());
-    let setting = |s: &guc_setting::Str| {
-        s.get()
-            .and_then(|c| c.into_string().ok())
-            .filter(|v| !v.is_empty())
-    };
     let environment = environment
         .filter(|e| !e.is_empty())
         .map(str::to_string)
-        .or_else(|| setting(&guc::ENVIRONMENT))
-        .unwrap_or_else(|| "production".to_string());
-    let trace_id = match trace_id
-        .map(str::to_string)
-        .or_else(|| setting(&guc::TRACE_ID))
-    {
-        Some(t) => Some(normalize_id(&t, "trace_id").unwrap_or_else(|e| e.report())),
-        None => None,
+        .unwrap_or_else(guc::environment);
+    // an explicit id wins over the transaction's trace context
+    let id = |given: Option<&str>, setting, kind| {
+        given
+            .map(str::to_string)
+            .or_else(|| guc::text(setting))
+            .map(|v| normalize_id(&v, kind).unwrap_or_else(|e| e.report()))
     };
-    let span_id = match span_id
-        .map(str::to_string)
-        .or_else(|| setting(&guc::SPAN_ID))
-    {
-        Some(s) => Some(normalize_id(&s, "span_id").unwrap_or_else(|e| e.report())),
-        None => None,
-    };
+    let trace_id = id(trace_id, &guc::TRACE_ID, "trace_id");
+    let span_id = id(span_id, &guc::SPAN_ID, "span_id");
     let fp = crate::fingerprint::group_fingerprint(
         exception_type.unwrap_or_default(),
         message.unwrap_or_default(),
@@ -305,8 +294,4 @@ fn _fraiseql_prepare_capture(
         is_message,
     );
     vec![Some(fp), Some(environment), trace_id, span_id]
-}
-
-mod guc_setting {
-    pub type Str = pgrx::guc::GucSetting<Option<std::ffi::CString>>;
 }

@@ -250,6 +250,18 @@ pub fn define() {
     }
 }
 
+/// A string setting's value; None when unset or empty.
+pub fn text(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get()
+        .and_then(|c| c.into_string().ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// The environment recorded when a caller names none.
+pub fn environment() -> String {
+    text(&ENVIRONMENT).unwrap_or_else(|| "production".into())
+}
+
 pub fn int_value(s: &GucSetting<i32>) -> usize {
     s.get().max(0) as usize
 }

@@ -69,16 +69,8 @@ fn fraiseql_set_trace_context(traceparent: &str, is_local: default!(bool, true))
 /// The current trace context as a traceparent, or NULL.
 #[pg_extern(stable)]
 fn fraiseql_current_traceparent() -> Option<String> {
-    let trace = crate::guc::TRACE_ID
-        .get()?
-        .into_string()
-        .ok()
-        .filter(|s| !s.is_empty())?;
-    let span = crate::guc::SPAN_ID
-        .get()?
-        .into_string()
-        .ok()
-        .filter(|s| !s.is_empty())?;
+    let trace = crate::guc::text(&crate::guc::TRACE_ID)?;
+    let span = crate::guc::text(&crate::guc::SPAN_ID)?;
     Some(format!("00-{trace}-{span}-01"))
 }
 

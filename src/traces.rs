@@ -343,10 +343,7 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
     if rows.is_empty() {
         return 0;
     }
-    let env_default = crate::guc::ENVIRONMENT
-        .get()
-        .and_then(|c| c.into_string().ok())
-        .unwrap_or_else(|| "production".into());
+    let env_default = crate::guc::environment();
     let col = |f: &dyn Fn(&SpanRow) -> Option<String>| {
         rows.iter().map(f).collect::<Vec<Option<String>>>()
     };

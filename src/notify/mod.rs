@@ -123,10 +123,7 @@ pub fn host_allowed(host: &str, allow_list: &str) -> bool {
 }
 
 pub fn allowed_hosts() -> String {
-    guc::NOTIFY_ALLOWED_HOSTS
-        .get()
-        .and_then(|c| c.into_string().ok())
-        .unwrap_or_else(|| "*".into())
+    guc::text(&guc::NOTIFY_ALLOWED_HOSTS).unwrap_or_else(|| "*".into())
 }
 
 /// Host of an http(s) URL.
@@ -199,6 +196,7 @@ fn parse(items: &Value) -> Vec<Delivery> {
 fn send(
     d: &Delivery,
     limits: &Limits,
+    schema: &str,
     in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>,
 ) -> Outcome {
     if !d.rule_exists {
@@ -240,7 +238,7 @@ fn send(
                 );
             };
             match in_txn(
-                "SELECT _fraiseql_call_channel($1::regprocedure, $2::jsonb, $3::jsonb)::text",
+                &format!("SELECT {schema}._fraiseql_call_channel($1::regprocedure, $2::jsonb, $3::jsonb)::text"),
                 vec![
                     Value::String(handler.clone()),
                     Value::String(d.payload.to_string()),
@@ -284,11 +282,7 @@ pub fn deliver_due(
         return Ok(0);
     }
     let in_txn = |sql: &str, args: Vec<Value>| -> Result<Value, String> {
-        let sql = sql.replace(
-            "_fraiseql_call_channel",
-            &format!("{schema}._fraiseql_call_channel"),
-        );
-        let v = txn(&sql, args)?;
+        let v = txn(sql, args)?;
         Ok(
             v.and_then(|t| serde_json::from_str(&t).ok().or(Some(Value::String(t))))
                 .unwrap_or(Value::Null),
@@ -300,7 +294,7 @@ pub fn deliver_due(
         // delivered after the lease by the next worker
         pg_sys::check_for_interrupts!();
         let started = Instant::now();
-        let mut out = send(d, &limits, &in_txn);
+        let mut out = send(d, &limits, schema, &in_txn);
         if let Some(e) = out.error.take() {
             out.error = Some(redact_urls(&e));
         }

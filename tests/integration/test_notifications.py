@@ -370,3 +370,14 @@ def test_email_over_tls_with_login(cluster, db, mode):
     finally:
         smtp.stop()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_webhook_body_from_the_rule_template(cluster, db, http):
+    with cluster.connect(db) as c:
+        c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config, message_template)"
+                  " VALUES ('webhook', %s, %s)",
+                  (json.dumps({"url": http.url}),
+                   '{"text": "{error_type} in {environment}, seen {occurrence_count}x, id {error_id}"}'))
+        eid = c.execute("SELECT fraiseql_capture_error('TemplError', 'x', environment => 'staging')").fetchone()[0]
+        wait_for(lambda: http.requests, what="templated webhook")
+        assert http.json() == {"text": f"TemplError in staging, seen 1x, id {eid}"}
