@@ -26,7 +26,7 @@ $$;
 
 -- The data tables are dumped by pg_dump with the database.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_counter', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_config', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_partition_config', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_definition', '');

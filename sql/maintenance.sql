@@ -21,13 +21,14 @@ BEGIN
         RETURN 0;
     END IF;
     cutoff := date_trunc('month', now()) - retention_months * interval '1 month';
-    PERFORM fraiseql_flush_counts();
+    -- (no fold here: a group with occurrences not yet folded still has
+    -- occurrences, and the fold must not run inside this long transaction)
     DELETE FROM tb_error_log g
      WHERE g.last_seen < cutoff
        AND g.assigned_to IS NULL
        AND NOT (g.status = 'unresolved' AND g.last_seen >= cutoff - retention_months * interval '1 month')
        AND NOT EXISTS (SELECT 1 FROM tb_error_occurrence o WHERE o.error_id = g.error_id)
-       AND NOT EXISTS (SELECT 1 FROM tb_error_counter c WHERE c.error_id = g.error_id);
+       AND NOT EXISTS (SELECT 1 FROM tb_error_count_pending p WHERE p.error_id = g.error_id);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END

@@ -134,6 +134,11 @@ CREATE TRIGGER notification_config_check
     BEFORE INSERT OR UPDATE ON tb_error_notification_config
     FOR EACH ROW EXECUTE FUNCTION _fraiseql_notification_config_check();
 
+-- captures cache whether rules exist: they forget when rules change
+CREATE TRIGGER notification_config_capture_cache
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tb_error_notification_config
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_capture_cache_changed();
+
 -- Rules as anyone allowed to read them may see them: secrets redacted.
 CREATE VIEW v_notification_rules AS
 SELECT config_id, error_fingerprint, error_type, severity, environment, channel_type,

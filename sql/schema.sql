@@ -8,7 +8,8 @@ CREATE SCHEMA IF NOT EXISTS monitoring;
 
 -- ---------------------------------------------------------------------------
 -- Error groups: one row per fingerprint.
--- occurrence_count / last_seen are folded in from tb_error_counter (see there).
+-- occurrence_count / first_seen / last_seen are folded in from the occurrences
+-- (see "Counting" below).
 -- ---------------------------------------------------------------------------
 CREATE TABLE tb_error_log (
     error_id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -43,24 +44,29 @@ CREATE INDEX idx_error_log_status ON tb_error_log (status);
 
 COMMENT ON TABLE tb_error_log IS
   'One row per error group (fingerprint). occurrence_count and last_seen are '
-  'folded in from tb_error_counter by fraiseql_flush_counts() (the worker runs '
+  'folded in from tb_error_occurrence by fraiseql_flush_counts() (the worker runs '
   'it every second); v_error_groups shows live values.';
 
 -- ---------------------------------------------------------------------------
--- Striped occurrence counters.
--- Updating the group row on every capture makes a hot fingerprint a lock convoy
--- (every session waits for the previous one to commit). Instead each backend
--- bumps its own stripe (stripe = backend slot), and the counts are folded into
--- tb_error_log in the background, like Sentry's counter buffer.
+-- Counting (see fraiseql_flush_counts in capture.sql). Updating the group row
+-- on every capture makes a hot fingerprint a lock convoy, so captures only
+-- insert occurrences, and the fold counts them by the transaction that wrote
+-- them: rows with capture_xid in [horizon, xmin of the fold's snapshot) are
+-- final. Counts of groups whose row was busy wait in tb_error_count_pending.
 -- ---------------------------------------------------------------------------
-CREATE TABLE tb_error_counter (
-    error_id         uuid NOT NULL,
-    stripe           integer NOT NULL,
+CREATE TABLE tb_error_fold_state (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    horizon   xid8 NOT NULL,
+    folded_at timestamptz
+);
+INSERT INTO tb_error_fold_state (horizon) VALUES (pg_current_xact_id());
+
+CREATE TABLE tb_error_count_pending (
+    error_id         uuid PRIMARY KEY,
     occurrence_count bigint NOT NULL,
     first_seen       timestamptz NOT NULL,
-    last_seen        timestamptz NOT NULL,
-    PRIMARY KEY (error_id, stripe)
-) WITH (fillfactor = 50);
+    last_seen        timestamptz NOT NULL
+);
 
 -- ---------------------------------------------------------------------------
 -- Occurrences: one row per capture, monthly partitions (UTC) + a default
@@ -81,6 +87,8 @@ CREATE TABLE tb_error_occurrence (
     span_id         text,
     resolved        boolean NOT NULL DEFAULT false,
     created_at      timestamptz NOT NULL DEFAULT now(),
+    -- the (top-level) transaction that stored the row: what the fold counts by
+    capture_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (occurrence_id, occurred_at)
 ) PARTITION BY RANGE (occurred_at);
 
@@ -91,6 +99,7 @@ CREATE INDEX idx_error_occurrence_error_id ON tb_error_occurrence (error_id, occ
 CREATE INDEX idx_error_occurrence_environment ON tb_error_occurrence (environment, occurred_at DESC);
 CREATE INDEX idx_error_occurrence_trace_id ON tb_error_occurrence (trace_id) WHERE trace_id IS NOT NULL;
 CREATE INDEX idx_error_occurrence_context ON tb_error_occurrence USING gin (context jsonb_path_ops);
+CREATE INDEX idx_error_occurrence_capture_xid ON tb_error_occurrence (capture_xid);
 
 -- ---------------------------------------------------------------------------
 -- Notification rules and delivery log (delivery itself: see notify/*).

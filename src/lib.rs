@@ -6,8 +6,10 @@
 use pgrx::prelude::*;
 
 mod capture;
+mod capture_path;
 mod error;
 mod fingerprint;
+mod group_cache;
 mod guc;
 mod metrics;
 mod notify;
@@ -33,7 +35,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/capture.sql",
     name = "capture",
-    requires = ["partitions", fingerprint::fraiseql_fingerprint_version]
+    requires = [
+        "partitions",
+        fingerprint::fraiseql_fingerprint_version,
+        capture_path::_fraiseql_invalidate_capture_cache
+    ]
 );
 extension_sql_file!(
     "../sql/maintenance.sql",

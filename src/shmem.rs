@@ -1,6 +1,9 @@
 //! Shared memory: the registry of running workers, so that any backend can
 //! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
 //! database that is about to be dropped.
+use crate::group_cache::{
+    EPOCH as GROUP_CACHE_EPOCH, LOCK as GROUP_CACHE_LOCK, TABLE as GROUP_CACHE_TABLE,
+};
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
@@ -50,6 +53,9 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(REGISTRY);
+        pg_shmem_init!(GROUP_CACHE_LOCK);
+        pg_shmem_init!(GROUP_CACHE_EPOCH);
+        pg_shmem_init!(GROUP_CACHE_TABLE = 0);
         PRELOADED.store(true, Ordering::Relaxed);
     }
 }

@@ -488,7 +488,7 @@ fn note_error(what: &str, e: String, last_error: &mut Option<String>) {
 }
 
 // ---------------------------------------------------------------------------
-// DROP DATABASE is never blocked by our worker
+// DROP DATABASE / DROP EXTENSION are never blocked by our worker
 // ---------------------------------------------------------------------------
 
 static mut PREV_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
@@ -515,6 +515,23 @@ unsafe extern "C-unwind" fn utility_hook(
                 let stmt = node as *mut pg_sys::RenameStmt;
                 if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
                     stop_worker_of((*stmt).subname);
+                }
+            } else if pgrx::is_a(node, pg_sys::NodeTag::T_DropStmt) {
+                // DROP EXTENSION fraiseql_obs: the worker would otherwise be
+                // inside one of its steps, holding locks on the extension's
+                // tables in an order DROP cannot know (a deadlock, one of the
+                // two then fails)
+                let stmt = node as *mut pg_sys::DropStmt;
+                if (*stmt).removeType == pg_sys::ObjectType::OBJECT_EXTENSION {
+                    let objects = pgrx::PgList::<pg_sys::Node>::from_pg((*stmt).objects);
+                    let ours = objects.iter_ptr().any(|o| {
+                        pgrx::is_a(o, pg_sys::NodeTag::T_String)
+                            && CStr::from_ptr((*(o as *mut pg_sys::String)).sval).to_bytes()
+                                == b"fraiseql_obs"
+                    });
+                    if ours {
+                        stop_worker_of(pg_sys::get_database_name(pg_sys::MyDatabaseId));
+                    }
                 }
             } else if pgrx::is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
                 // CREATE DATABASE ... TEMPLATE x needs x to have no connections

@@ -1,0 +1,540 @@
+//! The capture entry points, `fraiseql_capture_error()` and
+//! `fraiseql_capture_message()`, written in Rust so that a capture costs little
+//! more than the INSERT of its occurrence row.
+//!
+//! Fast path (the group is known to this backend, nothing about it needs to
+//! change, no notification rule exists): validate, fingerprint, clip, and run
+//! one saved INSERT plan. Counting is not done here at all: the fold
+//! (`fraiseql_flush_counts`, sql/capture.sql) counts the stored occurrences by
+//! the transaction id that wrote them, so a hot fingerprint never makes two
+//! sessions touch the same row.
+//!
+//! Slow path (a fingerprint not in the shared group cache, a resolved group
+//! that recurs, a severity escalation, or notification rules to evaluate):
+//! `_fraiseql_capture_slow()`, plain SQL, does everything and returns what is
+//! then cached (see `group_cache`). Without shared memory (library not
+//! preloaded) nothing is cached and every capture takes the slow path.
+//!
+//! Both functions are SECURITY DEFINER C functions without a `SET
+//! search_path` (its save/restore on every call cost a fifth of the capture):
+//! every statement they run names the extension's schema explicitly and uses
+//! no operator, so the caller's search_path cannot redirect anything.
+use crate::capture::{clip_context, clip_text, normalize_id, validate, SEVERITIES};
+use crate::group_cache::{self, Group};
+use crate::guc;
+use pgrx::prelude::*;
+use pgrx::{IntoDatum, JsonB};
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+struct State {
+    /// the extension's schema and its group table: a DROP/CREATE EXTENSION
+    /// gives new ones (and new plans)
+    namespace: pg_sys::Oid,
+    group_table: pg_sys::Oid,
+    /// capture functions already checked against the two above
+    functions: Vec<pg_sys::Oid>,
+    /// whether enabled notification rules exist, as of an epoch
+    has_rules: Option<(u64, bool)>,
+    insert_plan: pg_sys::SPIPlanPtr,
+    slow_plan: pg_sys::SPIPlanPtr,
+    rules_plan: pg_sys::SPIPlanPtr,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+/// Called by the triggers on tb_error_log and the rules table: this backend
+/// stops using the cache until the transaction ends, every other one forgets
+/// it when this transaction commits.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_invalidate_capture_cache() {
+    STATE.with(|s| {
+        if let Some(st) = s.borrow_mut().as_mut() {
+            st.has_rules = None;
+        }
+    });
+    group_cache::invalidate();
+}
+
+fn severity_rank(s: &str) -> u8 {
+    SEVERITIES.iter().position(|v| *v == s).unwrap_or(0) as u8
+}
+
+/// One capture's arguments, as the SQL functions receive them.
+struct Args {
+    exception_type: Option<pg_sys::Datum>,
+    message: Option<pg_sys::Datum>,
+    stack_trace: Option<pg_sys::Datum>,
+    context: Option<pg_sys::Datum>,
+    environment: Option<pg_sys::Datum>,
+    severity: Option<pg_sys::Datum>,
+    release_version: Option<pg_sys::Datum>,
+    trace_id: Option<pg_sys::Datum>,
+    span_id: Option<pg_sys::Datum>,
+    fingerprint: Option<pg_sys::Datum>,
+    occurred_at: Option<pg_sys::Datum>,
+    is_message: bool,
+}
+
+unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
+    unsafe { pgrx::fcinfo::pg_getarg_datum(fcinfo, n) }
+}
+
+unsafe fn text_of<'a>(d: Option<pg_sys::Datum>) -> Option<&'a str> {
+    d.and_then(|d| unsafe { <&str>::from_datum(d, false) })
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_fraiseql_capture_error_c() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// fraiseql_capture_error(exception_type, message, stack_trace, context,
+/// environment, severity, release_version, trace_id, span_id, fingerprint,
+/// occurred_at) -> uuid
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn fraiseql_capture_error_c(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let args = Args {
+            exception_type: arg(fcinfo, 0),
+            message: arg(fcinfo, 1),
+            stack_trace: arg(fcinfo, 2),
+            context: arg(fcinfo, 3),
+            environment: arg(fcinfo, 4),
+            severity: arg(fcinfo, 5),
+            release_version: arg(fcinfo, 6),
+            trace_id: arg(fcinfo, 7),
+            span_id: arg(fcinfo, 8),
+            fingerprint: arg(fcinfo, 9),
+            occurred_at: arg(fcinfo, 10),
+            is_message: false,
+        };
+        capture(fcinfo, args)
+    }
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_fraiseql_capture_message_c() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// fraiseql_capture_message(message, severity, context, environment,
+/// release_version, trace_id, span_id, fingerprint, occurred_at) -> uuid
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn fraiseql_capture_message_c(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let args = Args {
+            exception_type: "Message".into_datum(),
+            message: arg(fcinfo, 0),
+            stack_trace: None,
+            context: arg(fcinfo, 2),
+            environment: arg(fcinfo, 3),
+            severity: arg(fcinfo, 1),
+            release_version: arg(fcinfo, 4),
+            trace_id: arg(fcinfo, 5),
+            span_id: arg(fcinfo, 6),
+            fingerprint: arg(fcinfo, 7),
+            occurred_at: arg(fcinfo, 8),
+            is_message: true,
+        };
+        capture(fcinfo, args)
+    }
+}
+
+/// The root of a jsonb value: JB_FOBJECT is set for objects only.
+unsafe fn jsonb_is_object(d: pg_sys::Datum) -> bool {
+    unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let data = pgrx::varlena::vardata_any(v) as *const u32;
+        (data.read_unaligned() & pg_sys::JB_FOBJECT) != 0
+    }
+}
+
+unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
+    unsafe {
+        let exception_type = text_of(a.exception_type);
+        let message = text_of(a.message);
+        let stack_trace = text_of(a.stack_trace);
+        let severity = text_of(a.severity);
+        // only a non-object needs its kind named (in the error)
+        let context_kind = match a.context {
+            Some(c) if !jsonb_is_object(c) => {
+                pgrx::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(c)])
+            }
+            Some(_) => Some("object".to_string()),
+            None => None,
+        };
+        validate(
+            exception_type,
+            message,
+            context_kind.as_deref(),
+            severity,
+            a.occurred_at.is_some(),
+        )
+        .unwrap_or_else(|e| e.report());
+        let (exception_type, message, severity) = (
+            exception_type.unwrap_or_default(),
+            message.unwrap_or_default(),
+            severity.unwrap_or_default(),
+        );
+        let environment = text_of(a.environment)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(guc::environment);
+        // an explicit id wins over the transaction's trace context
+        let id = |given: Option<&str>, setting, kind| {
+            given
+                .map(str::to_string)
+                .or_else(|| guc::text(setting))
+                .map(|v| normalize_id(&v, kind).unwrap_or_else(|e| e.report()))
+        };
+        let trace_id = id(text_of(a.trace_id), &guc::TRACE_ID, "trace_id");
+        let span_id = id(text_of(a.span_id), &guc::SPAN_ID, "span_id");
+        let context_fingerprint = a.context.and_then(|c| {
+            pgrx::direct_function_call::<JsonB>(
+                pg_sys::jsonb_object_field,
+                &[Some(c), "fingerprint".into_datum()],
+            )
+        });
+        let fp = crate::fingerprint::group_fingerprint(
+            exception_type,
+            message,
+            stack_trace,
+            text_of(a.fingerprint),
+            context_fingerprint,
+            a.is_message,
+        );
+
+        // Oversized input is cut to the limits, with a visible marker; values
+        // within them are stored as given, without a copy.
+        let clip = |d: Option<pg_sys::Datum>, s: Option<&str>, max: &pgrx::GucSetting<i32>| match s
+        {
+            Some(s) if s.len() > guc::int_value(max) => {
+                clip_text(s, guc::int_value(max)).as_ref().into_datum()
+            }
+            _ => d,
+        };
+        let message_d = clip(a.message, Some(message), &guc::MAX_MESSAGE_BYTES);
+        let stack_d = clip(a.stack_trace, stack_trace, &guc::MAX_STACK_TRACE_BYTES);
+        let context_d = match a.context {
+            None => JsonB(serde_json::json!({})).into_datum(),
+            Some(c) if pg_sys::toast_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) => {
+                match JsonB::from_datum(c, false).map(|j| j.0) {
+                    Some(serde_json::Value::Object(m)) => {
+                        JsonB(clip_context(m, guc::int_value(&guc::MAX_CONTEXT_BYTES))).into_datum()
+                    }
+                    _ => Some(c),
+                }
+            }
+            Some(c) => Some(c),
+        };
+        let occurred_at = a.occurred_at.unwrap_or(pg_sys::Datum::from(0));
+        let rank = severity_rank(severity);
+
+        let row = Row {
+            error_id: None,
+            occurred_at,
+            error_type: a.exception_type,
+            message: message_d,
+            stack_trace: stack_d,
+            context: context_d,
+            severity: a.severity,
+            environment: environment.as_str().into_datum(),
+            release_version: a.release_version,
+            trace_id: trace_id.as_deref().into_datum(),
+            span_id: span_id.as_deref().into_datum(),
+        };
+
+        // read before anything is read from the tables (see group_cache)
+        let epoch = group_cache::epoch();
+        let key = group_cache::key(&fp);
+        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
+        let group_table = STATE.with(|s| prepare_state(&mut s.borrow_mut(), fn_oid).group_table);
+        let cached = epoch
+            .filter(|&e| !group_cache::bypassed() && !has_rules(e))
+            .and_then(|e| group_cache::lookup(group_table, &key, e))
+            .filter(|g| {
+                rank <= g.severity_rank
+                    // a resolved group recurring after its resolution regresses
+                    && !(g.resolved && g.resolved_at.is_none_or(|r| occurred_at.value() as i64 > r))
+            });
+        let error_id = match cached {
+            Some(g) => {
+                insert_occurrence(Row {
+                    error_id: Some(g.error_id),
+                    ..row
+                });
+                g.error_id
+            }
+            None => {
+                let (g, publish_now) = slow_capture(&fp, row, a.message, a.stack_trace);
+                if let Some(e) = epoch {
+                    if publish_now {
+                        group_cache::publish(group_table, key, e, g);
+                    } else {
+                        group_cache::publish_at_commit(group_table, key, e, g);
+                    }
+                }
+                g.error_id
+            }
+        };
+        pgrx::Uuid::from_bytes(error_id)
+            .into_datum()
+            .unwrap_or_else(|| pg_sys::Datum::from(0))
+    }
+}
+
+/// The occurrence row, as datums (NULL = None).
+struct Row {
+    error_id: Option<[u8; 16]>,
+    occurred_at: pg_sys::Datum,
+    error_type: Option<pg_sys::Datum>,
+    message: Option<pg_sys::Datum>,
+    stack_trace: Option<pg_sys::Datum>,
+    context: Option<pg_sys::Datum>,
+    severity: Option<pg_sys::Datum>,
+    environment: Option<pg_sys::Datum>,
+    release_version: Option<pg_sys::Datum>,
+    trace_id: Option<pg_sys::Datum>,
+    span_id: Option<pg_sys::Datum>,
+}
+
+/// Checks that the state belongs to this extension instance (creating it,
+/// or starting afresh after DROP/CREATE EXTENSION).
+unsafe fn prepare_state(s: &mut Option<State>, fn_oid: pg_sys::Oid) -> &mut State {
+    unsafe {
+        let known = s.as_ref().is_some_and(|st| st.functions.contains(&fn_oid));
+        if !known {
+            let namespace = pg_sys::get_func_namespace(fn_oid);
+            let group_table = pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), namespace);
+            let same = s
+                .as_ref()
+                .is_some_and(|st| st.namespace == namespace && st.group_table == group_table);
+            if same {
+                s.as_mut().unwrap().functions.push(fn_oid);
+            } else {
+                if let Some(old) = s.take() {
+                    pg_sys::SPI_freeplan(old.insert_plan);
+                    pg_sys::SPI_freeplan(old.slow_plan);
+                    pg_sys::SPI_freeplan(old.rules_plan);
+                }
+                let [insert_plan, slow_plan, rules_plan] = prepare_plans(namespace);
+                *s = Some(State {
+                    namespace,
+                    group_table,
+                    functions: vec![fn_oid],
+                    has_rules: None,
+                    insert_plan,
+                    slow_plan,
+                    rules_plan,
+                });
+            }
+        }
+        s.as_mut().unwrap()
+    }
+}
+
+/// Whether enabled notification rules exist (then every capture takes the
+/// slow path, which evaluates them). Asked once per epoch.
+unsafe fn has_rules(epoch: u64) -> bool {
+    if let Some(known) = STATE.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|st| st.has_rules)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, v)| v)
+    }) {
+        return known;
+    }
+    unsafe {
+        let plan = plan_of(|s| s.rules_plan);
+        pg_sys::SPI_connect();
+        let rc = pg_sys::SPI_execute_plan(plan, std::ptr::null_mut(), std::ptr::null(), true, 1);
+        if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
+            error!("fraiseql_obs: reading the notification rules failed (SPI code {rc})");
+        }
+        let table = &*pg_sys::SPI_tuptable;
+        let mut isnull = false;
+        let v = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 1, &mut isnull).value() != 0;
+        pg_sys::SPI_finish();
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.has_rules = Some((epoch, v));
+            }
+        });
+        v
+    }
+}
+
+const INSERT_SQL: &str = "INSERT INTO {schema}.tb_error_occurrence \
+    (error_id, occurred_at, error_type, message, stack_trace, context, severity, \
+     environment, release_version, trace_id, span_id) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+const SLOW_SQL: &str = "SELECT error_id, resolved, resolved_at, severity, changed, row_xmin \
+    FROM {schema}._fraiseql_capture_slow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+const RULES_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM {schema}.tb_error_notification_config c WHERE c.enabled)";
+
+unsafe fn prepare_plans(namespace: pg_sys::Oid) -> [pg_sys::SPIPlanPtr; 3] {
+    use pg_sys::BuiltinOid::*;
+    unsafe {
+        let schema = pg_sys::get_namespace_name(namespace);
+        let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
+            .to_string_lossy()
+            .into_owned();
+        let row_types = [
+            UUIDOID,
+            TIMESTAMPTZOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            JSONBOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+        ];
+        let mut insert_types: Vec<pg_sys::Oid> = row_types.iter().map(|t| t.value()).collect();
+        // the slow path gets the fingerprint first, and the unclipped message
+        // and stack trace last (title and culprit are made from them)
+        let mut slow_types: Vec<pg_sys::Oid> = std::iter::once(TEXTOID)
+            .chain(row_types.iter().skip(1).copied())
+            .chain([TEXTOID, TEXTOID])
+            .map(|t| t.value())
+            .collect();
+        pg_sys::SPI_connect();
+        let prepare = |sql: &str, types: &mut Vec<pg_sys::Oid>| {
+            let sql = CString::new(sql.replace("{schema}", &schema)).unwrap();
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            if plan.is_null() {
+                error!("fraiseql_obs: cannot prepare the capture statement");
+            }
+            pg_sys::SPI_keepplan(plan);
+            plan
+        };
+        let plans = [
+            prepare(INSERT_SQL, &mut insert_types),
+            prepare(SLOW_SQL, &mut slow_types),
+            prepare(RULES_SQL, &mut Vec::new()),
+        ];
+        pg_sys::SPI_finish();
+        plans
+    }
+}
+
+fn nulls(values: &[Option<pg_sys::Datum>]) -> (Vec<pg_sys::Datum>, Vec<c_char>) {
+    values
+        .iter()
+        .map(|v| match v {
+            Some(d) => (*d, b' ' as c_char),
+            None => (pg_sys::Datum::from(0), b'n' as c_char),
+        })
+        .unzip()
+}
+
+fn plan_of(pick: fn(&State) -> pg_sys::SPIPlanPtr) -> pg_sys::SPIPlanPtr {
+    STATE.with(|s| pick(s.borrow().as_ref().expect("capture state")))
+}
+
+/// The fast path: one saved INSERT.
+unsafe fn insert_occurrence(row: Row) {
+    unsafe {
+        let id = row.error_id.unwrap();
+        let id_datum = pg_sys::Datum::from(id.as_ptr());
+        let (mut values, flags) = nulls(&[
+            Some(id_datum),
+            Some(row.occurred_at),
+            row.error_type,
+            row.message,
+            row.stack_trace,
+            row.context,
+            row.severity,
+            row.environment,
+            row.release_version,
+            row.trace_id,
+            row.span_id,
+        ]);
+        let plan = plan_of(|s| s.insert_plan);
+        pg_sys::SPI_connect();
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            error!("fraiseql_obs: storing the occurrence failed (SPI code {rc})");
+        }
+        pg_sys::SPI_finish();
+    }
+}
+
+/// The slow path: `_fraiseql_capture_slow()` finds or creates the group,
+/// handles regression and escalation, stores the occurrence and notifies.
+/// Returns the group as it now is, and whether it may be published to the
+/// cache now (false: this transaction created or changed it, so it is
+/// published at commit).
+unsafe fn slow_capture(
+    fp: &str,
+    row: Row,
+    raw_message: Option<pg_sys::Datum>,
+    raw_stack_trace: Option<pg_sys::Datum>,
+) -> (Group, bool) {
+    unsafe {
+        let (mut values, flags) = nulls(&[
+            fp.into_datum(),
+            Some(row.occurred_at),
+            row.error_type,
+            row.message,
+            row.stack_trace,
+            row.context,
+            row.severity,
+            row.environment,
+            row.release_version,
+            row.trace_id,
+            row.span_id,
+            raw_message,
+            raw_stack_trace,
+        ]);
+        let plan = plan_of(|s| s.slow_plan);
+        pg_sys::SPI_connect();
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 1);
+        if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
+            error!("fraiseql_obs: capture failed (SPI code {rc})");
+        }
+        let table = &*pg_sys::SPI_tuptable;
+        let tuple = *table.vals;
+        let col = |n: i32| {
+            let mut isnull = false;
+            let d = pg_sys::SPI_getbinval(tuple, table.tupdesc, n, &mut isnull);
+            (!isnull).then_some(d)
+        };
+        let group = Group {
+            error_id: *(col(1).unwrap().cast_mut_ptr::<[u8; 16]>()),
+            resolved: col(2).is_some_and(|d| d.value() != 0),
+            resolved_at: col(3).map(|d| d.value() as i64),
+            severity_rank: col(4)
+                .and_then(|d| <&str>::from_datum(d, false))
+                .map(severity_rank)
+                .unwrap_or(0),
+        };
+        let changed = col(5).is_some_and(|d| d.value() != 0);
+        let mine = col(6).is_some_and(|d| {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(
+                d.value() as u32
+            ))
+        });
+        pg_sys::SPI_finish();
+        (group, !(changed || mine))
+    }
+}
