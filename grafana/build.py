@@ -48,24 +48,16 @@ def panel(title, kind, sql, w=12, h=8, fmt=None, unit=None, description=None):
 
 ERRORS = [
     panel("Error rate", "timeseries", """
-SELECT $__timeGroupAlias(occurred_at, $__interval), count(*) AS errors
-  FROM tb_error_occurrence
- WHERE $__timeFilter(occurred_at) AND environment IN ($environment)
- GROUP BY 1 ORDER BY 1""", w=24, unit="short"),
+SELECT "time", errors
+  FROM fraiseql_panel_error_rate($__timeFrom(), $__timeTo(), $__interval_ms, ARRAY[$environment])""", w=24, unit="short"),
     panel("Top 10 errors", "table", """
 SELECT g.title, g.culprit, t.occurrences, t.users_affected, t.last_seen, g.status, g.error_fingerprint AS fingerprint
-  FROM (SELECT error_id, count(*) AS occurrences,
-               count(DISTINCT context->>'user_id') AS users_affected, max(occurred_at) AS last_seen
-          FROM tb_error_occurrence
-         WHERE $__timeFilter(occurred_at) AND environment IN ($environment)
-         GROUP BY error_id ORDER BY count(*) DESC LIMIT 10) t
+  FROM fraiseql_panel_top_errors($__timeFrom(), $__timeTo(), ARRAY[$environment], 10) t
   JOIN tb_error_log g ON g.error_id = t.error_id
  ORDER BY t.occurrences DESC""", w=16, h=9),
     panel("Errors by environment", "piechart", """
-SELECT environment AS metric, count(*) AS errors
-  FROM tb_error_occurrence
- WHERE $__timeFilter(occurred_at)
- GROUP BY environment ORDER BY 2 DESC""", w=8, h=9),
+SELECT environment AS metric, errors
+  FROM fraiseql_panel_errors_by_environment($__timeFrom(), $__timeTo())""", w=8, h=9),
     panel("Recent errors", "table", """
 SELECT o.occurred_at AS "time", o.error_type, left(o.message, 200) AS message, o.environment,
        o.severity, g.status, o.trace_id, g.error_fingerprint AS fingerprint
@@ -88,44 +80,32 @@ SELECT regressed_at AS "time", title, culprit, regression_count, status, assigne
 # Requests are the root spans (no parent).
 TRACES = [
     panel("Request rate", "timeseries", """
-SELECT $__timeGroupAlias(start_time, $__interval), count(*) * 1000.0 / $__interval_ms AS "requests/s"
-  FROM monitoring.traces
- WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
- GROUP BY 1 ORDER BY 1""", unit="reqps"),
+SELECT "time", spans * 1000.0 / $__interval_ms AS "requests/s"
+  FROM fraiseql_panel_spans($__timeFrom(), $__timeTo(), $__interval_ms, ARRAY[$environment], 'request')""", unit="reqps"),
     panel("Latency P50 / P95 / P99", "timeseries", """
-SELECT $__timeGroupAlias(start_time, $__interval),
-       percentile_cont(0.50) WITHIN GROUP (ORDER BY duration_ms) AS p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms) AS p99
-  FROM monitoring.traces
- WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
- GROUP BY 1 ORDER BY 1""", unit="ms"),
+SELECT "time", p50_ms AS p50, p95_ms AS p95, p99_ms AS p99
+  FROM fraiseql_panel_spans($__timeFrom(), $__timeTo(), $__interval_ms, ARRAY[$environment], 'request')""",
+          unit="ms", description="root spans; percentiles from log-scale histograms (within 9%)"),
     panel("Slowest operations", "table", """
-SELECT operation_name, count(*) AS requests,
-       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1) AS p95_ms,
-       round(max(duration_ms)::numeric, 1) AS max_ms
-  FROM monitoring.traces
- WHERE $__timeFilter(start_time) AND environment IN ($environment)
- GROUP BY operation_name ORDER BY p95_ms DESC LIMIT 20""", w=16, h=9),
+SELECT operation_name, spans AS requests, round(p95_ms::numeric, 1) AS p95_ms, round(max_ms::numeric, 1) AS max_ms
+  FROM fraiseql_panel_operations($__timeFrom(), $__timeTo(), ARRAY[$environment])
+ ORDER BY p95_ms DESC NULLS LAST LIMIT 20""", w=16, h=9),
     panel("Trace status", "piechart", """
-SELECT CASE status_code WHEN 2 THEN 'error' WHEN 1 THEN 'ok' ELSE 'unset' END AS metric, count(*) AS spans
-  FROM monitoring.traces
- WHERE $__timeFilter(start_time) AND parent_span_id IS NULL AND environment IN ($environment)
- GROUP BY 1 ORDER BY 1""", w=8, h=9),
+SELECT s.metric, sum(s.n)::bigint AS spans
+  FROM fraiseql_panel_spans($__timeFrom(), $__timeTo(), 86400000, ARRAY[$environment], 'request') p,
+       LATERAL (VALUES ('error', p.errors), ('ok', p.oks), ('unset', p.spans - p.errors - p.oks)) s(metric, n)
+ GROUP BY 1 HAVING sum(s.n) > 0 ORDER BY 1""", w=8, h=9),
     panel("Database query duration", "timeseries", """
-SELECT $__timeGroupAlias(start_time, $__interval), avg(duration_ms) AS avg_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
-  FROM monitoring.traces
- WHERE $__timeFilter(start_time) AND attributes @> '{"db.system": "postgresql"}' AND environment IN ($environment)
- GROUP BY 1 ORDER BY 1""", unit="ms"),
+SELECT "time", avg_ms, p95_ms
+  FROM fraiseql_panel_spans($__timeFrom(), $__timeTo(), $__interval_ms, ARRAY[$environment], 'db')""",
+          unit="ms", description='spans with attributes {"db.system": "postgresql"}'),
     panel("Error rate by operation", "table", """
-SELECT t.operation_name, count(*) AS requests, count(e.trace_id) AS with_errors,
-       round(100.0 * count(e.trace_id) / count(*), 2) AS error_rate_pct
-  FROM monitoring.traces t
-  LEFT JOIN LATERAL (SELECT o.trace_id FROM tb_error_occurrence o
-                      WHERE o.trace_id = t.trace_id LIMIT 1) e ON true
- WHERE $__timeFilter(t.start_time) AND t.parent_span_id IS NULL AND t.environment IN ($environment)
- GROUP BY t.operation_name ORDER BY error_rate_pct DESC LIMIT 20""", w=12),
+SELECT operation_name, requests, requests_with_errors AS with_errors,
+       round(100.0 * requests_with_errors / requests, 2) AS error_rate_pct
+  FROM fraiseql_panel_operations($__timeFrom(), $__timeTo(), ARRAY[$environment])
+ WHERE requests > 0
+ ORDER BY error_rate_pct DESC, requests DESC LIMIT 20""", w=12,
+          description="root spans whose trace has an error occurrence"),
 ]
 
 SYSTEM = [

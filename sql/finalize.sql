@@ -33,6 +33,15 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_definition', '
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_series', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_stripe', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_entity_change_log', '');
+-- the dashboards' rollups summarize the dumped rows: a restored database keeps them
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_error_minute', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_error_5min', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_error_hour', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_error_day', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_span_minute', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_span_5min', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_operation_hour', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_trace_error', '');
 
 -- Privileges: nothing is callable by PUBLIC. An application role needs only
 --   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz),
@@ -61,6 +70,21 @@ $$;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_fingerprint(text, text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC;
 GRANT USAGE ON SCHEMA monitoring TO PUBLIC;
+-- The dashboards' panel functions run with the caller's rights (they show
+-- what the caller may read), and so do the pure helpers they use.
+GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_panel_error_rate(timestamptz, timestamptz, bigint, text[]),
+                          @extschema@.fraiseql_panel_errors_by_environment(timestamptz, timestamptz),
+                          @extschema@.fraiseql_panel_top_errors(timestamptz, timestamptz, text[], integer),
+                          @extschema@.fraiseql_panel_spans(timestamptz, timestamptz, bigint, text[], text),
+                          @extschema@.fraiseql_panel_operations(timestamptz, timestamptz, text[]),
+                          @extschema@._fraiseql_whole_units(timestamptz, timestamptz, interval, boolean),
+                          @extschema@._fraiseql_time_group(timestamptz, bigint),
+                          @extschema@._fraiseql_latency_bucket(double precision),
+                          @extschema@._fraiseql_hist_from(integer[], bigint[]),
+                          @extschema@._fraiseql_hist_merge(bigint[], bigint[]),
+                          @extschema@.fraiseql_hist_quantile(bigint[], double precision),
+                          @extschema@.fraiseql_hist_merge_agg(bigint[])
+   TO PUBLIC;
 
 -- Serve this database right away once CREATE EXTENSION commits.
 SELECT @extschema@._fraiseql_wake_launcher();

@@ -103,6 +103,12 @@ BEGIN
 
     PERFORM set_config('lock_timeout', v_old_timeout, true);
 
+    BEGIN
+        PERFORM _fraiseql_prune_rollups();
+    EXCEPTION WHEN OTHERS THEN
+        v_error := coalesce(v_error || E'\n', '') || 'rollups: ' || SQLERRM;
+    END;
+
     INSERT INTO tb_maintenance_run AS m
         (started_at, finished_at, duration_ms, triggered_by, created, dropped, moved_rows,
          groups_removed, skipped, last_error)

@@ -26,6 +26,9 @@ CREATE TABLE monitoring.traces (
         CHECK (span_kind IN ('unspecified', 'internal', 'server', 'client', 'producer', 'consumer')),
     scope          jsonb,
     created_at     timestamptz NOT NULL DEFAULT now(),
+    -- the (top-level) transaction that stored the span: what the dashboard
+    -- rollups (rollups.sql) are kept by
+    ingest_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     CHECK (end_time >= start_time),
     PRIMARY KEY (trace_id, span_id, start_time)
 ) PARTITION BY RANGE (start_time);
@@ -38,6 +41,7 @@ CREATE INDEX idx_traces_status ON monitoring.traces (status_code);
 CREATE INDEX idx_traces_attributes ON monitoring.traces USING gin (attributes jsonb_path_ops);
 CREATE INDEX idx_traces_parent ON monitoring.traces (parent_span_id) WHERE parent_span_id IS NOT NULL;
 CREATE INDEX idx_traces_environment ON monitoring.traces (environment, start_time DESC);
+CREATE INDEX idx_traces_ingest_xid ON monitoring.traces (ingest_xid);
 
 -- ---------------------------------------------------------------------------
 -- Metrics: every recorded value is a row of monitoring.metrics (the seed's

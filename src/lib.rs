@@ -13,6 +13,7 @@ mod group_cache;
 mod guc;
 mod metrics;
 mod notify;
+mod rollup;
 mod shmem;
 mod trace_context;
 mod traces;
@@ -58,6 +59,17 @@ extension_sql_file!(
         "notification_rules",
         traces::_fraiseql_ingest_otlp_traces,
         metrics::_fraiseql_check_metric
+    ]
+);
+extension_sql_file!(
+    "../sql/rollups.sql",
+    name = "rollups",
+    requires = [
+        "telemetry",
+        rollup::_fraiseql_latency_bucket,
+        rollup::_fraiseql_hist_from,
+        rollup::_fraiseql_hist_merge,
+        rollup::fraiseql_hist_quantile
     ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

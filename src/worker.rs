@@ -6,14 +6,14 @@
 //!   the databases and starts a **database worker** for each one that has none.
 //! * A **database worker** checks that the extension is installed (if not, it
 //!   tells the registry to leave that database alone for a while, and exits
-//!   quietly), then loops: fold the occurrence counters every
-//!   `flush_interval`, run `fraiseql_run_maintenance('worker')` every
+//!   quietly), then loops: fold the occurrence counters and refresh the
+//!   dashboards' rollups every `flush_interval`, run `fraiseql_run_maintenance('worker')` every
 //!   `maintenance_interval` (and once at start). Each step is its own short
 //!   transaction; an error is logged and the step retried on the next tick.
 //! * SIGTERM uses PostgreSQL's own `die` handler, so it interrupts even a
 //!   running query; SIGHUP reloads the configuration.
-//! * `DROP DATABASE`, `ALTER DATABASE ... RENAME` and `CREATE DATABASE ...
-//!   TEMPLATE` are never blocked by us: a utility hook stops that database's
+//! * `DROP DATABASE`, `ALTER DATABASE ... RENAME`, `CREATE DATABASE ...
+//!   TEMPLATE` and `DROP EXTENSION` are never blocked by us: a utility hook stops that database's
 //!   worker first and holds it off.
 use crate::guc;
 use crate::shmem::{self, REGISTRY};
@@ -362,11 +362,12 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     log!("fraiseql_obs worker serving its database (extension schema {schema})");
 
     let flush_sql = format!("SELECT {schema}.fraiseql_flush_counts()::text");
+    let rollup_sql = format!("SELECT {schema}.fraiseql_refresh_rollups()::text");
     let maintenance_sql = format!("SELECT {schema}.fraiseql_run_maintenance('worker')::text");
     let mut next_maintenance = Instant::now();
     let mut next_flush = Instant::now();
-    // last error of each step (flush, maintenance, delivery), to log each problem once
-    let mut last_errors: [Option<String>; 3] = [None, None, None];
+    // last error of each step (flush, maintenance, delivery, rollups), to log each problem once
+    let mut last_errors: [Option<String>; 4] = [None, None, None, None];
     let mut more_to_deliver = false;
 
     loop {
@@ -378,6 +379,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 match step("flushing counters", &flush_sql) {
                     Ok(()) => successes.push(0),
                     Err(e) => failures.push((0, "flushing counters", e)),
+                }
+                // the dashboards' rollups, in their own transaction
+                match step("rolling up", &rollup_sql) {
+                    Ok(()) => successes.push(3),
+                    Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                 }
                 next_flush = Instant::now()
                     + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);

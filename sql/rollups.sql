@@ -1,0 +1,498 @@
+-- fraiseql_obs: rollups for the dashboards.
+--
+-- A dashboard aggregates days of occurrences and spans; reading the raw rows
+-- makes a panel cost grow with the data (seconds at ten million rows). The
+-- worker keeps these rollups, incrementally and exactly, by the technique that
+-- counts occurrences (capture.sql, "Counting"): rows are rolled up by the
+-- transaction that wrote them, from the previous horizon to the xmin of the
+-- roll-up's snapshot. The panel functions below add whole buckets from the
+-- rollups to the raw rows at the edges of the range and the raw rows not
+-- rolled up yet, so they return what the same query over the raw rows would
+-- (percentiles excepted: they come from log-scale histograms, within 9%).
+--
+-- All buckets are UTC.
+
+CREATE TABLE tb_rollup_state (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    error_horizon xid8 NOT NULL,
+    span_horizon  xid8 NOT NULL,
+    rolled_at     timestamptz
+);
+INSERT INTO tb_rollup_state (error_horizon, span_horizon) VALUES (pg_current_xact_id(), pg_current_xact_id());
+
+-- Occurrences per minute and environment (error rate, errors by environment).
+CREATE TABLE tb_rollup_error_minute (
+    bucket      timestamptz NOT NULL,
+    environment text NOT NULL,
+    occurrences bigint NOT NULL,
+    PRIMARY KEY (bucket, environment)
+);
+
+-- The same per five minutes: long ranges read a fifth of the rows.
+CREATE TABLE tb_rollup_error_5min (LIKE tb_rollup_error_minute INCLUDING ALL);
+
+-- Occurrences per hour / day, group and environment (top errors).
+CREATE TABLE tb_rollup_error_hour (
+    bucket      timestamptz NOT NULL,
+    error_id    uuid NOT NULL,
+    environment text NOT NULL,
+    occurrences bigint NOT NULL,
+    PRIMARY KEY (bucket, error_id, environment)
+);
+CREATE TABLE tb_rollup_error_day (LIKE tb_rollup_error_hour INCLUDING ALL);
+
+-- Spans per minute, environment and kind: 'request' (root spans) and 'db'
+-- (spans with attributes {"db.system": "postgresql"}). latency: a histogram
+-- (src/rollup.rs).
+CREATE TABLE tb_rollup_span_minute (
+    bucket       timestamptz NOT NULL,
+    environment  text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('request', 'db')),
+    spans        bigint NOT NULL,
+    errors       bigint NOT NULL,   -- status_code 2
+    oks          bigint NOT NULL,   -- status_code 1
+    duration_sum double precision NOT NULL,
+    latency      bigint[] NOT NULL,
+    PRIMARY KEY (bucket, environment, kind)
+);
+CREATE TABLE tb_rollup_span_5min (LIKE tb_rollup_span_minute INCLUDING ALL);
+
+-- Spans per hour, environment and operation (slowest operations, error rate
+-- by operation). requests: root spans; requests_with_errors: those whose
+-- trace has an error occurrence.
+CREATE TABLE tb_rollup_operation_hour (
+    bucket               timestamptz NOT NULL,
+    environment          text NOT NULL,
+    operation_name       text NOT NULL,
+    spans                bigint NOT NULL,
+    duration_max         double precision NOT NULL,
+    latency              bigint[] NOT NULL,
+    requests             bigint NOT NULL,
+    requests_with_errors bigint NOT NULL,
+    PRIMARY KEY (bucket, environment, operation_name)
+);
+
+-- Traces known to have an error occurrence: a request is counted as failed
+-- once, whichever of its span and its first error is rolled up first.
+CREATE TABLE tb_trace_error (
+    trace_id   text PRIMARY KEY,
+    first_seen timestamptz NOT NULL
+);
+CREATE INDEX idx_trace_error_first_seen ON tb_trace_error (first_seen);
+
+CREATE AGGREGATE fraiseql_hist_merge_agg(bigint[]) (sfunc = _fraiseql_hist_merge, stype = bigint[]);
+
+-- One roll-up round: spans first, then occurrences (so that a request and
+-- its first error rolled up in the same round are matched once). The worker
+-- runs it every flush_interval; anyone may run it. Never waits: a concurrent
+-- round makes it return at once.
+CREATE FUNCTION fraiseql_refresh_rollups() RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = @extschema@, pg_temp
+SET TimeZone = 'UTC'
+AS $$
+DECLARE
+    v_state  record;
+    v_spans  bigint;
+    v_errors bigint;
+BEGIN
+    SELECT * INTO v_state FROM tb_rollup_state FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('busy', true);
+    END IF;
+
+    -- spans restored from another cluster's dump (see fraiseql_flush_counts)
+    UPDATE monitoring.traces t SET ingest_xid = '0'
+     WHERE t.ingest_xid >= pg_snapshot_xmax(pg_current_snapshot())
+       AND t.ingest_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
+
+    WITH h AS (
+        SELECT greatest(v_state.span_horizon, pg_snapshot_xmin(pg_current_snapshot())) AS hi
+    ), new AS MATERIALIZED (
+        SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.environment,
+               t.parent_span_id IS NULL AS is_request,
+               t.attributes @> '{"db.system": "postgresql"}' AS is_db,
+               _fraiseql_latency_bucket(t.duration_ms) AS b
+          FROM monitoring.traces t, h
+         WHERE t.ingest_xid >= v_state.span_horizon AND t.ingest_xid < h.hi
+    ), by_bucket AS (
+        SELECT date_trunc('minute', n.start_time) AS bucket, n.environment, k.kind, n.b,
+               count(*) AS spans, count(*) FILTER (WHERE n.status_code = 2) AS errors,
+               count(*) FILTER (WHERE n.status_code = 1) AS oks, sum(n.duration_ms) AS duration_sum
+          FROM new n, LATERAL (VALUES ('request', n.is_request), ('db', n.is_db)) k(kind, applies)
+         WHERE k.applies
+         GROUP BY 1, 2, 3, 4
+    ), minutes AS (
+        INSERT INTO tb_rollup_span_minute AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
+        SELECT bucket, environment, kind, sum(spans), sum(errors), sum(oks), sum(duration_sum),
+               _fraiseql_hist_from(array_agg(b), array_agg(spans))
+          FROM by_bucket GROUP BY 1, 2, 3
+        ON CONFLICT (bucket, environment, kind) DO UPDATE
+           SET spans = r.spans + excluded.spans, errors = r.errors + excluded.errors, oks = r.oks + excluded.oks,
+               duration_sum = r.duration_sum + excluded.duration_sum,
+               latency = _fraiseql_hist_merge(r.latency, excluded.latency)
+    ), five_minutes AS (
+        INSERT INTO tb_rollup_span_5min AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
+        SELECT x.bucket, x.environment, x.kind, sum(x.spans), sum(x.errors), sum(x.oks), sum(x.duration_sum),
+               _fraiseql_hist_from(array_agg(x.b), array_agg(x.spans))
+          FROM (SELECT date_bin('5 minutes', y.bucket, '2000-01-01 00:00:00+00') AS bucket, y.environment, y.kind, y.b,
+                       sum(y.spans)::bigint AS spans, sum(y.errors) AS errors, sum(y.oks) AS oks,
+                       sum(y.duration_sum) AS duration_sum
+                  FROM by_bucket y GROUP BY 1, 2, 3, 4) x
+         GROUP BY 1, 2, 3
+        ON CONFLICT (bucket, environment, kind) DO UPDATE
+           SET spans = r.spans + excluded.spans, errors = r.errors + excluded.errors, oks = r.oks + excluded.oks,
+               duration_sum = r.duration_sum + excluded.duration_sum,
+               latency = _fraiseql_hist_merge(r.latency, excluded.latency)
+    ), by_operation AS (
+        SELECT date_trunc('hour', n.start_time) AS bucket, n.environment, n.operation_name, n.b,
+               count(*) AS spans, max(n.duration_ms) AS duration_max,
+               count(*) FILTER (WHERE n.is_request) AS requests,
+               count(*) FILTER (WHERE n.is_request AND m.trace_id IS NOT NULL) AS with_errors
+          FROM new n LEFT JOIN tb_trace_error m ON m.trace_id = n.trace_id AND n.is_request
+         GROUP BY 1, 2, 3, 4
+    ), operations AS (
+        INSERT INTO tb_rollup_operation_hour AS r
+            (bucket, environment, operation_name, spans, duration_max, latency, requests, requests_with_errors)
+        SELECT bucket, environment, operation_name, sum(spans), max(duration_max),
+               _fraiseql_hist_from(array_agg(b), array_agg(spans)), sum(requests), sum(with_errors)
+          FROM by_operation GROUP BY 1, 2, 3
+        ON CONFLICT (bucket, environment, operation_name) DO UPDATE
+           SET spans = r.spans + excluded.spans, duration_max = greatest(r.duration_max, excluded.duration_max),
+               latency = _fraiseql_hist_merge(r.latency, excluded.latency),
+               requests = r.requests + excluded.requests,
+               requests_with_errors = r.requests_with_errors + excluded.requests_with_errors
+    ), moved AS (
+        UPDATE tb_rollup_state s SET span_horizon = h.hi FROM h RETURNING 1
+    )
+    SELECT count(*) INTO v_spans FROM new;
+
+    WITH h AS (
+        SELECT greatest(v_state.error_horizon, pg_snapshot_xmin(pg_current_snapshot())) AS hi
+    ), new AS MATERIALIZED (
+        SELECT o.error_id, o.environment, o.occurred_at, o.trace_id
+          FROM tb_error_occurrence o, h
+         WHERE o.capture_xid >= v_state.error_horizon AND o.capture_xid < h.hi
+    ), minutes AS (
+        INSERT INTO tb_rollup_error_minute AS r (bucket, environment, occurrences)
+        SELECT date_trunc('minute', occurred_at), environment, count(*) FROM new GROUP BY 1, 2
+        ON CONFLICT (bucket, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
+    ), five_minutes AS (
+        INSERT INTO tb_rollup_error_5min AS r (bucket, environment, occurrences)
+        SELECT date_bin('5 minutes', occurred_at, '2000-01-01 00:00:00+00'), environment, count(*) FROM new GROUP BY 1, 2
+        ON CONFLICT (bucket, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
+    ), hours AS (
+        INSERT INTO tb_rollup_error_hour AS r (bucket, error_id, environment, occurrences)
+        SELECT date_trunc('hour', occurred_at), error_id, environment, count(*) FROM new GROUP BY 1, 2, 3
+        ON CONFLICT (bucket, error_id, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
+    ), days AS (
+        INSERT INTO tb_rollup_error_day AS r (bucket, error_id, environment, occurrences)
+        SELECT date_trunc('day', occurred_at), error_id, environment, count(*) FROM new GROUP BY 1, 2, 3
+        ON CONFLICT (bucket, error_id, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
+    ), marks AS (
+        INSERT INTO tb_trace_error AS m (trace_id, first_seen)
+        SELECT trace_id, min(occurred_at) FROM new WHERE trace_id IS NOT NULL GROUP BY trace_id
+        ON CONFLICT (trace_id) DO NOTHING
+        RETURNING m.trace_id
+    ), late AS (
+        -- requests rolled up before their trace's first error
+        SELECT date_trunc('hour', t.start_time) AS bucket, t.environment, t.operation_name, count(*) AS n
+          FROM marks JOIN monitoring.traces t ON t.trace_id = marks.trace_id
+         WHERE t.parent_span_id IS NULL
+           AND t.ingest_xid < (SELECT s.span_horizon FROM tb_rollup_state s)
+         GROUP BY 1, 2, 3
+    ), late_counted AS (
+        UPDATE tb_rollup_operation_hour r SET requests_with_errors = r.requests_with_errors + late.n
+          FROM late
+         WHERE r.bucket = late.bucket AND r.environment = late.environment AND r.operation_name = late.operation_name
+        RETURNING 1
+    ), moved AS (
+        UPDATE tb_rollup_state s SET error_horizon = h.hi, rolled_at = now() FROM h RETURNING 1
+    )
+    SELECT count(*) INTO v_errors FROM new;
+
+    RETURN jsonb_build_object('spans', v_spans, 'occurrences', v_errors);
+END
+$$;
+
+-- Rollups live as long as the rows they summarize (maintenance calls this).
+CREATE FUNCTION _fraiseql_prune_rollups() RETURNS void
+LANGUAGE plpgsql
+SET search_path = @extschema@, pg_temp
+SET TimeZone = 'UTC'
+AS $$
+DECLARE
+    v_errors timestamptz := date_trunc('month', now())
+        - fraiseql_setting('fraiseql_obs.error_retention_months')::integer * interval '1 month';
+    v_spans  timestamptz := date_trunc('day', now())
+        - fraiseql_setting('fraiseql_obs.trace_retention_days')::integer * interval '1 day';
+BEGIN
+    IF fraiseql_setting('fraiseql_obs.error_retention_months')::integer > 0 THEN
+        DELETE FROM tb_rollup_error_minute WHERE bucket < v_errors;
+        DELETE FROM tb_rollup_error_5min WHERE bucket < v_errors;
+        DELETE FROM tb_rollup_error_hour WHERE bucket < v_errors;
+        DELETE FROM tb_rollup_error_day WHERE bucket < v_errors;
+    END IF;
+    IF fraiseql_setting('fraiseql_obs.trace_retention_days')::integer > 0 THEN
+        DELETE FROM tb_rollup_span_minute WHERE bucket < v_spans;
+        DELETE FROM tb_rollup_span_5min WHERE bucket < v_spans;
+        DELETE FROM tb_rollup_operation_hour WHERE bucket < v_spans;
+        DELETE FROM tb_trace_error WHERE first_seen < v_spans;
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Panel functions: what the dashboards run (grafana/build.py). Each takes the
+-- range as Grafana gives it (both ends included, like $__timeFilter) and,
+-- where it matters, the environments to show (NULL: all).
+-- ---------------------------------------------------------------------------
+
+-- The whole buckets of p_width (aligned on UTC midnight) inside [p_from,
+-- p_to], as [lo, hi); when there are none (or p_use is false), lo = hi = just
+-- after p_to, so that the raw part [p_from, lo) covers the whole range.
+CREATE FUNCTION _fraiseql_whole_units(p_from timestamptz, p_to timestamptz, p_width interval, p_use boolean DEFAULT true,
+                                      OUT lo timestamptz, OUT hi timestamptz)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN p_use AND l < h THEN l ELSE p_to + interval '1 microsecond' END,
+           CASE WHEN p_use AND l < h THEN h ELSE p_to + interval '1 microsecond' END
+      FROM (SELECT CASE WHEN date_bin(p_width, p_from, '2000-01-01 00:00:00+00') = p_from THEN p_from
+                        ELSE date_bin(p_width, p_from, '2000-01-01 00:00:00+00') + p_width END AS l,
+                   date_bin(p_width, p_to, '2000-01-01 00:00:00+00') AS h) x
+$$;
+
+-- Time bucket of Grafana's $__timeGroup for an interval in milliseconds.
+CREATE FUNCTION _fraiseql_time_group(t timestamptz, p_interval_ms bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT to_timestamp(floor(extract(epoch FROM t) / (greatest(p_interval_ms, 1) / 1000.0)) * (greatest(p_interval_ms, 1) / 1000.0))
+$$;
+
+-- Occurrences per time bucket.
+CREATE FUNCTION fraiseql_panel_error_rate(p_from timestamptz, p_to timestamptz, p_interval_ms bigint,
+                                          p_environments text[] DEFAULT NULL)
+RETURNS TABLE ("time" timestamptz, errors bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    -- buckets serve the intervals they divide: five minutes, else one
+    v_five boolean := p_interval_ms % 300000 = 0;
+    w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
+                                      p_interval_ms % 60000 = 0);
+    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+BEGIN
+    RETURN QUERY
+    SELECT _fraiseql_time_group(x.t, p_interval_ms), sum(x.n)::bigint
+      FROM (SELECT r.bucket AS t, r.occurrences AS n FROM tb_rollup_error_5min r
+             WHERE v_five AND r.bucket >= w.lo AND r.bucket < w.hi
+               AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+            UNION ALL
+            SELECT r.bucket AS t, r.occurrences AS n FROM tb_rollup_error_minute r
+             WHERE NOT v_five AND r.bucket >= w.lo AND r.bucket < w.hi
+               AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+            UNION ALL
+            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
+             WHERE o.occurred_at >= p_from AND o.occurred_at < w.lo
+               AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+            UNION ALL
+            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
+             WHERE o.occurred_at >= w.hi AND o.occurred_at <= p_to
+               AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+            UNION ALL
+            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
+             WHERE o.capture_xid >= v_h AND o.occurred_at >= w.lo AND o.occurred_at < w.hi
+               AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x
+     GROUP BY 1 ORDER BY 1;
+END
+$$;
+
+-- Occurrences per environment.
+CREATE FUNCTION fraiseql_panel_errors_by_environment(p_from timestamptz, p_to timestamptz)
+RETURNS TABLE (environment text, errors bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    w record := _fraiseql_whole_units(p_from, p_to, interval '5 minutes');
+    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+BEGIN
+    RETURN QUERY
+    SELECT x.environment, sum(x.n)::bigint
+      FROM (SELECT r.environment, r.occurrences AS n FROM tb_rollup_error_5min r
+             WHERE r.bucket >= w.lo AND r.bucket < w.hi
+            UNION ALL
+            SELECT o.environment, 1 FROM tb_error_occurrence o WHERE o.occurred_at >= p_from AND o.occurred_at < w.lo
+            UNION ALL
+            SELECT o.environment, 1 FROM tb_error_occurrence o WHERE o.occurred_at >= w.hi AND o.occurred_at <= p_to
+            UNION ALL
+            SELECT o.environment, 1 FROM tb_error_occurrence o
+             WHERE o.capture_xid >= v_h AND o.occurred_at >= w.lo AND o.occurred_at < w.hi) x
+     GROUP BY 1 ORDER BY 2 DESC;
+END
+$$;
+
+-- The most frequent error groups of the range, with the distinct users
+-- (context->>'user_id') they affected. Candidates are ranked by the buckets
+-- overlapping the range (days for ranges of three days or more, hours below)
+-- plus the rows not rolled up yet; the figures returned are then counted
+-- exactly over the range from the candidates' own occurrences.
+CREATE FUNCTION fraiseql_panel_top_errors(p_from timestamptz, p_to timestamptz,
+                                          p_environments text[] DEFAULT NULL, p_limit integer DEFAULT 10)
+RETURNS TABLE (error_id uuid, occurrences bigint, users_affected bigint, last_seen timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_daily boolean := p_to - p_from >= interval '3 days';
+    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+BEGIN
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.error_id
+          FROM (SELECT r.error_id, r.occurrences FROM tb_rollup_error_day r
+                 WHERE v_daily AND r.bucket >= date_trunc('day', p_from, 'UTC') AND r.bucket <= p_to
+                   AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+                UNION ALL
+                SELECT r.error_id, r.occurrences FROM tb_rollup_error_hour r
+                 WHERE NOT v_daily AND r.bucket >= date_trunc('hour', p_from, 'UTC') AND r.bucket <= p_to
+                   AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+                UNION ALL
+                SELECT o.error_id, 1 FROM tb_error_occurrence o
+                 WHERE o.capture_xid >= v_h AND o.occurred_at >= p_from AND o.occurred_at <= p_to
+                   AND (p_environments IS NULL OR o.environment = ANY (p_environments))) c
+         GROUP BY c.error_id
+         ORDER BY sum(c.occurrences) DESC
+         LIMIT p_limit + 5
+    )
+    SELECT o.error_id, count(*), count(DISTINCT o.context->>'user_id'), max(o.occurred_at)
+      FROM candidates c
+      JOIN tb_error_occurrence o ON o.error_id = c.error_id
+     WHERE o.occurred_at >= p_from AND o.occurred_at <= p_to
+       AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+     GROUP BY o.error_id
+     ORDER BY 2 DESC, 1
+     LIMIT p_limit;
+END
+$$;
+
+-- Spans of one kind ('request': root spans; 'db': database spans) per time
+-- bucket: count, by status, mean and percentiles of the duration.
+CREATE FUNCTION fraiseql_panel_spans(p_from timestamptz, p_to timestamptz, p_interval_ms bigint,
+                                     p_environments text[] DEFAULT NULL, p_kind text DEFAULT 'request')
+RETURNS TABLE ("time" timestamptz, spans bigint, errors bigint, oks bigint,
+               avg_ms double precision, p50_ms double precision, p95_ms double precision, p99_ms double precision)
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    v_five boolean := p_interval_ms % 300000 = 0;
+    w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
+                                      p_interval_ms % 60000 = 0);
+    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
+BEGIN
+    IF p_kind NOT IN ('request', 'db') THEN
+        RAISE EXCEPTION 'fraiseql_obs: kind must be ''request'' or ''db'', got %', p_kind
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH raw AS (
+        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
+         WHERE t.start_time >= p_from AND t.start_time < w.lo
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
+                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
+        UNION ALL
+        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
+         WHERE t.start_time >= w.hi AND t.start_time <= p_to
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
+                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
+        UNION ALL
+        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
+         WHERE t.ingest_xid >= v_h AND t.start_time >= w.lo AND t.start_time < w.hi
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
+                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
+    ), parts AS (
+        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM tb_rollup_span_5min r
+         WHERE v_five AND r.kind = p_kind AND r.bucket >= w.lo AND r.bucket < w.hi
+           AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+        UNION ALL
+        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM tb_rollup_span_minute r
+         WHERE NOT v_five AND r.kind = p_kind AND r.bucket >= w.lo AND r.bucket < w.hi
+           AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+        UNION ALL
+        SELECT _fraiseql_time_group(raw.start_time, p_interval_ms), count(*), count(*) FILTER (WHERE raw.status_code = 2),
+               count(*) FILTER (WHERE raw.status_code = 1), sum(raw.duration_ms),
+               _fraiseql_hist_from(array_agg(_fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint))
+          FROM raw GROUP BY 1
+    ), buckets AS (
+        SELECT _fraiseql_time_group(p.t, p_interval_ms) AS t, sum(p.spans)::bigint AS spans,
+               sum(p.errors)::bigint AS errors, sum(p.oks)::bigint AS oks,
+               sum(p.duration_sum) / nullif(sum(p.spans), 0) AS avg_ms, fraiseql_hist_merge_agg(p.latency) AS h
+          FROM parts p GROUP BY 1
+    )
+    SELECT b.t, b.spans, b.errors, b.oks, b.avg_ms, fraiseql_hist_quantile(b.h, 0.50),
+           fraiseql_hist_quantile(b.h, 0.95), fraiseql_hist_quantile(b.h, 0.99)
+      FROM buckets b ORDER BY 1;
+END
+$$;
+
+-- Per operation over the range: spans, p95 and max duration, requests (root
+-- spans) and those whose trace has an error occurrence.
+CREATE FUNCTION fraiseql_panel_operations(p_from timestamptz, p_to timestamptz, p_environments text[] DEFAULT NULL)
+RETURNS TABLE (operation_name text, spans bigint, p95_ms double precision, max_ms double precision,
+               requests bigint, requests_with_errors bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = @extschema@, pg_temp
+AS $$
+DECLARE
+    w record := _fraiseql_whole_units(p_from, p_to, interval '1 hour');
+    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
+    v_eh xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+BEGIN
+    RETURN QUERY
+    WITH raw AS (
+        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL AS is_request, t.trace_id FROM monitoring.traces t
+         WHERE t.start_time >= p_from AND t.start_time < w.lo
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+        UNION ALL
+        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL, t.trace_id FROM monitoring.traces t
+         WHERE t.start_time >= w.hi AND t.start_time <= p_to
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+        UNION ALL
+        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL, t.trace_id FROM monitoring.traces t
+         WHERE t.ingest_xid >= v_h AND t.start_time >= w.lo AND t.start_time < w.hi
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+    ), parts AS (
+        SELECT r.operation_name, r.spans, r.duration_max, r.latency, r.requests, r.requests_with_errors
+          FROM tb_rollup_operation_hour r
+         WHERE r.bucket >= w.lo AND r.bucket < w.hi
+           AND (p_environments IS NULL OR r.environment = ANY (p_environments))
+        UNION ALL
+        SELECT raw.operation_name, count(*), max(raw.duration_ms),
+               _fraiseql_hist_from(array_agg(_fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint)),
+               count(*) FILTER (WHERE raw.is_request),
+               count(*) FILTER (WHERE raw.is_request AND EXISTS (
+                   SELECT 1 FROM tb_error_occurrence o WHERE o.trace_id = raw.trace_id))
+          FROM raw GROUP BY 1
+        UNION ALL
+        -- rolled-up requests whose trace's first error is not rolled up yet
+        SELECT t.operation_name, 0, NULL, NULL, 0, count(*)
+          FROM monitoring.traces t
+         WHERE t.trace_id IN (SELECT o.trace_id FROM tb_error_occurrence o
+                               WHERE o.capture_xid >= v_eh AND o.trace_id IS NOT NULL
+                                 AND NOT EXISTS (SELECT 1 FROM tb_trace_error m WHERE m.trace_id = o.trace_id))
+           AND t.parent_span_id IS NULL AND t.ingest_xid < v_h
+           AND t.start_time >= w.lo AND t.start_time < w.hi
+           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+         GROUP BY 1
+    )
+    SELECT p.operation_name, sum(p.spans)::bigint, fraiseql_hist_quantile(fraiseql_hist_merge_agg(p.latency), 0.95),
+           max(p.duration_max), sum(p.requests)::bigint, sum(p.requests_with_errors)::bigint
+      FROM parts p GROUP BY 1;
+END
+$$;
