@@ -79,11 +79,14 @@ GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_panel_error_rate(timestamptz, tim
                           @extschema@.fraiseql_panel_operations(timestamptz, timestamptz, text[]),
                           @extschema@._fraiseql_whole_units(timestamptz, timestamptz, interval, boolean),
                           @extschema@._fraiseql_time_group(timestamptz, bigint),
+                          @extschema@._fraiseql_raw_occurrences(timestamptz, timestamptz, timestamptz, timestamptz, xid8, text[]),
+                          @extschema@._fraiseql_raw_spans(timestamptz, timestamptz, timestamptz, timestamptz, xid8, text[]),
                           @extschema@._fraiseql_latency_bucket(double precision),
                           @extschema@._fraiseql_hist_from(integer[], bigint[]),
                           @extschema@._fraiseql_hist_merge(bigint[], bigint[]),
                           @extschema@.fraiseql_hist_quantile(bigint[], double precision),
-                          @extschema@.fraiseql_hist_merge_agg(bigint[])
+                          @extschema@.fraiseql_hist_merge_agg(bigint[]),
+                          @extschema@._fraiseql_partition_bounds(regclass)  -- v_partitions: reads the catalog
    TO PUBLIC;
 
 -- Serve this database right away once CREATE EXTENSION commits.

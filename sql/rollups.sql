@@ -270,19 +270,70 @@ AS $$
     SELECT to_timestamp(floor(extract(epoch FROM t) / (greatest(p_interval_ms, 1) / 1000.0)) * (greatest(p_interval_ms, 1) / 1000.0))
 $$;
 
+-- The raw rows a panel adds to the whole buckets [p_lo, p_hi) it reads from a
+-- rollup: the rows of the range outside them, and the rows inside them not
+-- rolled up yet (p_horizon: the rollup's). Plain SQL without SET, so that
+-- the planner inlines them into the panel's query.
+CREATE FUNCTION _fraiseql_raw_occurrences(p_from timestamptz, p_to timestamptz, p_lo timestamptz, p_hi timestamptz,
+                                          p_horizon xid8, p_environments text[])
+RETURNS TABLE (error_id uuid, occurred_at timestamptz, environment text)
+LANGUAGE sql STABLE
+AS $$
+    SELECT o.error_id, o.occurred_at, o.environment FROM @extschema@.tb_error_occurrence o
+     WHERE o.occurred_at >= p_from AND o.occurred_at < p_lo
+       AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+    UNION ALL
+    SELECT o.error_id, o.occurred_at, o.environment FROM @extschema@.tb_error_occurrence o
+     WHERE o.occurred_at >= p_hi AND o.occurred_at <= p_to
+       AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+    UNION ALL
+    SELECT o.error_id, o.occurred_at, o.environment FROM @extschema@.tb_error_occurrence o
+     WHERE o.capture_xid >= p_horizon
+       AND o.occurred_at >= p_lo AND o.occurred_at < p_hi
+       AND (p_environments IS NULL OR o.environment = ANY (p_environments))
+$$;
+
+CREATE FUNCTION _fraiseql_raw_spans(p_from timestamptz, p_to timestamptz, p_lo timestamptz, p_hi timestamptz,
+                                    p_horizon xid8, p_environments text[])
+RETURNS TABLE (trace_id text, operation_name text, start_time timestamptz, duration_ms double precision,
+               status_code integer, is_request boolean, is_db boolean)
+LANGUAGE sql STABLE
+AS $$
+    SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.parent_span_id IS NULL,
+           t.attributes @> '{"db.system": "postgresql"}'
+      FROM monitoring.traces t
+     WHERE t.start_time >= p_from AND t.start_time < p_lo
+       AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+    UNION ALL
+    SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.parent_span_id IS NULL,
+           t.attributes @> '{"db.system": "postgresql"}'
+      FROM monitoring.traces t
+     WHERE t.start_time >= p_hi AND t.start_time <= p_to
+       AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+    UNION ALL
+    SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.parent_span_id IS NULL,
+           t.attributes @> '{"db.system": "postgresql"}'
+      FROM monitoring.traces t
+     WHERE t.ingest_xid >= p_horizon
+       AND t.start_time >= p_lo AND t.start_time < p_hi
+       AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+$$;
+
 -- Occurrences per time bucket.
 CREATE FUNCTION fraiseql_panel_error_rate(p_from timestamptz, p_to timestamptz, p_interval_ms bigint,
                                           p_environments text[] DEFAULT NULL)
 RETURNS TABLE ("time" timestamptz, errors bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = @extschema@, pg_temp
+-- planned for the actual range and horizon each time (a generic plan guesses them)
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
+    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
     -- buckets serve the intervals they divide: five minutes, else one
     v_five boolean := p_interval_ms % 300000 = 0;
     w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
                                       p_interval_ms % 60000 = 0);
-    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
 BEGIN
     RETURN QUERY
     SELECT _fraiseql_time_group(x.t, p_interval_ms), sum(x.n)::bigint
@@ -294,17 +345,7 @@ BEGIN
              WHERE NOT v_five AND r.bucket >= w.lo AND r.bucket < w.hi
                AND (p_environments IS NULL OR r.environment = ANY (p_environments))
             UNION ALL
-            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
-             WHERE o.occurred_at >= p_from AND o.occurred_at < w.lo
-               AND (p_environments IS NULL OR o.environment = ANY (p_environments))
-            UNION ALL
-            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
-             WHERE o.occurred_at >= w.hi AND o.occurred_at <= p_to
-               AND (p_environments IS NULL OR o.environment = ANY (p_environments))
-            UNION ALL
-            SELECT o.occurred_at, 1 FROM tb_error_occurrence o
-             WHERE o.capture_xid >= v_h AND o.occurred_at >= w.lo AND o.occurred_at < w.hi
-               AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x
+            SELECT o.occurred_at, 1 FROM _fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, p_environments) o) x
      GROUP BY 1 ORDER BY 1;
 END
 $$;
@@ -314,22 +355,19 @@ CREATE FUNCTION fraiseql_panel_errors_by_environment(p_from timestamptz, p_to ti
 RETURNS TABLE (environment text, errors bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = @extschema@, pg_temp
+-- planned for the actual range and horizon each time (a generic plan guesses them)
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    w record := _fraiseql_whole_units(p_from, p_to, interval '5 minutes');
     v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+    w record := _fraiseql_whole_units(p_from, p_to, interval '5 minutes');
 BEGIN
     RETURN QUERY
     SELECT x.environment, sum(x.n)::bigint
       FROM (SELECT r.environment, r.occurrences AS n FROM tb_rollup_error_5min r
              WHERE r.bucket >= w.lo AND r.bucket < w.hi
             UNION ALL
-            SELECT o.environment, 1 FROM tb_error_occurrence o WHERE o.occurred_at >= p_from AND o.occurred_at < w.lo
-            UNION ALL
-            SELECT o.environment, 1 FROM tb_error_occurrence o WHERE o.occurred_at >= w.hi AND o.occurred_at <= p_to
-            UNION ALL
-            SELECT o.environment, 1 FROM tb_error_occurrence o
-             WHERE o.capture_xid >= v_h AND o.occurred_at >= w.lo AND o.occurred_at < w.hi) x
+            SELECT o.environment, 1 FROM _fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, NULL) o) x
      GROUP BY 1 ORDER BY 2 DESC;
 END
 $$;
@@ -344,6 +382,8 @@ CREATE FUNCTION fraiseql_panel_top_errors(p_from timestamptz, p_to timestamptz,
 RETURNS TABLE (error_id uuid, occurrences bigint, users_affected bigint, last_seen timestamptz)
 LANGUAGE plpgsql STABLE
 SET search_path = @extschema@, pg_temp
+-- planned for the actual range and horizon each time (a generic plan guesses them)
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_daily boolean := p_to - p_from >= interval '3 days';
@@ -365,14 +405,16 @@ BEGIN
                    AND (p_environments IS NULL OR o.environment = ANY (p_environments))) c
          GROUP BY c.error_id
          ORDER BY sum(c.occurrences) DESC
-         LIMIT p_limit + 5
+         LIMIT p_limit + 3
     )
-    SELECT o.error_id, count(*), count(DISTINCT o.context->>'user_id'), max(o.occurred_at)
-      FROM candidates c
-      JOIN tb_error_occurrence o ON o.error_id = c.error_id
-     WHERE o.occurred_at >= p_from AND o.occurred_at <= p_to
-       AND (p_environments IS NULL OR o.environment = ANY (p_environments))
-     GROUP BY o.error_id
+    -- one index range scan per candidate (never a scan of the whole range)
+    SELECT c.error_id, x.n, x.users, x.last_seen
+      FROM candidates c,
+           LATERAL (SELECT count(*) AS n, count(DISTINCT o.context->>'user_id') AS users, max(o.occurred_at) AS last_seen
+                      FROM tb_error_occurrence o
+                     WHERE o.error_id = c.error_id AND o.occurred_at >= p_from AND o.occurred_at <= p_to
+                       AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x
+     WHERE x.n > 0
      ORDER BY 2 DESC, 1
      LIMIT p_limit;
 END
@@ -386,12 +428,14 @@ RETURNS TABLE ("time" timestamptz, spans bigint, errors bigint, oks bigint,
                avg_ms double precision, p50_ms double precision, p95_ms double precision, p99_ms double precision)
 LANGUAGE plpgsql STABLE
 SET search_path = @extschema@, pg_temp
+-- planned for the actual range and horizon each time (a generic plan guesses them)
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
+    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
     v_five boolean := p_interval_ms % 300000 = 0;
     w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
                                       p_interval_ms % 60000 = 0);
-    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
 BEGIN
     IF p_kind NOT IN ('request', 'db') THEN
         RAISE EXCEPTION 'fraiseql_obs: kind must be ''request'' or ''db'', got %', p_kind
@@ -399,23 +443,9 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH raw AS (
-        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
-         WHERE t.start_time >= p_from AND t.start_time < w.lo
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
-           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
-                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
-        UNION ALL
-        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
-         WHERE t.start_time >= w.hi AND t.start_time <= p_to
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
-           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
-                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
-        UNION ALL
-        SELECT t.start_time, t.status_code, t.duration_ms FROM monitoring.traces t
-         WHERE t.ingest_xid >= v_h AND t.start_time >= w.lo AND t.start_time < w.hi
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
-           AND CASE p_kind WHEN 'request' THEN t.parent_span_id IS NULL
-                           ELSE t.attributes @> '{"db.system": "postgresql"}' END
+        SELECT t.start_time, t.status_code, t.duration_ms
+          FROM _fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
+         WHERE CASE p_kind WHEN 'request' THEN t.is_request ELSE t.is_db END
     ), parts AS (
         SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM tb_rollup_span_5min r
          WHERE v_five AND r.kind = p_kind AND r.bucket >= w.lo AND r.bucket < w.hi
@@ -448,6 +478,8 @@ RETURNS TABLE (operation_name text, spans bigint, p95_ms double precision, max_m
                requests bigint, requests_with_errors bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = @extschema@, pg_temp
+-- planned for the actual range and horizon each time (a generic plan guesses them)
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     w record := _fraiseql_whole_units(p_from, p_to, interval '1 hour');
@@ -456,17 +488,8 @@ DECLARE
 BEGIN
     RETURN QUERY
     WITH raw AS (
-        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL AS is_request, t.trace_id FROM monitoring.traces t
-         WHERE t.start_time >= p_from AND t.start_time < w.lo
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
-        UNION ALL
-        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL, t.trace_id FROM monitoring.traces t
-         WHERE t.start_time >= w.hi AND t.start_time <= p_to
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
-        UNION ALL
-        SELECT t.operation_name, t.duration_ms, t.parent_span_id IS NULL, t.trace_id FROM monitoring.traces t
-         WHERE t.ingest_xid >= v_h AND t.start_time >= w.lo AND t.start_time < w.hi
-           AND (p_environments IS NULL OR t.environment = ANY (p_environments))
+        SELECT t.operation_name, t.duration_ms, t.is_request, t.trace_id
+          FROM _fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
     ), parts AS (
         SELECT r.operation_name, r.spans, r.duration_max, r.latency, r.requests, r.requests_with_errors
           FROM tb_rollup_operation_hour r

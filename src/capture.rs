@@ -1,8 +1,6 @@
-//! Capture helpers called by the SQL capture path (sql/capture.sql):
-//! argument validation with clear errors, id normalization, size limits.
+//! Capture helpers (used by src/capture_path.rs): argument validation with
+//! clear errors, id normalization, size limits.
 use crate::error::ObsError;
-use crate::guc;
-use pgrx::prelude::*;
 
 pub const SEVERITIES: [&str; 5] = ["debug", "info", "warning", "error", "critical"];
 
@@ -112,16 +110,6 @@ fn ceil_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-#[pg_extern(stable, parallel_safe)]
-fn _fraiseql_clip_message(message: Option<&str>) -> Option<String> {
-    message.map(|m| clip_text(m, guc::int_value(&guc::MAX_MESSAGE_BYTES)).into_owned())
-}
-
-#[pg_extern(stable, parallel_safe)]
-fn _fraiseql_clip_stack_trace(stack_trace: Option<&str>) -> Option<String> {
-    stack_trace.map(|s| clip_text(s, guc::int_value(&guc::MAX_STACK_TRACE_BYTES)).into_owned())
-}
-
 /// Reduces a context to at most `max` bytes of JSON: keeps whole top-level keys
 /// (smallest first) while they fit, clips long strings, and records what was
 /// dropped under "_fraiseql_truncated".
@@ -166,24 +154,6 @@ pub fn clip_context(
         serde_json::json!({ "original_bytes": original, "dropped_keys": dropped }),
     );
     serde_json::Value::Object(kept)
-}
-
-#[pg_extern(stable, parallel_safe)]
-fn _fraiseql_clip_context(context: Option<pgrx::JsonB>) -> Option<pgrx::JsonB> {
-    match context?.0 {
-        serde_json::Value::Object(m) => Some(pgrx::JsonB(clip_context(
-            m,
-            guc::int_value(&guc::MAX_CONTEXT_BYTES),
-        ))),
-        other => Some(pgrx::JsonB(other)),
-    }
-}
-
-/// This backend's counter stripe: its backend slot, unique among live
-/// sessions, so concurrent captures of one hot group never share a row.
-#[pg_extern(volatile, parallel_safe)]
-fn _fraiseql_stripe() -> i32 {
-    unsafe { pg_sys::MyBackendId }
 }
 
 #[cfg(test)]
@@ -241,57 +211,4 @@ mod tests {
                 > 100_000
         );
     }
-}
-
-/// Everything capture needs from Rust in one call (each call from PL/pgSQL
-/// into the library costs about a microsecond): validates the arguments,
-/// resolves the environment and trace context from the settings, normalizes
-/// the ids and computes the group fingerprint. Returns
-/// [fingerprint, environment, trace_id, span_id].
-#[pg_extern(stable, parallel_safe)]
-#[allow(clippy::too_many_arguments)]
-fn _fraiseql_prepare_capture(
-    exception_type: Option<&str>,
-    message: Option<&str>,
-    stack_trace: Option<&str>,
-    context_type: Option<&str>,
-    severity: Option<&str>,
-    occurred_at: Option<pgrx::datum::TimestampWithTimeZone>,
-    environment: Option<&str>,
-    trace_id: Option<&str>,
-    span_id: Option<&str>,
-    fingerprint: Option<&str>,
-    context_fingerprint: Option<pgrx::JsonB>,
-    is_message: bool,
-) -> Vec<Option<String>> {
-    validate(
-        exception_type,
-        message,
-        context_type,
-        severity,
-        occurred_at.is_some(),
-    )
-    .unwrap_or_else(|e| e.report());
-    let environment = environment
-        .filter(|e| !e.is_empty())
-        .map(str::to_string)
-        .unwrap_or_else(guc::environment);
-    // an explicit id wins over the transaction's trace context
-    let id = |given: Option<&str>, setting, kind| {
-        given
-            .map(str::to_string)
-            .or_else(|| guc::text(setting))
-            .map(|v| normalize_id(&v, kind).unwrap_or_else(|e| e.report()))
-    };
-    let trace_id = id(trace_id, &guc::TRACE_ID, "trace_id");
-    let span_id = id(span_id, &guc::SPAN_ID, "span_id");
-    let fp = crate::fingerprint::group_fingerprint(
-        exception_type.unwrap_or_default(),
-        message.unwrap_or_default(),
-        stack_trace,
-        fingerprint,
-        context_fingerprint,
-        is_message,
-    );
-    vec![Some(fp), Some(environment), trace_id, span_id]
 }

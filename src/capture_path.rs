@@ -311,6 +311,24 @@ struct Row {
     span_id: Option<pg_sys::Datum>,
 }
 
+impl Row {
+    /// The columns after error_id, in the order of both statements.
+    fn columns(&self) -> [Option<pg_sys::Datum>; 10] {
+        [
+            Some(self.occurred_at),
+            self.error_type,
+            self.message,
+            self.stack_trace,
+            self.context,
+            self.severity,
+            self.environment,
+            self.release_version,
+            self.trace_id,
+            self.span_id,
+        ]
+    }
+}
+
 /// Checks that the state belongs to this extension instance (creating it,
 /// or starting afresh after DROP/CREATE EXTENSION).
 unsafe fn prepare_state(s: &mut Option<State>, fn_oid: pg_sys::Oid) -> &mut State {
@@ -456,19 +474,9 @@ unsafe fn insert_occurrence(row: Row) {
     unsafe {
         let id = row.error_id.unwrap();
         let id_datum = pg_sys::Datum::from(id.as_ptr());
-        let (mut values, flags) = nulls(&[
-            Some(id_datum),
-            Some(row.occurred_at),
-            row.error_type,
-            row.message,
-            row.stack_trace,
-            row.context,
-            row.severity,
-            row.environment,
-            row.release_version,
-            row.trace_id,
-            row.span_id,
-        ]);
+        let mut args = vec![Some(id_datum)];
+        args.extend(row.columns());
+        let (mut values, flags) = nulls(&args);
         let plan = plan_of(|s| s.insert_plan);
         pg_sys::SPI_connect();
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 0);
@@ -491,21 +499,10 @@ unsafe fn slow_capture(
     raw_stack_trace: Option<pg_sys::Datum>,
 ) -> (Group, bool) {
     unsafe {
-        let (mut values, flags) = nulls(&[
-            fp.into_datum(),
-            Some(row.occurred_at),
-            row.error_type,
-            row.message,
-            row.stack_trace,
-            row.context,
-            row.severity,
-            row.environment,
-            row.release_version,
-            row.trace_id,
-            row.span_id,
-            raw_message,
-            raw_stack_trace,
-        ]);
+        let mut args = vec![fp.into_datum()];
+        args.extend(row.columns());
+        args.extend([raw_message, raw_stack_trace]);
+        let (mut values, flags) = nulls(&args);
         let plan = plan_of(|s| s.slow_plan);
         pg_sys::SPI_connect();
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 1);

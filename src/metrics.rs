@@ -319,6 +319,13 @@ fn _fraiseql_metrics_prometheus() -> String {
     exposition(rows)
 }
 
+/// This backend's counter stripe (metric series): its backend slot, unique
+/// among live sessions, so concurrent updates of one hot series never share a row.
+#[pg_extern(volatile, parallel_safe)]
+fn _fraiseql_stripe() -> i32 {
+    unsafe { pg_sys::MyBackendId }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

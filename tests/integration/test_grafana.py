@@ -96,3 +96,26 @@ def test_every_panel_query_runs_and_returns_what_the_panel_expects(cluster, db, 
                     assert all(isinstance(r[0], (int, float)) or hasattr(r[0], "year") or r[0].__class__.__name__ == "Decimal" for r in rows)
                 if p["type"] == "piechart":
                     assert cols[0] == "metric" and len(cols) == 2, cols
+
+
+def test_a_read_only_grafana_role_sees_every_panel(cluster, db):
+    """Grafana connects with a role that may only read: SELECT on the tables
+    is all it needs (the panel functions run with its rights)."""
+    with cluster.connect(db) as c:
+        populate(c)
+        c.execute("DROP ROLE IF EXISTS grafana_reader")
+        c.execute("CREATE ROLE grafana_reader LOGIN")
+        c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public, monitoring TO grafana_reader")
+    end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+    start = end - datetime.timedelta(hours=24)
+    try:
+        with cluster.connect(db, user="grafana_reader") as c:
+            for name in FILES:
+                d = load(name)
+                envs = [r[0] for r in c.execute(d["templating"]["list"][0]["query"])]
+                for p in d["panels"]:
+                    c.execute(expand(p["targets"][0]["rawSql"], start, end, "1m", envs)).fetchall()
+    finally:
+        with cluster.connect(db) as c:
+            c.execute("DROP OWNED BY grafana_reader")
+            c.execute("DROP ROLE grafana_reader")
