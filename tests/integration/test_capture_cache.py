@@ -88,7 +88,8 @@ def test_rule_created_by_another_session_applies_at_once(cluster, db):
             "INSERT INTO tb_error_notification_config (error_type, channel_type, channel_config, notify_on_new, enabled)"
             " VALUES ('RuleError', 'webhook', '{\"url\": \"http://127.0.0.1:9/hook\"}', false, true)"
         )
-        a.execute("SELECT fraiseql_capture_error('RuleError', 'after the rule')")
+        # same fingerprint: the group is cached, only the rule is new
+        a.execute("SELECT fraiseql_capture_error('RuleError', 'before the rule')")
         # queued by that capture (the worker may already have tried to deliver it)
         queued = a.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0]
         logged = a.execute("SELECT count(*) FROM tb_error_notification_log").fetchone()[0]
