@@ -38,7 +38,7 @@ CREATE FUNCTION _fraiseql_capture_slow(
     OUT changed       boolean,   -- created or changed by this call
     OUT row_xmin      xid)       -- who wrote the group row as read
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_group     record;
@@ -48,15 +48,15 @@ DECLARE
     v_has_rules boolean;
 BEGIN
     SELECT g.error_id, g.status, g.severity, g.resolved_at, g.xmin INTO v_group
-      FROM tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
+      FROM @extschema@.tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
     IF NOT FOUND THEN
-        v_meta := _fraiseql_group_meta(p_exception_type, p_raw_message, p_raw_stack_trace);
+        v_meta := @extschema@._fraiseql_group_meta(p_exception_type, p_raw_message, p_raw_stack_trace);
         -- occurrence_count starts at 0: the fold counts this occurrence too
-        INSERT INTO tb_error_log AS g
+        INSERT INTO @extschema@.tb_error_log AS g
             (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
              title, culprit, severity, environment, release_version,
              occurrence_count, first_seen, last_seen)
-        VALUES (p_fingerprint, fraiseql_fingerprint_version(), p_exception_type,
+        VALUES (p_fingerprint, @extschema@.fraiseql_fingerprint_version(), p_exception_type,
                 p_message, p_stack_trace,
                 v_meta->>'title', v_meta->>'culprit', p_severity, p_environment, p_release_version,
                 0, p_occurred_at, p_occurred_at)
@@ -66,7 +66,7 @@ BEGIN
         IF NOT v_is_new THEN
             -- another session created the group first (we waited for it to commit)
             SELECT g.error_id, g.status, g.severity, g.resolved_at, g.xmin INTO v_group
-              FROM tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
+              FROM @extschema@.tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
         END IF;
     END IF;
     error_id := v_group.error_id;
@@ -79,7 +79,7 @@ BEGIN
     IF NOT v_is_new THEN
         -- A resolved group that recurs after its resolution is a regression.
         IF resolved AND (resolved_at IS NULL OR p_occurred_at > resolved_at) THEN
-            UPDATE tb_error_log g
+            UPDATE @extschema@.tb_error_log g
                SET status = 'unresolved', is_regression = true, regressed_at = now(),
                    regression_count = g.regression_count + 1,
                    resolved_at = NULL, resolved_by = NULL
@@ -89,16 +89,16 @@ BEGIN
             resolved_at := NULL;
             changed := true;
         END IF;
-        IF _fraiseql_severity_rank(p_severity) > _fraiseql_severity_rank(severity) THEN
-            UPDATE tb_error_log g SET severity = p_severity
+        IF @extschema@._fraiseql_severity_rank(p_severity) > @extschema@._fraiseql_severity_rank(severity) THEN
+            UPDATE @extschema@.tb_error_log g SET severity = p_severity
              WHERE g.error_id = v_group.error_id
-               AND _fraiseql_severity_rank(g.severity) < _fraiseql_severity_rank(p_severity);
+               AND @extschema@._fraiseql_severity_rank(g.severity) < @extschema@._fraiseql_severity_rank(p_severity);
             severity := p_severity;
             changed := true;
         END IF;
     END IF;
 
-    INSERT INTO tb_error_occurrence
+    INSERT INTO @extschema@.tb_error_occurrence
         (error_id, occurred_at, error_type, message, stack_trace, context, severity,
          environment, release_version, trace_id, span_id)
     VALUES (error_id, p_occurred_at, p_exception_type, p_message, p_stack_trace, p_context,
@@ -106,9 +106,9 @@ BEGIN
 
     -- Notifications are queued in this transaction: a rolled-back capture
     -- notifies nobody, a committed one is never lost.
-    v_has_rules := EXISTS (SELECT 1 FROM tb_error_notification_config c WHERE c.enabled);
+    v_has_rules := EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c WHERE c.enabled);
     IF v_has_rules THEN
-        PERFORM _fraiseql_notify_capture(error_id, p_fingerprint, p_exception_type, p_severity, p_environment,
+        PERFORM @extschema@._fraiseql_notify_capture(error_id, p_fingerprint, p_exception_type, p_severity, p_environment,
             v_is_new, v_regressed,
             jsonb_build_object('message', p_message, 'stack_trace', p_stack_trace, 'context', p_context,
                                'environment', p_environment, 'release_version', p_release_version,
@@ -157,10 +157,10 @@ COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text
 -- backend forget (at commit).
 CREATE FUNCTION _fraiseql_capture_cache_changed() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM _fraiseql_invalidate_capture_cache();
+    PERFORM @extschema@._fraiseql_invalidate_capture_cache();
     RETURN NULL;
 END
 $$;
@@ -190,14 +190,14 @@ CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n       bigint;
     v_lo    xid8;
     v_folds @extschema@._fraiseql_fold[];
 BEGIN
-    SELECT s.horizon INTO v_lo FROM tb_error_fold_state s FOR UPDATE SKIP LOCKED;
+    SELECT s.horizon INTO v_lo FROM @extschema@.tb_error_fold_state s FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
@@ -208,7 +208,7 @@ BEGIN
     -- counts already include them, so they are set aside once.
     -- (Ids at or past the snapshot's xmax cannot belong to a finished
     -- transaction of this cluster; this transaction's own rows excepted.)
-    UPDATE tb_error_occurrence o SET capture_xid = '0'
+    UPDATE @extschema@.tb_error_occurrence o SET capture_xid = '0'
      WHERE o.capture_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND o.capture_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
@@ -218,30 +218,30 @@ BEGIN
         SELECT greatest(v_lo, pg_snapshot_xmin(pg_current_snapshot())) AS hi
     ), counted AS (
         SELECT o.error_id, count(*) AS cnt, min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
-          FROM tb_error_occurrence o, h
+          FROM @extschema@.tb_error_occurrence o, h
          WHERE o.capture_xid >= v_lo AND o.capture_xid < h.hi
          GROUP BY o.error_id
     ), pending AS (
-        INSERT INTO tb_error_count_pending AS p (error_id, occurrence_count, first_seen, last_seen)
+        INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, first_seen, last_seen)
         SELECT error_id, cnt, fs, ls FROM counted
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
                first_seen = least(p.first_seen, excluded.first_seen),
                last_seen = greatest(p.last_seen, excluded.last_seen)
     )
-    UPDATE tb_error_fold_state s SET horizon = h.hi, folded_at = now() FROM h;
+    UPDATE @extschema@.tb_error_fold_state s SET horizon = h.hi, folded_at = now() FROM h;
 
     -- Pending counts go into the group rows that are free now.
     WITH groups AS (
-        SELECT g.error_id FROM tb_error_log g
-         WHERE g.error_id IN (SELECT p.error_id FROM tb_error_count_pending p)
+        SELECT g.error_id FROM @extschema@.tb_error_log g
+         WHERE g.error_id IN (SELECT p.error_id FROM @extschema@.tb_error_count_pending p)
          FOR NO KEY UPDATE SKIP LOCKED
     ), drained AS (
-        DELETE FROM tb_error_count_pending p USING groups
+        DELETE FROM @extschema@.tb_error_count_pending p USING groups
          WHERE p.error_id = groups.error_id
         RETURNING p.*
     ), folded AS (
-        UPDATE tb_error_log g
+        UPDATE @extschema@.tb_error_log g
            SET occurrence_count = g.occurrence_count + d.occurrence_count,
                first_seen = least(g.first_seen, d.first_seen),
                last_seen = greatest(g.last_seen, d.last_seen)
@@ -252,16 +252,16 @@ BEGIN
     SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
       INTO v_folds FROM folded f;
     -- counts of groups deleted meanwhile
-    DELETE FROM tb_error_count_pending p
-     WHERE NOT EXISTS (SELECT 1 FROM tb_error_log g WHERE g.error_id = p.error_id);
+    DELETE FROM @extschema@.tb_error_count_pending p
+     WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p.error_id);
 
     n := cardinality(v_folds);
     -- Milestones (notify_on_occurrence) are decided here, where the count is
     -- exact: each fold of a group is serialized (its row is locked).
-    IF n > 0 AND EXISTS (SELECT 1 FROM tb_error_notification_config c
+    IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
         FOR i IN 1..n LOOP
-            PERFORM _fraiseql_notify_milestones(v_folds[i].error_id, v_folds[i].old_count, v_folds[i].new_count);
+            PERFORM @extschema@._fraiseql_notify_milestones(v_folds[i].error_id, v_folds[i].old_count, v_folds[i].new_count);
         END LOOP;
     END IF;
     RETURN n;
@@ -288,13 +288,13 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION _fraiseql_require_group(p_error_id uuid) RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_error_id IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: error_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    PERFORM 1 FROM tb_error_log WHERE error_id = p_error_id;
+    PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fraiseql_obs: no error group with error_id %', p_error_id
             USING ERRCODE = 'no_data_found';
@@ -306,11 +306,11 @@ CREATE FUNCTION fraiseql_resolve_error(error_id uuid, resolved_by text DEFAULT N
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM _fraiseql_require_group($1);
-    UPDATE tb_error_log g
+    PERFORM @extschema@._fraiseql_require_group($1);
+    UPDATE @extschema@.tb_error_log g
        SET status = 'resolved', resolved_at = now(), resolved_by = $2, resolution_notes = $3,
            is_regression = false
      WHERE g.error_id = $1;
@@ -320,11 +320,11 @@ $$;
 CREATE FUNCTION fraiseql_unresolve_error(error_id uuid) RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM _fraiseql_require_group($1);
-    UPDATE tb_error_log g
+    PERFORM @extschema@._fraiseql_require_group($1);
+    UPDATE @extschema@.tb_error_log g
        SET status = 'unresolved', resolved_at = NULL, resolved_by = NULL
      WHERE g.error_id = $1;
 END
@@ -333,22 +333,22 @@ $$;
 CREATE FUNCTION fraiseql_ignore_error(error_id uuid) RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM _fraiseql_require_group($1);
-    UPDATE tb_error_log g SET status = 'ignored' WHERE g.error_id = $1;
+    PERFORM @extschema@._fraiseql_require_group($1);
+    UPDATE @extschema@.tb_error_log g SET status = 'ignored' WHERE g.error_id = $1;
 END
 $$;
 
 CREATE FUNCTION fraiseql_assign_error(error_id uuid, assignee text) RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM _fraiseql_require_group($1);
-    UPDATE tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = $1;
+    PERFORM @extschema@._fraiseql_require_group($1);
+    UPDATE @extschema@.tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = $1;
 END
 $$;
 
@@ -379,10 +379,10 @@ SELECT o.occurrence_id          AS id,
 -- deletes the occurrences (the groups stay; maintenance prunes empty groups).
 CREATE FUNCTION _fraiseql_errors_view_delete() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM tb_error_occurrence o
+    DELETE FROM @extschema@.tb_error_occurrence o
      WHERE o.occurrence_id = OLD.id AND o.occurred_at = OLD.occurred_at;
     RETURN OLD;
 END

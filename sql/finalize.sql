@@ -69,6 +69,8 @@ $$;
 -- Pure functions stay public: they read no data.
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_fingerprint(text, text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC;
+-- v_notification_rules calls it with the reader's rights
+GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_redact(jsonb) TO PUBLIC;
 GRANT USAGE ON SCHEMA monitoring TO PUBLIC;
 -- The dashboards' panel functions run with the caller's rights (they show
 -- what the caller may read), and so do the pure helpers they use.

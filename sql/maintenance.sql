@@ -11,7 +11,7 @@
 CREATE FUNCTION _fraiseql_prune_groups(retention_months integer) RETURNS bigint
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     cutoff timestamptz;
@@ -23,12 +23,12 @@ BEGIN
     cutoff := date_trunc('month', now()) - retention_months * interval '1 month';
     -- (no fold here: a group with occurrences not yet folded still has
     -- occurrences, and the fold must not run inside this long transaction)
-    DELETE FROM tb_error_log g
+    DELETE FROM @extschema@.tb_error_log g
      WHERE g.last_seen < cutoff
        AND g.assigned_to IS NULL
        AND NOT (g.status = 'unresolved' AND g.last_seen >= cutoff - retention_months * interval '1 month')
-       AND NOT EXISTS (SELECT 1 FROM tb_error_occurrence o WHERE o.error_id = g.error_id)
-       AND NOT EXISTS (SELECT 1 FROM tb_error_count_pending p WHERE p.error_id = g.error_id);
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = g.error_id)
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending p WHERE p.error_id = g.error_id);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -45,7 +45,7 @@ CREATE FUNCTION fraiseql_run_maintenance(triggered_by text DEFAULT 'manual') RET
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_run_id      bigint;
@@ -57,9 +57,10 @@ DECLARE
     v_pruned      bigint := 0;
     v_error       text;
     v_old_timeout text := current_setting('lock_timeout');
-    v_premake     integer := fraiseql_setting('fraiseql_obs.premake_months')::integer;
-    v_premake_days integer := fraiseql_setting('fraiseql_obs.premake_days')::integer;
+    v_premake     integer := @extschema@.fraiseql_setting('fraiseql_obs.premake_months')::integer;
+    v_premake_days integer := @extschema@.fraiseql_setting('fraiseql_obs.premake_days')::integer;
     v_keep        integer;
+    v_step        text;
     cfg           record;
     r             record;
     v_result      jsonb;
@@ -74,42 +75,52 @@ BEGIN
         PERFORM pg_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint);
     END IF;
 
-    PERFORM set_config('lock_timeout', fraiseql_setting('fraiseql_obs.ddl_lock_timeout'), true);
+    PERFORM set_config('lock_timeout', @extschema@.fraiseql_setting('fraiseql_obs.ddl_lock_timeout'), true);
 
-    FOR cfg IN SELECT * FROM tb_partition_config ORDER BY parent_table::text LOOP
-        BEGIN
-            v_keep := fraiseql_setting(cfg.retention_guc)::integer;
-            v_moved := v_moved + fraiseql_move_default_rows(cfg.parent_table);
-            FOR r IN SELECT * FROM fraiseql_ensure_partitions(
-                        cfg.parent_table,
-                        CASE cfg.granularity WHEN 'month' THEN v_premake ELSE v_premake_days END) LOOP
-                IF r.created THEN
-                    v_created := v_created || r.partition_name;
-                END IF;
-            END LOOP;
-            FOR r IN SELECT * FROM fraiseql_drop_old_partitions(cfg.parent_table, v_keep) LOOP
-                v_dropped := v_dropped || r.partition_name;
-            END LOOP;
-            IF cfg.prune_groups THEN
-                v_pruned := v_pruned + _fraiseql_prune_groups(v_keep);
-            END IF;
-        EXCEPTION
-            WHEN lock_not_available THEN
-                v_skipped := v_skipped || (cfg.parent_table::text || ': lock not available, retried next run');
-            WHEN OTHERS THEN
-                v_error := coalesce(v_error || E'\n', '') || cfg.parent_table::text || ': ' || SQLERRM;
-        END;
+    -- Each step of each table in its own subtransaction: one that fails (a
+    -- lock not had in time, a bad row) is recorded and retried next run, and
+    -- never keeps the other steps or tables from running.
+    FOR cfg IN SELECT * FROM @extschema@.tb_partition_config ORDER BY parent_table::text LOOP
+        v_keep := @extschema@.fraiseql_setting(cfg.retention_guc)::integer;
+        FOR v_step IN SELECT unnest(ARRAY['move', 'create', 'drop', 'prune']) LOOP
+            CONTINUE WHEN v_step = 'prune' AND NOT cfg.prune_groups;
+            BEGIN
+                CASE v_step
+                WHEN 'move' THEN
+                    v_moved := v_moved + @extschema@.fraiseql_move_default_rows(cfg.parent_table);
+                WHEN 'create' THEN
+                    FOR r IN SELECT * FROM @extschema@.fraiseql_ensure_partitions(
+                                cfg.parent_table,
+                                CASE cfg.granularity WHEN 'month' THEN v_premake ELSE v_premake_days END) LOOP
+                        IF r.created THEN
+                            v_created := v_created || r.partition_name;
+                        END IF;
+                    END LOOP;
+                WHEN 'drop' THEN
+                    FOR r IN SELECT * FROM @extschema@.fraiseql_drop_old_partitions(cfg.parent_table, v_keep) LOOP
+                        v_dropped := v_dropped || r.partition_name;
+                    END LOOP;
+                ELSE
+                    v_pruned := v_pruned + @extschema@._fraiseql_prune_groups(v_keep);
+                END CASE;
+            EXCEPTION
+                WHEN lock_not_available THEN
+                    v_skipped := v_skipped || (cfg.parent_table::text || ' ' || v_step || ': lock not available, retried next run');
+                WHEN OTHERS THEN
+                    v_error := coalesce(v_error || E'\n', '') || cfg.parent_table::text || ' ' || v_step || ': ' || SQLERRM;
+            END;
+        END LOOP;
     END LOOP;
 
     PERFORM set_config('lock_timeout', v_old_timeout, true);
 
     BEGIN
-        PERFORM _fraiseql_prune_rollups();
+        PERFORM @extschema@._fraiseql_prune_rollups();
     EXCEPTION WHEN OTHERS THEN
         v_error := coalesce(v_error || E'\n', '') || 'rollups: ' || SQLERRM;
     END;
 
-    INSERT INTO tb_maintenance_run AS m
+    INSERT INTO @extschema@.tb_maintenance_run AS m
         (started_at, finished_at, duration_ms, triggered_by, created, dropped, moved_rows,
          groups_removed, skipped, last_error)
     VALUES (v_started, clock_timestamp(),
@@ -118,7 +129,7 @@ BEGIN
     RETURNING m.run_id INTO v_run_id;
 
     -- keep the run history bounded
-    DELETE FROM tb_maintenance_run WHERE started_at < now() - interval '30 days';
+    DELETE FROM @extschema@.tb_maintenance_run WHERE started_at < now() - interval '30 days';
 
     v_result := jsonb_build_object(
         'run_id', v_run_id,

@@ -21,7 +21,7 @@ INSERT INTO tb_notification_channel (channel_type) VALUES ('email'), ('slack'), 
 CREATE FUNCTION fraiseql_register_channel(channel_type text, handler regprocedure, default_config jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_args oidvector;
@@ -35,23 +35,53 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: a channel handler takes (error jsonb, config jsonb), % does not', $2
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO tb_notification_channel AS c (channel_type, handler, default_config)
+    INSERT INTO @extschema@.tb_notification_channel AS c (channel_type, handler, default_config)
     VALUES ($1, $2, coalesce($3, '{}'))
     ON CONFLICT ON CONSTRAINT tb_notification_channel_pkey
         DO UPDATE SET handler = excluded.handler, default_config = excluded.default_config;
 END
 $$;
 
+-- A handler runs as the owner of its function (src/notify/custom.rs), so
+-- registering one that another role owns would let that role's code run on
+-- every delivery under a name the registrar chose: only the function's owner
+-- (or a member of the owning role) or a superuser may point a channel at it.
+-- Checked on the table itself, so a direct INSERT is held to it too.
+CREATE FUNCTION _fraiseql_channel_check() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_owner oid;
+BEGIN
+    IF NEW.handler IS NULL OR (TG_OP = 'UPDATE' AND NEW.handler IS NOT DISTINCT FROM OLD.handler) THEN
+        RETURN NEW;
+    END IF;
+    SELECT p.proowner INTO v_owner FROM pg_proc p WHERE p.oid = NEW.handler;
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+       AND NOT pg_has_role(current_user, v_owner, 'USAGE') THEN
+        RAISE EXCEPTION 'fraiseql_obs: must own function % to register it as a channel handler', NEW.handler
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A handler runs as the owner of its function; ask that role (or a superuser) to register it.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER notification_channel_check
+    BEFORE INSERT OR UPDATE ON tb_notification_channel
+    FOR EACH ROW EXECUTE FUNCTION _fraiseql_channel_check();
+
 -- Defaults of a built-in channel (SMTP server, a default Slack webhook, ...).
 CREATE FUNCTION fraiseql_set_channel_defaults(channel_type text, default_config jsonb) RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF jsonb_typeof($2) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'fraiseql_obs: default_config must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    UPDATE tb_notification_channel c SET default_config = $2 WHERE c.channel_type = $1;
+    UPDATE @extschema@.tb_notification_channel c SET default_config = $2 WHERE c.channel_type = $1;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fraiseql_obs: unknown channel type "%"', $1 USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -65,10 +95,10 @@ $$;
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION _fraiseql_notification_config_check() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_channel tb_notification_channel;
+    v_channel @extschema@.tb_notification_channel;
     v_config  jsonb;
     v_missing text;
 BEGIN
@@ -91,7 +121,7 @@ BEGIN
                       HINT = 'Set channel_type to email, slack, webhook, pg_notify or a registered channel.';
         END IF;
     END IF;
-    SELECT * INTO v_channel FROM tb_notification_channel c WHERE c.channel_type = NEW.channel_type;
+    SELECT * INTO v_channel FROM @extschema@.tb_notification_channel c WHERE c.channel_type = NEW.channel_type;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fraiseql_obs: unknown channel type "%"', NEW.channel_type
             USING ERRCODE = 'invalid_parameter_value',
@@ -117,6 +147,23 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: the % url must start with http:// or https://', NEW.channel_type
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- no file system access from a rule: a CA is inline PEM, or a file name
+    -- inside the directory a superuser set (fraiseql_obs.tls_ca_directory)
+    IF v_config ? 'tls_ca_file' AND (v_config->>'tls_ca_file' ~ '[/\\]|^\.' OR v_config->>'tls_ca_file' = '') THEN
+        RAISE EXCEPTION 'fraiseql_obs: tls_ca_file must be a file name within fraiseql_obs.tls_ca_directory, not a path'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give the CA inline as tls_ca_pem instead.';
+    END IF;
+    IF octet_length(v_config->>'tls_ca_pem') > 65536 THEN
+        RAISE EXCEPTION 'fraiseql_obs: tls_ca_pem is larger than 64 KiB' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(v_config->'headers') = 'object' AND EXISTS (
+           SELECT 1 FROM jsonb_object_keys(v_config->'headers') h
+            WHERE lower(btrim(h)) IN ('host', 'content-length', 'transfer-encoding', 'connection', 'upgrade',
+                                      'x-fraiseql-delivery-id')) THEN
+        RAISE EXCEPTION 'fraiseql_obs: a webhook rule may not set the Host, Content-Length, Transfer-Encoding, Connection, Upgrade or X-Fraiseql-Delivery-Id header'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF NEW.notify_on_occurrence IS NOT NULL AND (cardinality(NEW.notify_on_occurrence) = 0
        OR EXISTS (SELECT 1 FROM unnest(NEW.notify_on_occurrence) m WHERE m IS NULL OR m < 1)) THEN
         RAISE EXCEPTION 'fraiseql_obs: notify_on_occurrence must list counts >= 1' USING ERRCODE = 'invalid_parameter_value';
@@ -139,12 +186,27 @@ CREATE TRIGGER notification_config_capture_cache
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tb_error_notification_config
     FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_capture_cache_changed();
 
--- Rules as anyone allowed to read them may see them: secrets redacted.
+-- Rules as anyone allowed to read them may see them: secrets redacted at
+-- any depth (nested objects and arrays), for every common secret name.
+CREATE FUNCTION _fraiseql_redact(v jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE jsonb_typeof(v)
+        WHEN 'object' THEN coalesce((
+            SELECT jsonb_object_agg(k, CASE
+                       WHEN k ~* '(pass|secret|token|auth|cred|key|sid|cookie|session|signature|private|bearer|webhook_url|^url$|_url$|dsn|headers|smtp_user|login|certificate|pem)'
+                       THEN '"[redacted]"'::jsonb
+                       ELSE @extschema@._fraiseql_redact(e.val) END)
+              FROM jsonb_each(v) AS e(k, val)), '{}'::jsonb)
+        WHEN 'array' THEN (SELECT coalesce(jsonb_agg(@extschema@._fraiseql_redact(x) ORDER BY i), '[]'::jsonb)
+                             FROM jsonb_array_elements(v) WITH ORDINALITY AS a(x, i))
+        ELSE v END
+$$;
+
 CREATE VIEW v_notification_rules AS
 SELECT config_id, error_fingerprint, error_type, severity, environment, channel_type,
-       (SELECT jsonb_object_agg(k, CASE WHEN k ~* '(password|token|secret|auth|webhook_url|url|headers|key|sid)'
-                                        THEN '"[redacted]"'::jsonb ELSE v END)
-          FROM jsonb_each(channel_config) AS e(k, v)) AS channel_config,
+       @extschema@._fraiseql_redact(channel_config) AS channel_config,
        rate_limit_minutes, min_occurrence_count, notify_on_new, notify_on_regression,
        notify_on_occurrence, condition, digest, enabled, created_at, last_triggered
   FROM tb_error_notification_config;
@@ -187,7 +249,7 @@ CREATE TABLE tb_notification_digest (
 -- The error as notifications describe it (the seed's webhook payload).
 CREATE FUNCTION _fraiseql_error_payload(p_error_id uuid, p_occurrence jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT jsonb_build_object(
         'error_id', g.error_id, 'error_fingerprint', g.error_fingerprint, 'error_type', g.error_type,
@@ -198,7 +260,7 @@ AS $$
         'stack_trace', left(coalesce(p_occurrence->>'stack_trace', g.stack_trace), 16384),
         'title', g.title, 'culprit', g.culprit, 'status', g.status,
         'context', p_occurrence->'context', 'trace_id', p_occurrence->>'trace_id')
-      FROM v_error_groups g WHERE g.error_id = p_error_id
+      FROM @extschema@.v_error_groups g WHERE g.error_id = p_error_id
 $$;
 
 -- Enqueue one notification, honouring the rule's rate limit and digest mode.
@@ -207,28 +269,28 @@ $$;
 CREATE FUNCTION _fraiseql_enqueue(p_rule tb_error_notification_config, p_error_id uuid, p_reason text,
                                   p_payload jsonb) RETURNS boolean
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_last timestamptz;
 BEGIN
     IF p_rule.digest THEN
-        PERFORM 1 FROM tb_notification_digest d WHERE d.config_id = p_rule.config_id AND d.error_id = p_error_id;
+        PERFORM 1 FROM @extschema@.tb_notification_digest d WHERE d.config_id = p_rule.config_id AND d.error_id = p_error_id;
         IF NOT FOUND THEN
-            INSERT INTO tb_notification_digest (config_id, error_id, window_start)
+            INSERT INTO @extschema@.tb_notification_digest (config_id, error_id, window_start)
             VALUES (p_rule.config_id, p_error_id, now()) ON CONFLICT DO NOTHING;
         END IF;
         RETURN false;
     END IF;
     -- milestones are exact by design; everything else obeys the rate limit
     IF p_rule.rate_limit_minutes > 0 AND p_reason <> 'milestone' THEN
-        SELECT s.last_enqueued_at INTO v_last FROM tb_notification_state s
+        SELECT s.last_enqueued_at INTO v_last FROM @extschema@.tb_notification_state s
          WHERE s.config_id = p_rule.config_id AND s.error_id = p_error_id;
         IF v_last > now() - p_rule.rate_limit_minutes * interval '1 minute' THEN
             RETURN false;
         END IF;
         -- claim the window; of concurrent captures exactly one succeeds
-        INSERT INTO tb_notification_state AS s (config_id, error_id, last_enqueued_at)
+        INSERT INTO @extschema@.tb_notification_state AS s (config_id, error_id, last_enqueued_at)
         VALUES (p_rule.config_id, p_error_id, now())
         ON CONFLICT (config_id, error_id) DO UPDATE SET last_enqueued_at = excluded.last_enqueued_at
          WHERE s.last_enqueued_at <= now() - p_rule.rate_limit_minutes * interval '1 minute'
@@ -237,9 +299,9 @@ BEGIN
             RETURN false;
         END IF;
     END IF;
-    INSERT INTO tb_notification_queue (config_id, error_id, reason, payload)
+    INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
     VALUES (p_rule.config_id, p_error_id, p_reason, p_payload || jsonb_build_object('reason', p_reason));
-    PERFORM _fraiseql_wake_worker();
+    PERFORM @extschema@._fraiseql_wake_worker();
     RETURN true;
 END
 $$;
@@ -262,36 +324,36 @@ CREATE FUNCTION _fraiseql_notify_capture(p_error_id uuid, p_fingerprint text, p_
                                          p_environment text, p_is_new boolean, p_is_regression boolean,
                                          p_occurrence jsonb) RETURNS integer
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    r        tb_error_notification_config;
+    r        @extschema@.tb_error_notification_config;
     v_payload jsonb;
     v_count  bigint;
     v_reason text;
     n        integer := 0;
 BEGIN
     FOR r IN
-        SELECT * FROM tb_error_notification_config c
+        SELECT * FROM @extschema@.tb_error_notification_config c
          WHERE c.enabled
            AND c.notify_on_occurrence IS NULL
-           AND _fraiseql_rule_admits(c, p_fingerprint, p_type, p_severity, p_environment)
+           AND @extschema@._fraiseql_rule_admits(c, p_fingerprint, p_type, p_severity, p_environment)
            AND (NOT c.notify_on_new OR p_is_new OR (c.notify_on_regression AND p_is_regression))
            AND (NOT c.notify_on_regression OR p_is_regression OR (c.notify_on_new AND p_is_new))
     LOOP
         -- Cheapest test first, and only a read: in an error storm the rule
         -- has notified recently, and the capture is done here.
         IF r.digest THEN
-            PERFORM 1 FROM tb_notification_digest d WHERE d.config_id = r.config_id AND d.error_id = p_error_id;
+            PERFORM 1 FROM @extschema@.tb_notification_digest d WHERE d.config_id = r.config_id AND d.error_id = p_error_id;
             IF FOUND THEN CONTINUE; END IF;
         ELSIF r.rate_limit_minutes > 0 THEN
-            PERFORM 1 FROM tb_notification_state s
+            PERFORM 1 FROM @extschema@.tb_notification_state s
              WHERE s.config_id = r.config_id AND s.error_id = p_error_id
                AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute';
             IF FOUND THEN CONTINUE; END IF;
         END IF;
         IF v_payload IS NULL THEN
-            v_payload := _fraiseql_error_payload(p_error_id, p_occurrence);
+            v_payload := @extschema@._fraiseql_error_payload(p_error_id, p_occurrence);
         END IF;
         IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
             CONTINUE;
@@ -303,7 +365,7 @@ BEGIN
             END IF;
         END IF;
         v_reason := CASE WHEN p_is_new THEN 'new' WHEN p_is_regression THEN 'regression' ELSE 'occurrence' END;
-        IF _fraiseql_enqueue(r, p_error_id, v_reason, v_payload) THEN
+        IF @extschema@._fraiseql_enqueue(r, p_error_id, v_reason, v_payload) THEN
             n := n + 1;
         END IF;
     END LOOP;
@@ -314,28 +376,28 @@ $$;
 -- Milestones crossed by a fold: exact, since folds are serialized per group.
 CREATE FUNCTION _fraiseql_notify_milestones(p_error_id uuid, p_old bigint, p_new bigint) RETURNS integer
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    r tb_error_notification_config;
+    r @extschema@.tb_error_notification_config;
     g record;
     m integer;
     v_payload jsonb;
     n integer := 0;
 BEGIN
-    SELECT * INTO g FROM tb_error_log WHERE error_id = p_error_id;
+    SELECT * INTO g FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
     FOR r IN
-        SELECT * FROM tb_error_notification_config c
+        SELECT * FROM @extschema@.tb_error_notification_config c
          WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
            AND EXISTS (SELECT 1 FROM unnest(c.notify_on_occurrence) x WHERE x > p_old AND x <= p_new)
-           AND _fraiseql_rule_admits(c, g.error_fingerprint, g.error_type, g.severity, g.environment)
+           AND @extschema@._fraiseql_rule_admits(c, g.error_fingerprint, g.error_type, g.severity, g.environment)
     LOOP
-        v_payload := _fraiseql_error_payload(p_error_id);
+        v_payload := @extschema@._fraiseql_error_payload(p_error_id);
         IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
             CONTINUE;
         END IF;
         FOR m IN SELECT DISTINCT x FROM unnest(r.notify_on_occurrence) x WHERE x > p_old AND x <= p_new ORDER BY x LOOP
-            IF _fraiseql_enqueue(r, p_error_id, 'milestone',
+            IF @extschema@._fraiseql_enqueue(r, p_error_id, 'milestone',
                                  v_payload || jsonb_build_object('occurrence_count', m, 'milestone', m)) THEN
                 n := n + 1;
             END IF;
@@ -348,7 +410,7 @@ $$;
 -- Digests whose window has passed become one queued message each.
 CREATE FUNCTION _fraiseql_queue_due_digests() RETURNS integer
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r record;
@@ -359,24 +421,24 @@ BEGIN
                jsonb_agg(jsonb_build_object(
                    'error_id', g.error_id, 'error_type', g.error_type, 'title', g.title,
                    'environment', g.environment, 'severity', g.severity,
-                   'occurrences_in_window', (SELECT count(*) FROM tb_error_occurrence o
+                   'occurrences_in_window', (SELECT count(*) FROM @extschema@.tb_error_occurrence o
                                               WHERE o.error_id = g.error_id AND o.occurred_at >= d.window_start))
                    ORDER BY g.last_seen DESC) AS errors,
                (array_agg(g.error_id ORDER BY g.last_seen DESC))[1] AS any_error
-          FROM tb_notification_digest d
-          JOIN tb_error_notification_config c ON c.config_id = d.config_id
-          JOIN tb_error_log g ON g.error_id = d.error_id
+          FROM @extschema@.tb_notification_digest d
+          JOIN @extschema@.tb_error_notification_config c ON c.config_id = d.config_id
+          JOIN @extschema@.tb_error_log g ON g.error_id = d.error_id
          GROUP BY c.config_id, c.rate_limit_minutes
         HAVING min(d.window_start) <= now() - c.rate_limit_minutes * interval '1 minute'
     LOOP
-        INSERT INTO tb_notification_queue (config_id, error_id, reason, payload)
+        INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
         VALUES (r.config_id, r.any_error, 'digest',
                 jsonb_build_object('reason', 'digest', 'window_start', r.window_start, 'window_end', now(),
                                    'errors', r.errors, 'error_count', jsonb_array_length(r.errors),
                                    'error_type', 'Digest', 'error_message',
                                    jsonb_array_length(r.errors) || ' errors since ' || r.window_start,
                                    'severity', 'info', 'environment', ''));
-        DELETE FROM tb_notification_digest d WHERE d.config_id = r.config_id AND d.window_start <= now();
+        DELETE FROM @extschema@.tb_notification_digest d WHERE d.config_id = r.config_id AND d.window_start <= now();
         n := n + 1;
     END LOOP;
     RETURN n;
@@ -388,20 +450,20 @@ $$;
 -- worker died mid-delivery (same delivery_id: receivers can deduplicate).
 CREATE FUNCTION _fraiseql_claim_deliveries(p_limit integer, p_lease interval) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v jsonb;
 BEGIN
-    PERFORM _fraiseql_queue_due_digests();
+    PERFORM @extschema@._fraiseql_queue_due_digests();
     WITH due AS (
-        SELECT q.delivery_id FROM tb_notification_queue q
+        SELECT q.delivery_id FROM @extschema@.tb_notification_queue q
          WHERE q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())
          ORDER BY q.next_attempt_at
          LIMIT p_limit
          FOR UPDATE SKIP LOCKED
     ), claimed AS (
-        UPDATE tb_notification_queue q
+        UPDATE @extschema@.tb_notification_queue q
            SET locked_until = now() + p_lease, attempt = q.attempt + 1
           FROM due WHERE q.delivery_id = due.delivery_id
         RETURNING q.*
@@ -416,26 +478,9 @@ BEGIN
                'rule_exists', r.config_id IS NOT NULL AND r.enabled)), '[]')
       INTO v
       FROM claimed c
-      LEFT JOIN tb_error_notification_config r ON r.config_id = c.config_id
-      LEFT JOIN tb_notification_channel ch ON ch.channel_type = r.channel_type;
+      LEFT JOIN @extschema@.tb_error_notification_config r ON r.config_id = c.config_id
+      LEFT JOIN @extschema@.tb_notification_channel ch ON ch.channel_type = r.channel_type;
     RETURN v;
-END
-$$;
-
--- Calls a custom channel's handler (in a subtransaction: its errors are a
--- failed delivery, not a failed worker).
-CREATE FUNCTION _fraiseql_call_channel(p_handler regprocedure, p_error jsonb, p_config jsonb) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
-AS $$
-DECLARE
-    v record;
-BEGIN
-    EXECUTE format('SELECT * FROM %s($1, $2)', p_handler::regproc) INTO v USING p_error, p_config;
-    RETURN jsonb_build_object('ok', coalesce((to_jsonb(v)->>'success')::boolean, (to_jsonb(v)->>'f1')::boolean, false),
-                              'error', coalesce(to_jsonb(v)->>'error_message', to_jsonb(v)->>'f2'));
-EXCEPTION WHEN OTHERS THEN
-    RETURN jsonb_build_object('ok', false, 'error', 'handler raised: ' || SQLERRM);
 END
 $$;
 
@@ -444,7 +489,7 @@ $$;
 CREATE FUNCTION _fraiseql_record_deliveries(p_results jsonb, p_max_attempts integer, p_retry_base interval)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r jsonb;
@@ -454,22 +499,22 @@ BEGIN
     FOR r IN SELECT * FROM jsonb_array_elements(p_results) LOOP
         v_final := (r->>'ok')::boolean OR (r->>'attempt')::integer >= p_max_attempts OR (r->>'permanent')::boolean;
         v_status := CASE WHEN (r->>'ok')::boolean THEN 'sent' WHEN v_final THEN 'failed' ELSE 'retrying' END;
-        INSERT INTO tb_error_notification_log
+        INSERT INTO @extschema@.tb_error_notification_log
             (config_id, error_id, channel_type, recipient, status, error_message, attempt, response_code,
              duration_ms, delivery_id)
         VALUES ((r->>'config_id')::uuid, (r->>'error_id')::uuid, r->>'channel_type', r->>'recipient', v_status,
                 r->>'error', (r->>'attempt')::integer, r->>'response_code', (r->>'duration_ms')::integer,
                 (r->>'delivery_id')::uuid);
         IF v_final THEN
-            DELETE FROM tb_notification_queue WHERE delivery_id = (r->>'delivery_id')::uuid;
+            DELETE FROM @extschema@.tb_notification_queue WHERE delivery_id = (r->>'delivery_id')::uuid;
         ELSE
-            UPDATE tb_notification_queue
+            UPDATE @extschema@.tb_notification_queue
                SET locked_until = NULL, last_error = r->>'error',
                    next_attempt_at = now() + least(p_retry_base * power(2, (r->>'attempt')::integer - 1), interval '1 hour')
              WHERE delivery_id = (r->>'delivery_id')::uuid;
         END IF;
         IF (r->>'ok')::boolean THEN
-            UPDATE tb_error_notification_config SET last_triggered = now()
+            UPDATE @extschema@.tb_error_notification_config SET last_triggered = now()
              WHERE config_id = (r->>'config_id')::uuid;
         END IF;
     END LOOP;

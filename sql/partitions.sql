@@ -11,7 +11,7 @@ CREATE FUNCTION _fraiseql_partition_bounds(part regclass,
                                            OUT upper_bound timestamptz)
 LANGUAGE plpgsql STABLE
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     m text[];
@@ -44,12 +44,12 @@ SELECT p.parent_table,
 CREATE FUNCTION _fraiseql_partition_config(parent regclass)
 RETURNS tb_partition_config
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    cfg tb_partition_config;
+    cfg @extschema@.tb_partition_config;
 BEGIN
-    SELECT * INTO cfg FROM tb_partition_config WHERE parent_table = parent;
+    SELECT * INTO cfg FROM @extschema@.tb_partition_config WHERE parent_table = parent;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fraiseql_obs: % is not a table managed by fraiseql_obs', parent
             USING ERRCODE = 'invalid_parameter_value',
@@ -62,7 +62,7 @@ $$;
 -- Name of the partitioning column ("occurred_at", "sent_at", ...).
 CREATE FUNCTION _fraiseql_partition_key(parent regclass) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a.attname::text
       FROM pg_partitioned_table p
@@ -72,7 +72,7 @@ $$;
 
 CREATE FUNCTION _fraiseql_default_partition(parent regclass) RETURNS regclass
 LANGUAGE sql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT c.oid::regclass
       FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -90,17 +90,17 @@ CREATE FUNCTION fraiseql_create_partition(parent regclass, target timestamptz,
                                           OUT moved_rows bigint)
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    cfg      tb_partition_config := _fraiseql_partition_config(parent);
+    cfg      @extschema@.tb_partition_config := @extschema@._fraiseql_partition_config(parent);
     unit     interval := ('1 ' || cfg.granularity)::interval;
     lo       timestamptz := date_trunc(cfg.granularity, target);
     hi       timestamptz := lo + unit;
     nsp      text;
     base     text;
-    key      text := _fraiseql_partition_key(parent);
-    dflt     regclass := _fraiseql_default_partition(parent);
+    key      text := @extschema@._fraiseql_partition_key(parent);
+    dflt     regclass := @extschema@._fraiseql_default_partition(parent);
     has_rows boolean := false;
 BEGIN
     IF target IS NULL THEN
@@ -110,7 +110,7 @@ BEGIN
     created := false;
 
     SELECT v.partition_name INTO partition_name
-      FROM v_partitions v
+      FROM @extschema@.v_partitions v
      WHERE v.parent_table = parent AND v.lower_bound = lo;
     IF FOUND THEN
         RETURN;
@@ -155,10 +155,10 @@ CREATE FUNCTION fraiseql_ensure_partitions(parent regclass, ahead integer)
 RETURNS TABLE (partition_name text, created boolean)
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    cfg  tb_partition_config := _fraiseql_partition_config(parent);
+    cfg  @extschema@.tb_partition_config := @extschema@._fraiseql_partition_config(parent);
     unit interval := ('1 ' || cfg.granularity)::interval;
     r    record;
 BEGIN
@@ -167,7 +167,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR i IN 0..ahead LOOP
-        r := fraiseql_create_partition(parent, date_trunc(cfg.granularity, now()) + i * unit);
+        r := @extschema@.fraiseql_create_partition(parent, date_trunc(cfg.granularity, now()) + i * unit);
         partition_name := r.partition_name;
         created := r.created;
         RETURN NEXT;
@@ -182,10 +182,10 @@ CREATE FUNCTION fraiseql_drop_old_partitions(parent regclass, keep integer)
 RETURNS TABLE (partition_name text, dropped boolean)
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    cfg    tb_partition_config := _fraiseql_partition_config(parent);
+    cfg    @extschema@.tb_partition_config := @extschema@._fraiseql_partition_config(parent);
     unit   interval := ('1 ' || cfg.granularity)::interval;
     cutoff timestamptz;
     r      record;
@@ -204,7 +204,7 @@ BEGIN
     cutoff := date_trunc(cfg.granularity, now()) - keep * unit;
     FOR r IN
         SELECT v.partition, v.partition_name
-          FROM v_partitions v
+          FROM @extschema@.v_partitions v
          WHERE v.parent_table = parent
            AND NOT v.is_default
            AND v.upper_bound <= cutoff
@@ -224,22 +224,35 @@ $$;
 CREATE FUNCTION fraiseql_move_default_rows(parent regclass) RETURNS bigint
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    cfg   tb_partition_config := _fraiseql_partition_config(parent);
-    dflt  regclass := _fraiseql_default_partition(parent);
-    key   text := _fraiseql_partition_key(parent);
+    cfg   @extschema@.tb_partition_config := @extschema@._fraiseql_partition_config(parent);
+    dflt  regclass := @extschema@._fraiseql_default_partition(parent);
+    key   text := @extschema@._fraiseql_partition_key(parent);
     unit_start timestamptz;
     total bigint := 0;
+    v_unit interval := ('1 ' || cfg.granularity)::interval;
+    v_keep integer := @extschema@.fraiseql_setting(cfg.retention_guc)::integer;
+    v_ahead integer := @extschema@.fraiseql_setting(CASE cfg.granularity WHEN 'month' THEN 'fraiseql_obs.premake_months'
+                                                     ELSE 'fraiseql_obs.premake_days' END)::integer;
+    v_lo timestamptz := CASE WHEN v_keep > 0 THEN date_trunc(cfg.granularity, now()) - v_keep * v_unit
+                             ELSE '1970-01-01'::timestamptz END;
+    v_hi timestamptz := date_trunc(cfg.granularity, now()) + (v_ahead + 1) * v_unit;
 BEGIN
     IF dflt IS NULL THEN
         RETURN 0;
     END IF;
+    -- Only rows whose partition belongs to the kept window move: older rows
+    -- are past retention (deleted, as their partition would be), rows beyond
+    -- the partitions made ahead wait in the default partition until their
+    -- time comes, and non-finite times stay there (they have no partition).
+    EXECUTE format('DELETE FROM %s WHERE %I < $1', dflt, key) USING v_lo;
     FOR unit_start IN
-        EXECUTE format('SELECT DISTINCT date_trunc(%L, %I) FROM %s', cfg.granularity, key, dflt)
+        EXECUTE format('SELECT DISTINCT date_trunc(%L, %I) FROM %s WHERE %I >= $1 AND %I < $2',
+                       cfg.granularity, key, dflt, key, key) USING v_lo, v_hi
     LOOP
-        total := total + (fraiseql_create_partition(parent, unit_start)).moved_rows;
+        total := total + (@extschema@.fraiseql_create_partition(parent, unit_start)).moved_rows;
     END LOOP;
     RETURN total;
 END
@@ -250,50 +263,50 @@ $$;
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION create_error_occurrence_partition(target_date date) RETURNS text
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT (fraiseql_create_partition('@extschema@.tb_error_occurrence'::regclass,
+    SELECT (@extschema@.fraiseql_create_partition('@extschema@.tb_error_occurrence'::regclass,
                                       (target_date::text || ' 00:00:00+00')::timestamptz)).partition_name
 $$;
 
 CREATE FUNCTION create_notification_log_partition(target_date date) RETURNS text
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT (fraiseql_create_partition('@extschema@.tb_error_notification_log'::regclass,
+    SELECT (@extschema@.fraiseql_create_partition('@extschema@.tb_error_notification_log'::regclass,
                                       (target_date::text || ' 00:00:00+00')::timestamptz)).partition_name
 $$;
 
 CREATE FUNCTION ensure_error_occurrence_partitions(months_ahead integer)
 RETURNS TABLE (partition_name text, created boolean)
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT * FROM fraiseql_ensure_partitions('@extschema@.tb_error_occurrence'::regclass, months_ahead)
+    SELECT * FROM @extschema@.fraiseql_ensure_partitions('@extschema@.tb_error_occurrence'::regclass, months_ahead)
 $$;
 
 CREATE FUNCTION ensure_notification_log_partitions(months_ahead integer)
 RETURNS TABLE (partition_name text, created boolean)
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT * FROM fraiseql_ensure_partitions('@extschema@.tb_error_notification_log'::regclass, months_ahead)
+    SELECT * FROM @extschema@.fraiseql_ensure_partitions('@extschema@.tb_error_notification_log'::regclass, months_ahead)
 $$;
 
 CREATE FUNCTION drop_old_error_occurrence_partitions(retention_months integer)
 RETURNS TABLE (partition_name text, dropped boolean)
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT * FROM fraiseql_drop_old_partitions('@extschema@.tb_error_occurrence'::regclass, retention_months)
+    SELECT * FROM @extschema@.fraiseql_drop_old_partitions('@extschema@.tb_error_occurrence'::regclass, retention_months)
 $$;
 
 CREATE FUNCTION drop_old_notification_log_partitions(retention_months integer)
 RETURNS TABLE (partition_name text, dropped boolean)
 LANGUAGE sql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT * FROM fraiseql_drop_old_partitions('@extschema@.tb_error_notification_log'::regclass, retention_months)
+    SELECT * FROM @extschema@.fraiseql_drop_old_partitions('@extschema@.tb_error_notification_log'::regclass, retention_months)
 $$;
 
 -- Storage statistics with exact row counts (count(*) per partition: exact, and
@@ -301,14 +314,14 @@ $$;
 CREATE FUNCTION get_partition_stats()
 RETURNS TABLE (table_name text, partition_name text, row_count bigint, total_size text, index_size text)
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r record;
 BEGIN
     FOR r IN
         SELECT v.parent_table, v.partition, v.partition_name
-          FROM v_partitions v
+          FROM @extschema@.v_partitions v
          ORDER BY v.parent_table::text, v.is_default, v.lower_bound
     LOOP
         table_name := (SELECT c.relname::text FROM pg_class c WHERE c.oid = r.parent_table);

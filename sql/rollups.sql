@@ -89,7 +89,7 @@ CREATE AGGREGATE fraiseql_hist_merge_agg(bigint[]) (sfunc = _fraiseql_hist_merge
 CREATE FUNCTION fraiseql_refresh_rollups() RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
 DECLARE
@@ -97,7 +97,7 @@ DECLARE
     v_spans  bigint;
     v_errors bigint;
 BEGIN
-    SELECT * INTO v_state FROM tb_rollup_state FOR UPDATE SKIP LOCKED;
+    SELECT * INTO v_state FROM @extschema@.tb_rollup_state FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('busy', true);
     END IF;
@@ -113,7 +113,7 @@ BEGIN
         SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.environment,
                t.parent_span_id IS NULL AS is_request,
                t.attributes @> '{"db.system": "postgresql"}' AS is_db,
-               _fraiseql_latency_bucket(t.duration_ms) AS b
+               @extschema@._fraiseql_latency_bucket(t.duration_ms) AS b
           FROM monitoring.traces t, h
          WHERE t.ingest_xid >= v_state.span_horizon AND t.ingest_xid < h.hi
     ), by_bucket AS (
@@ -124,18 +124,18 @@ BEGIN
          WHERE k.applies
          GROUP BY 1, 2, 3, 4
     ), minutes AS (
-        INSERT INTO tb_rollup_span_minute AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
+        INSERT INTO @extschema@.tb_rollup_span_minute AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
         SELECT bucket, environment, kind, sum(spans), sum(errors), sum(oks), sum(duration_sum),
-               _fraiseql_hist_from(array_agg(b), array_agg(spans))
+               @extschema@._fraiseql_hist_from(array_agg(b), array_agg(spans))
           FROM by_bucket GROUP BY 1, 2, 3
         ON CONFLICT (bucket, environment, kind) DO UPDATE
            SET spans = r.spans + excluded.spans, errors = r.errors + excluded.errors, oks = r.oks + excluded.oks,
                duration_sum = r.duration_sum + excluded.duration_sum,
-               latency = _fraiseql_hist_merge(r.latency, excluded.latency)
+               latency = @extschema@._fraiseql_hist_merge(r.latency, excluded.latency)
     ), five_minutes AS (
-        INSERT INTO tb_rollup_span_5min AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
+        INSERT INTO @extschema@.tb_rollup_span_5min AS r (bucket, environment, kind, spans, errors, oks, duration_sum, latency)
         SELECT x.bucket, x.environment, x.kind, sum(x.spans), sum(x.errors), sum(x.oks), sum(x.duration_sum),
-               _fraiseql_hist_from(array_agg(x.b), array_agg(x.spans))
+               @extschema@._fraiseql_hist_from(array_agg(x.b), array_agg(x.spans))
           FROM (SELECT date_bin('5 minutes', y.bucket, '2000-01-01 00:00:00+00') AS bucket, y.environment, y.kind, y.b,
                        sum(y.spans)::bigint AS spans, sum(y.errors) AS errors, sum(y.oks) AS oks,
                        sum(y.duration_sum) AS duration_sum
@@ -144,27 +144,27 @@ BEGIN
         ON CONFLICT (bucket, environment, kind) DO UPDATE
            SET spans = r.spans + excluded.spans, errors = r.errors + excluded.errors, oks = r.oks + excluded.oks,
                duration_sum = r.duration_sum + excluded.duration_sum,
-               latency = _fraiseql_hist_merge(r.latency, excluded.latency)
+               latency = @extschema@._fraiseql_hist_merge(r.latency, excluded.latency)
     ), by_operation AS (
         SELECT date_trunc('hour', n.start_time) AS bucket, n.environment, n.operation_name, n.b,
                count(*) AS spans, max(n.duration_ms) AS duration_max,
                count(*) FILTER (WHERE n.is_request) AS requests,
                count(*) FILTER (WHERE n.is_request AND m.trace_id IS NOT NULL) AS with_errors
-          FROM new n LEFT JOIN tb_trace_error m ON m.trace_id = n.trace_id AND n.is_request
+          FROM new n LEFT JOIN @extschema@.tb_trace_error m ON m.trace_id = n.trace_id AND n.is_request
          GROUP BY 1, 2, 3, 4
     ), operations AS (
-        INSERT INTO tb_rollup_operation_hour AS r
+        INSERT INTO @extschema@.tb_rollup_operation_hour AS r
             (bucket, environment, operation_name, spans, duration_max, latency, requests, requests_with_errors)
         SELECT bucket, environment, operation_name, sum(spans), max(duration_max),
-               _fraiseql_hist_from(array_agg(b), array_agg(spans)), sum(requests), sum(with_errors)
+               @extschema@._fraiseql_hist_from(array_agg(b), array_agg(spans)), sum(requests), sum(with_errors)
           FROM by_operation GROUP BY 1, 2, 3
         ON CONFLICT (bucket, environment, operation_name) DO UPDATE
            SET spans = r.spans + excluded.spans, duration_max = greatest(r.duration_max, excluded.duration_max),
-               latency = _fraiseql_hist_merge(r.latency, excluded.latency),
+               latency = @extschema@._fraiseql_hist_merge(r.latency, excluded.latency),
                requests = r.requests + excluded.requests,
                requests_with_errors = r.requests_with_errors + excluded.requests_with_errors
     ), moved AS (
-        UPDATE tb_rollup_state s SET span_horizon = h.hi FROM h RETURNING 1
+        UPDATE @extschema@.tb_rollup_state s SET span_horizon = h.hi FROM h RETURNING 1
     )
     SELECT count(*) INTO v_spans FROM new;
 
@@ -172,26 +172,26 @@ BEGIN
         SELECT greatest(v_state.error_horizon, pg_snapshot_xmin(pg_current_snapshot())) AS hi
     ), new AS MATERIALIZED (
         SELECT o.error_id, o.environment, o.occurred_at, o.trace_id
-          FROM tb_error_occurrence o, h
+          FROM @extschema@.tb_error_occurrence o, h
          WHERE o.capture_xid >= v_state.error_horizon AND o.capture_xid < h.hi
     ), minutes AS (
-        INSERT INTO tb_rollup_error_minute AS r (bucket, environment, occurrences)
+        INSERT INTO @extschema@.tb_rollup_error_minute AS r (bucket, environment, occurrences)
         SELECT date_trunc('minute', occurred_at), environment, count(*) FROM new GROUP BY 1, 2
         ON CONFLICT (bucket, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
     ), five_minutes AS (
-        INSERT INTO tb_rollup_error_5min AS r (bucket, environment, occurrences)
+        INSERT INTO @extschema@.tb_rollup_error_5min AS r (bucket, environment, occurrences)
         SELECT date_bin('5 minutes', occurred_at, '2000-01-01 00:00:00+00'), environment, count(*) FROM new GROUP BY 1, 2
         ON CONFLICT (bucket, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
     ), hours AS (
-        INSERT INTO tb_rollup_error_hour AS r (bucket, error_id, environment, occurrences)
+        INSERT INTO @extschema@.tb_rollup_error_hour AS r (bucket, error_id, environment, occurrences)
         SELECT date_trunc('hour', occurred_at), error_id, environment, count(*) FROM new GROUP BY 1, 2, 3
         ON CONFLICT (bucket, error_id, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
     ), days AS (
-        INSERT INTO tb_rollup_error_day AS r (bucket, error_id, environment, occurrences)
+        INSERT INTO @extschema@.tb_rollup_error_day AS r (bucket, error_id, environment, occurrences)
         SELECT date_trunc('day', occurred_at), error_id, environment, count(*) FROM new GROUP BY 1, 2, 3
         ON CONFLICT (bucket, error_id, environment) DO UPDATE SET occurrences = r.occurrences + excluded.occurrences
     ), marks AS (
-        INSERT INTO tb_trace_error AS m (trace_id, first_seen)
+        INSERT INTO @extschema@.tb_trace_error AS m (trace_id, first_seen)
         SELECT trace_id, min(occurred_at) FROM new WHERE trace_id IS NOT NULL GROUP BY trace_id
         ON CONFLICT (trace_id) DO NOTHING
         RETURNING m.trace_id
@@ -200,15 +200,15 @@ BEGIN
         SELECT date_trunc('hour', t.start_time) AS bucket, t.environment, t.operation_name, count(*) AS n
           FROM marks JOIN monitoring.traces t ON t.trace_id = marks.trace_id
          WHERE t.parent_span_id IS NULL
-           AND t.ingest_xid < (SELECT s.span_horizon FROM tb_rollup_state s)
+           AND t.ingest_xid < (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s)
          GROUP BY 1, 2, 3
     ), late_counted AS (
-        UPDATE tb_rollup_operation_hour r SET requests_with_errors = r.requests_with_errors + late.n
+        UPDATE @extschema@.tb_rollup_operation_hour r SET requests_with_errors = r.requests_with_errors + late.n
           FROM late
          WHERE r.bucket = late.bucket AND r.environment = late.environment AND r.operation_name = late.operation_name
         RETURNING 1
     ), moved AS (
-        UPDATE tb_rollup_state s SET error_horizon = h.hi, rolled_at = now() FROM h RETURNING 1
+        UPDATE @extschema@.tb_rollup_state s SET error_horizon = h.hi, rolled_at = now() FROM h RETURNING 1
     )
     SELECT count(*) INTO v_errors FROM new;
 
@@ -219,26 +219,26 @@ $$;
 -- Rollups live as long as the rows they summarize (maintenance calls this).
 CREATE FUNCTION _fraiseql_prune_rollups() RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
 DECLARE
     v_errors timestamptz := date_trunc('month', now())
-        - fraiseql_setting('fraiseql_obs.error_retention_months')::integer * interval '1 month';
+        - @extschema@.fraiseql_setting('fraiseql_obs.error_retention_months')::integer * interval '1 month';
     v_spans  timestamptz := date_trunc('day', now())
-        - fraiseql_setting('fraiseql_obs.trace_retention_days')::integer * interval '1 day';
+        - @extschema@.fraiseql_setting('fraiseql_obs.trace_retention_days')::integer * interval '1 day';
 BEGIN
-    IF fraiseql_setting('fraiseql_obs.error_retention_months')::integer > 0 THEN
-        DELETE FROM tb_rollup_error_minute WHERE bucket < v_errors;
-        DELETE FROM tb_rollup_error_5min WHERE bucket < v_errors;
-        DELETE FROM tb_rollup_error_hour WHERE bucket < v_errors;
-        DELETE FROM tb_rollup_error_day WHERE bucket < v_errors;
+    IF @extschema@.fraiseql_setting('fraiseql_obs.error_retention_months')::integer > 0 THEN
+        DELETE FROM @extschema@.tb_rollup_error_minute WHERE bucket < v_errors;
+        DELETE FROM @extschema@.tb_rollup_error_5min WHERE bucket < v_errors;
+        DELETE FROM @extschema@.tb_rollup_error_hour WHERE bucket < v_errors;
+        DELETE FROM @extschema@.tb_rollup_error_day WHERE bucket < v_errors;
     END IF;
-    IF fraiseql_setting('fraiseql_obs.trace_retention_days')::integer > 0 THEN
-        DELETE FROM tb_rollup_span_minute WHERE bucket < v_spans;
-        DELETE FROM tb_rollup_span_5min WHERE bucket < v_spans;
-        DELETE FROM tb_rollup_operation_hour WHERE bucket < v_spans;
-        DELETE FROM tb_trace_error WHERE first_seen < v_spans;
+    IF @extschema@.fraiseql_setting('fraiseql_obs.trace_retention_days')::integer > 0 THEN
+        DELETE FROM @extschema@.tb_rollup_span_minute WHERE bucket < v_spans;
+        DELETE FROM @extschema@.tb_rollup_span_5min WHERE bucket < v_spans;
+        DELETE FROM @extschema@.tb_rollup_operation_hour WHERE bucket < v_spans;
+        DELETE FROM @extschema@.tb_trace_error WHERE first_seen < v_spans;
     END IF;
 END
 $$;
@@ -324,28 +324,28 @@ CREATE FUNCTION fraiseql_panel_error_rate(p_from timestamptz, p_to timestamptz, 
                                           p_environments text[] DEFAULT NULL)
 RETURNS TABLE ("time" timestamptz, errors bigint)
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 -- planned for the actual range and horizon each time (a generic plan guesses them)
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
     -- buckets serve the intervals they divide: five minutes, else one
     v_five boolean := p_interval_ms % 300000 = 0;
-    w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
+    w record := @extschema@._fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
                                       p_interval_ms % 60000 = 0);
 BEGIN
     RETURN QUERY
-    SELECT _fraiseql_time_group(x.t, p_interval_ms), sum(x.n)::bigint
-      FROM (SELECT r.bucket AS t, r.occurrences AS n FROM tb_rollup_error_5min r
+    SELECT @extschema@._fraiseql_time_group(x.t, p_interval_ms), sum(x.n)::bigint
+      FROM (SELECT r.bucket AS t, r.occurrences AS n FROM @extschema@.tb_rollup_error_5min r
              WHERE v_five AND r.bucket >= w.lo AND r.bucket < w.hi
                AND (p_environments IS NULL OR r.environment = ANY (p_environments))
             UNION ALL
-            SELECT r.bucket AS t, r.occurrences AS n FROM tb_rollup_error_minute r
+            SELECT r.bucket AS t, r.occurrences AS n FROM @extschema@.tb_rollup_error_minute r
              WHERE NOT v_five AND r.bucket >= w.lo AND r.bucket < w.hi
                AND (p_environments IS NULL OR r.environment = ANY (p_environments))
             UNION ALL
-            SELECT o.occurred_at, 1 FROM _fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, p_environments) o) x
+            SELECT o.occurred_at, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, p_environments) o) x
      GROUP BY 1 ORDER BY 1;
 END
 $$;
@@ -354,20 +354,20 @@ $$;
 CREATE FUNCTION fraiseql_panel_errors_by_environment(p_from timestamptz, p_to timestamptz)
 RETURNS TABLE (environment text, errors bigint)
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 -- planned for the actual range and horizon each time (a generic plan guesses them)
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
-    w record := _fraiseql_whole_units(p_from, p_to, interval '5 minutes');
+    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
+    w record := @extschema@._fraiseql_whole_units(p_from, p_to, interval '5 minutes');
 BEGIN
     RETURN QUERY
     SELECT x.environment, sum(x.n)::bigint
-      FROM (SELECT r.environment, r.occurrences AS n FROM tb_rollup_error_5min r
+      FROM (SELECT r.environment, r.occurrences AS n FROM @extschema@.tb_rollup_error_5min r
              WHERE r.bucket >= w.lo AND r.bucket < w.hi
             UNION ALL
-            SELECT o.environment, 1 FROM _fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, NULL) o) x
+            SELECT o.environment, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, NULL) o) x
      GROUP BY 1 ORDER BY 2 DESC;
 END
 $$;
@@ -381,26 +381,26 @@ CREATE FUNCTION fraiseql_panel_top_errors(p_from timestamptz, p_to timestamptz,
                                           p_environments text[] DEFAULT NULL, p_limit integer DEFAULT 10)
 RETURNS TABLE (error_id uuid, occurrences bigint, users_affected bigint, last_seen timestamptz)
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 -- planned for the actual range and horizon each time (a generic plan guesses them)
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_daily boolean := p_to - p_from >= interval '3 days';
-    v_h xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
 BEGIN
     RETURN QUERY
     WITH candidates AS (
         SELECT c.error_id
-          FROM (SELECT r.error_id, r.occurrences FROM tb_rollup_error_day r
+          FROM (SELECT r.error_id, r.occurrences FROM @extschema@.tb_rollup_error_day r
                  WHERE v_daily AND r.bucket >= date_trunc('day', p_from, 'UTC') AND r.bucket <= p_to
                    AND (p_environments IS NULL OR r.environment = ANY (p_environments))
                 UNION ALL
-                SELECT r.error_id, r.occurrences FROM tb_rollup_error_hour r
+                SELECT r.error_id, r.occurrences FROM @extschema@.tb_rollup_error_hour r
                  WHERE NOT v_daily AND r.bucket >= date_trunc('hour', p_from, 'UTC') AND r.bucket <= p_to
                    AND (p_environments IS NULL OR r.environment = ANY (p_environments))
                 UNION ALL
-                SELECT o.error_id, 1 FROM tb_error_occurrence o
+                SELECT o.error_id, 1 FROM @extschema@.tb_error_occurrence o
                  WHERE o.capture_xid >= v_h AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                    AND (p_environments IS NULL OR o.environment = ANY (p_environments))) c
          GROUP BY c.error_id
@@ -411,7 +411,7 @@ BEGIN
     SELECT c.error_id, x.n, x.users, x.last_seen
       FROM candidates c,
            LATERAL (SELECT count(*) AS n, count(DISTINCT o.context->>'user_id') AS users, max(o.occurred_at) AS last_seen
-                      FROM tb_error_occurrence o
+                      FROM @extschema@.tb_error_occurrence o
                      WHERE o.error_id = c.error_id AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                        AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x
      WHERE x.n > 0
@@ -427,14 +427,14 @@ CREATE FUNCTION fraiseql_panel_spans(p_from timestamptz, p_to timestamptz, p_int
 RETURNS TABLE ("time" timestamptz, spans bigint, errors bigint, oks bigint,
                avg_ms double precision, p50_ms double precision, p95_ms double precision, p99_ms double precision)
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 -- planned for the actual range and horizon each time (a generic plan guesses them)
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
+    v_h xid8 := (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s);
     v_five boolean := p_interval_ms % 300000 = 0;
-    w record := _fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
+    w record := @extschema@._fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
                                       p_interval_ms % 60000 = 0);
 BEGIN
     IF p_kind NOT IN ('request', 'db') THEN
@@ -444,29 +444,29 @@ BEGIN
     RETURN QUERY
     WITH raw AS (
         SELECT t.start_time, t.status_code, t.duration_ms
-          FROM _fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
+          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
          WHERE CASE p_kind WHEN 'request' THEN t.is_request ELSE t.is_db END
     ), parts AS (
-        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM tb_rollup_span_5min r
+        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM @extschema@.tb_rollup_span_5min r
          WHERE v_five AND r.kind = p_kind AND r.bucket >= w.lo AND r.bucket < w.hi
            AND (p_environments IS NULL OR r.environment = ANY (p_environments))
         UNION ALL
-        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM tb_rollup_span_minute r
+        SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM @extschema@.tb_rollup_span_minute r
          WHERE NOT v_five AND r.kind = p_kind AND r.bucket >= w.lo AND r.bucket < w.hi
            AND (p_environments IS NULL OR r.environment = ANY (p_environments))
         UNION ALL
-        SELECT _fraiseql_time_group(raw.start_time, p_interval_ms), count(*), count(*) FILTER (WHERE raw.status_code = 2),
+        SELECT @extschema@._fraiseql_time_group(raw.start_time, p_interval_ms), count(*), count(*) FILTER (WHERE raw.status_code = 2),
                count(*) FILTER (WHERE raw.status_code = 1), sum(raw.duration_ms),
-               _fraiseql_hist_from(array_agg(_fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint))
+               @extschema@._fraiseql_hist_from(array_agg(@extschema@._fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint))
           FROM raw GROUP BY 1
     ), buckets AS (
-        SELECT _fraiseql_time_group(p.t, p_interval_ms) AS t, sum(p.spans)::bigint AS spans,
+        SELECT @extschema@._fraiseql_time_group(p.t, p_interval_ms) AS t, sum(p.spans)::bigint AS spans,
                sum(p.errors)::bigint AS errors, sum(p.oks)::bigint AS oks,
-               sum(p.duration_sum) / nullif(sum(p.spans), 0) AS avg_ms, fraiseql_hist_merge_agg(p.latency) AS h
+               sum(p.duration_sum) / nullif(sum(p.spans), 0) AS avg_ms, @extschema@.fraiseql_hist_merge_agg(p.latency) AS h
           FROM parts p GROUP BY 1
     )
-    SELECT b.t, b.spans, b.errors, b.oks, b.avg_ms, fraiseql_hist_quantile(b.h, 0.50),
-           fraiseql_hist_quantile(b.h, 0.95), fraiseql_hist_quantile(b.h, 0.99)
+    SELECT b.t, b.spans, b.errors, b.oks, b.avg_ms, @extschema@.fraiseql_hist_quantile(b.h, 0.50),
+           @extschema@.fraiseql_hist_quantile(b.h, 0.95), @extschema@.fraiseql_hist_quantile(b.h, 0.99)
       FROM buckets b ORDER BY 1;
 END
 $$;
@@ -477,44 +477,44 @@ CREATE FUNCTION fraiseql_panel_operations(p_from timestamptz, p_to timestamptz, 
 RETURNS TABLE (operation_name text, spans bigint, p95_ms double precision, max_ms double precision,
                requests bigint, requests_with_errors bigint)
 LANGUAGE plpgsql STABLE
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 -- planned for the actual range and horizon each time (a generic plan guesses them)
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    w record := _fraiseql_whole_units(p_from, p_to, interval '1 hour');
-    v_h xid8 := (SELECT s.span_horizon FROM tb_rollup_state s);
-    v_eh xid8 := (SELECT s.error_horizon FROM tb_rollup_state s);
+    w record := @extschema@._fraiseql_whole_units(p_from, p_to, interval '1 hour');
+    v_h xid8 := (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s);
+    v_eh xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
 BEGIN
     RETURN QUERY
     WITH raw AS (
         SELECT t.operation_name, t.duration_ms, t.is_request, t.trace_id
-          FROM _fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
+          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
     ), parts AS (
         SELECT r.operation_name, r.spans, r.duration_max, r.latency, r.requests, r.requests_with_errors
-          FROM tb_rollup_operation_hour r
+          FROM @extschema@.tb_rollup_operation_hour r
          WHERE r.bucket >= w.lo AND r.bucket < w.hi
            AND (p_environments IS NULL OR r.environment = ANY (p_environments))
         UNION ALL
         SELECT raw.operation_name, count(*), max(raw.duration_ms),
-               _fraiseql_hist_from(array_agg(_fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint)),
+               @extschema@._fraiseql_hist_from(array_agg(@extschema@._fraiseql_latency_bucket(raw.duration_ms)), array_agg(1::bigint)),
                count(*) FILTER (WHERE raw.is_request),
                count(*) FILTER (WHERE raw.is_request AND EXISTS (
-                   SELECT 1 FROM tb_error_occurrence o WHERE o.trace_id = raw.trace_id))
+                   SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.trace_id = raw.trace_id))
           FROM raw GROUP BY 1
         UNION ALL
         -- rolled-up requests whose trace's first error is not rolled up yet
         SELECT t.operation_name, 0, NULL, NULL, 0, count(*)
           FROM monitoring.traces t
-         WHERE t.trace_id IN (SELECT o.trace_id FROM tb_error_occurrence o
+         WHERE t.trace_id IN (SELECT o.trace_id FROM @extschema@.tb_error_occurrence o
                                WHERE o.capture_xid >= v_eh AND o.trace_id IS NOT NULL
-                                 AND NOT EXISTS (SELECT 1 FROM tb_trace_error m WHERE m.trace_id = o.trace_id))
+                                 AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_trace_error m WHERE m.trace_id = o.trace_id))
            AND t.parent_span_id IS NULL AND t.ingest_xid < v_h
            AND t.start_time >= w.lo AND t.start_time < w.hi
            AND (p_environments IS NULL OR t.environment = ANY (p_environments))
          GROUP BY 1
     )
-    SELECT p.operation_name, sum(p.spans)::bigint, fraiseql_hist_quantile(fraiseql_hist_merge_agg(p.latency), 0.95),
+    SELECT p.operation_name, sum(p.spans)::bigint, @extschema@.fraiseql_hist_quantile(@extschema@.fraiseql_hist_merge_agg(p.latency), 0.95),
            max(p.duration_max), sum(p.requests)::bigint, sum(p.requests_with_errors)::bigint
       FROM parts p GROUP BY 1;
 END

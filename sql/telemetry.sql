@@ -104,57 +104,57 @@ AS $$
 DECLARE
     v_env     text;
     v_labels  jsonb;
-    v_stripe  integer := _fraiseql_stripe();
+    v_stripe  integer := @extschema@._fraiseql_stripe();
     v_series  record;
     v_bucket  integer;
 BEGIN
-    v_labels := _fraiseql_check_metric(p_name, p_type, p_value, p_labels);
+    v_labels := @extschema@._fraiseql_check_metric(p_name, p_type, p_value, p_labels);
     v_env := current_setting('fraiseql_obs.environment');
 
-    UPDATE tb_metric_stripe s
+    UPDATE @extschema@.tb_metric_stripe s
        SET value = CASE WHEN p_type = 'gauge' THEN p_value WHEN p_type = 'counter' THEN s.value + p_value ELSE s.value END,
            updated_at = clock_timestamp(),
            obs_count = s.obs_count + CASE WHEN p_type = 'histogram' THEN 1 ELSE 0 END,
            obs_sum = s.obs_sum + CASE WHEN p_type = 'histogram' THEN p_value ELSE 0 END,
            bucket_counts = CASE WHEN p_type = 'histogram'
-                                THEN _fraiseql_bucket_add(s.bucket_counts, m.buckets, p_value)
+                                THEN @extschema@._fraiseql_bucket_add(s.bucket_counts, m.buckets, p_value)
                                 ELSE s.bucket_counts END
-      FROM tb_metric_series m
+      FROM @extschema@.tb_metric_series m
      WHERE m.metric_name = p_name AND m.environment = v_env AND m.labels = v_labels
        AND m.metric_type = p_type AND s.series_id = m.series_id AND s.stripe = v_stripe;
 
     IF NOT FOUND THEN
         SELECT m.series_id, m.metric_type, m.buckets INTO v_series
-          FROM tb_metric_series m
+          FROM @extschema@.tb_metric_series m
          WHERE m.metric_name = p_name AND m.environment = v_env AND m.labels = v_labels;
         IF NOT FOUND THEN
-            INSERT INTO tb_metric_series AS m (metric_name, metric_type, labels, environment, buckets)
+            INSERT INTO @extschema@.tb_metric_series AS m (metric_name, metric_type, labels, environment, buckets)
             VALUES (p_name, p_type, v_labels, v_env,
                     CASE WHEN p_type = 'histogram' THEN coalesce(
-                        (SELECT d.buckets FROM tb_metric_definition d WHERE d.metric_name = p_name),
+                        (SELECT d.buckets FROM @extschema@.tb_metric_definition d WHERE d.metric_name = p_name),
                         '{0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10}') END)
             ON CONFLICT (metric_name, environment, labels) DO NOTHING;
             SELECT m.series_id, m.metric_type, m.buckets INTO v_series
-              FROM tb_metric_series m
+              FROM @extschema@.tb_metric_series m
              WHERE m.metric_name = p_name AND m.environment = v_env AND m.labels = v_labels;
         END IF;
         IF v_series.metric_type <> p_type THEN
             RAISE EXCEPTION 'fraiseql_obs: metric "%" is a %, not a %', p_name, v_series.metric_type, p_type
                 USING ERRCODE = 'wrong_object_type';
         END IF;
-        INSERT INTO tb_metric_stripe AS s (series_id, stripe, value, updated_at, obs_count, obs_sum, bucket_counts)
+        INSERT INTO @extschema@.tb_metric_stripe AS s (series_id, stripe, value, updated_at, obs_count, obs_sum, bucket_counts)
         VALUES (v_series.series_id, v_stripe,
                 CASE WHEN p_type = 'histogram' THEN 0 ELSE p_value END, clock_timestamp(),
                 CASE WHEN p_type = 'histogram' THEN 1 ELSE 0 END,
                 CASE WHEN p_type = 'histogram' THEN p_value ELSE 0 END,
-                CASE WHEN p_type = 'histogram' THEN _fraiseql_bucket_add(NULL, v_series.buckets, p_value) END)
+                CASE WHEN p_type = 'histogram' THEN @extschema@._fraiseql_bucket_add(NULL, v_series.buckets, p_value) END)
         ON CONFLICT (series_id, stripe) DO UPDATE
            SET value = CASE WHEN p_type = 'gauge' THEN p_value WHEN p_type = 'counter' THEN s.value + p_value ELSE s.value END,
                updated_at = clock_timestamp(),
                obs_count = s.obs_count + excluded.obs_count,
                obs_sum = s.obs_sum + excluded.obs_sum,
                bucket_counts = CASE WHEN p_type = 'histogram'
-                                    THEN _fraiseql_bucket_add(s.bucket_counts, v_series.buckets, p_value)
+                                    THEN @extschema@._fraiseql_bucket_add(s.bucket_counts, v_series.buckets, p_value)
                                     ELSE s.bucket_counts END;
     END IF;
 
@@ -164,20 +164,20 @@ END
 $$;
 
 CREATE FUNCTION fraiseql_metric_increment(name text, labels jsonb DEFAULT '{}', value double precision DEFAULT 1)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
-AS $$ BEGIN PERFORM _fraiseql_metric_record($1, 'counter', $3, $2); END $$;
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM @extschema@._fraiseql_metric_record($1, 'counter', $3, $2); END $$;
 
 CREATE FUNCTION fraiseql_metric_set_gauge(name text, value double precision, labels jsonb DEFAULT '{}')
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
-AS $$ BEGIN PERFORM _fraiseql_metric_record($1, 'gauge', $2, $3); END $$;
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM @extschema@._fraiseql_metric_record($1, 'gauge', $2, $3); END $$;
 
 CREATE FUNCTION fraiseql_metric_record_histogram(name text, value double precision, labels jsonb DEFAULT '{}')
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
-AS $$ BEGIN PERFORM _fraiseql_metric_record($1, 'histogram', $2, $3); END $$;
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM @extschema@._fraiseql_metric_record($1, 'histogram', $2, $3); END $$;
 
 -- Optional: help text and histogram buckets of a metric, before its first value.
 CREATE FUNCTION fraiseql_metric_define(name text, help text DEFAULT NULL, buckets double precision[] DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF buckets IS NOT NULL AND (cardinality(buckets) = 0 OR EXISTS (
@@ -187,7 +187,7 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: buckets must be a non-empty, strictly increasing list of numbers'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO tb_metric_definition AS d (metric_name, help, buckets) VALUES ($1, $2, $3)
+    INSERT INTO @extschema@.tb_metric_definition AS d (metric_name, help, buckets) VALUES ($1, $2, $3)
     ON CONFLICT (metric_name) DO UPDATE SET help = excluded.help, buckets = excluded.buckets;
 END
 $$;
@@ -230,39 +230,17 @@ CREATE INDEX idx_entity_change_entity ON tb_entity_change_log (entity_name, enti
 CREATE INDEX idx_entity_change_trace ON tb_entity_change_log (trace_id) WHERE trace_id IS NOT NULL;
 CREATE INDEX idx_entity_change_time ON tb_entity_change_log (changed_at DESC);
 
+-- The row trigger (src/change_log.rs): the row becomes JSON as the role that
+-- changed it; only the INSERT into the log runs as the extension's owner.
 CREATE FUNCTION _fraiseql_track_changes_trigger() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = @extschema@, pg_temp
-AS $$
-DECLARE
-    v_before jsonb;
-    v_after  jsonb;
-    v_row    jsonb;
-    v_id     text;
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN v_before := to_jsonb(OLD); END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN v_after := to_jsonb(NEW); END IF;
-    IF TG_OP = 'UPDATE' AND v_before = v_after THEN
-        RETURN NULL;  -- nothing changed
-    END IF;
-    v_row := coalesce(v_after, v_before);
-    -- TG_ARGV: entity name, then the primary key columns
-    SELECT string_agg(v_row->>k, ',' ORDER BY i) INTO v_id
-      FROM unnest(TG_ARGV[1:]) WITH ORDINALITY AS pk(k, i);
-    INSERT INTO tb_entity_change_log (entity_name, entity_id, change_type, before_data, after_data, trace_id, span_id)
-    VALUES (TG_ARGV[0], v_id, lower(TG_OP), v_before, v_after,
-            nullif(current_setting('fraiseql_obs.trace_id', true), ''),
-            nullif(current_setting('fraiseql_obs.span_id', true), ''));
-    RETURN NULL;
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'fraiseql_track_changes_trigger_c';
 
 -- Attach (or re-attach) change tracking to a table. entity_name defaults to
 -- the table's name.
 CREATE FUNCTION fraiseql_track_changes(target regclass, entity_name text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_pk   text[];
@@ -291,7 +269,7 @@ $$;
 
 CREATE FUNCTION fraiseql_untrack_changes(target regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = @extschema@, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS fraiseql_track_changes ON %s', target);
@@ -305,8 +283,8 @@ $$;
 -- OTLP/JSON ExportTraceServiceRequest -> monitoring.traces. Returns
 -- {"stored": n, "duplicates": d, "rejected": m, "partialSuccess": {...}}.
 CREATE FUNCTION fraiseql_ingest_otlp_traces(payload jsonb) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
-AS $$ BEGIN RETURN _fraiseql_ingest_otlp_traces(payload); END $$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN RETURN @extschema@._fraiseql_ingest_otlp_traces(payload); END $$;
 
 CREATE FUNCTION fraiseql_record_span(
     trace_id       text,
@@ -322,16 +300,16 @@ CREATE FUNCTION fraiseql_record_span(
     service_name   text DEFAULT NULL,
     environment    text DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN _fraiseql_record_span($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
+    RETURN @extschema@._fraiseql_record_span($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 END
 $$;
 
 CREATE FUNCTION fraiseql_metrics_prometheus() RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp
-AS $$ BEGIN RETURN _fraiseql_metrics_prometheus(); END $$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN RETURN @extschema@._fraiseql_metrics_prometheus(); END $$;
 
 -- The environments seen, for dashboard variables. Metric series are few;
 -- occurrences and spans are read with a skip scan of their environment index

@@ -2,6 +2,16 @@
 //! clear errors, id normalization, size limits.
 use crate::error::ObsError;
 
+/// Limits of the short texts of a capture (longer values are cut, with a
+/// marker, before fingerprinting). Sentry's own: environment 64, release 200.
+pub const MAX_TYPE_BYTES: usize = 512;
+pub const MAX_ENVIRONMENT_BYTES: usize = 64;
+pub const MAX_RELEASE_BYTES: usize = 200;
+pub const MAX_FINGERPRINT_BYTES: usize = 1024;
+/// dropped-key lists of a reduced context: so many names, each so long
+const MAX_DROPPED_KEYS: usize = 20;
+const MAX_DROPPED_KEY_BYTES: usize = 64;
+
 pub const SEVERITIES: [&str; 5] = ["debug", "info", "warning", "error", "critical"];
 
 /// Checks the capture arguments; the error names the first bad one.
@@ -145,10 +155,13 @@ pub fn clip_context(
             used += size;
             kept.insert(k, v);
         } else {
-            dropped.push(serde_json::Value::String(k));
+            if dropped.len() < MAX_DROPPED_KEYS {
+                dropped.push(serde_json::Value::String(
+                    clip_text(&k, MAX_DROPPED_KEY_BYTES).into_owned(),
+                ));
+            }
         }
     }
-    dropped.truncate(20);
     kept.insert(
         "_fraiseql_truncated".into(),
         serde_json::json!({ "original_bytes": original, "dropped_keys": dropped }),

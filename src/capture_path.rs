@@ -19,7 +19,11 @@
 //! search_path` (its save/restore on every call cost a fifth of the capture):
 //! every statement they run names the extension's schema explicitly and uses
 //! no operator, so the caller's search_path cannot redirect anything.
-use crate::capture::{clip_context, clip_text, normalize_id, validate, SEVERITIES};
+use crate::capture::{
+    clip_context, clip_text, normalize_id, validate, MAX_ENVIRONMENT_BYTES, MAX_FINGERPRINT_BYTES,
+    MAX_RELEASE_BYTES, MAX_TYPE_BYTES, SEVERITIES,
+};
+use crate::error::ObsError;
 use crate::group_cache::{self, Group};
 use crate::guc;
 use pgrx::prelude::*;
@@ -184,14 +188,49 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             a.occurred_at.is_some(),
         )
         .unwrap_or_else(|e| e.report());
+        if let Some(why) = a.occurred_at.and_then(|d| {
+            crate::time_window::refusal_pg(d.value() as i64, crate::time_window::Granularity::Month)
+        }) {
+            ObsError::invalid("occurred_at", why).report();
+        }
         let (exception_type, message, severity) = (
             exception_type.unwrap_or_default(),
             message.unwrap_or_default(),
             severity.unwrap_or_default(),
         );
+        // Every text is cut to its limit before anything else looks at it
+        // (fingerprinting included); a value within it is used as given,
+        // without a copy.
+        let clipped = |d: Option<pg_sys::Datum>, s: Option<&str>, max: usize| match s {
+            Some(s) if s.len() > max => {
+                let c = clip_text(s, max).into_owned();
+                (c.as_str().into_datum(), Some(c))
+            }
+            _ => (d, None),
+        };
+        let (type_d, type_c) = clipped(a.exception_type, Some(exception_type), MAX_TYPE_BYTES);
+        let exception_type = type_c.as_deref().unwrap_or(exception_type);
+        let (message_d, message_c) = clipped(
+            a.message,
+            Some(message),
+            guc::int_value(&guc::MAX_MESSAGE_BYTES),
+        );
+        let message = message_c.as_deref().unwrap_or(message);
+        let (stack_d, stack_c) = clipped(
+            a.stack_trace,
+            stack_trace,
+            guc::int_value(&guc::MAX_STACK_TRACE_BYTES),
+        );
+        let stack_trace = stack_c.as_deref().or(stack_trace);
+        let (release_d, _) = clipped(
+            a.release_version,
+            text_of(a.release_version),
+            MAX_RELEASE_BYTES,
+        );
+        let custom_fp = text_of(a.fingerprint).map(|f| clip_text(f, MAX_FINGERPRINT_BYTES));
         let environment = text_of(a.environment)
             .filter(|e| !e.is_empty())
-            .map(str::to_string)
+            .map(|e| clip_text(e, MAX_ENVIRONMENT_BYTES).into_owned())
             .unwrap_or_else(guc::environment);
         // an explicit id wins over the transaction's trace context
         let id = |given: Option<&str>, setting, kind| {
@@ -212,22 +251,10 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             exception_type,
             message,
             stack_trace,
-            text_of(a.fingerprint),
+            custom_fp.as_deref(),
             context_fingerprint,
             a.is_message,
         );
-
-        // Oversized input is cut to the limits, with a visible marker; values
-        // within them are stored as given, without a copy.
-        let clip = |d: Option<pg_sys::Datum>, s: Option<&str>, max: &pgrx::GucSetting<i32>| match s
-        {
-            Some(s) if s.len() > guc::int_value(max) => {
-                clip_text(s, guc::int_value(max)).as_ref().into_datum()
-            }
-            _ => d,
-        };
-        let message_d = clip(a.message, Some(message), &guc::MAX_MESSAGE_BYTES);
-        let stack_d = clip(a.stack_trace, stack_trace, &guc::MAX_STACK_TRACE_BYTES);
         let context_d = match a.context {
             None => JsonB(serde_json::json!({})).into_datum(),
             Some(c) if pg_sys::toast_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) => {
@@ -246,13 +273,13 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         let row = Row {
             error_id: None,
             occurred_at,
-            error_type: a.exception_type,
+            error_type: type_d,
             message: message_d,
             stack_trace: stack_d,
             context: context_d,
             severity: a.severity,
             environment: environment.as_str().into_datum(),
-            release_version: a.release_version,
+            release_version: release_d,
             trace_id: trace_id.as_deref().into_datum(),
             span_id: span_id.as_deref().into_datum(),
         };
@@ -279,7 +306,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
                 g.error_id
             }
             None => {
-                let (g, publish_now) = slow_capture(&fp, row, a.message, a.stack_trace);
+                let (g, publish_now) = slow_capture(&fp, row, message_d, stack_d);
                 if let Some(e) = epoch {
                     if publish_now {
                         group_cache::publish(group_table, key, e, g);

@@ -33,6 +33,7 @@ pub static NOTIFY_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static NOTIFY_ALLOWED_HOSTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"*"));
 
+pub static TLS_CA_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -217,6 +218,14 @@ pub fn define() {
         &NOTIFY_ALLOWED_HOSTS,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.tls_ca_directory",
+        c"Directory of CA files that e-mail rules may name by tls_ca_file (file names only). Empty: none.",
+        c"Only a superuser sets it (postgresql.conf): rules never name a path on the server.",
+        &TLS_CA_DIRECTORY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     int(
         c"fraiseql_obs.max_message_bytes",

@@ -7,7 +7,9 @@ use pgrx::prelude::*;
 
 mod capture;
 mod capture_path;
+mod change_log;
 mod error;
+mod extension;
 mod fingerprint;
 mod group_cache;
 mod guc;
@@ -15,6 +17,7 @@ mod metrics;
 mod notify;
 mod rollup;
 mod shmem;
+mod time_window;
 mod trace_context;
 mod traces;
 mod worker;

@@ -277,14 +277,14 @@ pub fn exposition(mut series: Vec<Series>) -> String {
 /// HTTP handler, or the postgres datasource).
 #[pg_extern(stable)]
 fn _fraiseql_metrics_prometheus() -> String {
+    let sql = format!(
+        "SELECT metric_name, metric_type, labels, environment, help, value, buckets,
+                bucket_counts, coalesce(obs_count, 0), coalesce(obs_sum, 0)
+           FROM {}.v_metric_series",
+        crate::extension::schema()
+    );
     let rows = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT metric_name, metric_type, labels, environment, help, value, buckets,
-                    bucket_counts, coalesce(obs_count, 0), coalesce(obs_sum, 0)
-               FROM v_metric_series",
-            None,
-            &[],
-        )?;
+        let t = c.select(&sql, None, &[])?;
         let mut out = Vec::new();
         for r in t {
             out.push(Series {

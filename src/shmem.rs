@@ -103,6 +103,52 @@ pub enum WakeAtCommit {
 static mut WAKE_LAUNCHER: bool = false;
 static mut WAKE_WORKER: bool = false;
 static mut XACT_CALLBACK_REGISTERED: bool = false;
+/// Databases whose worker this backend stopped for a command (DROP DATABASE,
+/// RENAME, ...): the hold ends with the command's transaction, whatever its
+/// outcome, so a command that fails never keeps a worker away.
+static mut HELD: Vec<u32> = Vec::new();
+
+/// Ends the holds this backend placed and wakes the launcher so that a
+/// database still there is served again at once.
+fn release_holds() {
+    let held = unsafe { std::mem::take(&mut *(&raw mut HELD)) };
+    if held.is_empty() {
+        return;
+    }
+    let launcher = {
+        let mut reg = REGISTRY.exclusive();
+        for s in reg.slots.iter_mut() {
+            if held.contains(&s.db_oid) && s.hold_reason == crate::worker::HOLD_DROPPING {
+                s.hold_until = 0;
+                s.hold_reason = 0;
+            }
+        }
+        reg.rescan = true;
+        reg.launcher_pid
+    };
+    set_latch_of(launcher);
+}
+
+/// Remembers that this backend holds the worker of `db_oid` off until the
+/// end of its transaction.
+pub fn hold_until_end_of_xact(db_oid: u32) {
+    unsafe {
+        register_xact_callback();
+        let held = &mut *(&raw mut HELD);
+        if !held.contains(&db_oid) {
+            held.push(db_oid);
+        }
+    }
+}
+
+unsafe fn register_xact_callback() {
+    unsafe {
+        if !XACT_CALLBACK_REGISTERED {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            XACT_CALLBACK_REGISTERED = true;
+        }
+    }
+}
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(
@@ -112,6 +158,7 @@ unsafe extern "C-unwind" fn on_xact_event(
     unsafe {
         match event {
             pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+                release_holds();
                 let (launcher, worker) = (WAKE_LAUNCHER, WAKE_WORKER);
                 WAKE_LAUNCHER = false;
                 WAKE_WORKER = false;
@@ -138,6 +185,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 pids.into_iter().for_each(set_latch_of);
             }
             pg_sys::XactEvent::XACT_EVENT_ABORT => {
+                release_holds();
                 WAKE_LAUNCHER = false;
                 WAKE_WORKER = false;
             }
@@ -153,10 +201,7 @@ pub fn wake_at_commit(what: WakeAtCommit) -> bool {
         return false;
     }
     unsafe {
-        if !XACT_CALLBACK_REGISTERED {
-            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-            XACT_CALLBACK_REGISTERED = true;
-        }
+        register_xact_callback();
         match what {
             WakeAtCommit::Launcher => WAKE_LAUNCHER = true,
             WakeAtCommit::Worker => WAKE_WORKER = true,

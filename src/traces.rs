@@ -420,8 +420,20 @@ fn _fraiseql_ingest_otlp_traces(payload: Option<pgrx::JsonB>) -> pgrx::JsonB {
         }
         .report()
     };
-    let parsed = parse_export_request(&payload)
+    let mut parsed = parse_export_request(&payload)
         .unwrap_or_else(|why| ObsError::invalid("payload", why).report());
+    // spans outside the accepted window are rejected one by one
+    let (kept, outside): (Vec<_>, Vec<_>) = parsed.spans.into_iter().partition(|s| {
+        crate::time_window::refusal(s.start_us, crate::time_window::Granularity::Day).is_none()
+    });
+    for s in &outside {
+        let why = crate::time_window::refusal(s.start_us, crate::time_window::Granularity::Day)
+            .unwrap_or_default();
+        parsed
+            .rejected
+            .push(format!("span {}: startTimeUnixNano {why}", s.span_id));
+    }
+    parsed.spans = kept;
     let stored = insert_spans(&parsed.spans);
     let rejected = parsed.rejected.len();
     let mut message = parsed
@@ -512,6 +524,9 @@ fn _fraiseql_record_span(
             "end_time",
             "must not be before start_time",
         ));
+    }
+    if let Some(why) = crate::time_window::refusal(start, crate::time_window::Granularity::Day) {
+        report(ObsError::invalid("start_time", why));
     }
     let kind = kind_of(span_kind.map(|k| Value::String(k.to_string())).as_ref())
         .unwrap_or_else(|e| report(ObsError::invalid("span_kind", e)));

@@ -37,7 +37,7 @@ const NOT_INSTALLED_HOLD_S: i64 = 60;
 const DROP_HOLD_S: i64 = 30;
 
 const HOLD_NOT_INSTALLED: u8 = 1;
-const HOLD_DROPPING: u8 = 2;
+pub const HOLD_DROPPING: u8 = 2;
 
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -117,7 +117,7 @@ fn report_activity(what: Option<&str>) {
 
 /// Runs `f` in its own transaction. A PostgreSQL error is caught, the
 /// transaction rolled back, and the error returned as text.
-fn in_transaction<R>(
+pub(crate) fn in_transaction<R>(
     f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
 ) -> Result<R, String> {
     unsafe {
@@ -345,6 +345,17 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     }
     let appname = CString::new(WORKER_TYPE).unwrap_or_default();
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
+    // The worker is a superuser: it resolves names only in pg_catalog (and
+    // its own temporary schema), whatever ALTER DATABASE/ROLE ... SET says,
+    // so no object another role created can stand in for a built-in.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
 
     let schema = match in_transaction(extension_schema) {
         Ok(Some(s)) => s,
@@ -513,44 +524,9 @@ unsafe extern "C-unwind" fn utility_hook(
 ) {
     unsafe {
         let node = (*pstmt).utilityStmt;
-        if !node.is_null() {
-            if pgrx::is_a(node, pg_sys::NodeTag::T_DropdbStmt) {
-                let stmt = node as *mut pg_sys::DropdbStmt;
-                stop_worker_of((*stmt).dbname);
-            } else if pgrx::is_a(node, pg_sys::NodeTag::T_RenameStmt) {
-                let stmt = node as *mut pg_sys::RenameStmt;
-                if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
-                    stop_worker_of((*stmt).subname);
-                }
-            } else if pgrx::is_a(node, pg_sys::NodeTag::T_DropStmt) {
-                // DROP EXTENSION fraiseql_obs: the worker would otherwise be
-                // inside one of its steps, holding locks on the extension's
-                // tables in an order DROP cannot know (a deadlock, one of the
-                // two then fails)
-                let stmt = node as *mut pg_sys::DropStmt;
-                if (*stmt).removeType == pg_sys::ObjectType::OBJECT_EXTENSION {
-                    let objects = pgrx::PgList::<pg_sys::Node>::from_pg((*stmt).objects);
-                    let ours = objects.iter_ptr().any(|o| {
-                        pgrx::is_a(o, pg_sys::NodeTag::T_String)
-                            && CStr::from_ptr((*(o as *mut pg_sys::String)).sval).to_bytes()
-                                == b"fraiseql_obs"
-                    });
-                    if ours {
-                        stop_worker_of(pg_sys::get_database_name(pg_sys::MyDatabaseId));
-                    }
-                }
-            } else if pgrx::is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
-                // CREATE DATABASE ... TEMPLATE x needs x to have no connections
-                let stmt = node as *mut pg_sys::CreatedbStmt;
-                let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*stmt).options);
-                for opt in options.iter_ptr() {
-                    if !(*opt).defname.is_null()
-                        && CStr::from_ptr((*opt).defname).to_bytes() == b"template"
-                        && !(*opt).arg.is_null()
-                    {
-                        stop_worker_of(pg_sys::defGetString(opt));
-                    }
-                }
+        if !node.is_null() && shmem::available() {
+            for db in databases_this_command_stops(node) {
+                stop_worker_of(db);
             }
         }
         match PREV_UTILITY_HOOK {
@@ -578,17 +554,131 @@ unsafe extern "C-unwind" fn utility_hook(
     }
 }
 
-/// Stops the worker connected to the named database and keeps the launcher
-/// from starting another one for a while; waits (at most 5 s) for it to exit.
-unsafe fn stop_worker_of(dbname: *const std::os::raw::c_char) {
-    if dbname.is_null() || !shmem::available() {
-        return;
+/// The databases whose worker must step aside for this command, which will
+/// run: only commands that pass their own permission checks (made here the
+/// way PostgreSQL itself makes them, before anything is touched) and are not
+/// refused outright inside a transaction block. A command that a role may
+/// not run never touches a worker (any login role could otherwise silence
+/// alerting by failing a DROP DATABASE in a loop).
+unsafe fn databases_this_command_stops(node: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+    unsafe {
+        let user = pg_sys::GetUserId();
+        let owns_db = |oid: pg_sys::Oid| pg_sys::pg_database_ownercheck(oid, user);
+        let db_oid = |name: *const std::os::raw::c_char| -> Option<pg_sys::Oid> {
+            if name.is_null() {
+                return None;
+            }
+            let oid = pg_sys::get_database_oid(name, true);
+            (oid != pg_sys::InvalidOid).then_some(oid)
+        };
+        let in_block = pg_sys::IsTransactionBlock();
+        let mut out = Vec::new();
+        if pgrx::is_a(node, pg_sys::NodeTag::T_DropdbStmt) {
+            let stmt = node as *mut pg_sys::DropdbStmt;
+            if let Some(oid) = db_oid((*stmt).dbname) {
+                if !in_block && oid != pg_sys::MyDatabaseId && owns_db(oid) {
+                    out.push(oid);
+                }
+            }
+        } else if pgrx::is_a(node, pg_sys::NodeTag::T_RenameStmt) {
+            let stmt = node as *mut pg_sys::RenameStmt;
+            if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
+                if let Some(oid) = db_oid((*stmt).subname) {
+                    // RenameDatabase: owner, and the right to create databases
+                    if oid != pg_sys::MyDatabaseId && owns_db(oid) && have_createdb_privilege() {
+                        out.push(oid);
+                    }
+                }
+            }
+        } else if pgrx::is_a(node, pg_sys::NodeTag::T_AlterDatabaseStmt) {
+            // ALTER DATABASE x SET TABLESPACE t needs x to have no connections
+            let stmt = node as *mut pg_sys::AlterDatabaseStmt;
+            let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*stmt).options);
+            let moves = options.iter_ptr().any(|o| {
+                !(*o).defname.is_null() && CStr::from_ptr((*o).defname).to_bytes() == b"tablespace"
+            });
+            if moves && !in_block {
+                if let Some(oid) = db_oid((*stmt).dbname) {
+                    if oid != pg_sys::MyDatabaseId && owns_db(oid) {
+                        out.push(oid);
+                    }
+                }
+            }
+        } else if pgrx::is_a(node, pg_sys::NodeTag::T_DropStmt) {
+            // DROP EXTENSION fraiseql_obs: the worker would otherwise be
+            // inside one of its steps, holding locks on the extension's
+            // tables in an order DROP cannot know (a deadlock, one of the
+            // two then fails)
+            let stmt = node as *mut pg_sys::DropStmt;
+            if (*stmt).removeType == pg_sys::ObjectType::OBJECT_EXTENSION {
+                let objects = pgrx::PgList::<pg_sys::Node>::from_pg((*stmt).objects);
+                let ours = objects.iter_ptr().any(|o| {
+                    pgrx::is_a(o, pg_sys::NodeTag::T_String)
+                        && CStr::from_ptr((*(o as *mut pg_sys::String)).sval).to_bytes()
+                            == b"fraiseql_obs"
+                });
+                if ours {
+                    let ext = pg_sys::get_extension_oid(c"fraiseql_obs".as_ptr(), true);
+                    if ext != pg_sys::InvalidOid && pg_sys::pg_extension_ownercheck(ext, user) {
+                        out.push(pg_sys::MyDatabaseId);
+                    }
+                }
+            }
+        } else if pgrx::is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
+            // CREATE DATABASE ... TEMPLATE x needs x to have no connections;
+            // createdb: the right to create databases, and x a template or
+            // owned by the caller
+            let stmt = node as *mut pg_sys::CreatedbStmt;
+            let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*stmt).options);
+            for opt in options.iter_ptr() {
+                if !(*opt).defname.is_null()
+                    && CStr::from_ptr((*opt).defname).to_bytes() == b"template"
+                    && !(*opt).arg.is_null()
+                    && !in_block
+                    && have_createdb_privilege()
+                {
+                    if let Some(oid) = db_oid(pg_sys::defGetString(opt)) {
+                        if is_template(oid) || owns_db(oid) {
+                            out.push(oid);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
-    let oid = unsafe { pg_sys::get_database_oid(dbname, true) };
-    if oid == pg_sys::InvalidOid {
-        return;
+}
+
+unsafe extern "C-unwind" {
+    // commands/dbcommands.h
+    fn have_createdb_privilege() -> bool;
+}
+
+/// pg_database.datistemplate of a database.
+unsafe fn is_template(oid: pg_sys::Oid) -> bool {
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(oid),
+        );
+        if tup.is_null() {
+            return false;
+        }
+        let header = (*tup).t_data;
+        let f = &*((header as *const u8).add((*header).t_hoff as usize)
+            as *const pg_sys::FormData_pg_database);
+        let v = f.datistemplate;
+        pg_sys::ReleaseSysCache(tup);
+        v
     }
+}
+
+/// Stops the worker connected to this database and keeps the launcher from
+/// starting another one until the command's transaction ends (committed or
+/// not); waits (at most 5 s) for it to exit.
+unsafe fn stop_worker_of(oid: pg_sys::Oid) {
     let oid = oid.to_u32();
+    shmem::hold_until_end_of_xact(oid);
     let pid = {
         let mut reg = REGISTRY.exclusive();
         match reg.slots.iter_mut().find(|s| s.db_oid == oid) {

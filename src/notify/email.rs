@@ -4,10 +4,14 @@
 //!
 //! Settings (rule channel_config over the channel's defaults):
 //! smtp_host, smtp_port, smtp_user, smtp_password, tls ("starttls" |
-//! "tls" | "none"; or the seed's use_tls: true = starttls), tls_ca_file (a PEM
-//! CA to trust besides the system's, for relays with a private CA),
+//! "tls" | "none"; or the seed's use_tls: true = starttls), tls_ca_pem (a PEM
+//! CA to trust besides the system's, for relays with a private CA, given
+//! inline, at most 64 KiB) or tls_ca_file (the name of a file in the directory
+//! that the superuser setting fraiseql_obs.tls_ca_directory names; no path),
+//! allow_plaintext_login (a login over tls "none" is refused without it),
 //! from_address (or from), to (a list or one address), subject, template.
-use super::{allowed_hosts, host_allowed, render, Delivery, Limits, Outcome};
+use super::destination::AllowList;
+use super::{allowed_hosts, render, Delivery, Escape, Limits, Outcome};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -48,7 +52,7 @@ fn field(p: &Value, k: &str) -> String {
 pub fn compose(d: &Delivery) -> (String, String, String) {
     let p = &d.payload;
     let subject_t = s(&d.config, "subject").unwrap_or(DEFAULT_SUBJECT);
-    let subject: String = render(subject_t, p)
+    let subject: String = render(subject_t, p, Escape::Plain)
         .replace(['\r', '\n'], " ")
         .chars()
         .take(200)
@@ -71,7 +75,7 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
         .map(str::to_string)
         .or_else(|| d.template.clone());
     let text = match &body_t {
-        Some(t) => render(t, p),
+        Some(t) => render(t, p, Escape::Plain),
         None => {
             let mut t: String = details.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
             if !stack.is_empty() {
@@ -119,6 +123,62 @@ pub fn compose(d: &Delivery) -> (String, String, String) {
     (subject, text, html)
 }
 
+/// Inline PEMs and CA files are capped: a CA bundle is a few KiB.
+pub const MAX_CA_BYTES: usize = 64 * 1024;
+
+/// The extra CA a rule trusts: inline PEM, or a file name within the
+/// directory the superuser named (fraiseql_obs.tls_ca_directory). Nothing
+/// else on the server's file system is read; the error never says whether a
+/// file exists.
+fn extra_ca(c: &Value) -> Result<Option<Certificate>, String> {
+    let pem: Vec<u8> = if let Some(pem) = s(c, "tls_ca_pem") {
+        if pem.len() > MAX_CA_BYTES {
+            return Err(format!("tls_ca_pem is larger than {MAX_CA_BYTES} bytes"));
+        }
+        pem.as_bytes().to_vec()
+    } else if let Some(name) = s(c, "tls_ca_file") {
+        read_ca_file(name)?
+    } else {
+        return Ok(None);
+    };
+    Certificate::from_pem(&pem)
+        .map(Some)
+        .map_err(|e| format!("the CA certificate is not valid PEM: {e}"))
+}
+
+fn read_ca_file(name: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let unusable = || {
+        format!("tls_ca_file \"{name}\" is not usable (a file name within fraiseql_obs.tls_ca_directory)")
+    };
+    let Some(dir) = crate::guc::text(&crate::guc::TLS_CA_DIRECTORY) else {
+        return Err("tls_ca_file needs the setting fraiseql_obs.tls_ca_directory (set by a superuser); or give tls_ca_pem inline".into());
+    };
+    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
+        return Err(unusable());
+    }
+    let path = std::path::Path::new(&dir).join(name);
+    // O_NONBLOCK: a FIFO does not hang the open; O_NOFOLLOW: no link out
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|_| unusable())?;
+    match file.metadata() {
+        Ok(m) if m.is_file() && m.len() as usize <= MAX_CA_BYTES => {}
+        _ => return Err(unusable()),
+    }
+    let mut buf = Vec::new();
+    file.take(MAX_CA_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|_| unusable())?;
+    if buf.len() > MAX_CA_BYTES {
+        return Err(unusable());
+    }
+    Ok(buf)
+}
+
 fn recipients(c: &Value) -> Vec<String> {
     match c.get("to") {
         Some(Value::Array(a)) => a
@@ -147,12 +207,6 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             true,
         );
     };
-    if !host_allowed(host, &allowed_hosts()) {
-        return Outcome::failed(
-            format!("host {host} is not in fraiseql_obs.notification_allowed_hosts"),
-            true,
-        );
-    }
     let tls_mode = s(c, "tls").map(str::to_ascii_lowercase).unwrap_or_else(|| {
         match c.get("use_tls").and_then(Value::as_bool) {
             Some(true) => "starttls".into(),
@@ -166,19 +220,36 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             v.as_u64()
                 .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
         })
-        .unwrap_or(if tls_mode == "tls" { 465 } else { 587 }) as u16;
+        .unwrap_or(if tls_mode == "tls" { 465 } else { 587 });
+    let Ok(port) = u16::try_from(port) else {
+        return Outcome::failed(format!("smtp_port {port} is not a port"), true);
+    };
+    let login = match (s(c, "smtp_user"), s(c, "smtp_password")) {
+        (Some(u), Some(pw)) => Some(Credentials::new(u.to_string(), pw.to_string())),
+        _ => None,
+    };
+    if login.is_some()
+        && tls_mode == "none"
+        && c.get("allow_plaintext_login").and_then(Value::as_bool) != Some(true)
+    {
+        return Outcome::failed(
+            "refusing to send the SMTP password over an unencrypted connection (tls \"none\"); use starttls or tls, or set allow_plaintext_login",
+            true,
+        );
+    }
+    // the connection goes to the checked address; TLS verifies the name
+    let addr = match AllowList::parse(&allowed_hosts()).resolve(host, port) {
+        Ok(a) => a,
+        Err(e) => return Outcome::failed(e, true),
+    };
     let tls = match tls_mode.as_str() {
         "none" => Tls::None,
         mode => {
             let mut params = TlsParameters::builder(host.to_string());
-            if let Some(ca) = s(c, "tls_ca_file") {
-                match std::fs::read(ca)
-                    .map_err(|e| e.to_string())
-                    .and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string()))
-                {
-                    Ok(cert) => params = params.add_root_certificate(cert),
-                    Err(e) => return Outcome::failed(format!("tls_ca_file {ca}: {e}"), true),
-                }
+            match extra_ca(c) {
+                Ok(Some(cert)) => params = params.add_root_certificate(cert),
+                Ok(None) => {}
+                Err(e) => return Outcome::failed(e, true),
             }
             match params.build_rustls() {
                 Ok(p) if mode == "tls" => Tls::Wrapper(p),
@@ -187,12 +258,12 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             }
         }
     };
-    let mut builder = SmtpTransport::builder_dangerous(host)
+    let mut builder = SmtpTransport::builder_dangerous(addr.ip().to_string())
         .port(port)
         .tls(tls)
         .timeout(Some(limits.total));
-    if let (Some(u), Some(pw)) = (s(c, "smtp_user"), s(c, "smtp_password")) {
-        builder = builder.credentials(Credentials::new(u.to_string(), pw.to_string()));
+    if let Some(login) = login {
+        builder = builder.credentials(login);
     }
     let mailer = builder.build();
     let from = s(c, "from_address")

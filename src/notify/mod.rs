@@ -6,6 +6,7 @@
 //! delivery id), sends them with no transaction open (SMTP and HTTP are
 //! blocking with bounded timeouts; SIGTERM is checked between items), then
 //! records every attempt and schedules retries in another short transaction.
+pub mod custom;
 pub mod email;
 pub mod slack;
 pub mod webhook;
@@ -76,8 +77,34 @@ impl Limits {
     }
 }
 
-/// {error_type}, {error_message}, ... replaced by the error's fields.
-pub fn render(template: &str, payload: &Value) -> String {
+/// How a value is written into a template.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Escape {
+    /// as is (e-mail text, subjects: plain text)
+    Plain,
+    /// inside a JSON string: quotes, backslashes and control characters
+    /// escaped, so a value can never end the string or add a key
+    Json,
+    /// Slack mrkdwn: `&`, `<`, `>` as Slack documents, so a value can neither
+    /// mention (`<!channel>`) nor hide a link (`<http://x|text>`)
+    Slack,
+}
+
+pub fn escape_json_str(v: &str) -> String {
+    let quoted = serde_json::to_string(v).unwrap_or_default();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+pub fn escape_slack(v: &str) -> String {
+    v.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// {error_type}, {error_message}, ... replaced by the error's fields, in one
+/// pass over the template: a placeholder inside a substituted value is text,
+/// never expanded again.
+pub fn render(template: &str, payload: &Value, escape: Escape) -> String {
     const FIELDS: [&str; 11] = [
         "error_type",
         "error_message",
@@ -91,36 +118,40 @@ pub fn render(template: &str, payload: &Value) -> String {
         "release_version",
         "stack_trace",
     ];
-    let mut out = template.to_string();
-    for f in FIELDS {
-        let needle = format!("{{{f}}}");
-        if out.contains(&needle) {
-            let v = match payload.get(f) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(other) => other.to_string(),
-            };
-            out = out.replace(&needle, &v);
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let field = after
+            .find('}')
+            .map(|close| &after[..close])
+            .filter(|f| FIELDS.contains(f));
+        match field {
+            Some(f) => {
+                let v = match payload.get(f) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Null) | None => String::new(),
+                    Some(other) => other.to_string(),
+                };
+                out.push_str(&match escape {
+                    Escape::Plain => v,
+                    Escape::Json => escape_json_str(&v),
+                    Escape::Slack => escape_slack(&v),
+                });
+                rest = &after[f.len() + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
         }
     }
+    out.push_str(rest);
     out
 }
 
-/// Whether the settings allow sending to this host (fraiseql_obs.notification_allowed_hosts:
-/// "*" for any, or a comma-separated list of host names, "*.example.com" for a domain).
-pub fn host_allowed(host: &str, allow_list: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    allow_list
-        .split(',')
-        .map(|h| h.trim().to_ascii_lowercase())
-        .filter(|h| !h.is_empty())
-        .any(|h| {
-            h == "*"
-                || h == host
-                || h.strip_prefix("*.")
-                    .is_some_and(|d| host.ends_with(&format!(".{d}")))
-        })
-}
+pub mod destination;
 
 pub fn allowed_hosts() -> String {
     guc::text(&guc::NOTIFY_ALLOWED_HOSTS).unwrap_or_else(|| "*".into())
@@ -196,7 +227,6 @@ fn parse(items: &Value) -> Vec<Delivery> {
 fn send(
     d: &Delivery,
     limits: &Limits,
-    schema: &str,
     in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>,
 ) -> Outcome {
     if !d.rule_exists {
@@ -231,31 +261,20 @@ fn send(
             }
         }
         _ => {
-            let Some(handler) = &d.handler else {
+            let Some(handler) = d.handler.clone() else {
                 return Outcome::failed(
                     format!("channel type \"{}\" is not registered", d.channel_type),
                     true,
                 );
             };
-            match in_txn(
-                &format!("SELECT {schema}._fraiseql_call_channel($1::regprocedure, $2::jsonb, $3::jsonb)::text"),
-                vec![
-                    Value::String(handler.clone()),
-                    Value::String(d.payload.to_string()),
-                    Value::String(d.config.to_string()),
-                ],
-            ) {
-                Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {
-                    Outcome::sent("ok", None)
-                }
-                Ok(v) => Outcome::failed(
-                    v.get("error")
-                        .and_then(Value::as_str)
-                        .unwrap_or("handler reported failure")
-                        .to_string(),
+            let (payload, config) = (d.payload.clone(), d.config.clone());
+            match crate::worker::in_transaction(move || custom::call(&handler, &payload, &config)) {
+                Ok(Ok((true, _))) => Outcome::sent("ok", None),
+                Ok(Ok((false, e))) => Outcome::failed(
+                    e.unwrap_or_else(|| "handler reported failure".into()),
                     false,
                 ),
-                Err(e) => Outcome::failed(e, false),
+                Ok(Err(e)) | Err(e) => Outcome::failed(format!("handler raised: {e}"), false),
             }
         }
     }
@@ -294,7 +313,7 @@ pub fn deliver_due(
         // delivered after the lease by the next worker
         pg_sys::check_for_interrupts!();
         let started = Instant::now();
-        let mut out = send(d, &limits, schema, &in_txn);
+        let mut out = send(d, &limits, &in_txn);
         if let Some(e) = out.error.take() {
             out.error = Some(redact_urls(&e));
         }
@@ -329,23 +348,29 @@ mod tests {
         let p = json!({"error_type": "ValueError", "occurrence_count": 5, "environment": "production", "release_version": null});
         assert_eq!(
             render(
-                "{error_type} x{occurrence_count} in {environment}{release_version}",
-                &p
+                "{error_type} x{occurrence_count} in {environment}{release_version} {unknown}",
+                &p,
+                Escape::Plain
             ),
-            "ValueError x5 in production"
+            "ValueError x5 in production {unknown}"
         );
     }
 
     #[test]
-    fn allow_list() {
-        assert!(host_allowed("hooks.slack.com", "*"));
-        assert!(host_allowed(
-            "hooks.slack.com",
-            "api.myapp.com, *.slack.com"
-        ));
-        assert!(!host_allowed("evil.com", "api.myapp.com,*.slack.com"));
-        assert!(!host_allowed("slack.com.evil.com", "*.slack.com"));
-        assert!(!host_allowed("x", ""));
+    fn templates_escape_and_never_expand_twice() {
+        let p = json!({"error_message": "x\", \"injected\": \"yes", "error_type": "{error_message}<!channel>"});
+        let body = render("{\"text\": \"{error_message}\"}", &p, Escape::Json);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 1, "{body}");
+        assert_eq!(v["text"], "x\", \"injected\": \"yes");
+        assert_eq!(
+            render("{error_type}", &p, Escape::Slack),
+            "{error_message}&lt;!channel&gt;"
+        );
+        assert_eq!(
+            render("{error_type}", &p, Escape::Plain),
+            "{error_message}<!channel>"
+        );
     }
 
     #[test]

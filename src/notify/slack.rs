@@ -1,7 +1,7 @@
 //! Slack incoming webhooks, as Block Kit messages: a header with the error
 //! type and a severity emoji, fields, a 500-character stack trace preview and
 //! a footer with the error id and fingerprint.
-use super::{render, webhook, Delivery, Limits, Outcome};
+use super::{escape_slack, render, webhook, Delivery, Escape, Limits, Outcome};
 use serde_json::{json, Value};
 
 fn emoji(severity: &str) -> &'static str {
@@ -12,11 +12,13 @@ fn emoji(severity: &str) -> &'static str {
     }
 }
 
+/// A payload field as Slack text: escaped, so that an exception message
+/// cannot mention a channel or disguise a link.
 fn text(p: &Value, k: &str) -> String {
     match p.get(k) {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => escape_slack(s),
         Some(Value::Null) | None => "—".into(),
-        Some(v) => v.to_string(),
+        Some(v) => escape_slack(&v.to_string()),
     }
 }
 
@@ -55,7 +57,7 @@ pub fn message(d: &Delivery) -> Value {
         .as_deref()
         .or_else(|| d.config.get("template").and_then(Value::as_str))
     {
-        Some(t) => render(t, p),
+        Some(t) => render(t, p, Escape::Slack),
         None => text(p, "error_message"),
     };
     let mut msg = json!({
@@ -67,7 +69,7 @@ pub fn message(d: &Delivery) -> Value {
                 {"type": "mrkdwn", "text": format!("*Environment:*\n{}", text(p, "environment"))},
                 {"type": "mrkdwn", "text": format!("*Severity:*\n{severity}")},
                 {"type": "mrkdwn", "text": format!("*Occurrences:*\n{}", text(p, "occurrence_count"))},
-                {"type": "mrkdwn", "text": format!("*Reason:*\n{}", d.reason)},
+                {"type": "mrkdwn", "text": format!("*Reason:*\n{}", escape_slack(&d.reason))},
                 {"type": "mrkdwn", "text": format!("*First seen:*\n{}", text(p, "first_seen"))},
                 {"type": "mrkdwn", "text": format!("*Last seen:*\n{}", text(p, "last_seen"))},
             ]},

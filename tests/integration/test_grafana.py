@@ -98,6 +98,9 @@ def test_every_panel_query_runs_and_returns_what_the_panel_expects(cluster, db, 
                     assert cols[0] == "metric" and len(cols) == 2, cols
 
 
+README = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
 def test_a_read_only_grafana_role_sees_every_panel(cluster, db):
     """Grafana connects with a role that may only read: SELECT on the tables
     is all it needs (the panel functions run with its rights)."""
@@ -105,7 +108,12 @@ def test_a_read_only_grafana_role_sees_every_panel(cluster, db):
         populate(c)
         c.execute("DROP ROLE IF EXISTS grafana_reader")
         c.execute("CREATE ROLE grafana_reader LOGIN")
-        c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public, monitoring TO grafana_reader")
+        # exactly the README's grant: no right on rules, channels, queue or log
+        grant = re.search(r"(GRANT SELECT ON tb_error_log, tb_error_occurrence[^;]*?TO grafana_reader;)", README, re.S).group(1)
+        c.execute(grant)
+        for secret in ["tb_error_notification_config", "tb_notification_channel", "tb_notification_queue",
+                       "tb_notification_state"]:
+            assert not c.execute("SELECT has_table_privilege('grafana_reader', %s, 'SELECT')", (secret,)).fetchone()[0]
     end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
     start = end - datetime.timedelta(hours=24)
     try:

@@ -350,7 +350,7 @@ def test_email_over_tls_with_login(cluster, db, mode):
     smtp = SmtpReceiver(mode, str(cert), str(key)).start()
     try:
         with cluster.connect(db) as c:
-            cfg = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": mode, "tls_ca_file": str(ca),
+            cfg = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": mode, "tls_ca_pem": ca.read_text(),
                    "smtp_user": "alerts@myapp.com", "smtp_password": "app_password",
                    "from_address": "noreply@myapp.com", "to": "oncall@myapp.com"}
             rule(c, "email", cfg)

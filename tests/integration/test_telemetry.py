@@ -52,7 +52,10 @@ def scenario(conn):
                 for _ in range(3):
                     conn.execute("SELECT fraiseql_metric_increment('db.queries.count')")
     # old data for the retention statements
-    conn.execute("SELECT fraiseql_record_span('00000000000000000000000000000abc', '0000000000000abc', 'old', now() - interval '45 days', now() - interval '45 days')")
+    # (written directly: fraiseql_record_span refuses times past retention)
+    conn.execute("INSERT INTO monitoring.traces (trace_id, span_id, operation_name, start_time, end_time, duration_ms, environment)"
+                 " VALUES ('00000000000000000000000000000abc', '0000000000000abc', 'old', now() - interval '45 days',"
+                 " now() - interval '45 days', 0, 'production')")
     conn.execute("INSERT INTO monitoring.metrics (metric_name, metric_type, metric_value, \"timestamp\", environment)"
                  " VALUES ('old.metric', 'gauge', 1, now() - interval '10 days', 'production')")
 

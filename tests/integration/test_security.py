@@ -1,0 +1,416 @@
+"""The threat model (README, "Security"), attacked from each role on a real
+cluster. Each attack is performed and shown to fail, beside the legitimate
+use that must keep working."""
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import psycopg
+import pytest
+
+from conftest import wait_for
+from receivers import HttpReceiver
+from test_worker import worker_pid
+
+
+@pytest.fixture
+def roles(cluster, db):
+    """mallory: any login role, allowed to create in public (as on databases
+    made before PostgreSQL 15); app: a capture-only role."""
+    suffix = db.rsplit("_", 2)[-2] + "_" + db.rsplit("_", 1)[-1]
+    mallory, app = f"mallory_{suffix}", f"app_{suffix}"
+    with cluster.connect() as c:
+        c.execute(f"CREATE ROLE {mallory} LOGIN CREATEDB")
+        c.execute(f"CREATE ROLE {app} LOGIN")
+    with cluster.connect(db) as c:
+        c.execute(f"GRANT CREATE ON SCHEMA public TO {mallory}")
+        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz) TO {app}")
+    yield {"mallory": mallory, "app": app}
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        for r in (mallory, app):
+            c.execute(f"DROP ROLE IF EXISTS {r}")
+
+
+@pytest.fixture
+def http():
+    r = HttpReceiver().start()
+    yield r
+    r.stop()
+
+
+def is_superuser(cluster, role):
+    with cluster.connect() as c:
+        return c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]
+
+
+def log(conn):
+    return conn.execute("SELECT status, error_message FROM tb_error_notification_log ORDER BY sent_at").fetchall()
+
+
+# ---------------------------------------------------------------------------
+# 2. The worker is touched only by commands that will run
+# ---------------------------------------------------------------------------
+
+def test_failing_commands_of_a_non_owner_never_touch_the_worker(cluster, db, roles):
+    m = roles["mallory"]
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect(user=m) as c:
+        for sql in [f"DROP DATABASE {db}", f"ALTER DATABASE {db} RENAME TO x_{db}",
+                    f"CREATE DATABASE y_{db} TEMPLATE {db}", f"ALTER DATABASE {db} SET TABLESPACE pg_default"]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(sql)
+    with cluster.connect(db, user=m) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DROP EXTENSION fraiseql_obs")
+        # the same inside a transaction block that is rolled back
+        c.autocommit = False
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DROP EXTENSION fraiseql_obs")
+        c.rollback()
+    time.sleep(1.5)  # a launcher tick: a stopped worker would be gone by now
+    assert worker_pid(cluster, db) == pid
+    # ... and it still works
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_capture_error('E', 'still served')")
+        wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log").fetchone()[0] == 1, what="fold")
+
+
+def test_owner_commands_that_fail_release_the_worker_at_once(cluster, db):
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect(db) as c:
+        c.autocommit = False
+        c.execute("DROP EXTENSION fraiseql_obs")  # stops the worker (it would deadlock with DROP)
+        c.rollback()                              # ... and the hold ends with the transaction
+    new = wait_for(lambda: worker_pid(cluster, db), timeout=5, what="worker back after the rollback")
+    assert new != pid
+    # CREATE DATABASE ... TEMPLATE, refused because the template is in use by another session
+    with cluster.connect(db) as busy:
+        with cluster.connect() as c:
+            with pytest.raises(psycopg.errors.ObjectInUse):
+                c.execute(f"CREATE DATABASE z_{db} TEMPLATE {db}")
+        wait_for(lambda: worker_pid(cluster, db), timeout=5, what="worker back after the failed CREATE DATABASE")
+
+
+def test_alter_database_set_tablespace_works(cluster, db):
+    wait_for(lambda: worker_pid(cluster, db), what="worker")
+    where = pathlib.Path(f"/tmp/fraiseql_obs_ts_{db}")
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir()
+    shutil.chown(where, "postgres", "postgres")
+    ts = f"ts_{db}"
+    try:
+        with cluster.connect() as c:
+            c.execute(f"CREATE TABLESPACE {ts} LOCATION '{where}'")
+            c.execute(f"ALTER DATABASE {db} SET TABLESPACE {ts}")
+            assert c.execute("SELECT t.spcname FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace "
+                             "WHERE d.datname = %s", (db,)).fetchone()[0] == ts
+        wait_for(lambda: worker_pid(cluster, db), timeout=5, what="worker back after the move")
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"ALTER DATABASE {db} SET TABLESPACE pg_default")
+            c.execute(f"DROP TABLESPACE IF EXISTS {ts}")
+        shutil.rmtree(where, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# 3. Nothing runs with more rights than its owner
+# ---------------------------------------------------------------------------
+
+HANDLER = """
+CREATE FUNCTION public.{name}(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.handler_calls SELECT current_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
+    BEGIN
+        RESET ROLE;
+        INSERT INTO public.handler_calls VALUES ('reset role worked', true);
+    EXCEPTION WHEN OTHERS THEN
+        INSERT INTO public.handler_calls VALUES ('reset role refused: ' || SQLERRM, false);
+    END;
+    IF config->>'sleep' IS NOT NULL THEN PERFORM pg_sleep((config->>'sleep')::float); END IF;
+    success := true;
+END $$;
+"""
+
+
+def test_custom_handler_runs_as_its_owner_with_a_timeout(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect(db, user=m) as c:
+        c.execute("CREATE TABLE public.handler_calls (who text, super boolean)")
+        c.execute(HANDLER.format(name="mallory_channel"))
+    with cluster.connect(db) as c:
+        # a superuser may register a function another role owns; it runs as that owner
+        c.execute("SELECT fraiseql_register_channel('mallory', 'public.mallory_channel(jsonb, jsonb)'::regprocedure)")
+        c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('mallory', '{}')")
+        c.execute("SELECT fraiseql_capture_error('E', 'run the handler')")
+        wait_for(lambda: log(c), what="delivery")
+        assert log(c)[0][0] == "sent", log(c)
+        calls = c.execute("SELECT who, super FROM public.handler_calls").fetchall()
+        assert calls[0] == (m, False), calls
+        assert not any(s for _, s in calls), calls
+        assert any(w.startswith("reset role refused") for w, _ in calls), calls
+        assert not is_superuser(cluster, m)
+        # a handler that hangs is ended by its statement timeout (notification_timeout = 1.5 s)
+        c.execute("UPDATE tb_error_notification_config SET channel_config = '{\"sleep\": 30}'")
+        c.execute("DELETE FROM tb_error_notification_log")
+        started = time.monotonic()
+        c.execute("SELECT fraiseql_capture_error('E', 'hang the handler')")
+        wait_for(lambda: log(c), what="failed attempt")
+        assert time.monotonic() - started < 10
+        status, err = log(c)[0]
+        assert status in ("retrying", "failed") and "statement timeout" in err, log(c)
+
+
+def test_registering_another_roles_function_is_refused(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect(db) as c:
+        c.execute("CREATE TABLE public.handler_calls (who text, super boolean)")
+        c.execute(HANDLER.format(name="postgres_channel"))
+        c.execute(f"GRANT INSERT, UPDATE, SELECT ON tb_notification_channel TO {m}")
+        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_register_channel(text, regprocedure, jsonb) TO {m}")
+    with cluster.connect(db, user=m) as c:
+        for sql in ["SELECT fraiseql_register_channel('x', 'public.postgres_channel(jsonb, jsonb)'::regprocedure)",
+                    "INSERT INTO tb_notification_channel (channel_type, handler) VALUES ('y', 'public.postgres_channel(jsonb, jsonb)')"]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must own function"):
+                c.execute(sql)
+        # its own function is fine
+        c.execute(HANDLER.format(name="own_channel"))
+        c.execute("SELECT fraiseql_register_channel('own', 'public.own_channel(jsonb, jsonb)'::regprocedure)")
+
+
+TRAPS = """
+CREATE TABLE public.trap_log (who text, super boolean, what text);
+CREATE FUNCTION public.trap(what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.trap_log SELECT current_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), what;
+    BEGIN
+        EXECUTE format('ALTER ROLE %I SUPERUSER', '{m}');
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+END $$;
+-- better matches than the built-ins for the argument types the extension passes
+CREATE FUNCTION public.cardinality(public._fraiseql_fold[]) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('cardinality'); RETURN 0; END $$;
+CREATE FUNCTION public.format(text, regclass) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('format/2'); RETURN 'SELECT 1'; END $$;
+CREATE FUNCTION public.format(text, regclass, text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('format/3'); RETURN 'SELECT 1'; END $$;
+CREATE FUNCTION public.jsonb_build_object(text, uuid) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('jsonb_build_object'); RETURN '{{}}'; END $$;
+CREATE FUNCTION public.left(text, bigint) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('left'); RETURN ''; END $$;
+CREATE FUNCTION public.trap_eq(public._fraiseql_fold, public._fraiseql_fold) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('operator ='); RETURN true; END $$;
+CREATE OPERATOR public.= (LEFTARG = public._fraiseql_fold, RIGHTARG = public._fraiseql_fold, FUNCTION = public.trap_eq);
+CREATE FUNCTION public.trap_text_eq(text, character varying) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('operator text = varchar'); RETURN true; END $$;
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = character varying, FUNCTION = public.trap_text_eq);
+"""
+
+
+def test_objects_in_a_writable_schema_never_run_as_the_superuser(cluster, db, roles):
+    """CVE-2018-1058: the extension lives in public, which mallory may write."""
+    m = roles["mallory"]
+    with cluster.connect(db, user=m) as c:
+        c.execute(TRAPS.replace("{m}", m))
+    with cluster.connect(db, user=roles["app"]) as app:
+        app.execute("SELECT fraiseql_capture_error('E', 'one', 'Traceback', environment => 'production')")
+        app.execute("SELECT fraiseql_capture_error('E2', 'two')")
+    with cluster.connect(db) as c:
+        c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config, notify_on_occurrence) "
+                  "VALUES ('pg_notify', '{}', '{1,2,3}')")
+        c.execute("SELECT fraiseql_capture_error('E', 'three')")
+        wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 3, what="fold")
+        # maintenance, rollups, delivery, the workflow, by the worker and by hand
+        c.execute("SELECT fraiseql_run_maintenance()")
+        c.execute("SELECT fraiseql_refresh_rollups()")
+        eid = c.execute("SELECT error_id FROM tb_error_log LIMIT 1").fetchone()[0]
+        c.execute("SELECT fraiseql_resolve_error(%s)", (eid,))
+        c.execute("SELECT fraiseql_capture_error('E', 'regress')")
+        n = c.execute("SELECT count(*) FROM v_maintenance_runs").fetchone()[0]
+        wait_for(lambda: c.execute("SELECT count(*) FROM v_maintenance_runs").fetchone()[0] > n, what="worker maintenance")
+        wait_for(lambda: log(c), what="a delivery")
+        fired = c.execute("SELECT who, super, what FROM public.trap_log WHERE super").fetchall()
+        assert fired == [], fired
+    assert not is_superuser(cluster, m)
+
+
+def test_change_tracking_runs_user_casts_as_the_writer(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect(db, user=m) as c:
+        c.execute(TRAPS.replace("{m}", m))
+        c.execute("CREATE TYPE public.mood AS ENUM ('happy', 'sad')")
+        c.execute("""CREATE FUNCTION public.mood_json(public.mood) RETURNS json LANGUAGE plpgsql AS $$
+                     BEGIN PERFORM public.trap('cast to json'); RETURN to_json($1::text); END $$""")
+        c.execute("CREATE CAST (public.mood AS json) WITH FUNCTION public.mood_json(public.mood)")
+        c.execute("CREATE TABLE public.orders (id int PRIMARY KEY, mood public.mood)")
+    with cluster.connect(db) as c:
+        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_track_changes(regclass, text) TO {m}")
+        c.execute(f"GRANT EXECUTE ON FUNCTION _fraiseql_track_changes_trigger() TO {m}")
+    with cluster.connect(db, user=m) as c:
+        c.execute("SELECT fraiseql_track_changes('public.orders')")
+        c.execute("INSERT INTO public.orders VALUES (1, 'happy')")
+        c.execute("UPDATE public.orders SET mood = 'sad'")
+        c.execute("UPDATE public.orders SET mood = 'sad'")  # no change: no row
+        c.execute("DELETE FROM public.orders")
+        # the function cannot be called directly to forge rows
+        with pytest.raises(psycopg.Error, match="trigger"):
+            c.execute("SELECT _fraiseql_track_changes_trigger()")
+    with cluster.connect(db) as c:
+        rows = c.execute("SELECT change_type, entity_id, before_data->>'mood', after_data->>'mood' "
+                         "FROM tb_entity_change_log ORDER BY changed_at, change_type DESC").fetchall()
+        assert [r[0] for r in rows] == ["insert", "update", "delete"], rows
+        assert rows[1][1:] == ("1", "happy", "sad")
+        calls = c.execute("SELECT who, super FROM public.trap_log WHERE what = 'cast to json'").fetchall()
+        assert calls and all(w == m and not s for w, s in calls), calls
+        # a superuser writing the table runs the cast as itself: nobody gains rights
+        c.execute("INSERT INTO public.orders VALUES (2, 'happy')")
+    assert not is_superuser(cluster, m)
+
+
+# ---------------------------------------------------------------------------
+# 4-6. Rules: files, destinations, escaping
+# ---------------------------------------------------------------------------
+
+def rule(conn, channel_type, config, **cols):
+    names = ["channel_type", "channel_config", *cols]
+    values = [channel_type, json.dumps(config), *cols.values()]
+    return conn.execute(f"INSERT INTO tb_error_notification_config ({', '.join(names)}) "
+                        f"VALUES ({', '.join(['%s'] * len(names))}) RETURNING config_id", values).fetchone()[0]
+
+
+def test_rules_cannot_read_server_files(cluster, db):
+    with cluster.connect(db) as c:
+        for path in ["/dev/zero", "/etc/passwd", "../../etc/passwd", "sub/ca.pem"]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="tls_ca_file"):
+                rule(c, "email", {"to": ["a@example.com"], "smtp_host": "localhost", "tls_ca_file": path})
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="64 KiB"):
+            rule(c, "email", {"to": ["a@example.com"], "smtp_host": "localhost", "tls_ca_pem": "x" * 70000})
+        # a bare file name without the superuser's directory: refused at delivery, and the
+        # message is the same whether the file exists or not
+        rule(c, "email", {"to": ["a@example.com"], "smtp_host": "localhost", "smtp_port": 9, "tls_ca_file": "passwd"})
+        c.execute("SELECT fraiseql_capture_error('E', 'mail me')")
+        wait_for(lambda: log(c), what="failed delivery")
+        status, err = log(c)[0]
+        assert status == "failed" and "tls_ca_directory" in err, log(c)
+
+
+def with_allowed_hosts(cluster, value):
+    with cluster.connect() as c:
+        c.execute(f"ALTER SYSTEM SET fraiseql_obs.notification_allowed_hosts = '{value}'")
+        c.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
+def test_default_allow_list_refuses_local_destinations(cluster, db, http):
+    with_allowed_hosts(cluster, "*")
+    try:
+        with cluster.connect(db) as c:
+            port = http.port
+            urls = [f"http://127.0.0.1:{port}/a", f"http://localhost:{port}/b", f"http://user:pw@127.0.0.1:{port}/c",
+                    f"http://2130706433:{port}/d", f"http://0x7f000001:{port}/e", f"http://[::ffff:127.0.0.1]:{port}/f",
+                    f"http://[::1]:{port}/g", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/h"]
+            for u in urls:
+                rule(c, "webhook", {"url": u})
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="Host"):
+                rule(c, "webhook", {"url": "http://example.com/", "headers": {"Host": "internal"}})
+            c.execute("SELECT fraiseql_capture_error('E', 'go local')")
+            wait_for(lambda: len(log(c)) == len(urls), what="every attempt recorded")
+            assert all(s == "failed" for s, _ in log(c)), log(c)
+            assert all("refused" in e or "not allowed" in e for _, e in log(c)), log(c)
+            assert http.requests == []
+    finally:
+        with_allowed_hosts(cluster, "127.0.0.1,localhost")
+    # an explicit entry allows the local receiver again
+    with cluster.connect(db) as c:
+        c.execute("DELETE FROM tb_error_notification_config")
+        c.execute("DELETE FROM tb_error_notification_log")
+        rule(c, "webhook", {"url": http.url + "/ok"})
+        c.execute("SELECT fraiseql_capture_error('E', 'allowed')")
+        wait_for(lambda: http.requests, what="delivery to an allowed host")
+
+
+def test_template_values_cannot_inject(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, "webhook", {"url": http.url + "/t", "template": '{"text": "{error_message} in {environment}"}'})
+        rule(c, "slack", {"webhook_url": http.url + "/services/T/B/x"})
+        c.execute("""SELECT fraiseql_capture_error('E', 'x", "injected": "yes {environment} <!channel> <http://evil|your bank>')""")
+        wait_for(lambda: len(http.requests) == 2, what="both deliveries")
+        by_path = {r["path"]: json.loads(r["body"]) for r in http.requests}
+        body = by_path["/t"]
+        assert set(body) == {"text"}, body
+        assert body["text"].startswith('x", "injected": "yes {environment} <!channel>'), body
+        slack = json.dumps(by_path["/services/T/B/x"])
+        assert "<!channel>" not in slack and "<http://evil" not in slack
+        assert "&lt;!channel&gt;" in slack
+
+
+# ---------------------------------------------------------------------------
+# 7. Bounded input
+# ---------------------------------------------------------------------------
+
+def test_capture_input_is_bounded(cluster, db, roles):
+    big = "x" * 1_000_000
+    with cluster.connect(db, user=roles["app"]) as app:
+        app.execute("SELECT fraiseql_capture_error(%s, 'm', environment => %s, release_version => %s, fingerprint => %s)",
+                    (big, big, big, big))
+        for when in ["infinity", "-infinity", "1970-01-02", "2554-01-01"]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="occurred_at"):
+                app.execute("SELECT fraiseql_capture_error('E', 'm', occurred_at => %s::timestamptz)", (when,))
+    with cluster.connect(db) as c:
+        t, env, rel = c.execute("SELECT error_type, environment, release_version FROM tb_error_occurrence").fetchone()
+        assert len(t.encode()) <= 512 and len(env.encode()) <= 64 and len(rel.encode()) <= 200
+        assert "truncated" in t
+        r = c.execute("""SELECT fraiseql_ingest_otlp_traces('{"resourceSpans": [{"scopeSpans": [{"spans": [
+              {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad6b7169203331", "name": "old",
+               "startTimeUnixNano": "1000000000", "endTimeUnixNano": "2000000000"}]}]}]}')""").fetchone()[0]
+        assert r["stored"] == 0 and r["rejected"] == 1 and "startTimeUnixNano" in r["partialSuccess"]["errorMessage"]
+
+
+def test_a_bad_row_never_stops_maintenance(cluster, db):
+    with cluster.connect(db) as c:
+        eid = c.execute("SELECT fraiseql_capture_error('E', 'seed')").fetchone()[0]
+        # written directly by the owner, bypassing capture
+        c.execute("INSERT INTO tb_error_occurrence_default (error_id, occurred_at, error_type, message, severity, environment) "
+                  "VALUES (%s, 'infinity', 'E', 'm', 'error', 'p'), (%s, now() + interval '10 years', 'E', 'm', 'error', 'p')",
+                  (eid, eid))
+        furthest = c.execute("SELECT max(partition_name) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass "
+                             "AND NOT is_default").fetchone()[0]
+        c.execute(f"DROP TABLE {furthest}")
+        r = c.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+        assert r["error"] is None, r
+        assert furthest in r["created"], r
+        # far-future rows wait in the default partition: no partition per month up to them
+        n = c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass").fetchone()[0]
+        assert n < 12, n
+        assert c.execute("SELECT count(*) FROM tb_error_occurrence_default").fetchone()[0] == 2
+
+
+# ---------------------------------------------------------------------------
+# 8. Secrets
+# ---------------------------------------------------------------------------
+
+def test_secrets_are_redacted_at_any_depth(cluster, db):
+    with cluster.connect(db) as c:
+        rule(c, "webhook", {"url": "http://127.0.0.1:9/x?token=abc",
+                            "headers": {"Authorization": "Bearer s3cret"},
+                            "nested": {"credentials": {"user": "u", "password": "p4ss"}, "list": [{"api_key": "k3y"}]},
+                            "method": "POST"})
+        cfg = c.execute("SELECT channel_config FROM v_notification_rules").fetchone()[0]
+        text = json.dumps(cfg)
+        for secret in ["abc", "s3cret", "p4ss", "k3y"]:
+            assert secret not in text, cfg
+        assert cfg["method"] == "POST"
+
+
+def test_smtp_login_over_plaintext_is_refused(cluster, db):
+    with cluster.connect(db) as c:
+        rule(c, "email", {"to": ["a@example.com"], "smtp_host": "127.0.0.1", "smtp_port": 9, "tls": "none",
+                          "smtp_user": "u", "smtp_password": "p"})
+        c.execute("SELECT fraiseql_capture_error('E', 'mail')")
+        wait_for(lambda: log(c), what="refused delivery")
+        status, err = log(c)[0]
+        assert status == "failed" and "unencrypted" in err, log(c)
