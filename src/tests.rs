@@ -230,16 +230,28 @@ mod tests {
 
     #[pg_test]
     fn capture_into_month_without_partition_is_kept_and_moved() {
-        // far in the past: no partition exists, the row lands in the default partition
-        run("SELECT fraiseql_capture_error('E', 'old', occurred_at => '2020-03-15 12:00:00+00')");
+        // a month whose partition is missing: the row lands in the default partition
+        let name: String = one(
+            "SELECT to_char((now() + interval '3 months') AT TIME ZONE 'UTC', '\"tb_error_occurrence_\"YYYY_MM')",
+        );
+        run(&format!("DROP TABLE {name}"));
+        run("SELECT fraiseql_capture_error('E', 'later', occurred_at => now() + interval '3 months')");
         let d: i64 = one("SELECT count(*) FROM tb_error_occurrence_default");
         assert_eq!(d, 1);
         let moved: i64 = one("SELECT fraiseql_move_default_rows('tb_error_occurrence')");
         assert_eq!(moved, 1);
         let d: i64 = one("SELECT count(*) FROM tb_error_occurrence_default");
         assert_eq!(d, 0);
-        let p: i64 = one("SELECT count(*) FROM tb_error_occurrence_2020_03");
+        let p: i64 = one(&format!("SELECT count(*) FROM {name}"));
         assert_eq!(p, 1);
+        // a row past retention written straight into the default partition
+        // goes with retention instead of creating a partition for 2020
+        run("INSERT INTO tb_error_occurrence_default (error_id, occurred_at, error_type, message, severity, environment) \
+             SELECT error_id, '2020-03-15', 'E', 'old', 'error', 'p' FROM tb_error_log LIMIT 1");
+        let moved: i64 = one("SELECT fraiseql_move_default_rows('tb_error_occurrence')");
+        assert_eq!(moved, 0);
+        let d: i64 = one("SELECT count(*) FROM tb_error_occurrence_default");
+        assert_eq!(d, 0);
     }
 
     #[pg_test]
@@ -258,7 +270,8 @@ mod tests {
     #[pg_test]
     fn retention_drops_old_partitions_in_any_schema() {
         run("SELECT create_error_occurrence_partition('2020-01-10')");
-        run("SELECT fraiseql_capture_error('E', 'x', occurred_at => '2020-01-10')");
+        run("INSERT INTO tb_error_occurrence (error_id, occurred_at, error_type, message, severity, environment) \
+             VALUES (fraiseql_capture_error('E', 'x'), '2020-01-10', 'E', 'x', 'error', 'p')");
         let dropped: Vec<String> = Spi::connect(|c| {
             c.select(
                 "SELECT partition_name FROM drop_old_error_occurrence_partitions(6)",
@@ -284,10 +297,17 @@ mod tests {
 
     #[pg_test]
     fn maintenance_run_is_recorded() {
-        run("SELECT fraiseql_capture_error('E', 'x', occurred_at => '2019-05-05')");
+        // an old group whose only occurrence is in a partition past retention
+        // (written directly: capture refuses times past retention)
+        run("SELECT create_error_occurrence_partition('2019-05-05')");
+        run("WITH g AS (INSERT INTO tb_error_log (error_fingerprint, error_type, error_message, environment, \
+                        occurrence_count, first_seen, last_seen) \
+                 VALUES ('old-fp', 'E', 'x', 'p', 1, '2019-05-05', '2019-05-05') RETURNING error_id) \
+             INSERT INTO tb_error_occurrence (error_id, occurred_at, error_type, message, severity, environment) \
+             SELECT error_id, '2019-05-05', 'E', 'x', 'error', 'p' FROM g");
         let r: pgrx::JsonB = one("SELECT fraiseql_run_maintenance()");
         let v = r.0;
-        assert_eq!(v["moved_rows"], 1, "{v}");
+        assert_eq!(v["error"], serde_json::Value::Null, "{v}");
         assert!(
             v["dropped"]
                 .as_array()
@@ -304,10 +324,16 @@ mod tests {
     #[pg_test]
     fn seed_delete_on_monitoring_errors() {
         run("SELECT fraiseql_capture_error('E', 'recent')");
-        run("SELECT fraiseql_capture_error('E', 'ancient', occurred_at => now() - interval '200 days')");
+        run("INSERT INTO tb_error_occurrence (error_id, occurred_at, error_type, message, severity, environment) \
+             VALUES (fraiseql_capture_error('E', 'ancient'), now() - interval '200 days', 'E', 'ancient', 'error', 'p')");
         run("DELETE FROM monitoring.errors WHERE occurred_at < NOW() - INTERVAL '90 days'");
+        // the two recent captures stay, the ancient row is gone
         let n: i64 = one("SELECT count(*) FROM monitoring.errors");
-        assert_eq!(n, 1);
+        assert_eq!(n, 2);
+        let old: i64 = one(
+            "SELECT count(*) FROM monitoring.errors WHERE occurred_at < now() - interval '90 days'",
+        );
+        assert_eq!(old, 0);
     }
 
     #[pg_test]
@@ -369,14 +395,20 @@ mod tests {
     #[pg_test]
     fn malformed_spans_are_rejected_one_by_one() {
         setup_helpers();
-        let r: pgrx::JsonB = one(
-            r#"SELECT fraiseql_ingest_otlp_traces('{"resourceSpans":[{"scopeSpans":[{"spans":[
-            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"ok","startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000000001000000"},
+        // a recent span (times past retention are rejected as well)
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let sql = r#"SELECT fraiseql_ingest_otlp_traces('{"resourceSpans":[{"scopeSpans":[{"spans":[
+            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"ok","startTimeUnixNano":"START","endTimeUnixNano":"END"},
             {"traceId":"nothex","spanId":"eee19b7ec3c1b175","name":"bad id","startTimeUnixNano":"1","endTimeUnixNano":"2"},
             {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b176","name":"backwards","startTimeUnixNano":"9","endTimeUnixNano":"2"},
             {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b177","name":"kind","kind":9,"startTimeUnixNano":"1","endTimeUnixNano":"2"}
-        ]}]}]}')"#,
-        );
+        ]}]}]}')"#
+            .replace("START", &now_ns.to_string())
+            .replace("END", &(now_ns + 1_000_000).to_string());
+        let r: pgrx::JsonB = one(&sql);
         assert_eq!(r.0["stored"], 1, "{}", r.0);
         assert_eq!(r.0["partialSuccess"]["rejectedSpans"], 3);
         let msg = r.0["partialSuccess"]["errorMessage"]
@@ -494,9 +526,12 @@ mod tests {
         let t: i64 = one("SELECT count(*) FROM v_partitions WHERE parent_table = 'monitoring.traces'::regclass AND NOT is_default");
         let m: i64 = one("SELECT count(*) FROM v_partitions WHERE parent_table = 'monitoring.metrics'::regclass AND NOT is_default");
         assert!(t >= 8 && m >= 8, "{t} {m}");
-        run("SELECT fraiseql_record_span('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7', 'old', now() - interval '40 days', now() - interval '40 days')");
+        // written directly: fraiseql_record_span refuses times past retention
+        run("INSERT INTO monitoring.traces (trace_id, span_id, operation_name, start_time, end_time, duration_ms, environment) \
+             VALUES ('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7', 'old', now() - interval '40 days', \
+                     now() - interval '40 days', 0, 'p')");
         let r: pgrx::JsonB = one("SELECT fraiseql_run_maintenance()");
-        assert!(r.0["moved_rows"].as_i64().unwrap() >= 1, "{}", r.0);
+        assert_eq!(r.0["error"], serde_json::Value::Null, "{}", r.0);
         let left: i64 = one("SELECT count(*) FROM monitoring.traces");
         assert_eq!(left, 0, "30 days of retention: {}", r.0);
     }
