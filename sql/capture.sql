@@ -29,6 +29,7 @@ CREATE FUNCTION _fraiseql_capture_slow(
     p_release_version text,
     p_trace_id        text,
     p_span_id         text,
+    p_sampled_out     boolean,   -- stored without its heavy parts (spike protection)
     p_raw_message     text,      -- as given: title and culprit are made from it
     p_raw_stack_trace text,
     OUT error_id      uuid,
@@ -100,9 +101,9 @@ BEGIN
 
     INSERT INTO @extschema@.tb_error_occurrence
         (error_id, occurred_at, error_type, message, stack_trace, context, severity,
-         environment, release_version, trace_id, span_id)
+         environment, release_version, trace_id, span_id, sampled_out)
     VALUES (error_id, p_occurred_at, p_exception_type, p_message, p_stack_trace, p_context,
-            p_severity, p_environment, p_release_version, p_trace_id, p_span_id);
+            p_severity, p_environment, p_release_version, p_trace_id, p_span_id, p_sampled_out);
 
     -- Notifications are queued in this transaction: a rolled-back capture
     -- notifies nobody, a committed one is never lost.
@@ -175,10 +176,14 @@ CREATE TRIGGER tb_error_log_capture_cache_truncate
 -- ---------------------------------------------------------------------------
 -- Counting. Captures never update a shared row (on a hot fingerprint that is a
 -- lock convoy). Each occurrence row carries the id of the transaction that
--- stored it (capture_xid); the fold counts the rows between the previous
--- horizon and the xmin of its own snapshot. Every transaction below that xmin
--- has finished, so the rows there are final: each occurrence is counted
--- exactly once, however long the capturing transaction ran.
+-- stored it (capture_xid). The fold counts the rows of the transactions that
+-- finished since the previous fold, as PgQ reads its queue between two
+-- snapshots: its state says which transactions are counted already (every
+-- one below `above`, except those in `in_progress`, which were still running
+-- then), and each fold counts the rows of the others that its own snapshot
+-- sees finished. So each occurrence is counted exactly once, however long
+-- its transaction ran, and a transaction that stays open (here or in another
+-- database, prepared or not) delays its own rows only, never the others'.
 -- ---------------------------------------------------------------------------
 CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint);
 
@@ -186,7 +191,8 @@ CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint
 -- flush_interval; call it by hand to bring tb_error_log up to date now
 -- (v_error_groups is always exact). Returns the number of groups updated.
 -- It never waits: one fold runs at a time (a concurrent call returns 0), and
--- a group row another transaction holds is folded next time.
+-- a group row another transaction holds is folded next time. With nothing
+-- to count it writes nothing (no transaction id, no WAL).
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -194,13 +200,19 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n       bigint;
-    v_lo    xid8;
+    v_state record;
+    v_new   bigint;
     v_folds @extschema@._fraiseql_fold[];
 BEGIN
-    SELECT s.horizon INTO v_lo FROM @extschema@.tb_error_fold_state s FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    -- One fold at a time: a table lock, which (unlike a row lock) takes no
+    -- transaction id, and which (unlike an advisory lock) no other role can
+    -- take and hold, since it needs the right to write the table.
+    BEGIN
+        LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
         RETURN 0;
-    END IF;
+    END;
+    SELECT s.above, s.in_progress INTO v_state FROM @extschema@.tb_error_fold_state s;
 
     -- Rows restored from a logical dump of another cluster carry that
     -- cluster's transaction ids. Those not yet reached by this cluster's
@@ -212,24 +224,43 @@ BEGIN
      WHERE o.capture_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND o.capture_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
-    -- One statement, one snapshot: count [horizon, xmin) into the pending
-    -- table and move the horizon.
-    WITH h AS (
-        SELECT greatest(v_lo, pg_snapshot_xmin(pg_current_snapshot())) AS hi
+    -- One statement, one snapshot: count the rows of the transactions it
+    -- sees finished that were not counted before, and move the state.
+    WITH cur AS (
+        SELECT pg_current_snapshot() AS snap
+    ), new AS MATERIALIZED (
+        SELECT o.error_id, o.occurred_at, o.sampled_out
+          FROM @extschema@.tb_error_occurrence o, cur
+         WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
+           AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), counted AS (
-        SELECT o.error_id, count(*) AS cnt, min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
-          FROM @extschema@.tb_error_occurrence o, h
-         WHERE o.capture_xid >= v_lo AND o.capture_xid < h.hi
-         GROUP BY o.error_id
+        SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
+               min(n.occurred_at) AS fs, max(n.occurred_at) AS ls
+          FROM new n GROUP BY n.error_id
     ), pending AS (
-        INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, first_seen, last_seen)
-        SELECT error_id, cnt, fs, ls FROM counted
+        INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, not_stored, first_seen, last_seen)
+        SELECT error_id, cnt, light, fs, ls FROM counted
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
+               not_stored = p.not_stored + excluded.not_stored,
                first_seen = least(p.first_seen, excluded.first_seen),
                last_seen = greatest(p.last_seen, excluded.last_seen)
+    ), moved AS (
+        -- only when something was counted: an idle fold writes nothing
+        UPDATE @extschema@.tb_error_fold_state s
+           SET above = greatest(v_state.above, pg_snapshot_xmax(cur.snap)),
+               in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
+                                    WHERE x >= v_state.above OR x = ANY (v_state.in_progress)
+                                    ORDER BY x),
+               folded_at = now()
+          FROM cur
+         WHERE EXISTS (SELECT 1 FROM new)
     )
-    UPDATE @extschema@.tb_error_fold_state s SET horizon = h.hi, folded_at = now() FROM h;
+    SELECT count(*) INTO v_new FROM new;
+
+    IF v_new = 0 AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending) THEN
+        RETURN 0;
+    END IF;
 
     -- Pending counts go into the group rows that are free now.
     WITH groups AS (
@@ -243,6 +274,7 @@ BEGIN
     ), folded AS (
         UPDATE @extschema@.tb_error_log g
            SET occurrence_count = g.occurrence_count + d.occurrence_count,
+               occurrences_not_stored = g.occurrences_not_stored + d.not_stored,
                first_seen = least(g.first_seen, d.first_seen),
                last_seen = greatest(g.last_seen, d.last_seen)
           FROM drained d
@@ -275,12 +307,15 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
        (g.occurrence_count + coalesce(p.occurrence_count, 0) + coalesce(l.cnt, 0))::bigint AS occurrence_count,
        least(g.first_seen, p.first_seen, l.fs)   AS first_seen,
        greatest(g.last_seen, p.last_seen, l.ls)  AS last_seen,
-       g.resolved_at, g.resolved_by, g.is_regression, g.regressed_at, g.regression_count
+       g.resolved_at, g.resolved_by, g.is_regression, g.regressed_at, g.regression_count,
+       (g.occurrences_not_stored + coalesce(p.not_stored, 0) + coalesce(l.light, 0))::bigint AS occurrences_not_stored
   FROM tb_error_log g
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
-  LEFT JOIN (SELECT o.error_id, count(*) AS cnt, min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
+  LEFT JOIN (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
+                    min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
                FROM tb_error_occurrence o
-              WHERE o.capture_xid >= (SELECT s.horizon FROM tb_error_fold_state s)
+              WHERE o.capture_xid >= (SELECT s.above FROM tb_error_fold_state s)
+                 OR o.capture_xid = ANY ((SELECT s.in_progress FROM tb_error_fold_state s)::xid8[])
               GROUP BY o.error_id) l ON l.error_id = g.error_id;
 
 -- ---------------------------------------------------------------------------

@@ -68,11 +68,12 @@ BEGIN
     -- Two runs never overlap. The worker skips its tick when a run is in
     -- progress; a manual run waits for it (runs are short).
     IF triggered_by = 'worker' THEN
-        IF NOT pg_try_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint) THEN
+        PERFORM FROM @extschema@.tb_maintenance_lock FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
             RETURN jsonb_build_object('busy', true, 'reason', 'another maintenance run is in progress');
         END IF;
     ELSE
-        PERFORM pg_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint);
+        PERFORM FROM @extschema@.tb_maintenance_lock FOR UPDATE;
     END IF;
 
     PERFORM set_config('lock_timeout', @extschema@.fraiseql_setting('fraiseql_obs.ddl_lock_timeout'), true);

@@ -448,7 +448,8 @@ $$;
 -- The worker's claim: due deliveries, leased (locked_until) so that a
 -- delivery in flight is not claimed twice, and retried after the lease if the
 -- worker died mid-delivery (same delivery_id: receivers can deduplicate).
-CREATE FUNCTION _fraiseql_claim_deliveries(p_limit integer, p_lease interval) RETURNS jsonb
+CREATE FUNCTION _fraiseql_claim_deliveries(p_limit integer, p_lease interval, p_max_attempts integer)
+RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -456,6 +457,25 @@ DECLARE
     v jsonb;
 BEGIN
     PERFORM @extschema@._fraiseql_queue_due_digests();
+    -- A lease that ran out with no outcome recorded was an attempt all the
+    -- same (the worker stopped in flight: a crash, or a custom handler past
+    -- its hard deadline). After the last one the delivery fails instead of
+    -- being claimed again, so no delivery can stop the worker for ever.
+    WITH lost AS (
+        DELETE FROM @extschema@.tb_notification_queue q
+         WHERE q.delivery_id IN (
+               SELECT l.delivery_id FROM @extschema@.tb_notification_queue l
+                WHERE l.locked_until < now() AND l.attempt >= p_max_attempts
+                FOR UPDATE SKIP LOCKED)
+        RETURNING q.*
+    )
+    INSERT INTO @extschema@.tb_error_notification_log
+        (config_id, error_id, channel_type, status, error_message, attempt, delivery_id)
+    SELECT l.config_id, l.error_id, coalesce(r.channel_type, '?'), 'failed',
+           'no outcome was recorded within the delivery''s lease: the worker stopped while delivering it',
+           l.attempt, l.delivery_id
+      FROM lost l
+      LEFT JOIN @extschema@.tb_error_notification_config r ON r.config_id = l.config_id;
     WITH due AS (
         SELECT q.delivery_id FROM @extschema@.tb_notification_queue q
          WHERE q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())

@@ -200,7 +200,7 @@ BEGIN
     -- one dropper at a time: a manual call and the worker's maintenance run
     -- would otherwise both try to drop the same partition (the lock is the
     -- maintenance run's own, which it already holds)
-    PERFORM pg_advisory_xact_lock(hashtext('fraiseql_obs.maintenance')::bigint);
+    PERFORM FROM @extschema@.tb_maintenance_lock FOR UPDATE;
     cutoff := date_trunc(cfg.granularity, now()) - keep * unit;
     FOR r IN
         SELECT v.partition, v.partition_name

@@ -4,21 +4,25 @@
 -- makes a panel cost grow with the data (seconds at ten million rows). The
 -- worker keeps these rollups, incrementally and exactly, by the technique that
 -- counts occurrences (capture.sql, "Counting"): rows are rolled up by the
--- transaction that wrote them, from the previous horizon to the xmin of the
--- roll-up's snapshot. The panel functions below add whole buckets from the
+-- transaction that wrote them, those its snapshot sees finished that were
+-- not rolled up before. The panel functions below add whole buckets from the
 -- rollups to the raw rows at the edges of the range and the raw rows not
 -- rolled up yet, so they return what the same query over the raw rows would
 -- (percentiles excepted: they come from log-scale histograms, within 9%).
 --
 -- All buckets are UTC.
 
+-- What is rolled up already, as for the counts (tb_error_fold_state): the
+-- rows of every transaction below *_above except those in *_in_progress.
 CREATE TABLE tb_rollup_state (
-    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    error_horizon xid8 NOT NULL,
-    span_horizon  xid8 NOT NULL,
-    rolled_at     timestamptz
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    error_above       xid8 NOT NULL,
+    error_in_progress xid8[] NOT NULL DEFAULT '{}',
+    span_above        xid8 NOT NULL,
+    span_in_progress  xid8[] NOT NULL DEFAULT '{}',
+    rolled_at         timestamptz
 );
-INSERT INTO tb_rollup_state (error_horizon, span_horizon) VALUES (pg_current_xact_id(), pg_current_xact_id());
+INSERT INTO tb_rollup_state (error_above, span_above) VALUES (pg_current_xact_id(), pg_current_xact_id());
 
 -- Occurrences per minute and environment (error rate, errors by environment).
 CREATE TABLE tb_rollup_error_minute (
@@ -97,25 +101,29 @@ DECLARE
     v_spans  bigint;
     v_errors bigint;
 BEGIN
-    SELECT * INTO v_state FROM @extschema@.tb_rollup_state FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    -- one run at a time, without a transaction id (see fraiseql_flush_counts)
+    BEGIN
+        LOCK TABLE @extschema@.tb_rollup_state IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
         RETURN jsonb_build_object('busy', true);
-    END IF;
+    END;
+    SELECT * INTO v_state FROM @extschema@.tb_rollup_state;
 
     -- spans restored from another cluster's dump (see fraiseql_flush_counts)
     UPDATE monitoring.traces t SET ingest_xid = '0'
      WHERE t.ingest_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND t.ingest_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
-    WITH h AS (
-        SELECT greatest(v_state.span_horizon, pg_snapshot_xmin(pg_current_snapshot())) AS hi
+    WITH cur AS (
+        SELECT pg_current_snapshot() AS snap
     ), new AS MATERIALIZED (
         SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.environment,
                t.parent_span_id IS NULL AS is_request,
                t.attributes @> '{"db.system": "postgresql"}' AS is_db,
                @extschema@._fraiseql_latency_bucket(t.duration_ms) AS b
-          FROM monitoring.traces t, h
-         WHERE t.ingest_xid >= v_state.span_horizon AND t.ingest_xid < h.hi
+          FROM monitoring.traces t, cur
+         WHERE (t.ingest_xid >= v_state.span_above OR t.ingest_xid = ANY (v_state.span_in_progress))
+           AND pg_visible_in_snapshot(t.ingest_xid, cur.snap)
     ), by_bucket AS (
         SELECT date_trunc('minute', n.start_time) AS bucket, n.environment, k.kind, n.b,
                count(*) AS spans, count(*) FILTER (WHERE n.status_code = 2) AS errors,
@@ -164,16 +172,24 @@ BEGIN
                requests = r.requests + excluded.requests,
                requests_with_errors = r.requests_with_errors + excluded.requests_with_errors
     ), moved AS (
-        UPDATE @extschema@.tb_rollup_state s SET span_horizon = h.hi FROM h RETURNING 1
+        UPDATE @extschema@.tb_rollup_state s
+           SET span_above = greatest(v_state.span_above, pg_snapshot_xmax(cur.snap)),
+               span_in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
+                                         WHERE x >= v_state.span_above OR x = ANY (v_state.span_in_progress)
+                                         ORDER BY x)
+          FROM cur
+         WHERE EXISTS (SELECT 1 FROM new)
+        RETURNING 1
     )
     SELECT count(*) INTO v_spans FROM new;
 
-    WITH h AS (
-        SELECT greatest(v_state.error_horizon, pg_snapshot_xmin(pg_current_snapshot())) AS hi
+    WITH cur AS (
+        SELECT pg_current_snapshot() AS snap
     ), new AS MATERIALIZED (
         SELECT o.error_id, o.environment, o.occurred_at, o.trace_id
-          FROM @extschema@.tb_error_occurrence o, h
-         WHERE o.capture_xid >= v_state.error_horizon AND o.capture_xid < h.hi
+          FROM @extschema@.tb_error_occurrence o, cur
+         WHERE (o.capture_xid >= v_state.error_above OR o.capture_xid = ANY (v_state.error_in_progress))
+           AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), minutes AS (
         INSERT INTO @extschema@.tb_rollup_error_minute AS r (bucket, environment, occurrences)
         SELECT date_trunc('minute', occurred_at), environment, count(*) FROM new GROUP BY 1, 2
@@ -200,7 +216,9 @@ BEGIN
         SELECT date_trunc('hour', t.start_time) AS bucket, t.environment, t.operation_name, count(*) AS n
           FROM marks JOIN monitoring.traces t ON t.trace_id = marks.trace_id
          WHERE t.parent_span_id IS NULL
-           AND t.ingest_xid < (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s)
+           -- (the state as the span part above left it)
+           AND NOT (t.ingest_xid >= (SELECT s.span_above FROM @extschema@.tb_rollup_state s)
+                    OR t.ingest_xid = ANY ((SELECT s.span_in_progress FROM @extschema@.tb_rollup_state s)::xid8[]))
          GROUP BY 1, 2, 3
     ), late_counted AS (
         UPDATE @extschema@.tb_rollup_operation_hour r SET requests_with_errors = r.requests_with_errors + late.n
@@ -208,7 +226,15 @@ BEGIN
          WHERE r.bucket = late.bucket AND r.environment = late.environment AND r.operation_name = late.operation_name
         RETURNING 1
     ), moved AS (
-        UPDATE @extschema@.tb_rollup_state s SET error_horizon = h.hi, rolled_at = now() FROM h RETURNING 1
+        UPDATE @extschema@.tb_rollup_state s
+           SET error_above = greatest(v_state.error_above, pg_snapshot_xmax(cur.snap)),
+               error_in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
+                                          WHERE x >= v_state.error_above OR x = ANY (v_state.error_in_progress)
+                                          ORDER BY x),
+               rolled_at = now()
+          FROM cur
+         WHERE EXISTS (SELECT 1 FROM new)
+        RETURNING 1
     )
     SELECT count(*) INTO v_errors FROM new;
 
@@ -272,10 +298,10 @@ $$;
 
 -- The raw rows a panel adds to the whole buckets [p_lo, p_hi) it reads from a
 -- rollup: the rows of the range outside them, and the rows inside them not
--- rolled up yet (p_horizon: the rollup's). Plain SQL without SET, so that
+-- rolled up yet (p_above, p_in_progress: the rollup's state). Plain SQL without SET, so that
 -- the planner inlines them into the panel's query.
 CREATE FUNCTION _fraiseql_raw_occurrences(p_from timestamptz, p_to timestamptz, p_lo timestamptz, p_hi timestamptz,
-                                          p_horizon xid8, p_environments text[])
+                                          p_above xid8, p_in_progress xid8[], p_environments text[])
 RETURNS TABLE (error_id uuid, occurred_at timestamptz, environment text)
 LANGUAGE sql STABLE
 AS $$
@@ -288,13 +314,13 @@ AS $$
        AND (p_environments IS NULL OR o.environment = ANY (p_environments))
     UNION ALL
     SELECT o.error_id, o.occurred_at, o.environment FROM @extschema@.tb_error_occurrence o
-     WHERE o.capture_xid >= p_horizon
+     WHERE (o.capture_xid >= p_above OR o.capture_xid = ANY (p_in_progress))
        AND o.occurred_at >= p_lo AND o.occurred_at < p_hi
        AND (p_environments IS NULL OR o.environment = ANY (p_environments))
 $$;
 
 CREATE FUNCTION _fraiseql_raw_spans(p_from timestamptz, p_to timestamptz, p_lo timestamptz, p_hi timestamptz,
-                                    p_horizon xid8, p_environments text[])
+                                    p_above xid8, p_in_progress xid8[], p_environments text[])
 RETURNS TABLE (trace_id text, operation_name text, start_time timestamptz, duration_ms double precision,
                status_code integer, is_request boolean, is_db boolean)
 LANGUAGE sql STABLE
@@ -314,7 +340,7 @@ AS $$
     SELECT t.trace_id, t.operation_name, t.start_time, t.duration_ms, t.status_code, t.parent_span_id IS NULL,
            t.attributes @> '{"db.system": "postgresql"}'
       FROM monitoring.traces t
-     WHERE t.ingest_xid >= p_horizon
+     WHERE (t.ingest_xid >= p_above OR t.ingest_xid = ANY (p_in_progress))
        AND t.start_time >= p_lo AND t.start_time < p_hi
        AND (p_environments IS NULL OR t.environment = ANY (p_environments))
 $$;
@@ -329,7 +355,8 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
+    v_h xid8 := (SELECT s.error_above FROM @extschema@.tb_rollup_state s);
+    v_hp xid8[] := (SELECT s.error_in_progress FROM @extschema@.tb_rollup_state s);
     -- buckets serve the intervals they divide: five minutes, else one
     v_five boolean := p_interval_ms % 300000 = 0;
     w record := @extschema@._fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
@@ -345,7 +372,7 @@ BEGIN
              WHERE NOT v_five AND r.bucket >= w.lo AND r.bucket < w.hi
                AND (p_environments IS NULL OR r.environment = ANY (p_environments))
             UNION ALL
-            SELECT o.occurred_at, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, p_environments) o) x
+            SELECT o.occurred_at, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, v_hp, p_environments) o) x
      GROUP BY 1 ORDER BY 1;
 END
 $$;
@@ -359,7 +386,8 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
+    v_h xid8 := (SELECT s.error_above FROM @extschema@.tb_rollup_state s);
+    v_hp xid8[] := (SELECT s.error_in_progress FROM @extschema@.tb_rollup_state s);
     w record := @extschema@._fraiseql_whole_units(p_from, p_to, interval '5 minutes');
 BEGIN
     RETURN QUERY
@@ -367,7 +395,7 @@ BEGIN
       FROM (SELECT r.environment, r.occurrences AS n FROM @extschema@.tb_rollup_error_5min r
              WHERE r.bucket >= w.lo AND r.bucket < w.hi
             UNION ALL
-            SELECT o.environment, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, NULL) o) x
+            SELECT o.environment, 1 FROM @extschema@._fraiseql_raw_occurrences(p_from, p_to, w.lo, w.hi, v_h, v_hp, NULL) o) x
      GROUP BY 1 ORDER BY 2 DESC;
 END
 $$;
@@ -387,7 +415,8 @@ SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_daily boolean := p_to - p_from >= interval '3 days';
-    v_h xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
+    v_h xid8 := (SELECT s.error_above FROM @extschema@.tb_rollup_state s);
+    v_hp xid8[] := (SELECT s.error_in_progress FROM @extschema@.tb_rollup_state s);
 BEGIN
     RETURN QUERY
     WITH candidates AS (
@@ -401,7 +430,7 @@ BEGIN
                    AND (p_environments IS NULL OR r.environment = ANY (p_environments))
                 UNION ALL
                 SELECT o.error_id, 1 FROM @extschema@.tb_error_occurrence o
-                 WHERE o.capture_xid >= v_h AND o.occurred_at >= p_from AND o.occurred_at <= p_to
+                 WHERE (o.capture_xid >= v_h OR o.capture_xid = ANY (v_hp)) AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                    AND (p_environments IS NULL OR o.environment = ANY (p_environments))) c
          GROUP BY c.error_id
          ORDER BY sum(c.occurrences) DESC
@@ -432,7 +461,8 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_h xid8 := (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s);
+    v_h xid8 := (SELECT s.span_above FROM @extschema@.tb_rollup_state s);
+    v_hp xid8[] := (SELECT s.span_in_progress FROM @extschema@.tb_rollup_state s);
     v_five boolean := p_interval_ms % 300000 = 0;
     w record := @extschema@._fraiseql_whole_units(p_from, p_to, CASE WHEN v_five THEN interval '5 minutes' ELSE interval '1 minute' END,
                                       p_interval_ms % 60000 = 0);
@@ -444,7 +474,7 @@ BEGIN
     RETURN QUERY
     WITH raw AS (
         SELECT t.start_time, t.status_code, t.duration_ms
-          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
+          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, v_hp, p_environments) t
          WHERE CASE p_kind WHEN 'request' THEN t.is_request ELSE t.is_db END
     ), parts AS (
         SELECT r.bucket AS t, r.spans, r.errors, r.oks, r.duration_sum, r.latency FROM @extschema@.tb_rollup_span_5min r
@@ -483,13 +513,15 @@ SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     w record := @extschema@._fraiseql_whole_units(p_from, p_to, interval '1 hour');
-    v_h xid8 := (SELECT s.span_horizon FROM @extschema@.tb_rollup_state s);
-    v_eh xid8 := (SELECT s.error_horizon FROM @extschema@.tb_rollup_state s);
+    v_h xid8 := (SELECT s.span_above FROM @extschema@.tb_rollup_state s);
+    v_hp xid8[] := (SELECT s.span_in_progress FROM @extschema@.tb_rollup_state s);
+    v_eh xid8 := (SELECT s.error_above FROM @extschema@.tb_rollup_state s);
+    v_ehp xid8[] := (SELECT s.error_in_progress FROM @extschema@.tb_rollup_state s);
 BEGIN
     RETURN QUERY
     WITH raw AS (
         SELECT t.operation_name, t.duration_ms, t.is_request, t.trace_id
-          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, p_environments) t
+          FROM @extschema@._fraiseql_raw_spans(p_from, p_to, w.lo, w.hi, v_h, v_hp, p_environments) t
     ), parts AS (
         SELECT r.operation_name, r.spans, r.duration_max, r.latency, r.requests, r.requests_with_errors
           FROM @extschema@.tb_rollup_operation_hour r
@@ -507,9 +539,9 @@ BEGIN
         SELECT t.operation_name, 0, NULL, NULL, 0, count(*)
           FROM monitoring.traces t
          WHERE t.trace_id IN (SELECT o.trace_id FROM @extschema@.tb_error_occurrence o
-                               WHERE o.capture_xid >= v_eh AND o.trace_id IS NOT NULL
+                               WHERE (o.capture_xid >= v_eh OR o.capture_xid = ANY (v_ehp)) AND o.trace_id IS NOT NULL
                                  AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_trace_error m WHERE m.trace_id = o.trace_id))
-           AND t.parent_span_id IS NULL AND t.ingest_xid < v_h
+           AND t.parent_span_id IS NULL AND NOT (t.ingest_xid >= v_h OR t.ingest_xid = ANY (v_hp))
            AND t.start_time >= w.lo AND t.start_time < w.hi
            AND (p_environments IS NULL OR t.environment = ANY (p_environments))
          GROUP BY 1

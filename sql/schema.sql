@@ -25,6 +25,8 @@ CREATE TABLE tb_error_log (
     environment         text NOT NULL,
     release_version     text,
     occurrence_count    bigint NOT NULL DEFAULT 0,
+    -- of them, stored without stack trace and context (spike protection)
+    occurrences_not_stored bigint NOT NULL DEFAULT 0,
     first_seen          timestamptz NOT NULL DEFAULT now(),
     last_seen           timestamptz NOT NULL DEFAULT now(),
     status              text NOT NULL DEFAULT 'unresolved'
@@ -51,19 +53,22 @@ COMMENT ON TABLE tb_error_log IS
 -- Counting (see fraiseql_flush_counts in capture.sql). Updating the group row
 -- on every capture makes a hot fingerprint a lock convoy, so captures only
 -- insert occurrences, and the fold counts them by the transaction that wrote
--- them: rows with capture_xid in [horizon, xmin of the fold's snapshot) are
--- final. Counts of groups whose row was busy wait in tb_error_count_pending.
+-- them. The rows counted already: those of every transaction below `above`
+-- except the ones in `in_progress`. Counts of groups whose row was busy wait
+-- in tb_error_count_pending.
 -- ---------------------------------------------------------------------------
 CREATE TABLE tb_error_fold_state (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    horizon   xid8 NOT NULL,
-    folded_at timestamptz
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    above       xid8 NOT NULL,
+    in_progress xid8[] NOT NULL DEFAULT '{}',
+    folded_at   timestamptz
 );
-INSERT INTO tb_error_fold_state (horizon) VALUES (pg_current_xact_id());
+INSERT INTO tb_error_fold_state (above) VALUES (pg_current_xact_id());
 
 CREATE TABLE tb_error_count_pending (
     error_id         uuid PRIMARY KEY,
     occurrence_count bigint NOT NULL,
+    not_stored       bigint NOT NULL DEFAULT 0,
     first_seen       timestamptz NOT NULL,
     last_seen        timestamptz NOT NULL
 );
@@ -89,6 +94,9 @@ CREATE TABLE tb_error_occurrence (
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- the (top-level) transaction that stored the row: what the fold counts by
     capture_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    -- spike protection: counted, but stored without stack trace and context
+    -- (src/spike.rs)
+    sampled_out     boolean NOT NULL DEFAULT false,
     PRIMARY KEY (occurrence_id, occurred_at)
 ) PARTITION BY RANGE (occurred_at);
 
@@ -158,6 +166,16 @@ CREATE TABLE tb_partition_config (
     -- error groups are pruned once their occurrences have all aged out
     prune_groups   boolean NOT NULL DEFAULT false
 );
+
+-- One row that a maintenance run locks (FOR UPDATE), so that two runs, or a
+-- run and a manual partition drop, never overlap. A row lock and not an
+-- advisory lock: any role can take any advisory lock and hold it to stop
+-- maintenance for good, but locking this row needs UPDATE on the table,
+-- which no role is granted.
+CREATE TABLE tb_maintenance_lock (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton)
+);
+INSERT INTO tb_maintenance_lock VALUES (true);
 
 -- ---------------------------------------------------------------------------
 -- Maintenance runs, newest first in v_maintenance_runs.

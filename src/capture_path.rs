@@ -257,7 +257,8 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         );
         let context_d = match a.context {
             None => JsonB(serde_json::json!({})).into_datum(),
-            Some(c) if pg_sys::toast_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) => {
+            // the raw size: a compressed datum is small on disk and whole when read
+            Some(c) if pg_sys::toast_raw_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) => {
                 match JsonB::from_datum(c, false).map(|j| j.0) {
                     Some(serde_json::Value::Object(m)) => {
                         JsonB(clip_context(m, guc::int_value(&guc::MAX_CONTEXT_BYTES))).into_datum()
@@ -269,24 +270,33 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         };
         let occurred_at = a.occurred_at.unwrap_or(pg_sys::Datum::from(0));
         let rank = severity_rank(severity);
+        let key = group_cache::key(&fp);
+        // a spike: counted like any other, stored without its heavy parts
+        let sampled_out = crate::spike::sampled_out(&key);
+        let (stored_message, stored_stack, stored_context) = if sampled_out {
+            let light = clip_text(message, crate::spike::LIGHT_MESSAGE_BYTES);
+            (light.as_ref().into_datum(), None, None)
+        } else {
+            (message_d, stack_d, context_d)
+        };
 
         let row = Row {
             error_id: None,
             occurred_at,
             error_type: type_d,
-            message: message_d,
-            stack_trace: stack_d,
-            context: context_d,
+            message: stored_message,
+            stack_trace: stored_stack,
+            context: stored_context,
             severity: a.severity,
             environment: environment.as_str().into_datum(),
             release_version: release_d,
             trace_id: trace_id.as_deref().into_datum(),
             span_id: span_id.as_deref().into_datum(),
+            sampled_out,
         };
 
         // read before anything is read from the tables (see group_cache)
         let epoch = group_cache::epoch();
-        let key = group_cache::key(&fp);
         let fn_oid = (*(*fcinfo).flinfo).fn_oid;
         let group_table = STATE.with(|s| prepare_state(&mut s.borrow_mut(), fn_oid).group_table);
         let cached = epoch
@@ -336,11 +346,13 @@ struct Row {
     release_version: Option<pg_sys::Datum>,
     trace_id: Option<pg_sys::Datum>,
     span_id: Option<pg_sys::Datum>,
+    /// stored without its heavy parts (spike protection)
+    sampled_out: bool,
 }
 
 impl Row {
     /// The columns after error_id, in the order of both statements.
-    fn columns(&self) -> [Option<pg_sys::Datum>; 10] {
+    fn columns(&self) -> [Option<pg_sys::Datum>; 11] {
         [
             Some(self.occurred_at),
             self.error_type,
@@ -352,6 +364,7 @@ impl Row {
             self.release_version,
             self.trace_id,
             self.span_id,
+            Some(pg_sys::Datum::from(self.sampled_out)),
         ]
     }
 }
@@ -425,11 +438,11 @@ unsafe fn has_rules(epoch: u64) -> bool {
 
 const INSERT_SQL: &str = "INSERT INTO {schema}.tb_error_occurrence \
     (error_id, occurred_at, error_type, message, stack_trace, context, severity, \
-     environment, release_version, trace_id, span_id) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+     environment, release_version, trace_id, span_id, sampled_out) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 const SLOW_SQL: &str = "SELECT error_id, resolved, resolved_at, severity, changed, row_xmin \
-    FROM {schema}._fraiseql_capture_slow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+    FROM {schema}._fraiseql_capture_slow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 const RULES_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM {schema}.tb_error_notification_config c WHERE c.enabled)";
@@ -453,6 +466,7 @@ unsafe fn prepare_plans(namespace: pg_sys::Oid) -> [pg_sys::SPIPlanPtr; 3] {
             TEXTOID,
             TEXTOID,
             TEXTOID,
+            BOOLOID,
         ];
         let mut insert_types: Vec<pg_sys::Oid> = row_types.iter().map(|t| t.value()).collect();
         // the slow path gets the fingerprint first, and the unclipped message

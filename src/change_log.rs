@@ -123,25 +123,6 @@ pub unsafe extern "C-unwind" fn fraiseql_track_changes_trigger_c(
         };
 
         // 2. the INSERT, as the extension's owner
-        let (mut saved_user, mut saved_ctx) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_ctx
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
         let sql = CString::new(format!(
             "INSERT INTO {schema}.tb_entity_change_log \
                (entity_name, entity_id, change_type, before_data, after_data, trace_id, span_id) \
@@ -178,17 +159,17 @@ pub unsafe extern "C-unwind" fn fraiseql_track_changes_trigger_c(
             .iter()
             .map(|v| if v.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
             .collect();
-        let rc = pg_sys::SPI_execute_with_args(
-            sql.as_ptr(),
-            5,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
-            false,
-            0,
-        );
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
+        let rc = crate::run_as::as_role(owner, &[(c"search_path", c"pg_catalog, pg_temp")], || {
+            pg_sys::SPI_execute_with_args(
+                sql.as_ptr(),
+                5,
+                types.as_mut_ptr(),
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                false,
+                0,
+            )
+        });
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("fraiseql_obs: change tracking could not write the change log (SPI code {rc})");
         }

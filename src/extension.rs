@@ -4,10 +4,11 @@ use pgrx::prelude::*;
 
 /// The extension's schema, quoted as an identifier.
 pub fn schema() -> String {
-    Spi::get_one::<String>(
+    crate::sql::one::<String>(
         "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
           WHERE e.extname OPERATOR(pg_catalog.=) 'fraiseql_obs'::pg_catalog.name",
+        &[],
     )
     .ok()
     .flatten()

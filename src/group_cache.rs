@@ -70,17 +70,9 @@ impl PgSharedMemoryInitialization for SlotTable {
 
     unsafe fn on_shmem_startup(&'static self, _value: u8) {
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let mut found = false;
-            let size = SLOTS * size_of::<Entry>();
-            let p = pg_sys::ShmemInitStruct(c"fraiseql_obs_group_slots".as_ptr(), size, &mut found)
-                .cast::<Entry>();
-            if !found {
-                std::ptr::write_bytes(p.cast::<u8>(), 0, size);
-            }
-            *self.0.get() = p;
-            pg_sys::LWLockRelease(init_lock);
+            *self.0.get() =
+                crate::shmem::zeroed_struct(c"fraiseql_obs_group_slots", SLOTS * size_of::<Entry>())
+                    .cast::<Entry>();
         }
     }
 }

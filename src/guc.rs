@@ -37,6 +37,7 @@ pub static TLS_CA_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<C
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static SPIKE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 fn int(
     name: &'static CStr,
@@ -251,6 +252,15 @@ pub fn define() {
         &MAX_CONTEXT_BYTES,
         256,
         100 * 1024 * 1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.spike_threshold",
+        c"Occurrences of one group per minute stored whole; beyond, 1 in 100 (all are counted). 0: no limit.",
+        &SPIKE_THRESHOLD,
+        0,
+        i32::MAX,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -1,6 +1,7 @@
 //! Shared memory: the registry of running workers, so that any backend can
 //! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
 //! database that is about to be dropped.
+use crate::spike::RATES as SPIKE_RATES;
 use crate::group_cache::{
     EPOCH as GROUP_CACHE_EPOCH, LOCK as GROUP_CACHE_LOCK, TABLE as GROUP_CACHE_TABLE,
 };
@@ -56,7 +57,28 @@ pub fn init() {
         pg_shmem_init!(GROUP_CACHE_LOCK);
         pg_shmem_init!(GROUP_CACHE_EPOCH);
         pg_shmem_init!(GROUP_CACHE_TABLE = 0);
+        pg_shmem_init!(SPIKE_RATES = 0);
         PRELOADED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// AddinShmemInitLock (storage/lwlocknames.h: `&MainLWLockArray[21].lock`),
+/// which serializes ShmemInitStruct calls; pgrx does not bind the macro.
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
+/// A named block of shared memory, zeroed when first created (at startup,
+/// from on_shmem_startup).
+pub unsafe fn zeroed_struct(name: &std::ffi::CStr, size: usize) -> *mut u8 {
+    unsafe {
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let p = pg_sys::ShmemInitStruct(name.as_ptr(), size, &mut found).cast::<u8>();
+        if !found {
+            std::ptr::write_bytes(p, 0, size);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        p
     }
 }
 
@@ -108,8 +130,9 @@ static mut XACT_CALLBACK_REGISTERED: bool = false;
 /// outcome, so a command that fails never keeps a worker away.
 static mut HELD: Vec<u32> = Vec::new();
 
-/// Ends the holds this backend placed and wakes the launcher so that a
-/// database still there is served again at once.
+/// Ends the holds this backend placed (only those) and wakes the launcher
+/// so that a database still there is served again at once. No rescan: that
+/// would lift other databases' holds too.
 fn release_holds() {
     let held = unsafe { std::mem::take(&mut *(&raw mut HELD)) };
     if held.is_empty() {
@@ -123,7 +146,6 @@ fn release_holds() {
                 s.hold_reason = 0;
             }
         }
-        reg.rescan = true;
         reg.launcher_pid
     };
     set_latch_of(launcher);

@@ -76,8 +76,8 @@ pub fn refusal(t_us: i64, g: Granularity) -> Option<String> {
 
 /// The same for a PostgreSQL timestamptz (microseconds since 2000-01-01).
 pub fn refusal_pg(t_pg: i64, g: Granularity) -> Option<String> {
-    if t_pg == i64::MIN || t_pg == i64::MAX {
-        return Some("must be a finite time".into());
+    match t_pg.checked_add(PG_EPOCH_US) {
+        Some(t) if t_pg != i64::MIN && t_pg != i64::MAX => refusal(t, g),
+        _ => Some("must be a finite time".into()),
     }
-    refusal(t_pg + PG_EPOCH_US, g)
 }

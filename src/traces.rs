@@ -35,6 +35,141 @@ impl SpanRow {
     pub fn duration_ms(&self) -> f64 {
         (self.end_us - self.start_us) as f64 / 1000.0
     }
+
+    /// Bounds what one span may store, whoever sends it (a capture-only
+    /// role, an exporter on the network). Names are cut, attribute lists
+    /// capped at OpenTelemetry's own default limits (128 attributes, events
+    /// and links; what was dropped is counted under `_fraiseql_truncated`),
+    /// long values clipped, NUL characters (which text and jsonb refuse, and
+    /// which would fail the whole batch) removed. A span still larger than
+    /// `MAX_SPAN_BYTES` is rejected, alone.
+    pub fn bound(&mut self) -> Result<(), String> {
+        cut(&mut self.name, MAX_NAME_BYTES);
+        if self.name.is_empty() {
+            return Err("name is missing".into());
+        }
+        if let Some(m) = &mut self.status_message {
+            *m = crate::capture::clip_text(&m.replace('\0', ""), MAX_VALUE_BYTES).into_owned();
+        }
+        for (field, max) in [
+            (&mut self.environment, crate::capture::MAX_ENVIRONMENT_BYTES),
+            (&mut self.service_name, MAX_SERVICE_BYTES),
+        ] {
+            if let Some(v) = field {
+                cut(v, max);
+            }
+        }
+        let mut dropped = Map::new();
+        let mut count = |what: &str, n: usize| {
+            if n > 0 {
+                dropped.insert(what.into(), Value::from(n));
+            }
+        };
+        count("attributes", bound_value(&mut self.attributes, 0));
+        count("resource attributes", bound_value(&mut self.resource, 0));
+        bound_value(&mut self.scope, 0);
+        for (list, what) in [(&mut self.events, "events"), (&mut self.links, "links")] {
+            if let Value::Array(a) = list {
+                count(what, a.len().saturating_sub(MAX_ITEMS));
+                a.truncate(MAX_ITEMS);
+                let mut inner = 0;
+                for item in a.iter_mut() {
+                    inner += bound_value(item, 0);
+                }
+                count(&format!("{what} attributes"), inner);
+            }
+        }
+        if !dropped.is_empty() {
+            if let Value::Object(m) = &mut self.attributes {
+                m.insert("_fraiseql_truncated".into(), Value::Object(dropped));
+            }
+        }
+        let size = [
+            &self.attributes,
+            &self.events,
+            &self.links,
+            &self.resource,
+            &self.scope,
+        ]
+        .iter()
+        .map(|v| v.to_string().len())
+        .sum::<usize>();
+        if size > MAX_SPAN_BYTES {
+            return Err(format!(
+                "span is too large ({size} bytes of attributes, events, links and resource; at most {MAX_SPAN_BYTES})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+const MAX_NAME_BYTES: usize = 1024;
+const MAX_SERVICE_BYTES: usize = 200;
+const MAX_VALUE_BYTES: usize = 4096;
+/// OpenTelemetry's default span limits: attributes, events, links
+const MAX_ITEMS: usize = 128;
+const MAX_DEPTH: usize = 8;
+const MAX_SPAN_BYTES: usize = 256 * 1024;
+
+/// Cuts a string to at most `max` bytes on a character boundary, NULs removed.
+fn cut(s: &mut String, max: usize) {
+    if s.contains('\0') {
+        *s = s.replace('\0', "");
+    }
+    if s.len() > max {
+        let mut i = max;
+        while !s.is_char_boundary(i) {
+            i -= 1;
+        }
+        s.truncate(i);
+    }
+}
+
+/// Bounds a JSON value in place: objects and arrays to MAX_ITEMS entries,
+/// nesting to MAX_DEPTH, strings (keys too) to MAX_VALUE_BYTES without NULs.
+/// Returns how many entries were dropped.
+fn bound_value(v: &mut Value, depth: usize) -> usize {
+    match v {
+        Value::String(s) => {
+            if s.len() > MAX_VALUE_BYTES || s.contains('\0') {
+                *s = crate::capture::clip_text(&s.replace('\0', ""), MAX_VALUE_BYTES).into_owned();
+            }
+            0
+        }
+        Value::Array(a) => {
+            if depth >= MAX_DEPTH {
+                let n = a.len();
+                a.clear();
+                return n;
+            }
+            let mut n = a.len().saturating_sub(MAX_ITEMS);
+            a.truncate(MAX_ITEMS);
+            for x in a.iter_mut() {
+                n += bound_value(x, depth + 1);
+            }
+            n
+        }
+        Value::Object(m) => {
+            if depth >= MAX_DEPTH {
+                let n = m.len();
+                m.clear();
+                return n;
+            }
+            let mut n = 0;
+            let old = std::mem::take(m);
+            for (mut k, mut x) in old {
+                if m.len() >= MAX_ITEMS {
+                    n += 1;
+                    continue;
+                }
+                cut(&mut k, MAX_VALUE_BYTES);
+                n += bound_value(&mut x, depth + 1);
+                m.insert(k, x);
+            }
+            n
+        }
+        _ => 0,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -323,7 +458,9 @@ pub fn parse_export_request(payload: &Value) -> Result<Parsed, String> {
                 continue;
             };
             for (i, span) in spans.iter().enumerate() {
-                match span_of(span, &resource, &service, &env, &scope) {
+                match span_of(span, &resource, &service, &env, &scope)
+                    .and_then(|mut row| row.bound().map(|()| row))
+                {
                     Ok(row) => out.spans.push(row),
                     Err(why) => {
                         let id = span.get("spanId").and_then(Value::as_str).unwrap_or("?");
@@ -423,15 +560,20 @@ fn _fraiseql_ingest_otlp_traces(payload: Option<pgrx::JsonB>) -> pgrx::JsonB {
     let mut parsed = parse_export_request(&payload)
         .unwrap_or_else(|why| ObsError::invalid("payload", why).report());
     // spans outside the accepted window are rejected one by one
-    let (kept, outside): (Vec<_>, Vec<_>) = parsed.spans.into_iter().partition(|s| {
-        crate::time_window::refusal(s.start_us, crate::time_window::Granularity::Day).is_none()
-    });
+    let refusal = |s: &SpanRow| {
+        let day = || crate::time_window::Granularity::Day;
+        crate::time_window::refusal(s.start_us, day())
+            .map(|why| format!("startTimeUnixNano {why}"))
+            .or_else(|| {
+                crate::time_window::refusal(s.end_us, day())
+                    .map(|why| format!("endTimeUnixNano {why}"))
+            })
+    };
+    let (kept, outside): (Vec<_>, Vec<_>) =
+        parsed.spans.into_iter().partition(|s| refusal(s).is_none());
     for s in &outside {
-        let why = crate::time_window::refusal(s.start_us, crate::time_window::Granularity::Day)
-            .unwrap_or_default();
-        parsed
-            .rejected
-            .push(format!("span {}: startTimeUnixNano {why}", s.span_id));
+        let why = refusal(s).unwrap_or_default();
+        parsed.rejected.push(format!("span {}: {why}", s.span_id));
     }
     parsed.spans = kept;
     let stored = insert_spans(&parsed.spans);
@@ -504,29 +646,22 @@ fn _fraiseql_record_span(
                 argument: "operation_name",
             })
         });
-    let us = |t: pgrx::datum::TimestampWithTimeZone| -> i64 {
+    let us = |t: Option<pgrx::datum::TimestampWithTimeZone>, argument: &'static str| -> i64 {
+        let t = t.unwrap_or_else(|| report(ObsError::MissingArgument { argument }));
         // PostgreSQL timestamps are microseconds since 2000-01-01
         let pg: i64 = t.into_inner();
+        if let Some(why) = crate::time_window::refusal_pg(pg, crate::time_window::Granularity::Day) {
+            report(ObsError::invalid(argument, why));
+        }
         pg + 946_684_800_000_000
     };
-    let start = us(start_time.unwrap_or_else(|| {
-        report(ObsError::MissingArgument {
-            argument: "start_time",
-        })
-    }));
-    let end = us(end_time.unwrap_or_else(|| {
-        report(ObsError::MissingArgument {
-            argument: "end_time",
-        })
-    }));
+    let start = us(start_time, "start_time");
+    let end = us(end_time, "end_time");
     if end < start {
         report(ObsError::invalid(
             "end_time",
             "must not be before start_time",
         ));
-    }
-    if let Some(why) = crate::time_window::refusal(start, crate::time_window::Granularity::Day) {
-        report(ObsError::invalid("start_time", why));
     }
     let kind = kind_of(span_kind.map(|k| Value::String(k.to_string())).as_ref())
         .unwrap_or_else(|e| report(ObsError::invalid("span_kind", e)));
@@ -542,7 +677,7 @@ fn _fraiseql_record_span(
         Some(v @ Value::Object(_)) => v,
         Some(_) => report(ObsError::invalid("attributes", "must be a JSON object")),
     };
-    let row = SpanRow {
+    let mut row = SpanRow {
         trace_id,
         span_id,
         parent_span_id,
@@ -560,6 +695,8 @@ fn _fraiseql_record_span(
         kind,
         scope: Value::Null,
     };
+    row.bound()
+        .unwrap_or_else(|why| report(ObsError::invalid("attributes", why)));
     insert_spans(&[row]) == 1
 }
 
@@ -612,6 +749,43 @@ mod tests {
         assert_eq!(s.events[0]["time"], "2018-12-13T14:51:00.500000Z");
         assert!(parse_export_request(&serde_json::json!([1])).is_err());
         assert!(parse_export_request(&serde_json::json!({"resourceSpans": 3})).is_err());
+    }
+
+    #[test]
+    fn bounded_spans() {
+        let mut s = SpanRow {
+            name: format!("a\0{}", "é".repeat(1000)),
+            status_message: Some("m\0".repeat(10_000)),
+            attributes: serde_json::json!({"k\0": "v\0", "big": "x".repeat(10_000),
+                "deep": [[[[[[[[[[1]]]]]]]]]]}),
+            events: Value::Array(vec![serde_json::json!({"name": "e"}); 500]),
+            links: Value::Array(vec![]),
+            resource: serde_json::json!({}),
+            ..Default::default()
+        };
+        s.bound().unwrap();
+        assert!(s.name.len() <= MAX_NAME_BYTES && !s.name.contains('\0'));
+        assert!(s.name.starts_with("aé"));
+        assert!(s.status_message.as_ref().unwrap().len() <= MAX_VALUE_BYTES);
+        assert!(!s.status_message.as_ref().unwrap().contains('\0'));
+        assert_eq!(s.attributes["k"], "v");
+        assert!(s.attributes["big"].as_str().unwrap().len() <= MAX_VALUE_BYTES);
+        assert_eq!(s.events.as_array().unwrap().len(), MAX_ITEMS);
+        assert_eq!(s.attributes["_fraiseql_truncated"]["events"], 500 - MAX_ITEMS);
+        assert!(s.attributes["_fraiseql_truncated"]["attributes"].as_u64().unwrap() >= 1);
+        let mut huge = SpanRow {
+            name: "n".into(),
+            attributes: Value::Object(
+                (0..100).map(|i| (format!("k{i}"), Value::String("x".repeat(4000)))).collect(),
+            ),
+            events: Value::Array(
+                (0..100)
+                    .map(|_| serde_json::json!({"attributes": {"a": "y".repeat(4000)}}))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        assert!(huge.bound().unwrap_err().contains("too large"));
     }
 
     #[test]

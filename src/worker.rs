@@ -43,6 +43,15 @@ pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
+    unsafe {
+        PREV_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility_hook);
+    }
+    // pg_upgrade runs the server in binary-upgrade mode to restore the
+    // schema: no worker may write to the databases meanwhile
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
     BackgroundWorkerBuilder::new(LAUNCHER_TYPE)
         .set_type(LAUNCHER_TYPE)
         .set_library(LIBRARY)
@@ -51,10 +60,6 @@ pub fn register() {
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
-    unsafe {
-        PREV_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(utility_hook);
-    }
 }
 
 /// PostgreSQL's own handlers: `die` turns SIGTERM into a FATAL at the next
@@ -80,6 +85,9 @@ unsafe extern "C-unwind" {
 fn wait(timeout: Duration) {
     unsafe {
         let ms = timeout.as_millis().clamp(1, i64::MAX as u128) as i64;
+        // statistics not reported yet (see in_transaction) go out before a
+        // longer sleep; nothing pending costs nothing
+        pg_sys::pgstat_report_stat(ms >= 1000);
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
             (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
@@ -144,6 +152,11 @@ pub(crate) fn in_transaction<R>(
             }
             Err(_) => pg_sys::AbortCurrentTransaction(),
         }
+        // A background worker's table statistics reach the cumulative
+        // statistics (and so autovacuum and autoanalyze) only when it
+        // reports them; a client backend does it when idle. At most once a
+        // second (PostgreSQL's own pacing); `wait` flushes what is left.
+        pg_sys::pgstat_report_stat(false);
     }
     result
 }
@@ -312,9 +325,10 @@ fn set_my_slot(oid: u32, f: impl Fn(&mut shmem::Slot)) {
 
 /// The schema the extension is installed in, or None.
 fn extension_schema() -> Option<String> {
-    Spi::get_one::<String>(
+    crate::sql::one::<String>(
         "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
          WHERE e.extname = 'fraiseql_obs'",
+        &[],
     )
     .ok()
     .flatten()
@@ -345,16 +359,35 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     }
     let appname = CString::new(WORKER_TYPE).unwrap_or_default();
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
-    // The worker is a superuser: it resolves names only in pg_catalog (and
-    // its own temporary schema), whatever ALTER DATABASE/ROLE ... SET says,
-    // so no object another role created can stand in for a built-in.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    // The worker is a superuser, and a database's owner may `ALTER DATABASE
+    // ... SET` any ordinary setting for every session in it, the worker's
+    // included. Those that change what the worker's SQL means or whether it
+    // can run are forced here, above any such SET: names resolve only in
+    // pg_catalog (and its own temporary schema), so no object another role
+    // created can stand in for a built-in; no role switch; transactions
+    // read-write in READ COMMITTED; no timeout but the ones the worker
+    // arms itself; ISO dates.
+    for (name, value) in [
+        (c"search_path", c"pg_catalog, pg_temp"),
+        (c"role", c"none"),
+        (c"default_transaction_read_only", c"off"),
+        (c"default_transaction_isolation", c"read committed"),
+        (c"default_transaction_deferrable", c"off"),
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"0"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+        (c"DateStyle", c"ISO, MDY"),
+        (c"IntervalStyle", c"postgres"),
+        (c"session_replication_role", c"origin"),
+    ] {
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
     }
 
     let schema = match in_transaction(extension_schema) {
@@ -477,7 +510,7 @@ fn query_text(sql: &str, args: Vec<serde_json::Value>) -> Result<Option<String>,
     in_transaction(move || {
         let datums: Vec<pgrx::datum::DatumWithOid> =
             args.iter().map(|a| a.clone().into()).collect();
-        Spi::get_one_with_args::<String>(&sql, &datums)
+        crate::sql::one::<String>(&sql, &datums)
     })
     .and_then(|r| r.map_err(|e| e.to_string()))
 }
@@ -486,7 +519,7 @@ fn query_text(sql: &str, args: Vec<serde_json::Value>) -> Result<Option<String>,
 fn step(what: &str, sql: &str) -> Result<(), String> {
     report_activity(Some(&format!("fraiseql_obs: {what}")));
     let sql = sql.to_string();
-    let r = in_transaction(move || Spi::get_one::<String>(&sql));
+    let r = in_transaction(move || crate::sql::one::<String>(&sql, &[]));
     report_activity(None);
     match r {
         Ok(Ok(_)) => Ok(()),
@@ -525,7 +558,7 @@ unsafe extern "C-unwind" fn utility_hook(
     unsafe {
         let node = (*pstmt).utilityStmt;
         if !node.is_null() && shmem::available() {
-            for db in databases_this_command_stops(node) {
+            for db in databases_this_command_stops(node, context) {
                 stop_worker_of(db);
             }
         }
@@ -560,7 +593,10 @@ unsafe extern "C-unwind" fn utility_hook(
 /// refused outright inside a transaction block. A command that a role may
 /// not run never touches a worker (any login role could otherwise silence
 /// alerting by failing a DROP DATABASE in a loop).
-unsafe fn databases_this_command_stops(node: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+unsafe fn databases_this_command_stops(
+    node: *mut pg_sys::Node,
+    context: pg_sys::ProcessUtilityContext::Type,
+) -> Vec<pg_sys::Oid> {
     unsafe {
         let user = pg_sys::GetUserId();
         let owns_db = |oid: pg_sys::Oid| pg_sys::pg_database_ownercheck(oid, user);
@@ -571,7 +607,14 @@ unsafe fn databases_this_command_stops(node: *mut pg_sys::Node) -> Vec<pg_sys::O
             let oid = pg_sys::get_database_oid(name, true);
             (oid != pg_sys::InvalidOid).then_some(oid)
         };
-        let in_block = pg_sys::IsTransactionBlock();
+        // PreventInTransactionBlock's own test: such commands run only as a
+        // top-level statement, outside a transaction block, subtransaction
+        // or pipeline (and are refused by it otherwise)
+        const XACT_FLAGS_PIPELINING: u32 = 1 << 3;
+        let in_block = context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+            || pg_sys::IsTransactionBlock()
+            || pg_sys::IsSubTransaction()
+            || pg_sys::MyXactFlags as u32 & XACT_FLAGS_PIPELINING != 0;
         let mut out = Vec::new();
         if pgrx::is_a(node, pg_sys::NodeTag::T_DropdbStmt) {
             let stmt = node as *mut pg_sys::DropdbStmt;

@@ -288,11 +288,15 @@ pub fn deliver_due(
 ) -> Result<usize, String> {
     let limits = Limits::from_settings();
     // a claimed delivery not recorded within its lease (the worker died in
-    // flight) is delivered again, with the same delivery id
-    let lease_s = (limits.total.as_secs() * 2 + 5).max(10);
+    // flight) is delivered again, with the same delivery id. The lease is
+    // one delivery's worst case (a custom handler's hard deadline): the
+    // worker is the only claimer and claims again only after recording, so
+    // a long batch outliving the leases of its last items is harmless.
     let batch = guc::NOTIFY_BATCH_SIZE.get().max(1);
+    let lease_s = (limits.total.as_secs() * 2 + 5).max(10);
+    let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
     let claimed = txn(
-        &format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds')::text"),
+        &format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds', {max_attempts})::text"),
         vec![],
     )?
     .unwrap_or_else(|| "[]".into());
@@ -324,7 +328,6 @@ pub fn deliver_due(
             "duration_ms": started.elapsed().as_millis() as i64,
         }));
     }
-    let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
     let retry_ms = guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1);
     txn(
         &format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text"),

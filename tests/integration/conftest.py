@@ -52,6 +52,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str 
     """Polls until predicate() is truthy (no fixed sleeps); returns its value."""
     deadline = time.monotonic() + timeout
     last_exc = None
+    v = None
     while time.monotonic() < deadline:
         try:
             v = predicate()
@@ -60,7 +61,8 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str 
         except psycopg.OperationalError as e:  # e.g. during a crash restart
             last_exc = e
         time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    raise AssertionError(f"timed out waiting for {what} (last value: {v!r:.300})"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
 
 
 @pytest.fixture(scope="session")

@@ -357,6 +357,8 @@ def test_capture_input_is_bounded(cluster, db, roles):
     with cluster.connect(db, user=roles["app"]) as app:
         app.execute("SELECT fraiseql_capture_error(%s, 'm', environment => %s, release_version => %s, fingerprint => %s)",
                     (big, big, big, big))
+        # compressible: small on disk, 10 MB when read
+        app.execute("SELECT fraiseql_capture_error('Big', 'context', context => jsonb_build_object('a', repeat('x', 10000000)))")
         for when in ["infinity", "-infinity", "1970-01-02", "2554-01-01"]:
             with pytest.raises(psycopg.errors.InvalidParameterValue, match="occurred_at"):
                 app.execute("SELECT fraiseql_capture_error('E', 'm', occurred_at => %s::timestamptz)", (when,))
@@ -364,6 +366,8 @@ def test_capture_input_is_bounded(cluster, db, roles):
         t, env, rel = c.execute("SELECT error_type, environment, release_version FROM tb_error_occurrence").fetchone()
         assert len(t.encode()) <= 512 and len(env.encode()) <= 64 and len(rel.encode()) <= 200
         assert "truncated" in t
+        size = c.execute("SELECT octet_length(context::text) FROM tb_error_occurrence WHERE error_type = 'Big'").fetchone()[0]
+        assert size <= 64 * 1024 + 1024, size
         r = c.execute("""SELECT fraiseql_ingest_otlp_traces('{"resourceSpans": [{"scopeSpans": [{"spans": [
               {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad6b7169203331", "name": "old",
                "startTimeUnixNano": "1000000000", "endTimeUnixNano": "2000000000"}]}]}]}')""").fetchone()[0]
@@ -382,7 +386,8 @@ def test_a_bad_row_never_stops_maintenance(cluster, db):
         c.execute(f"DROP TABLE {furthest}")
         r = c.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
         assert r["error"] is None, r
-        assert furthest in r["created"], r
+        # made again (by this run or by the worker's, every 2 s here)
+        assert c.execute("SELECT count(*) FROM v_partitions WHERE partition_name = %s", (furthest,)).fetchone()[0] == 1
         # far-future rows wait in the default partition: no partition per month up to them
         n = c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass").fetchone()[0]
         assert n < 12, n
@@ -414,3 +419,209 @@ def test_smtp_login_over_plaintext_is_refused(cluster, db):
         wait_for(lambda: log(c), what="refused delivery")
         status, err = log(c)[0]
         assert status == "failed" and "unencrypted" in err, log(c)
+
+
+# ---------------------------------------------------------------------------
+# Second review: what a handler, a database owner or any role can still do
+# ---------------------------------------------------------------------------
+
+ROGUE_HANDLER = """
+CREATE FUNCTION public.rogue(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.handler_calls VALUES (config->>'mode', false);
+    IF config->>'mode' = 'settings' THEN
+        -- session-level SETs that would break every later transaction of the worker
+        SET default_transaction_read_only = on;
+        SET statement_timeout = 1;
+        PERFORM set_config('search_path', 'public', false);
+    ELSIF config->>'mode' = 'swallow' THEN
+        -- catches the statement timeout's cancel and goes on for ever
+        LOOP
+            BEGIN
+                PERFORM pg_sleep(10);
+            EXCEPTION WHEN query_canceled THEN
+                INSERT INTO public.handler_calls VALUES ('cancel swallowed', false);
+            END;
+        END LOOP;
+    END IF;
+    success := true;
+END $$;
+"""
+
+
+def test_a_handlers_settings_do_not_outlive_it(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect(db, user=m) as c:
+        c.execute("CREATE TABLE public.handler_calls (who text, super boolean)")
+        c.execute(ROGUE_HANDLER)
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_register_channel('rogue', 'public.rogue(jsonb, jsonb)'::regprocedure)")
+        rule(c, "rogue", {"mode": "settings"})
+        c.execute("SELECT fraiseql_capture_error('E', 'first')")
+        wait_for(lambda: log(c), what="first delivery")
+        assert log(c)[0][0] == "sent", log(c)
+        # the worker's next transactions are read-write, untimed, as before
+        c.execute("SELECT fraiseql_capture_error('E2', 'second')")
+        wait_for(lambda: len(log(c)) == 2, what="second delivery")
+        assert [s for s, _ in log(c)] == ["sent", "sent"], log(c)
+        wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 2, what="folds")
+        r = c.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+        assert r["error"] is None, r
+
+
+def test_a_handler_that_swallows_its_timeout_cannot_keep_the_worker(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET fraiseql_obs.notification_max_attempts = 1")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        with cluster.connect(db, user=m) as c:
+            c.execute("CREATE TABLE public.handler_calls (who text, super boolean)")
+            c.execute(ROGUE_HANDLER)
+        with cluster.connect(db) as c:
+            c.execute("SELECT fraiseql_register_channel('rogue', 'public.rogue(jsonb, jsonb)'::regprocedure)")
+        pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+        with cluster.connect(db) as c:
+            rule(c, "rogue", {"mode": "swallow"})
+            started = time.monotonic()
+            c.execute("SELECT fraiseql_capture_error('E', 'hang for ever')")
+            # the hard deadline (2 x 1.5 s + 1 s) ends that worker; another one serves the database
+            wait_for(lambda: worker_pid(cluster, db) not in (None, pid), timeout=20, what="the worker ended and restarted")
+            assert time.monotonic() - started < 15
+            wait_for(lambda: "went on past its statement timeout" in cluster.log(), what="the reason in the server log")
+            # the delivery whose outcome never came is an attempt: with one allowed, it fails (after its lease)
+            wait_for(lambda: log(c), timeout=30, what="the lost delivery logged")
+            status, err = log(c)[0]
+            assert status == "failed" and "lease" in err, log(c)
+            assert c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 0
+            # and the database is served: counts fold
+            c.execute("SELECT fraiseql_capture_error('E', 'after')")
+            wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 2, what="fold")
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.notification_max_attempts")
+            c.execute("SELECT pg_reload_conf()")
+
+
+def test_no_role_can_hold_maintenance_off(cluster, db, roles):
+    m = roles["mallory"]
+    with cluster.connect(db, user=m) as c:
+        # the lock the first version used: any role could take it
+        c.execute("SELECT pg_advisory_lock(hashtext('fraiseql_obs.maintenance')::bigint)")
+        c.autocommit = False
+        for sql in ["SELECT FROM tb_maintenance_lock FOR UPDATE", "LOCK TABLE tb_maintenance_lock",
+                    "LOCK TABLE tb_error_fold_state", "LOCK TABLE tb_rollup_state"]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(sql)
+            c.rollback()
+        c.execute("SELECT pg_advisory_lock(hashtext('fraiseql_obs.maintenance')::bigint)")
+        with cluster.connect(db) as owner:
+            r = owner.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+            assert r.get("busy") is None and r["error"] is None, r
+            owner.execute("SELECT fraiseql_capture_error('E', 'm')")
+            wait_for(lambda: owner.execute("SELECT occurrence_count FROM tb_error_log").fetchone()[0] == 1, what="fold")
+
+
+def test_database_settings_cannot_break_the_worker(cluster, db):
+    """A database owner's ALTER DATABASE ... SET applies to every session in
+    it, the worker's too: the settings that would stop it are overridden."""
+    with cluster.connect() as c:
+        for setting in ["default_transaction_read_only = on", "statement_timeout = 1", "lock_timeout = 1",
+                        "default_transaction_isolation = serializable", "search_path = public",
+                        "DateStyle = 'SQL, DMY'", "idle_in_transaction_session_timeout = 1"]:
+            c.execute(f"ALTER DATABASE {db} SET {setting}")
+        old = wait_for(lambda: worker_pid(cluster, db), what="worker")
+        c.execute("SELECT pg_terminate_backend(%s)", (old,))
+        wait_for(lambda: worker_pid(cluster, db) not in (None, old), timeout=20, what="a worker with the new settings")
+    ours = "-c statement_timeout=0 -c lock_timeout=0 -c default_transaction_read_only=off -c idle_in_transaction_session_timeout=0"
+    with cluster.connect(db, options=ours) as c:
+        c.execute("SELECT fraiseql_capture_error('E', 'counted')")
+        wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log").fetchone()[0] == 1, what="fold")
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_maintenance_run WHERE triggered_by = 'worker' "
+                                   "AND last_error IS NULL AND started_at > now() - interval '5 seconds'").fetchone()[0],
+                 what="a clean maintenance run")
+
+
+def test_a_command_refused_in_a_pipeline_or_block_never_touches_the_worker(cluster, db):
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect() as c:
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            with c.pipeline():
+                c.execute("SELECT 1")
+                c.execute(f"DROP DATABASE {db}")
+    with cluster.connect(autocommit=False) as c:
+        c.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            c.execute(f"ALTER DATABASE {db} SET TABLESPACE pg_default")
+        c.rollback()
+    time.sleep(1.5)
+    assert worker_pid(cluster, db) == pid
+
+
+def test_spans_are_bounded_one_by_one(cluster, db, roles):
+    big = "n" * 100_000
+    now_ns = time.time_ns()
+
+    def span(i, **kw):
+        s = {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": f"{i:016x}", "name": f"op{i}",
+             "startTimeUnixNano": str(now_ns), "endTimeUnixNano": str(now_ns + 1_000_000)}
+        s.update(kw)
+        return s
+    spans = [
+        span(1, name=big, status={"code": 2, "message": big}),
+        span(2, attributes=[{"key": "long", "value": {"stringValue": "v" * 100_000}}]
+                + [{"key": f"k{j}", "value": {"stringValue": "v" * 100}} for j in range(1000)]),
+        span(3, events=[{"timeUnixNano": str(now_ns), "name": "e"}] * 1000),
+        span(4, name="é" * 1000),  # cut on a character boundary
+        span(5, endTimeUnixNano=str(now_ns + 10**9 * 86400 * 400)),  # ends in more than a year
+        span(6),
+    ]
+    payload = json.dumps({"resourceSpans": [{"resource": {"attributes": [
+        {"key": "service.name", "value": {"stringValue": big}},
+        {"key": "deployment.environment", "value": {"stringValue": big}}]},
+        "scopeSpans": [{"spans": spans}]}]})
+    with cluster.connect(db) as c:
+        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_ingest_otlp_traces(jsonb) TO {roles['app']}")
+    with cluster.connect(db, user=roles["app"]) as app:
+        r = app.execute("SELECT fraiseql_ingest_otlp_traces(%s::jsonb)", (payload,)).fetchone()[0]
+    assert r["stored"] == 5 and r["rejected"] == 1, r
+    assert "endTimeUnixNano" in r["partialSuccess"]["errorMessage"], r
+    with cluster.connect(db) as c:
+        rows = {s: (n, msg, a, e, env, svc) for s, n, msg, a, e, env, svc in c.execute(
+            "SELECT span_id, operation_name, status_message, attributes, events, environment, service_name FROM monitoring.traces")}
+        n, msg, _, _, env, svc = rows["0000000000000001"]
+        assert len(n.encode()) <= 1024 and len(msg.encode()) <= 4096 and len(env.encode()) <= 64 and len(svc.encode()) <= 200
+        a = rows["0000000000000002"][2]
+        assert len(a) <= 129 and a["_fraiseql_truncated"]["attributes"] == 1001 - 128, list(a)[:3]
+        assert all(len(v) <= 4096 for k, v in a.items() if k != "_fraiseql_truncated")
+        assert len(rows["0000000000000003"][3]) == 128
+        assert rows["0000000000000004"][0] == "é" * 512
+        # the rollups take the clipped names (the primary key's index stays within its limit)
+        c.execute("SELECT fraiseql_refresh_rollups()")
+        assert c.execute("SELECT count(*) FROM tb_rollup_operation_hour").fetchone()[0] >= 1
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="end_time"):
+            c.execute("SELECT fraiseql_record_span('0af7651916cd43dd8448eb211c80319c', 'b7ad6b7169203331', 'x', "
+                      "now(), 'infinity')")
+
+
+def test_a_spike_is_counted_exactly_and_stored_sampled(cluster, db):
+    with cluster.connect(db) as c:
+        c.execute("SET fraiseql_obs.spike_threshold = 10")
+        stack = "Traceback (most recent call last):\n" + "  File \"app.py\", line 1, in f\n" * 200
+        for _ in range(300):
+            c.execute("SELECT fraiseql_capture_error('LoopError', %s, %s, jsonb_build_object('big', repeat('x', 5000)))",
+                      ("m" * 1000, stack))
+        total, light = c.execute("SELECT count(*), count(*) FILTER (WHERE sampled_out) FROM tb_error_occurrence").fetchone()
+        assert total == 300
+        # the first 10 of the minute whole, then one in 100 (a minute boundary in between allows 10 more)
+        assert 300 - 10 - 3 - 10 <= light <= 300 - 10 - 2, light
+        heavy = c.execute("SELECT count(*) FROM tb_error_occurrence WHERE sampled_out AND "
+                          "(stack_trace IS NOT NULL OR context IS NOT NULL OR octet_length(message) > 256)").fetchone()[0]
+        assert heavy == 0
+        assert c.execute("SELECT occurrence_count, occurrences_not_stored FROM v_error_groups").fetchone() == (300, light)
+        wait_for(lambda: c.execute("SELECT occurrence_count, occurrences_not_stored FROM tb_error_log").fetchone()
+                 == (300, light), what="fold")
+        # the rollups count every occurrence too
+        c.execute("SELECT fraiseql_refresh_rollups()")
+        assert c.execute("SELECT sum(occurrences) FROM tb_rollup_error_minute").fetchone()[0] == 300

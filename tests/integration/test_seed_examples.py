@@ -7,6 +7,8 @@ import uuid
 
 import psycopg
 
+from conftest import wait_for
+
 EXAMPLES = pathlib.Path(__file__).with_name("seed_examples.sql")
 
 # The seed's "Check Partition Coverage" query is not valid SQL in any
@@ -74,15 +76,26 @@ def populate(conn):
     return gid
 
 
+def restart_worker(cluster, db):
+    with cluster.connect() as c:
+        q = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'fraiseql_obs worker' AND datname = %s"
+        old = wait_for(lambda: c.execute(q, (db,)).fetchone(), what="the worker")[0]
+        c.execute("SELECT pg_terminate_backend(%s)", (old,))
+        wait_for(lambda: (r := c.execute(q, (db,)).fetchone()) and r[0] != old, timeout=30, what="a new worker")
+
+
 def test_every_seed_example_runs_unmodified(cluster, db):
     with cluster.connect(db) as conn:
         gid = populate(conn)
         results = {}
         # the worker's maintenance (every 2 s here) would otherwise race the
         # examples: it drops the old partition the seed creates before the
-        # seed's own drop statement runs. Holding the maintenance lock makes
-        # its ticks skip (the examples' own calls, in this session, still run).
-        conn.execute("SELECT pg_advisory_lock(hashtext('fraiseql_obs.maintenance')::bigint)")
+        # seed's own drop statement runs. With retention 0 for this database
+        # (keep forever) its ticks drop nothing; the examples pass their own
+        # retention. The worker reads the setting when it connects.
+        for guc in ("error_retention_months", "notification_log_retention_months"):
+            conn.execute(f"ALTER DATABASE {db} SET fraiseql_obs.{guc} = 0")
+        restart_worker(cluster, db)
         for name, sql in examples():
             for stmt in statements(sql):
                 # '...' is the seed's placeholder for an error id
