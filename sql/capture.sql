@@ -213,6 +213,9 @@ BEGIN
         RETURN 0;
     END;
     SELECT s.above, s.in_progress INTO v_state FROM @extschema@.tb_error_fold_state s;
+    IF NOT FOUND THEN
+        RETURN 0;  -- a restore in progress has not brought the state yet
+    END IF;
 
     -- Rows restored from a logical dump of another cluster carry that
     -- cluster's transaction ids. Those not yet reached by this cluster's

@@ -1,18 +1,105 @@
 -- fraiseql_obs: last step of CREATE EXTENSION.
 
-INSERT INTO tb_partition_config (parent_table, granularity, retention_guc, prune_groups) VALUES
-    ('@extschema@.tb_error_occurrence'::regclass, 'month', 'fraiseql_obs.error_retention_months', true),
-    ('@extschema@.tb_error_notification_log'::regclass, 'month', 'fraiseql_obs.notification_log_retention_months', false),
-    ('monitoring.traces'::regclass, 'day', 'fraiseql_obs.trace_retention_days', false),
-    ('monitoring.metrics'::regclass, 'day', 'fraiseql_obs.metric_retention_days', false);
+-- The rows the extension itself needs: the counters' state, the built-in
+-- channels, the managed tables. pg_dump carries them (they are marked below),
+-- so a restore brings them and they are not made here then; after a restore
+-- that did not bring them, _fraiseql_complete_install adds them.
+CREATE FUNCTION _fraiseql_install_rows() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO @extschema@.tb_error_fold_state (above)
+    SELECT pg_current_xact_id() WHERE NOT EXISTS (SELECT FROM @extschema@.tb_error_fold_state);
+    INSERT INTO @extschema@.tb_rollup_state (error_above, span_above)
+    SELECT pg_current_xact_id(), pg_current_xact_id() WHERE NOT EXISTS (SELECT FROM @extschema@.tb_rollup_state);
+    INSERT INTO @extschema@.tb_notification_channel (channel_type)
+    SELECT c FROM unnest(ARRAY['email', 'slack', 'webhook', 'pg_notify']) AS c
+    ON CONFLICT (channel_type) DO NOTHING;
+    INSERT INTO @extschema@.tb_partition_config (parent_table, granularity, retention_guc, prune_groups) VALUES
+        ('@extschema@.tb_error_occurrence'::regclass, 'month', 'fraiseql_obs.error_retention_months', true),
+        ('@extschema@.tb_error_notification_log'::regclass, 'month', 'fraiseql_obs.notification_log_retention_months', false),
+        ('monitoring.traces'::regclass, 'day', 'fraiseql_obs.trace_retention_days', false),
+        ('monitoring.metrics'::regclass, 'day', 'fraiseql_obs.metric_retention_days', false)
+    ON CONFLICT (parent_table) DO NOTHING;
+END
+$$;
 
--- Partitions for this month and the next ones exist right away. They are then
--- released from the extension: otherwise DROP TABLE by retention would be
--- refused ("extension requires it"), and they would be missing from pg_dump.
+-- Whether a restore is in progress (see tb_restore_session). Once the
+-- restoring session has gone, ends restore mode and completes the install.
+CREATE FUNCTION _fraiseql_complete_install() RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM @extschema@.tb_restore_session) THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (SELECT FROM @extschema@.tb_restore_session r
+                 JOIN pg_stat_activity a ON a.pid = r.pid AND a.backend_start = r.backend_start) THEN
+        RETURN true;
+    END IF;
+    DELETE FROM @extschema@.tb_restore_session;
+    PERFORM @extschema@._fraiseql_install_rows();
+    RETURN false;
+END
+$$;
+
+-- A counters' state restored from a dump of another cluster whose
+-- transaction ids are ahead of this one's cannot be read in this cluster's
+-- numbering: it starts at the restoring transaction instead (the rows the
+-- source had not counted yet, at most a flush interval's worth, are then
+-- taken as counted). From this cluster, or one behind it, the state is
+-- exact as it is: rows of the source it had not counted are counted once,
+-- and this database's own rows all come after it.
+CREATE FUNCTION _fraiseql_restored_state() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_xmax xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    v_here xid8 := coalesce((SELECT r.xid FROM @extschema@.tb_restore_session r LIMIT 1), pg_current_xact_id());
+BEGIN
+    IF TG_TABLE_NAME = 'tb_error_fold_state' THEN
+        IF NEW.above > v_xmax THEN
+            NEW.above := v_here;
+            NEW.in_progress := '{}';
+        END IF;
+    ELSE
+        IF NEW.error_above > v_xmax THEN
+            NEW.error_above := v_here;
+            NEW.error_in_progress := '{}';
+        END IF;
+        IF NEW.span_above > v_xmax THEN
+            NEW.span_above := v_here;
+            NEW.span_in_progress := '{}';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tb_error_fold_state_restored BEFORE INSERT ON tb_error_fold_state
+    FOR EACH ROW EXECUTE FUNCTION _fraiseql_restored_state();
+CREATE TRIGGER tb_rollup_state_restored BEFORE INSERT ON tb_rollup_state
+    FOR EACH ROW EXECUTE FUNCTION _fraiseql_restored_state();
+
+-- The default partitions are the extension's own (pg_dump carries their
+-- rows, not their definition): their indexes are made here, restoring or not.
+SELECT @extschema@._fraiseql_index_partition(@extschema@._fraiseql_default_partition(p.parent_table), p.parent_table)
+  FROM (SELECT DISTINCT i.parent_table FROM tb_partition_index i) p;
+
+-- Partitions for this month and the next ones exist right away (not when
+-- restoring: the dump brings them). They are then released from the
+-- extension: otherwise DROP TABLE by retention would be refused ("extension
+-- requires it"), and they would be missing from pg_dump.
 DO $$
 DECLARE
     r record;
 BEGIN
+    IF EXISTS (SELECT FROM @extschema@.tb_restore_session) THEN
+        RETURN;
+    END IF;
+    PERFORM @extschema@._fraiseql_install_rows();
     PERFORM @extschema@.fraiseql_ensure_partitions(c.parent_table,
                 CASE c.granularity
                     WHEN 'month' THEN @extschema@.fraiseql_setting('fraiseql_obs.premake_months')::integer
@@ -24,7 +111,25 @@ BEGIN
 END
 $$;
 
--- The data tables are dumped by pg_dump with the database.
+-- The data tables are dumped by pg_dump with the database: everything but
+-- tb_maintenance_lock and tb_restore_session. Partitions are not members of
+-- the extension (see above) and are dumped like any table; the default
+-- partitions are, so their rows are marked here.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_fold_state', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_state', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_channel', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_state', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_digest', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_maintenance_run', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_occurrence_default', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_log_default', '');
+SELECT pg_catalog.pg_extension_config_dump('monitoring.traces_default', '');
+SELECT pg_catalog.pg_extension_config_dump('monitoring.metrics_default', '');
+SELECT pg_catalog.pg_extension_config_dump('monitoring.metrics_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_entity_change_log_change_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_maintenance_run_run_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_series_series_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_config', '');

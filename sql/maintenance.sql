@@ -65,6 +65,11 @@ DECLARE
     r             record;
     v_result      jsonb;
 BEGIN
+    -- While a dump is being restored, its own DDL makes the partitions: one
+    -- made here would collide with it (see tb_restore_session).
+    IF @extschema@._fraiseql_complete_install() THEN
+        RETURN jsonb_build_object('busy', true, 'reason', 'a restore is in progress');
+    END IF;
     -- Two runs never overlap. The worker skips its tick when a run is in
     -- progress; a manual run waits for it (runs are short).
     IF triggered_by = 'worker' THEN

@@ -133,20 +133,47 @@ BEGIN
            INTO has_rows USING lo, hi;
     END IF;
 
+    -- Made apart, filled (rows of its range waiting in the default
+    -- partition), indexed, then attached: ATTACH PARTITION takes only SHARE
+    -- UPDATE EXCLUSIVE on the parent, so readers and writers go on (CREATE
+    -- TABLE ... PARTITION OF would take ACCESS EXCLUSIVE).
+    EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)',
+                   nsp, partition_name, parent);
+    -- the range as a constraint, so that ATTACH need not scan the table
+    EXECUTE format('ALTER TABLE %I.%I ADD CONSTRAINT %I CHECK (%I IS NOT NULL AND %I >= %L AND %I < %L)',
+                   nsp, partition_name, partition_name || '_range', key, key, lo, key, hi);
     IF has_rows THEN
-        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)',
-                       nsp, partition_name, parent);
         EXECUTE format('WITH moved AS (DELETE FROM %s WHERE %I >= $1 AND %I < $2 RETURNING *) '
                        'INSERT INTO %I.%I SELECT * FROM moved', dflt, key, key, nsp, partition_name)
            USING lo, hi;
         GET DIAGNOSTICS moved_rows = ROW_COUNT;
-        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
-                       parent, nsp, partition_name, lo, hi);
-    ELSE
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
-                       nsp, partition_name, parent, lo, hi);
     END IF;
+    PERFORM @extschema@._fraiseql_index_partition(format('%I.%I', nsp, partition_name)::regclass, parent);
+    EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
+                   parent, nsp, partition_name, lo, hi);
+    EXECUTE format('ALTER TABLE %I.%I DROP CONSTRAINT %I', nsp, partition_name, partition_name || '_range');
     created := true;
+END
+$$;
+
+-- Makes on a partition the indexes its parent's partitions have
+-- (tb_partition_index); those it has already are left as they are.
+CREATE FUNCTION _fraiseql_index_partition(part regclass, parent regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ix   record;
+    nsp  text;
+    base text;
+BEGIN
+    SELECT n.nspname, c.relname INTO nsp, base
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = part;
+    FOR ix IN SELECT * FROM @extschema@.tb_partition_index i WHERE i.parent_table = parent ORDER BY i.suffix LOOP
+        EXECUTE format('CREATE %s INDEX IF NOT EXISTS %I ON %s %s',
+                       CASE WHEN ix.is_unique THEN 'UNIQUE' ELSE '' END,
+                       left(base || '_' || ix.suffix, 63), part, ix.definition);
+    END LOOP;
 END
 $$;
 

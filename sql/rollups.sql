@@ -22,7 +22,7 @@ CREATE TABLE tb_rollup_state (
     span_in_progress  xid8[] NOT NULL DEFAULT '{}',
     rolled_at         timestamptz
 );
-INSERT INTO tb_rollup_state (error_above, span_above) VALUES (pg_current_xact_id(), pg_current_xact_id());
+-- (its row: _fraiseql_install_rows, finalize.sql)
 
 -- Occurrences per minute and environment (error rate, errors by environment).
 CREATE TABLE tb_rollup_error_minute (
@@ -108,6 +108,9 @@ BEGIN
         RETURN jsonb_build_object('busy', true);
     END;
     SELECT * INTO v_state FROM @extschema@.tb_rollup_state;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('busy', true);  -- a restore in progress has not brought the state yet
+    END IF;
 
     -- spans restored from another cluster's dump (see fraiseql_flush_counts)
     UPDATE monitoring.traces t SET ingest_xid = '0'

@@ -7,6 +7,30 @@
 CREATE SCHEMA IF NOT EXISTS monitoring;
 
 -- ---------------------------------------------------------------------------
+-- Restoring a dump. pg_dump's output (restored by pg_restore, or by psql in
+-- plain format) runs with row_security = off, which CREATE EXTENSION leaves
+-- as it is; an ordinary CREATE EXTENSION runs with the default, on. When
+-- restoring, the script creates no partition (the dump brings them: creating
+-- them here would collide) and none of the rows the dump carries (state,
+-- partition configuration, channels: they would be duplicates), and the
+-- worker makes no partition while the restoring session is connected. When
+-- that session has gone, _fraiseql_complete_install() adds whatever the dump
+-- did not bring (a schema-only restore; or a CREATE EXTENSION that merely
+-- ran with row_security off), so an install is never left incomplete.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_restore_session (
+    pid           integer NOT NULL,
+    backend_start timestamptz NOT NULL,
+    -- the restoring transaction: rows of later transactions are this
+    -- database's own
+    xid           xid8 NOT NULL
+);
+INSERT INTO tb_restore_session
+SELECT a.pid, a.backend_start, pg_current_xact_id()
+  FROM pg_stat_activity a
+ WHERE a.pid = pg_backend_pid() AND current_setting('row_security') = 'off';
+
+-- ---------------------------------------------------------------------------
 -- Error groups: one row per fingerprint.
 -- occurrence_count / first_seen / last_seen are folded in from the occurrences
 -- (see "Counting" below).
@@ -63,7 +87,7 @@ CREATE TABLE tb_error_fold_state (
     in_progress xid8[] NOT NULL DEFAULT '{}',
     folded_at   timestamptz
 );
-INSERT INTO tb_error_fold_state (above) VALUES (pg_current_xact_id());
+-- (its row: _fraiseql_install_rows, finalize.sql)
 
 CREATE TABLE tb_error_count_pending (
     error_id         uuid PRIMARY KEY,
@@ -77,6 +101,24 @@ CREATE TABLE tb_error_count_pending (
 -- Occurrences: one row per capture, monthly partitions (UTC) + a default
 -- partition so that a capture dated into a month without a partition is kept.
 -- ---------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------
+-- Indexes of the partitioned tables. They are made on each partition, the
+-- parents have none: an index on a partitioned parent (a member of the
+-- extension) is re-created on each partition by ATTACH PARTITION when
+-- pg_dump's output is restored, and the dump's own CREATE INDEX for the
+-- partition then fails. Local indexes restore as they were; and a new
+-- partition is indexed before it is attached, so attaching it is quick.
+-- (Uniqueness per partition is uniqueness overall: every unique key holds
+-- the partition key.)
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_partition_index (
+    parent_table regclass NOT NULL,
+    suffix       text NOT NULL,      -- the index is <partition>_<suffix>
+    is_unique    boolean NOT NULL DEFAULT false,
+    definition   text NOT NULL,      -- what follows ON <partition>
+    PRIMARY KEY (parent_table, suffix)
+);
+
 CREATE TABLE tb_error_occurrence (
     occurrence_id   uuid NOT NULL DEFAULT gen_random_uuid(),
     error_id        uuid NOT NULL,
@@ -96,18 +138,19 @@ CREATE TABLE tb_error_occurrence (
     capture_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     -- spike protection: counted, but stored without stack trace and context
     -- (src/spike.rs)
-    sampled_out     boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (occurrence_id, occurred_at)
+    sampled_out     boolean NOT NULL DEFAULT false
 ) PARTITION BY RANGE (occurred_at);
 
 CREATE TABLE tb_error_occurrence_default PARTITION OF tb_error_occurrence DEFAULT;
 
-CREATE INDEX idx_error_occurrence_occurred_at ON tb_error_occurrence (occurred_at DESC);
-CREATE INDEX idx_error_occurrence_error_id ON tb_error_occurrence (error_id, occurred_at DESC);
-CREATE INDEX idx_error_occurrence_environment ON tb_error_occurrence (environment, occurred_at DESC);
-CREATE INDEX idx_error_occurrence_trace_id ON tb_error_occurrence (trace_id) WHERE trace_id IS NOT NULL;
-CREATE INDEX idx_error_occurrence_context ON tb_error_occurrence USING gin (context jsonb_path_ops);
-CREATE INDEX idx_error_occurrence_capture_xid ON tb_error_occurrence (capture_xid);
+INSERT INTO tb_partition_index (parent_table, suffix, is_unique, definition) VALUES
+    ('tb_error_occurrence', 'pkey', true, '(occurrence_id, occurred_at)'),
+    ('tb_error_occurrence', 'occurred_at', false, '(occurred_at DESC)'),
+    ('tb_error_occurrence', 'error_id', false, '(error_id, occurred_at DESC)'),
+    ('tb_error_occurrence', 'environment', false, '(environment, occurred_at DESC)'),
+    ('tb_error_occurrence', 'trace_id', false, '(trace_id) WHERE trace_id IS NOT NULL'),
+    ('tb_error_occurrence', 'context', false, 'USING gin (context jsonb_path_ops)'),
+    ('tb_error_occurrence', 'capture_xid', false, '(capture_xid)');
 
 -- ---------------------------------------------------------------------------
 -- Notification rules and delivery log (delivery itself: see notify/*).
@@ -146,13 +189,14 @@ CREATE TABLE tb_error_notification_log (
     attempt         integer NOT NULL DEFAULT 1,
     response_code   text,
     duration_ms     integer,
-    delivery_id     uuid,
-    PRIMARY KEY (notification_id, sent_at)
+    delivery_id     uuid
 ) PARTITION BY RANGE (sent_at);
 
 CREATE TABLE tb_error_notification_log_default PARTITION OF tb_error_notification_log DEFAULT;
-CREATE INDEX idx_notification_log_sent_at ON tb_error_notification_log (sent_at DESC);
-CREATE INDEX idx_notification_log_error_id ON tb_error_notification_log (error_id);
+INSERT INTO tb_partition_index (parent_table, suffix, is_unique, definition) VALUES
+    ('tb_error_notification_log', 'pkey', true, '(notification_id, sent_at)'),
+    ('tb_error_notification_log', 'sent_at', false, '(sent_at DESC)'),
+    ('tb_error_notification_log', 'error_id', false, '(error_id)');
 
 -- ---------------------------------------------------------------------------
 -- Partition registry: which tables maintenance manages, by what unit, and

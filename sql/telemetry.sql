@@ -29,19 +29,20 @@ CREATE TABLE monitoring.traces (
     -- the (top-level) transaction that stored the span: what the dashboard
     -- rollups (rollups.sql) are kept by
     ingest_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    CHECK (end_time >= start_time),
-    PRIMARY KEY (trace_id, span_id, start_time)
+    CHECK (end_time >= start_time)
 ) PARTITION BY RANGE (start_time);
 
 CREATE TABLE monitoring.traces_default PARTITION OF monitoring.traces DEFAULT;
-CREATE INDEX idx_traces_start_time ON monitoring.traces (start_time DESC);
-CREATE INDEX idx_traces_operation ON monitoring.traces (operation_name, start_time DESC);
-CREATE INDEX idx_traces_duration ON monitoring.traces (duration_ms DESC);
-CREATE INDEX idx_traces_status ON monitoring.traces (status_code);
-CREATE INDEX idx_traces_attributes ON monitoring.traces USING gin (attributes jsonb_path_ops);
-CREATE INDEX idx_traces_parent ON monitoring.traces (parent_span_id) WHERE parent_span_id IS NOT NULL;
-CREATE INDEX idx_traces_environment ON monitoring.traces (environment, start_time DESC);
-CREATE INDEX idx_traces_ingest_xid ON monitoring.traces (ingest_xid);
+INSERT INTO tb_partition_index (parent_table, suffix, is_unique, definition) VALUES
+    ('monitoring.traces', 'pkey', true, '(trace_id, span_id, start_time)'),
+    ('monitoring.traces', 'start_time', false, '(start_time DESC)'),
+    ('monitoring.traces', 'operation', false, '(operation_name, start_time DESC)'),
+    ('monitoring.traces', 'duration', false, '(duration_ms DESC)'),
+    ('monitoring.traces', 'status', false, '(status_code)'),
+    ('monitoring.traces', 'attributes', false, 'USING gin (attributes jsonb_path_ops)'),
+    ('monitoring.traces', 'parent', false, '(parent_span_id) WHERE parent_span_id IS NOT NULL'),
+    ('monitoring.traces', 'environment', false, '(environment, start_time DESC)'),
+    ('monitoring.traces', 'ingest_xid', false, '(ingest_xid)');
 
 -- ---------------------------------------------------------------------------
 -- Metrics: every recorded value is a row of monitoring.metrics (the seed's
@@ -57,14 +58,15 @@ CREATE TABLE monitoring.metrics (
     metric_value numeric NOT NULL,
     labels       jsonb,
     "timestamp"  timestamptz NOT NULL DEFAULT now(),
-    environment  text NOT NULL,
-    PRIMARY KEY (id, "timestamp")
+    environment  text NOT NULL
 ) PARTITION BY RANGE ("timestamp");
 
 CREATE TABLE monitoring.metrics_default PARTITION OF monitoring.metrics DEFAULT;
-CREATE INDEX idx_metrics_name_time ON monitoring.metrics (metric_name, "timestamp" DESC);
-CREATE INDEX idx_metrics_timestamp ON monitoring.metrics ("timestamp" DESC);
-CREATE INDEX idx_metrics_labels ON monitoring.metrics USING gin (labels jsonb_path_ops);
+INSERT INTO tb_partition_index (parent_table, suffix, is_unique, definition) VALUES
+    ('monitoring.metrics', 'pkey', true, '(id, "timestamp")'),
+    ('monitoring.metrics', 'name_time', false, '(metric_name, "timestamp" DESC)'),
+    ('monitoring.metrics', 'timestamp', false, '("timestamp" DESC)'),
+    ('monitoring.metrics', 'labels', false, 'USING gin (labels jsonb_path_ops)');
 
 -- Histogram bucket bounds by metric name (default: Prometheus' defaults).
 CREATE TABLE tb_metric_definition (

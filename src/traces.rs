@@ -518,7 +518,9 @@ pub fn insert_spans(rows: &[SpanRow]) -> i64 {
                       $8::int4[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
                       $15::text[], $16::text[], $17::text[])
                AS u(t, s, p, n, st, et, d, c, m, a, e, l, r, env, svc, k, sc)
-        ON CONFLICT (trace_id, span_id, start_time) DO NOTHING
+        -- the partitions' unique (trace_id, span_id, start_time) index: an
+        -- exporter's retry stores nothing twice
+        ON CONFLICT DO NOTHING
         RETURNING 1)
       SELECT count(*) FROM ins";
     Spi::get_one_with_args::<i64>(
