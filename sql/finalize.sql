@@ -166,7 +166,7 @@ BEGIN
            AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'fraiseql_obs')
            AND d.deptype = 'e'
     LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f.sig);
     END LOOP;
 END
 $$;

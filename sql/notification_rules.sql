@@ -546,6 +546,30 @@ BEGIN
 END
 $$;
 
+-- Delivers what is due, for a database served by no worker (the library
+-- not in shared_preload_libraries): call it from pg_cron or a script, e.g.
+-- every minute: CALL fraiseql_deliver_notifications();
+-- Each batch is claimed and committed, sent with nothing locked, then
+-- recorded and committed (a procedure, so that it can commit in between:
+-- it takes no SET clause, and names everything by schema instead).
+-- Runs as its caller; a custom handler runs as its function's owner, as in
+-- the worker. With the worker running, it is harmless (claims are leases).
+CREATE PROCEDURE fraiseql_deliver_notifications(max_batches integer DEFAULT 10)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_claimed jsonb;
+BEGIN
+    FOR i IN 1..GREATEST(max_batches, 1) LOOP
+        v_claimed := @extschema@._fraiseql_claim_due();
+        COMMIT;
+        EXIT WHEN pg_catalog.jsonb_array_length(v_claimed) OPERATOR(pg_catalog.=) 0;
+        PERFORM @extschema@._fraiseql_record_due(@extschema@._fraiseql_send_deliveries(v_claimed));
+        COMMIT;
+    END LOOP;
+END
+$$;
+
 -- Notifications waiting or being retried.
 CREATE VIEW v_notification_queue AS
 SELECT q.delivery_id, q.config_id, r.channel_type, q.error_id, q.reason, q.attempt, q.next_attempt_at,

@@ -1,4 +1,5 @@
-//! Notification delivery, run by the database worker.
+//! Notification delivery, run by the database worker (or, without it, by
+//! `CALL fraiseql_deliver_notifications()`).
 //!
 //! Capture queues notifications in its own transaction (sql/notification_rules.sql)
 //! and wakes the worker at commit. The worker claims due deliveries in one short
@@ -222,13 +223,35 @@ fn parse(items: &Value) -> Vec<Delivery> {
         .unwrap_or_default()
 }
 
-/// Sends one delivery. Network channels run here, outside any transaction;
-/// pg_notify and custom channels need the database and run in `in_txn`.
-fn send(
-    d: &Delivery,
-    limits: &Limits,
-    in_txn: &dyn Fn(&str, Vec<Value>) -> Result<Value, String>,
-) -> Outcome {
+/// Where a delivery runs, and so how the steps that need the database are
+/// isolated from one another.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Runner {
+    /// the worker: no transaction is open while sending; pg_notify and a
+    /// custom handler each get a transaction of their own
+    Worker,
+    /// a session (`CALL fraiseql_deliver_notifications()`, without the
+    /// worker): inside the procedure's transaction, which holds nothing
+    /// while sending (the claim was committed); pg_notify and a custom
+    /// handler each in a subtransaction
+    Session,
+}
+
+impl Runner {
+    fn isolated<R>(
+        self,
+        f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+    ) -> Result<R, String> {
+        match self {
+            Runner::Worker => crate::worker::in_transaction(f),
+            Runner::Session => crate::worker::in_subtransaction(f),
+        }
+    }
+}
+
+/// Sends one delivery. Network channels run here, with nothing locked;
+/// pg_notify and custom channels need the database.
+fn send(d: &Delivery, limits: &Limits, runner: Runner) -> Outcome {
     if !d.rule_exists {
         return Outcome::failed("the rule was deleted or disabled before delivery", true);
     }
@@ -249,15 +272,13 @@ fn send(
                 payload["stack_trace"] = Value::String("[truncated: see tb_error_log]".into());
                 payload["context"] = Value::Null;
             }
-            match in_txn(
-                "SELECT pg_notify($1, $2)::text",
-                vec![
-                    Value::String(channel.clone()),
-                    Value::String(payload.to_string()),
-                ],
-            ) {
-                Ok(_) => Outcome::sent("notified", Some(channel)),
-                Err(e) => Outcome::failed(e, false),
+            let (c, text) = (channel.clone(), payload.to_string());
+            match runner.isolated(move || {
+                Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[c.as_str().into(), text.as_str().into()])
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(Ok(())) => Outcome::sent("notified", Some(channel)),
+                Ok(Err(e)) | Err(e) => Outcome::failed(e, false),
             }
         }
         _ => {
@@ -268,7 +289,7 @@ fn send(
                 );
             };
             let (payload, config) = (d.payload.clone(), d.config.clone());
-            match crate::worker::in_transaction(move || custom::call(&handler, &payload, &config)) {
+            match runner.isolated(move || custom::call(&handler, &payload, &config)) {
                 Ok(Ok((true, _))) => Outcome::sent("ok", None),
                 Ok(Ok((false, e))) => Outcome::failed(
                     e.unwrap_or_else(|| "handler reported failure".into()),
@@ -280,44 +301,37 @@ fn send(
     }
 }
 
-/// One delivery round: claim, send, record. Returns how many were attempted.
-/// `txn` runs a query returning one text value in its own transaction.
-pub fn deliver_due(
-    schema: &str,
-    txn: &dyn Fn(&str, Vec<Value>) -> Result<Option<String>, String>,
-) -> Result<usize, String> {
+/// The statement that claims what is due, with the settings in force. A
+/// claimed delivery not recorded within its lease (the worker died in
+/// flight) is delivered again, with the same delivery id. The lease is one
+/// delivery's worst case (a custom handler's hard deadline): a claimer
+/// claims again only after recording, so a long batch outliving the leases
+/// of its last items is harmless.
+fn claim_sql(schema: &str) -> String {
     let limits = Limits::from_settings();
-    // a claimed delivery not recorded within its lease (the worker died in
-    // flight) is delivered again, with the same delivery id. The lease is
-    // one delivery's worst case (a custom handler's hard deadline): the
-    // worker is the only claimer and claims again only after recording, so
-    // a long batch outliving the leases of its last items is harmless.
     let batch = guc::NOTIFY_BATCH_SIZE.get().max(1);
     let lease_s = (limits.total.as_secs() * 2 + 5).max(10);
     let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
-    let claimed = txn(
-        &format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds', {max_attempts})::text"),
-        vec![],
-    )?
-    .unwrap_or_else(|| "[]".into());
-    let items = parse(&serde_json::from_str(&claimed).unwrap_or(json!([])));
-    if items.is_empty() {
-        return Ok(0);
-    }
-    let in_txn = |sql: &str, args: Vec<Value>| -> Result<Value, String> {
-        let v = txn(sql, args)?;
-        Ok(
-            v.and_then(|t| serde_json::from_str(&t).ok().or(Some(Value::String(t))))
-                .unwrap_or(Value::Null),
-        )
-    };
+    format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds', {max_attempts})::text")
+}
+
+/// The statement that records outcomes ($1: their JSON array).
+fn record_sql(schema: &str) -> String {
+    let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
+    let retry_ms = guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1);
+    format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text")
+}
+
+/// Sends claimed deliveries one after another; the outcomes, to record.
+fn send_all(items: &[Delivery], runner: Runner) -> Value {
+    let limits = Limits::from_settings();
     let mut results = Vec::with_capacity(items.len());
-    for d in &items {
+    for d in items {
         // SIGTERM between items: what was not attempted stays leased and is
         // delivered after the lease by the next worker
         pg_sys::check_for_interrupts!();
         let started = Instant::now();
-        let mut out = send(d, &limits, &in_txn);
+        let mut out = send(d, &limits, runner);
         if let Some(e) = out.error.take() {
             out.error = Some(redact_urls(&e));
         }
@@ -328,12 +342,49 @@ pub fn deliver_due(
             "duration_ms": started.elapsed().as_millis() as i64,
         }));
     }
-    let retry_ms = guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1);
-    txn(
-        &format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text"),
-        vec![Value::String(Value::Array(results).to_string())],
-    )?;
+    Value::Array(results)
+}
+
+/// One delivery round of the worker: claim, send, record, each step in its
+/// own transaction (`txn` runs a query returning one text value in one).
+/// Returns how many were attempted.
+pub fn deliver_due(
+    schema: &str,
+    txn: &dyn Fn(&str, Vec<Value>) -> Result<Option<String>, String>,
+) -> Result<usize, String> {
+    let claimed = txn(&claim_sql(schema), vec![])?.unwrap_or_else(|| "[]".into());
+    let items = parse(&serde_json::from_str(&claimed).unwrap_or(json!([])));
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let results = send_all(&items, Runner::Worker);
+    txn(&record_sql(schema), vec![Value::String(results.to_string())])?;
     Ok(items.len())
+}
+
+/// For `fraiseql_deliver_notifications()`: claims what is due, in the
+/// caller's transaction (the procedure commits it before sending).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_claim_due() -> pgrx::JsonB {
+    let sql = claim_sql(&crate::extension::schema());
+    let claimed = crate::sql::one::<String>(&sql, &[])
+        .unwrap_or_else(|e| error!("fraiseql_obs: claiming deliveries failed: {e}"))
+        .unwrap_or_else(|| "[]".into());
+    pgrx::JsonB(serde_json::from_str(&claimed).unwrap_or(json!([])))
+}
+
+/// Sends what `_fraiseql_claim_due()` claimed; returns the outcomes.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_send_deliveries(claimed: pgrx::JsonB) -> pgrx::JsonB {
+    pgrx::JsonB(send_all(&parse(&claimed.0), Runner::Session))
+}
+
+/// Records the outcomes `_fraiseql_send_deliveries()` returned.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_record_due(results: pgrx::JsonB) {
+    let sql = record_sql(&crate::extension::schema());
+    crate::sql::one::<String>(&sql, &[results.0.to_string().into()])
+        .unwrap_or_else(|e| error!("fraiseql_obs: recording deliveries failed: {e}"));
 }
 
 /// Wakes this database's worker when the current transaction commits.

@@ -58,3 +58,49 @@ def test_an_idle_worker_takes_no_transaction_ids(cluster, db):
         with cluster.connect() as c:
             c.execute("ALTER SYSTEM RESET fraiseql_obs.maintenance_interval")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_without_the_preload_a_procedure_delivers():
+    """No shared_preload_libraries: no worker. `CALL fraiseql_deliver_notifications()`
+    (from pg_cron or a script) delivers what captures queued."""
+    import json
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+
+    from conftest import ROOT, Cluster, free_port
+    from receivers import HttpReceiver
+
+    path = pathlib.Path(f"/tmp/fraiseql_obs_nopreload_{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    port = free_port()
+    subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(path), str(port),
+                    "shared_preload_libraries = ''",
+                    "fraiseql_obs.notification_allowed_hosts = '127.0.0.1'"], check=True, capture_output=True)
+    http = HttpReceiver().start()
+    try:
+        cl = Cluster(path, port)
+        name = cl.new_database()
+        with cl.connect(name) as c:
+            assert c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'fraiseql_obs%'").fetchone()[0] == 0
+            c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('webhook', %s)",
+                      (json.dumps({"url": http.url + "/hook"}),))
+            c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('pg_notify', '{}')")
+            c.execute("SELECT fraiseql_capture_error('E', 'no worker here')")
+            assert c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 2
+            with cl.connect(name) as listener:
+                listener.execute("LISTEN fraiseql_obs_errors")
+                c.execute("CALL fraiseql_deliver_notifications()")
+                notes = list(listener.notifies(timeout=5, stop_after=1))
+            assert notes and json.loads(notes[0].payload)["error_type"] == "E"
+            assert len(http.requests) == 1
+            assert c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 0
+            assert sorted(r[0] for r in c.execute("SELECT status FROM tb_error_notification_log")) == ["sent", "sent"]
+            # nothing due: a no-op
+            c.execute("CALL fraiseql_deliver_notifications()")
+            assert len(http.requests) == 1
+    finally:
+        http.stop()
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(path)], check=False, capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
