@@ -338,6 +338,12 @@ DECLARE
     v_reason text;
     n        integer := 0;
 BEGIN
+    -- milestones are decided by the fold: a database without a worker now
+    -- gets one when this capture commits
+    IF EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
+                WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
+        PERFORM @extschema@._fraiseql_wake_worker();
+    END IF;
     FOR r IN
         SELECT * FROM @extschema@.tb_error_notification_config c
          WHERE c.enabled
@@ -522,6 +528,15 @@ DECLARE
     v_status text;
 BEGIN
     FOR r IN SELECT * FROM jsonb_array_elements(p_results) LOOP
+        IF (r->>'deferred')::boolean THEN
+            -- not attempted (its destination had enough in flight): back in
+            -- the queue, unattempted, behind what else is due
+            UPDATE @extschema@.tb_notification_queue
+               SET locked_until = NULL, attempt = greatest(attempt - 1, 0),
+                   next_attempt_at = now() + interval '1 second'
+             WHERE delivery_id = (r->>'delivery_id')::uuid;
+            CONTINUE;
+        END IF;
         v_final := (r->>'ok')::boolean OR (r->>'attempt')::integer >= p_max_attempts OR (r->>'permanent')::boolean;
         v_status := CASE WHEN (r->>'ok')::boolean THEN 'sent' WHEN v_final THEN 'failed' ELSE 'retrying' END;
         INSERT INTO @extschema@.tb_error_notification_log
@@ -568,6 +583,22 @@ BEGIN
         COMMIT;
     END LOOP;
 END
+$$;
+
+-- When this database next needs its worker if nothing wakes it before: a
+-- retry, a lease that runs out, a digest window that closes, maintenance.
+CREATE FUNCTION _fraiseql_next_due(p_maintenance_every interval) RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT least(
+        (SELECT coalesce(max(m.started_at), now()) + p_maintenance_every
+           FROM @extschema@.tb_maintenance_run m WHERE m.triggered_by = 'worker'),
+        (SELECT min(greatest(q.next_attempt_at, coalesce(q.locked_until, q.next_attempt_at)))
+           FROM @extschema@.tb_notification_queue q),
+        (SELECT min(d.window_start + c.rate_limit_minutes * interval '1 minute')
+           FROM @extschema@.tb_notification_digest d
+           JOIN @extschema@.tb_error_notification_config c ON c.config_id = d.config_id))
 $$;
 
 -- Notifications waiting or being retried.

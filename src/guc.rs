@@ -16,6 +16,8 @@ pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static MAINTENANCE_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static LAUNCHER_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
+pub static WORKER_IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 
 pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static PREMAKE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
@@ -108,6 +110,24 @@ pub fn define() {
         &LAUNCHER_NAPTIME_S,
         1,
         3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"fraiseql_obs.max_workers",
+        c"Database workers running at once, over all databases (each takes a max_worker_processes slot).",
+        &MAX_WORKERS,
+        1,
+        1024,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.worker_idle_timeout",
+        c"A database worker with nothing to do for this long exits (its database is served again when needed).",
+        &WORKER_IDLE_TIMEOUT_S,
+        1,
+        86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

@@ -23,6 +23,13 @@ pub struct Slot {
     pub hold_until: i64,
     /// why it is held: 1 = extension not installed (CREATE EXTENSION lifts it)
     pub hold_reason: u8,
+    /// work is waiting (a notification was queued): serve it when a slot is free
+    pub wanted: bool,
+    /// unix seconds when the database next needs a worker if nothing wakes it
+    /// (maintenance, a retry, a digest window; 0: now)
+    pub next_due: i64,
+    /// unix seconds since when it waits for a worker slot (0: not waiting)
+    pub waiting_since: i64,
 }
 
 #[derive(Copy, Clone)]
@@ -30,6 +37,12 @@ pub struct Registry {
     pub launcher_pid: i32,
     /// set by CREATE EXTENSION: forget the hold times and look again
     pub rescan: bool,
+    /// CREATE EXTENSION commits so far: a worker that found no extension
+    /// holds its database off only if none committed since it looked
+    pub installs: u64,
+    /// databases due or wanted that wait for a worker slot: a worker that
+    /// has served a round then makes room
+    pub waiting: u32,
     pub slots: [Slot; MAX_DATABASES],
 }
 
@@ -38,6 +51,8 @@ impl Default for Registry {
         Registry {
             launcher_pid: 0,
             rescan: false,
+            installs: 0,
+            waiting: 0,
             slots: [Slot::default(); MAX_DATABASES],
         }
     }
@@ -192,15 +207,22 @@ unsafe extern "C-unwind" fn on_xact_event(
                     let mut reg = REGISTRY.exclusive();
                     if launcher {
                         reg.rescan = true;
+                        reg.installs = reg.installs.wrapping_add(1);
                     }
-                    let worker_pid = reg
-                        .slots
-                        .iter()
-                        .find(|s| s.db_oid == db)
-                        .map(|s| s.pid)
-                        .unwrap_or(0);
+                    let launcher_pid = reg.launcher_pid;
+                    let slot = reg.slots.iter_mut().find(|s| s.db_oid == db);
+                    let worker_pid = slot.as_ref().map(|s| s.pid).unwrap_or(0);
+                    // Work is waiting. The worker clears this at the start of a
+                    // round and does not exit while it is set; with no worker,
+                    // the launcher starts one.
+                    let need_launcher = worker && worker_pid == 0;
+                    if worker {
+                        if let Some(s) = slot {
+                            s.wanted = true;
+                        }
+                    }
                     [
-                        if launcher { reg.launcher_pid } else { 0 },
+                        if launcher || need_launcher { launcher_pid } else { 0 },
                         if worker { worker_pid } else { 0 },
                     ]
                 };

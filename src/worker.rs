@@ -2,14 +2,20 @@
 //!
 //! * The **launcher** (one per cluster, started with the server when the
 //!   library is in shared_preload_libraries, after recovery so a standby waits
-//!   for promotion) connects to no database. Every `launcher_naptime` it lists
-//!   the databases and starts a **database worker** for each one that has none.
+//!   for promotion) connects to no database. It lists the databases and
+//!   starts a **database worker** for each one that needs one, at most
+//!   `max_workers` at once: work waiting (`wanted`, set at commit by a
+//!   capture that queued a notification), or due (`next_due`: maintenance, a
+//!   retry, a digest window, the periodic round), longest waiting first.
 //! * A **database worker** checks that the extension is installed (if not, it
 //!   tells the registry to leave that database alone for a while, and exits
 //!   quietly), then loops: fold the occurrence counters and refresh the
-//!   dashboards' rollups every `flush_interval`, run `fraiseql_run_maintenance('worker')` every
-//!   `maintenance_interval` (and once at start). Each step is its own short
-//!   transaction; an error is logged and the step retried on the next tick.
+//!   dashboards' rollups every `flush_interval`, run `fraiseql_run_maintenance('worker')`
+//!   when `maintenance_interval` has passed since the last run, deliver what
+//!   is due. Each step is its own short transaction; an error is logged and
+//!   the step retried on the next tick. It leaves when idle for
+//!   `worker_idle_timeout`, or after a round when other databases wait for a
+//!   slot, saying when its database is next due.
 //! * SIGTERM uses PostgreSQL's own `die` handler, so it interrupts even a
 //!   running query; SIGHUP reloads the configuration.
 //! * `DROP DATABASE`, `ALTER DATABASE ... RENAME`, `CREATE DATABASE ...
@@ -31,8 +37,11 @@ use std::time::{Duration, Instant};
 const LIBRARY: &str = "fraiseql_obs";
 const LAUNCHER_TYPE: &str = "fraiseql_obs launcher";
 const WORKER_TYPE: &str = "fraiseql_obs worker";
-/// How long a database without the extension is left alone.
-const NOT_INSTALLED_HOLD_S: i64 = 60;
+/// How long a database without the extension is left alone (CREATE
+/// EXTENSION anywhere makes the launcher look again at once).
+const NOT_INSTALLED_HOLD_S: i64 = 600;
+/// A database gets a worker at least this often (its folds and rollups).
+const SWEEP_S: i64 = 60;
 /// How long a database being dropped or renamed is left alone.
 const DROP_HOLD_S: i64 = 30;
 
@@ -264,6 +273,7 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                 )
             });
             let now = shmem::now_secs();
+            let budget = guc::MAX_WORKERS.get().max(1) as usize;
             let mut to_start = Vec::new();
             {
                 let mut reg = REGISTRY.exclusive();
@@ -274,6 +284,10 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                         *s = shmem::Slot::default();
                     }
                 }
+                // Databases that need a worker now: work waiting (a queued
+                // notification, CREATE EXTENSION) or due (maintenance, a
+                // retry, a digest, the periodic round). Longest waiting first.
+                let mut candidates: Vec<(i64, usize, u32, String)> = Vec::new();
                 for db in &dbs {
                     if children.contains_key(&db.oid) {
                         continue;
@@ -295,10 +309,25 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     if rescan && slot.hold_reason == HOLD_NOT_INSTALLED {
                         slot.hold_until = 0;
                     }
-                    if slot.pid == 0 && slot.hold_until <= now {
-                        to_start.push((db.oid, db.name.clone()));
+                    if slot.pid != 0 || slot.hold_until > now {
+                        continue;
+                    }
+                    if slot.wanted || slot.next_due <= now {
+                        if slot.waiting_since == 0 {
+                            slot.waiting_since = now;
+                        }
+                        candidates.push((slot.waiting_since, idx, db.oid, db.name.clone()));
                     }
                 }
+                candidates.sort();
+                let free = budget.saturating_sub(children.len());
+                for (_, idx, oid, name) in candidates.iter().take(free) {
+                    let slot = &mut reg.slots[*idx];
+                    slot.wanted = false;
+                    slot.waiting_since = 0;
+                    to_start.push((*oid, name.clone()));
+                }
+                reg.waiting = candidates.len().saturating_sub(free) as u32;
             }
             for (oid, name) in to_start {
                 let started = BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} {name}"))
@@ -317,16 +346,33 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                         warned.remove(&oid);
                     }
                     Err(_) => {
+                        // no free max_worker_processes slot: asked again next time
+                        if let Some(s) = REGISTRY.exclusive().slots.iter_mut().find(|s| s.db_oid == oid) {
+                            s.wanted = true;
+                        }
                         if warned.insert(oid) {
                             warning!(
-                                "fraiseql_obs launcher: could not start a worker for database \"{name}\" (raise max_worker_processes); retrying quietly"
+                                "fraiseql_obs launcher: could not start a worker for database \"{name}\" (raise max_worker_processes, or lower fraiseql_obs.max_workers); retrying quietly"
                             );
                         }
                     }
                 }
             }
         }
-        let nap = Duration::from_secs(guc::LAUNCHER_NAPTIME_S.get().max(1) as u64);
+        // woken by a worker that exits, a capture that queued a
+        // notification, CREATE EXTENSION; otherwise when the next database
+        // is due
+        let now = shmem::now_secs();
+        let next_due = REGISTRY
+            .share()
+            .slots
+            .iter()
+            .filter(|s| s.db_oid != 0 && s.pid == 0)
+            .map(|s| s.next_due.max(s.hold_until))
+            .min()
+            .unwrap_or(i64::MAX);
+        let naptime = guc::LAUNCHER_NAPTIME_S.get().max(1) as i64;
+        let nap = Duration::from_secs(next_due.saturating_sub(now).clamp(1, naptime) as u64);
         wait(nap);
     }
 }
@@ -388,6 +434,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     if held_for_drop {
         return;
     }
+    let installs_seen = REGISTRY.share().installs;
     let appname = CString::new(WORKER_TYPE).unwrap_or_default();
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
     // The worker is a superuser, and a database's owner may `ALTER DATABASE
@@ -425,11 +472,19 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         Ok(Some(s)) => s,
         _ => {
             // Not installed here (yet): leave this database alone for a while.
-            // CREATE EXTENSION wakes the launcher, which then comes back at once.
-            set_my_slot(oid, |s| {
-                s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
-                s.hold_reason = HOLD_NOT_INSTALLED;
-            });
+            // CREATE EXTENSION wakes the launcher, which then comes back at
+            // once; one that committed while we looked may be this
+            // database's, so then no hold.
+            let mut reg = REGISTRY.exclusive();
+            let raced = reg.installs != installs_seen;
+            if let Some(s) = reg.slots.iter_mut().find(|s| s.db_oid == oid) {
+                if raced {
+                    s.next_due = 0;
+                } else {
+                    s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
+                    s.hold_reason = HOLD_NOT_INSTALLED;
+                }
+            }
             return;
         }
     };
@@ -439,25 +494,48 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     let flush_sql = format!("SELECT {schema}.fraiseql_flush_counts()::text");
     let rollup_sql = format!("SELECT {schema}.fraiseql_refresh_rollups()::text");
     let maintenance_sql = format!("SELECT {schema}.fraiseql_run_maintenance('worker')::text");
-    let mut next_maintenance = Instant::now();
+    // maintenance is due by the last run's time (this worker may be one of
+    // many that served the database in turn)
+    let mut next_maintenance = Instant::now() + seconds(&format!(
+        "SELECT greatest(0, extract(epoch FROM coalesce(max(m.started_at), now() - interval '1 year') \
+                + make_interval(secs => {}) - now()))::text \
+           FROM {schema}.tb_maintenance_run m WHERE m.triggered_by = 'worker'",
+        guc::MAINTENANCE_INTERVAL_S.get().max(1)
+    ));
     let mut next_flush = Instant::now();
     // last error of each step (flush, maintenance, delivery, rollups), to log each problem once
     let mut last_errors: [Option<String>; 4] = [None, None, None, None];
     let mut more_to_deliver = false;
+    // The worker serves its database while there is work, then exits: idle
+    // databases hold no worker slot, and when databases wait for a slot
+    // (fraiseql_obs.max_workers) each worker makes room after a round.
+    let mut last_work = Instant::now();
+    let mut rounds = 0u64;
 
     loop {
         if guc::WORKER_ENABLED.get() {
             let now = Instant::now();
             let mut failures: Vec<(usize, &str, String)> = Vec::new();
             let mut successes: Vec<usize> = Vec::new();
+            let mut worked = false;
+            // what was asked of this database until now is served by this round
+            set_my_slot(oid, |s| s.wanted = false);
             if now >= next_flush {
                 match step("flushing counters", &flush_sql) {
-                    Ok(()) => successes.push(0),
+                    Ok(r) => {
+                        worked |= r.as_deref() != Some("0");
+                        successes.push(0)
+                    }
                     Err(e) => failures.push((0, "flushing counters", e)),
                 }
                 // the dashboards' rollups, in their own transaction
                 match step("rolling up", &rollup_sql) {
-                    Ok(()) => successes.push(3),
+                    Ok(r) => {
+                        worked |= !r.as_deref().is_some_and(|t| {
+                            t.contains("\"spans\": 0, \"occurrences\": 0") || t.contains("busy")
+                        });
+                        successes.push(3)
+                    }
                     Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                 }
                 next_flush = Instant::now()
@@ -465,7 +543,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             }
             if now >= next_maintenance {
                 match step("maintenance", &maintenance_sql) {
-                    Ok(()) => successes.push(1),
+                    Ok(_) => successes.push(1),
                     Err(e) => failures.push((1, "maintenance", e)),
                 }
                 next_maintenance = Instant::now()
@@ -477,6 +555,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             match crate::notify::deliver_due(&schema, &query_text) {
                 Ok(n) => {
                     successes.push(2);
+                    worked |= n > 0;
                     more_to_deliver = n >= guc::NOTIFY_BATCH_SIZE.get().max(1) as usize;
                 }
                 Err(e) => {
@@ -499,6 +578,40 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             }
             for (i, what, e) in failures {
                 note_error(what, e, &mut last_errors[i]);
+            }
+            rounds += 1;
+            if worked {
+                last_work = Instant::now();
+            }
+            let others_wait = REGISTRY.share().waiting > 0;
+            let idle = last_work.elapsed()
+                >= Duration::from_secs(guc::WORKER_IDLE_TIMEOUT_S.get().max(1) as u64);
+            if !more_to_deliver && ((others_wait && rounds >= 1) || idle) {
+                // when to come back if nothing wakes the database before
+                let due = seconds(&format!(
+                    "SELECT extract(epoch FROM {schema}._fraiseql_next_due(make_interval(secs => {})) - now())::text",
+                    guc::MAINTENANCE_INTERVAL_S.get().max(1)
+                ));
+                let due = (due.as_secs() as i64).min(SWEEP_S);
+                // Leaves unless work was asked for meanwhile: decided under the
+                // registry lock, which a committing capture takes to ask, so
+                // no request falls between this worker and the next one.
+                let leave = {
+                    let mut reg = REGISTRY.exclusive();
+                    match reg.slots.iter_mut().find(|s| s.db_oid == oid && s.pid == me) {
+                        Some(s) if s.wanted => false,
+                        Some(s) => {
+                            s.next_due = shmem::now_secs() + due.max(0);
+                            s.pid = 0;
+                            true
+                        }
+                        None => true,
+                    }
+                };
+                if leave {
+                    return;
+                }
+                continue;
             }
         }
         let until = next_flush.min(next_maintenance);
@@ -546,17 +659,29 @@ fn query_text(sql: &str, args: Vec<serde_json::Value>) -> Result<Option<String>,
     .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
-/// One step of the worker, in its own transaction; the error text if it failed.
-fn step(what: &str, sql: &str) -> Result<(), String> {
+/// One step of the worker, in its own transaction: its result, or the
+/// error text if it failed.
+fn step(what: &str, sql: &str) -> Result<Option<String>, String> {
     report_activity(Some(&format!("fraiseql_obs: {what}")));
     let sql = sql.to_string();
     let r = in_transaction(move || crate::sql::one::<String>(&sql, &[]));
     report_activity(None);
     match r {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e),
     }
+}
+
+/// A query's answer in seconds (0 when it fails or says nothing).
+fn seconds(sql: &str) -> Duration {
+    let secs = step("scheduling", sql)
+        .ok()
+        .flatten()
+        .and_then(|t| t.parse::<f64>().ok())
+        .filter(|s| s.is_finite())
+        .unwrap_or(0.0);
+    Duration::from_secs_f64(secs.clamp(0.0, 86400.0 * 365.0))
 }
 
 /// Logs a failure once per distinct message, so a persisting problem does not

@@ -11,7 +11,7 @@
 //! allow_plaintext_login (a login over tls "none" is refused without it),
 //! from_address (or from), to (a list or one address), subject, template.
 use super::destination::AllowList;
-use super::{allowed_hosts, render, Delivery, Escape, Limits, Outcome};
+use super::{render, Delivery, Escape, Limits, Outcome};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -130,14 +130,14 @@ pub const MAX_CA_BYTES: usize = 64 * 1024;
 /// directory the superuser named (fraiseql_obs.tls_ca_directory). Nothing
 /// else on the server's file system is read; the error never says whether a
 /// file exists.
-fn extra_ca(c: &Value) -> Result<Option<Certificate>, String> {
+fn extra_ca(c: &Value, limits: &Limits) -> Result<Option<Certificate>, String> {
     let pem: Vec<u8> = if let Some(pem) = s(c, "tls_ca_pem") {
         if pem.len() > MAX_CA_BYTES {
             return Err(format!("tls_ca_pem is larger than {MAX_CA_BYTES} bytes"));
         }
         pem.as_bytes().to_vec()
     } else if let Some(name) = s(c, "tls_ca_file") {
-        read_ca_file(name)?
+        read_ca_file(name, limits.tls_ca_directory.as_deref())?
     } else {
         return Ok(None);
     };
@@ -146,13 +146,13 @@ fn extra_ca(c: &Value) -> Result<Option<Certificate>, String> {
         .map_err(|e| format!("the CA certificate is not valid PEM: {e}"))
 }
 
-fn read_ca_file(name: &str) -> Result<Vec<u8>, String> {
+fn read_ca_file(name: &str, dir: Option<&str>) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let unusable = || {
         format!("tls_ca_file \"{name}\" is not usable (a file name within fraiseql_obs.tls_ca_directory)")
     };
-    let Some(dir) = crate::guc::text(&crate::guc::TLS_CA_DIRECTORY) else {
+    let Some(dir) = dir else {
         return Err("tls_ca_file needs the setting fraiseql_obs.tls_ca_directory (set by a superuser); or give tls_ca_pem inline".into());
     };
     if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
@@ -238,7 +238,7 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
         );
     }
     // the connection goes to the checked address; TLS verifies the name
-    let addr = match AllowList::parse(&allowed_hosts()).resolve(host, port) {
+    let addr = match AllowList::parse(&limits.allowed_hosts).resolve(host, port) {
         Ok(a) => a,
         Err(e) => return Outcome::failed(e, true),
     };
@@ -246,7 +246,7 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
         "none" => Tls::None,
         mode => {
             let mut params = TlsParameters::builder(host.to_string());
-            match extra_ca(c) {
+            match extra_ca(c, limits) {
                 Ok(Some(cert)) => params = params.add_root_certificate(cert),
                 Ok(None) => {}
                 Err(e) => return Outcome::failed(e, true),

@@ -64,9 +64,14 @@ impl Outcome {
     }
 }
 
+/// The settings a delivery needs, read on the main thread (the network
+/// channels run on threads of their own, which never call into PostgreSQL).
+#[derive(Clone)]
 pub struct Limits {
     pub connect: Duration,
     pub total: Duration,
+    pub allowed_hosts: String,
+    pub tls_ca_directory: Option<String>,
 }
 
 impl Limits {
@@ -74,7 +79,16 @@ impl Limits {
         Limits {
             connect: Duration::from_millis(guc::NOTIFY_CONNECT_TIMEOUT_MS.get().max(1) as u64),
             total: Duration::from_millis(guc::NOTIFY_TIMEOUT_MS.get().max(1) as u64),
+            allowed_hosts: allowed_hosts(),
+            tls_ca_directory: guc::text(&guc::TLS_CA_DIRECTORY),
         }
+    }
+
+    /// A network delivery's deadline, end to end (name lookup, connection,
+    /// TLS, every SMTP command): past it the delivery is a failed attempt,
+    /// whatever its thread is still waiting for.
+    fn deadline(&self) -> Duration {
+        self.connect + self.total + Duration::from_millis(500)
     }
 }
 
@@ -249,16 +263,48 @@ impl Runner {
     }
 }
 
-/// Sends one delivery. Network channels run here, with nothing locked;
-/// pg_notify and custom channels need the database.
-fn send(d: &Delivery, limits: &Limits, runner: Runner) -> Outcome {
+/// Whether a channel goes over the network (and so runs on a thread).
+fn is_network(d: &Delivery) -> bool {
+    d.rule_exists && matches!(d.channel_type.as_str(), "webhook" | "slack" | "email")
+}
+
+/// Where a network delivery goes: the bound on concurrent deliveries is
+/// per destination.
+fn destination(d: &Delivery) -> String {
+    let s = |k: &str| d.config.get(k).and_then(Value::as_str).unwrap_or("");
+    // host and port: two services on one host are two destinations
+    let authority = |url: &str| {
+        let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+        let a = rest.split(['/', '?', '#']).next().unwrap_or("");
+        a.rsplit('@').next().unwrap_or("").to_ascii_lowercase()
+    };
+    match d.channel_type.as_str() {
+        "webhook" => authority(s("url")),
+        "slack" => authority(s("webhook_url")),
+        _ => format!(
+            "{}:{}",
+            s("smtp_host").to_ascii_lowercase(),
+            d.config.get("smtp_port").map(Value::to_string).unwrap_or_default()
+        ),
+    }
+}
+
+/// A network delivery, on its thread: no PostgreSQL call in here.
+fn send_network(d: &Delivery, limits: &Limits) -> Outcome {
+    match d.channel_type.as_str() {
+        "webhook" => webhook::send(d, limits),
+        "slack" => slack::send(d, limits),
+        _ => email::send(d, limits),
+    }
+}
+
+/// Sends a delivery that needs the database (pg_notify, custom channels),
+/// on the main thread.
+fn send_local(d: &Delivery, runner: Runner) -> Outcome {
     if !d.rule_exists {
         return Outcome::failed("the rule was deleted or disabled before delivery", true);
     }
     match d.channel_type.as_str() {
-        "webhook" => webhook::send(d, limits),
-        "slack" => slack::send(d, limits),
-        "email" => email::send(d, limits),
         "pg_notify" => {
             let channel = d
                 .config
@@ -301,6 +347,30 @@ fn send(d: &Delivery, limits: &Limits, runner: Runner) -> Outcome {
     }
 }
 
+/// Network deliveries in flight per destination, counting those whose
+/// deadline passed and whose thread still waits on its peer: a hung
+/// destination never has more than this many threads.
+const PER_DESTINATION: usize = 2;
+/// Network deliveries in flight in this process, at most.
+const IN_FLIGHT: usize = 16;
+
+static LIVE: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn live_count(dest: &str) -> (usize, usize) {
+    let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let here = live.iter().find(|(d, _)| d == dest).map(|(_, n)| *n).unwrap_or(0);
+    (here, live.iter().map(|(_, n)| n).sum())
+}
+
+fn live_add(dest: &str, delta: isize) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    match live.iter_mut().find(|(d, _)| d == dest) {
+        Some(e) => e.1 = (e.1 as isize + delta).max(0) as usize,
+        None if delta > 0 => live.push((dest.to_string(), delta as usize)),
+        None => {}
+    }
+    live.retain(|(_, n)| *n > 0);
+}
 /// The statement that claims what is due, with the settings in force. A
 /// claimed delivery not recorded within its lease (the worker died in
 /// flight) is delivered again, with the same delivery id. The lease is one
@@ -322,27 +392,85 @@ fn record_sql(schema: &str) -> String {
     format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text")
 }
 
-/// Sends claimed deliveries one after another; the outcomes, to record.
+/// Sends claimed deliveries; the outcomes, to record. Network deliveries run
+/// on threads, in parallel across destinations (at most PER_DESTINATION at
+/// once to one destination), each within its deadline; meanwhile pg_notify
+/// and custom handlers run here, on the main thread, one after another, each
+/// within its statement timeout. A delivery beyond a destination's bound is
+/// deferred: it goes back to the queue unattempted. SIGTERM is checked while
+/// waiting: the process ends, its threads with it, and what was not recorded
+/// is delivered again after its lease.
 fn send_all(items: &[Delivery], runner: Runner) -> Value {
     let limits = Limits::from_settings();
-    let mut results = Vec::with_capacity(items.len());
-    for d in items {
-        // SIGTERM between items: what was not attempted stays leased and is
-        // delivered after the lease by the next worker
-        pg_sys::check_for_interrupts!();
-        let started = Instant::now();
-        let mut out = send(d, &limits, runner);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Outcome, Duration)>();
+    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    let mut pending: Vec<(usize, Instant)> = Vec::new();
+    let record = |d: &Delivery, mut out: Outcome, took: Duration| {
         if let Some(e) = out.error.take() {
             out.error = Some(redact_urls(&e));
         }
-        results.push(json!({
+        json!({
             "delivery_id": d.delivery_id, "config_id": d.config_id, "error_id": d.error_id,
             "channel_type": d.channel_type, "attempt": d.attempt, "ok": out.ok, "permanent": out.permanent,
             "error": out.error, "response_code": out.response_code, "recipient": out.recipient,
-            "duration_ms": started.elapsed().as_millis() as i64,
-        }));
+            "duration_ms": took.as_millis() as i64,
+        })
+    };
+    for (i, d) in items.iter().enumerate().filter(|(_, d)| is_network(d)) {
+        let dest = destination(d);
+        let (here, all) = live_count(&dest);
+        if here >= PER_DESTINATION || all >= IN_FLIGHT {
+            results[i] = Some(json!({"delivery_id": d.delivery_id, "deferred": true}));
+            continue;
+        }
+        live_add(&dest, 1);
+        let (d2, limits2, tx2, dest2) = (d.clone(), limits.clone(), tx.clone(), dest.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fraiseql_obs delivery".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let out = send_network(&d2, &limits2);
+                live_add(&dest2, -1);
+                let _ = tx2.send((i, out, started.elapsed()));
+            });
+        match spawned {
+            Ok(_) => pending.push((i, Instant::now() + limits.deadline())),
+            Err(e) => {
+                live_add(&dest, -1);
+                results[i] = Some(record(d, Outcome::failed(format!("no thread: {e}"), false), Duration::ZERO));
+            }
+        }
     }
-    Value::Array(results)
+    drop(tx);
+    for (i, d) in items.iter().enumerate().filter(|(_, d)| !is_network(d)) {
+        pg_sys::check_for_interrupts!();
+        let started = Instant::now();
+        results[i] = Some(record(d, send_local(d, runner), started.elapsed()));
+    }
+    while !pending.is_empty() {
+        pg_sys::check_for_interrupts!();
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((i, out, took)) => {
+                if let Some(p) = pending.iter().position(|(j, _)| *j == i) {
+                    pending.swap_remove(p);
+                    results[i] = Some(record(&items[i], out, took));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        pending.retain(|(i, deadline)| {
+            if now < *deadline {
+                return true;
+            }
+            let took = limits.deadline();
+            let msg = format!("no answer within the delivery deadline ({} ms)", took.as_millis());
+            results[*i] = Some(record(&items[*i], Outcome::failed(msg, false), took));
+            false
+        });
+    }
+    Value::Array(results.into_iter().flatten().collect())
 }
 
 /// One delivery round of the worker: claim, send, record, each step in its

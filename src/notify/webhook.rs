@@ -1,7 +1,7 @@
 //! Generic webhooks: url, method (POST, PUT, PATCH), headers; the body is the
 //! error as JSON (the seed's payload) or the rule's template.
 use super::destination::AllowList;
-use super::{allowed_hosts, render, Delivery, Escape, Limits, Outcome};
+use super::{render, Delivery, Escape, Limits, Outcome};
 use serde_json::Value;
 use std::net::SocketAddr;
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
@@ -94,7 +94,7 @@ pub fn http(
         return Outcome::failed("the url has no host", true);
     };
     let port = uri.port_u16().unwrap_or(default_port);
-    let addr = match AllowList::parse(&allowed_hosts()).resolve(&host, port) {
+    let addr = match AllowList::parse(&limits.allowed_hosts).resolve(&host, port) {
         Ok(a) => a,
         Err(e) => return Outcome::failed(e, true),
     };

@@ -74,6 +74,8 @@ def cluster():
         "fraiseql_obs.launcher_naptime = 1",
         "fraiseql_obs.maintenance_interval = 2",
         "fraiseql_obs.flush_interval = 100",
+        # workers stay (the tests look at their pids); test_operations tests leaving
+        "fraiseql_obs.worker_idle_timeout = 3600",
         "fraiseql_obs.ddl_lock_timeout = 200",
         # never send anything beyond this machine
         "fraiseql_obs.notification_allowed_hosts = '127.0.0.1,localhost'",

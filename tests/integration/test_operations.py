@@ -104,3 +104,106 @@ def test_without_the_preload_a_procedure_delivers():
         http.stop()
         subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(path)], check=False, capture_output=True)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_many_databases_share_a_few_workers():
+    """20 databases, max_worker_processes = 8 (PostgreSQL's default): every
+    database gets maintenance and its notifications promptly, and idle
+    databases hold no worker."""
+    import json
+    import os
+    import pathlib
+    import shutil
+    import statistics
+    import subprocess
+
+    from conftest import ROOT, Cluster, free_port
+    from receivers import HttpReceiver
+
+    path = pathlib.Path(f"/tmp/fraiseql_obs_many_{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    port = free_port()
+    subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(path), str(port),
+                    "max_worker_processes = 8", "fraiseql_obs.worker_idle_timeout = 3",
+                    "fraiseql_obs.flush_interval = 100", "fraiseql_obs.launcher_naptime = 1",
+                    "fraiseql_obs.notification_allowed_hosts = '127.0.0.1'"], check=True, capture_output=True)
+    http = HttpReceiver().start()
+    conns = {}
+    try:
+        cl = Cluster(path, port)
+        names = [cl.new_database() for _ in range(20)]
+        for n in names:
+            conns[n] = cl.connect(n)
+            conns[n].execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('webhook', %s)",
+                             (json.dumps({"url": f"{http.url}/{n}"}),))
+
+        def workers():
+            with cl.connect() as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fraiseql_obs worker'").fetchone()[0]
+
+        # every database is maintained (partitions made, a run recorded)
+        wait_for(lambda: all(c.execute("SELECT count(*) FROM tb_maintenance_run WHERE triggered_by = 'worker'").fetchone()[0]
+                             for c in conns.values()), timeout=60, what="maintenance in every database")
+        latencies = []
+        for rnd in range(5):
+            sent = {}
+            for n, c in conns.items():
+                c.execute("SELECT fraiseql_capture_error(%s, %s)", (f"E{rnd}", f"{n} round {rnd}"))
+                sent[f"{n} round {rnd}"] = time.monotonic()
+                assert workers() <= 4  # fraiseql_obs.max_workers
+            wait_for(lambda: all(any(k in r["body"] for r in http.requests) for k in sent), timeout=60,
+                     what=f"round {rnd} delivered in all 20 databases")
+            for k, t0 in sent.items():
+                at = min(r["at"] for r in http.requests if k in r["body"])
+                latencies.append(at - t0)
+        p50 = statistics.median(latencies)
+        print(f"notification latency with 20 databases: p50 {p50:.3f} s, max {max(latencies):.3f} s")
+        assert p50 < 1.0, f"notification p50 {p50:.3f} s with 20 active databases"
+        # idle: no worker left
+        wait_for(lambda: workers() == 0, timeout=30, what="idle databases release their workers")
+        # and a capture brings one back
+        c = conns[names[7]]
+        c.execute("SELECT fraiseql_capture_error('Late', 'after the quiet')")
+        wait_for(lambda: any("after the quiet" in r["body"] for r in http.requests), timeout=10, what="delivery after idling")
+    finally:
+        for c in conns.values():
+            c.close()
+        http.stop()
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(path)], check=False, capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_hung_destination_delays_nothing_else(cluster, db):
+    """20 deliveries to an endpoint that accepts and never answers; a message
+    for a healthy endpoint, and the counts, go on as if it were not there."""
+    import json
+
+    from receivers import HttpReceiver
+
+    hung, healthy = HttpReceiver(delay=30).start(), HttpReceiver().start()
+    try:
+        with cluster.connect(db) as c:
+            for url, etype in [(hung.url, "Hung"), (healthy.url, "Healthy")]:
+                c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config, error_type) "
+                          "VALUES ('webhook', %s, %s)", (json.dumps({"url": url}), etype))
+            for i in range(20):
+                c.execute("SELECT fraiseql_capture_error('Hung', %s)", (f"to the hung endpoint {i}",))
+            wait_for(lambda: hung.requests, what="the hung endpoint reached")
+            started = time.monotonic()
+            c.execute("SELECT fraiseql_capture_error('Healthy', 'to the healthy endpoint')")
+            wait_for(lambda: healthy.requests, timeout=10, what="the healthy delivery")
+            took = time.monotonic() - started
+            # within one delivery deadline (connect 0.5 + timeout 1.5 + 0.5 s) of the hung ones at worst
+            assert took < 3.0, f"the healthy endpoint waited {took:.2f} s behind the hung one"
+            # counts fold meanwhile
+            wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 21,
+                     timeout=5, what="folds while deliveries hang")
+            # the hung ones are failed attempts, retried later; at most 2 at once went to it
+            wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_notification_log WHERE error_message LIKE '%deadline%' "
+                                       "OR error_message LIKE '%timed out%' OR error_message LIKE '%timeout%'").fetchone()[0] >= 1,
+                     timeout=10, what="a hung delivery recorded as a failed attempt")
+            firsts = sorted(r["at"] for r in hung.requests)
+            assert len([t for t in firsts if t - firsts[0] < 1.0]) <= 2, "more than 2 at once to one destination"
+    finally:
+        hung.stop()
+        healthy.stop()

@@ -148,6 +148,10 @@ def test_database_without_extension_is_left_alone_until_created(cluster):
 def test_extension_in_its_own_schema(cluster):
     name = cluster.new_database(extension=False)
     try:
+        with cluster.connect() as c:
+            # the worker's maintenance (every 2 s here) would otherwise drop the
+            # old partition below before the test's own drop does
+            c.execute(f"ALTER DATABASE {name} SET fraiseql_obs.error_retention_months = 0")
         with cluster.connect(name) as c:
             c.execute("CREATE SCHEMA obs")
             c.execute("CREATE EXTENSION fraiseql_obs SCHEMA obs")
