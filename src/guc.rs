@@ -25,7 +25,7 @@ pub static ERROR_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
 pub static NOTIFICATION_LOG_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(6);
 pub static TRACE_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static METRIC_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
-pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
 
 pub static NOTIFY_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static NOTIFY_RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);

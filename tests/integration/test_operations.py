@@ -207,3 +207,62 @@ def test_a_hung_destination_delays_nothing_else(cluster, db):
     finally:
         hung.stop()
         healthy.stop()
+
+
+def test_maintenance_never_queues_writers(cluster, db):
+    """A report over recent data holds the table; maintenance makes a
+    partition (attached beside the report: SHARE UPDATE EXCLUSIVE on the
+    parent) and tries to drop an old one (skipped after its short lock
+    timeout, retried next run); no capture waits 200 ms."""
+    import threading
+
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET fraiseql_obs.ddl_lock_timeout = 100")
+        # only this test's run (the worker runs once at the change, then not for an hour)
+        c.execute("ALTER SYSTEM SET fraiseql_obs.maintenance_interval = 3600")
+        c.execute("SELECT pg_reload_conf()")
+    time.sleep(1)
+    try:
+        with cluster.connect(db) as c:
+            c.execute("SELECT fraiseql_capture_error('E', 'first')")
+            ahead = c.execute("SELECT max(partition_name) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass "
+                              "AND NOT is_default").fetchone()[0]
+            c.execute(f"DROP TABLE {ahead}")
+            c.execute("SELECT create_error_occurrence_partition((now() - interval '2 years')::date)")
+        report = cluster.connect(db, autocommit=False)
+        # holds ACCESS SHARE on the table (and its recent partitions) until the end
+        # (a dashboard's bounded range: constants, so the plan touches only that partition)
+        g = time.gmtime()
+        month, following = f"{g.tm_year}-{g.tm_mon:02}-01", (f"{g.tm_year + 1}-01-01" if g.tm_mon == 12
+                                                              else f"{g.tm_year}-{g.tm_mon + 1:02}-01")
+        report.execute(f"SELECT count(*) FROM tb_error_occurrence WHERE occurred_at >= '{month} 00:00+00' "
+                       f"AND occurred_at < '{following} 00:00+00'")
+        latencies, stop = [], threading.Event()
+
+        def writer():
+            with cluster.connect(db) as w:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    w.execute("SELECT fraiseql_capture_error('W', 'writer')")
+                    latencies.append(time.monotonic() - t0)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            time.sleep(0.3)
+            with cluster.connect(db) as c:
+                r = c.execute("SELECT fraiseql_run_maintenance()").fetchone()[0]
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            t.join()
+            report.rollback()
+            report.close()
+        assert ahead in r["created"], (r["skipped"], r)
+        assert any("drop" in s and "lock not available" in s for s in r["skipped"]), r
+        assert len(latencies) > 10 and max(latencies) < 0.2, f"a capture waited {max(latencies):.3f} s"
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.ddl_lock_timeout")
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.maintenance_interval")
+            c.execute("SELECT pg_reload_conf()")
