@@ -60,7 +60,9 @@ class Bench:
         self.port = free_port()
         subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(self.dir), str(self.port),
                         "shared_buffers = 512MB", "max_wal_size = 4GB", "checkpoint_timeout = 30min",
-                        "fraiseql_obs.maintenance_interval = 3600"], check=True)
+                        "fraiseql_obs.maintenance_interval = 3600",
+                        # the receivers are on this machine (refused by default)
+                        "fraiseql_obs.notification_allowed_hosts = '127.0.0.1'"], check=True)
         with self.connect("postgres") as c:
             c.execute("CREATE DATABASE bench")
         with self.connect() as c:
@@ -389,14 +391,22 @@ def main():
     started = datetime.datetime.now(datetime.timezone.utc)
     only = os.environ.get("BENCH_ONLY")  # quick iteration on one part; writes nothing
     if only:
+        sys.path.insert(0, str(ROOT / "bench"))
         b = Bench()
         try:
             {"capture": bench_capture, "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
+             "operations": lambda b: print("\n".join(__import__("operations").section(
+                 __import__("operations").bench_cost(), __import__("operations").bench_many_databases(),
+                 __import__("operations").bench_hung_destination()))),
              "retention": bench_retention, "panels": bench_panels, "notifications": bench_notifications}[only](b)
         finally:
             b.stop()
         return
     fp_table = bench_fingerprint()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import operations
+    ops = operations.section(operations.bench_cost(), operations.bench_many_databases(),
+                             operations.bench_hung_destination())
     b = Bench()
     try:
         capture = bench_capture(b)
@@ -495,6 +505,7 @@ def main():
         "|---|---|---:|---:|",
         *[f"| {d} | {t} | {a:,.0f} ms{' ⚠' if a > 200 else ''} | {b_:,.0f} ms{' ⚠' if b_ > 200 else ''} |" for d, t, a, b_ in panels],
         "",
+        *ops,
         "## Fingerprinting (issue: grouping)",
         "",
         "Microseconds per fingerprint of a 30-frame trace (a third of them library frames), beside",

@@ -187,6 +187,16 @@ CREATE TRIGGER tb_error_log_capture_cache_truncate
 -- ---------------------------------------------------------------------------
 CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint);
 
+-- The transactions still not counted after a fold that read with `snap`:
+-- those its snapshot saw running among the ones not counted before (all
+-- from `above`, and `in_progress`). The new state is (xmax of snap, this).
+CREATE FUNCTION _fraiseql_still_running(snap pg_snapshot, above xid8, in_progress xid8[]) RETURNS xid8[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY(SELECT x FROM pg_snapshot_xip(snap) AS x WHERE x >= above OR x = ANY (in_progress) ORDER BY x)
+$$;
+
 -- Fold the counts into tb_error_log. The worker runs this every
 -- flush_interval; call it by hand to bring tb_error_log up to date now
 -- (v_error_groups is always exact). Returns the number of groups updated.
@@ -252,9 +262,7 @@ BEGIN
         -- only when something was counted: an idle fold writes nothing
         UPDATE @extschema@.tb_error_fold_state s
            SET above = greatest(v_state.above, pg_snapshot_xmax(cur.snap)),
-               in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
-                                    WHERE x >= v_state.above OR x = ANY (v_state.in_progress)
-                                    ORDER BY x),
+               in_progress = @extschema@._fraiseql_still_running(cur.snap, v_state.above, v_state.in_progress),
                folded_at = now()
           FROM cur
          WHERE EXISTS (SELECT 1 FROM new)

@@ -533,7 +533,8 @@ BEGIN
             -- the queue, unattempted, behind what else is due
             UPDATE @extschema@.tb_notification_queue
                SET locked_until = NULL, attempt = greatest(attempt - 1, 0),
-                   next_attempt_at = now() + interval '1 second'
+                   next_attempt_at = CASE WHEN (r->>'later')::boolean THEN now() + interval '1 second'
+                                          ELSE next_attempt_at END
              WHERE delivery_id = (r->>'delivery_id')::uuid;
             CONTINUE;
         END IF;

@@ -177,9 +177,8 @@ BEGIN
     ), moved AS (
         UPDATE @extschema@.tb_rollup_state s
            SET span_above = greatest(v_state.span_above, pg_snapshot_xmax(cur.snap)),
-               span_in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
-                                         WHERE x >= v_state.span_above OR x = ANY (v_state.span_in_progress)
-                                         ORDER BY x)
+               span_in_progress = @extschema@._fraiseql_still_running(cur.snap, v_state.span_above,
+                                                                      v_state.span_in_progress)
           FROM cur
          WHERE EXISTS (SELECT 1 FROM new)
         RETURNING 1
@@ -231,9 +230,8 @@ BEGIN
     ), moved AS (
         UPDATE @extschema@.tb_rollup_state s
            SET error_above = greatest(v_state.error_above, pg_snapshot_xmax(cur.snap)),
-               error_in_progress = ARRAY(SELECT x FROM pg_snapshot_xip(cur.snap) AS x
-                                          WHERE x >= v_state.error_above OR x = ANY (v_state.error_in_progress)
-                                          ORDER BY x),
+               error_in_progress = @extschema@._fraiseql_still_running(cur.snap, v_state.error_above,
+                                                                       v_state.error_in_progress),
                rolled_at = now()
           FROM cur
          WHERE EXISTS (SELECT 1 FROM new)

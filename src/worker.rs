@@ -132,6 +132,15 @@ fn report_activity(what: Option<&str>) {
     }
 }
 
+/// The message of an error caught by PgTryBuilder.
+fn caught_message(e: pg_sys::panic::CaughtError) -> String {
+    match e {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r)
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+    }
+}
+
 /// Runs `f` in its own transaction. A PostgreSQL error is caught, the
 /// transaction rolled back, and the error returned as text.
 pub(crate) fn in_transaction<R>(
@@ -143,15 +152,7 @@ pub(crate) fn in_transaction<R>(
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let result = PgTryBuilder::new(|| Ok(f()))
-        .catch_others(|e| {
-            Err(match e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    r.message().to_string()
-                }
-            })
-        })
+        .catch_others(|e| Err(caught_message(e)))
         .execute();
     unsafe {
         match result {
@@ -181,15 +182,7 @@ pub(crate) fn in_subtransaction<R>(
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
         let result = PgTryBuilder::new(|| Ok(f()))
-            .catch_others(|e| {
-                Err(match e {
-                    pg_sys::panic::CaughtError::PostgresError(r)
-                    | pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                        r.message().to_string()
-                    }
-                })
-            })
+            .catch_others(|e| Err(caught_message(e)))
             .execute();
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),

@@ -347,11 +347,11 @@ fn send_local(d: &Delivery, runner: Runner) -> Outcome {
     }
 }
 
-/// Network deliveries in flight per destination, counting those whose
-/// deadline passed and whose thread still waits on its peer: a hung
-/// destination never has more than this many threads.
+/// Threads sending to one destination at once, counting those whose
+/// delivery went past its deadline and whose peer still holds them: a hung
+/// destination never has more than this many.
 const PER_DESTINATION: usize = 2;
-/// Network deliveries in flight in this process, at most.
+/// Sending threads in this process, at most.
 const IN_FLIGHT: usize = 16;
 
 static LIVE: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
@@ -371,16 +371,16 @@ fn live_add(dest: &str, delta: isize) {
     }
     live.retain(|(_, n)| *n > 0);
 }
+
 /// The statement that claims what is due, with the settings in force. A
 /// claimed delivery not recorded within its lease (the worker died in
-/// flight) is delivered again, with the same delivery id. The lease is one
-/// delivery's worst case (a custom handler's hard deadline): a claimer
-/// claims again only after recording, so a long batch outliving the leases
-/// of its last items is harmless.
+/// flight) is delivered again, with the same delivery id. The lease covers
+/// a batch's worst case (one deadline for the batch, one for a delivery
+/// started at its end, a custom handler's hard deadline).
 fn claim_sql(schema: &str) -> String {
     let limits = Limits::from_settings();
     let batch = guc::NOTIFY_BATCH_SIZE.get().max(1);
-    let lease_s = (limits.total.as_secs() * 2 + 5).max(10);
+    let lease_s = (limits.deadline().as_secs() * 2 + limits.total.as_secs() * 2 + 5).max(10);
     let max_attempts = guc::NOTIFY_MAX_ATTEMPTS.get().max(1);
     format!("SELECT {schema}._fraiseql_claim_deliveries({batch}, interval '{lease_s} seconds', {max_attempts})::text")
 }
@@ -392,19 +392,73 @@ fn record_sql(schema: &str) -> String {
     format!("SELECT {schema}._fraiseql_record_deliveries($1::jsonb, {max_attempts}, interval '{retry_ms} milliseconds')::text")
 }
 
-/// Sends claimed deliveries; the outcomes, to record. Network deliveries run
-/// on threads, in parallel across destinations (at most PER_DESTINATION at
-/// once to one destination), each within its deadline; meanwhile pg_notify
-/// and custom handlers run here, on the main thread, one after another, each
-/// within its statement timeout. A delivery beyond a destination's bound is
-/// deferred: it goes back to the queue unattempted. SIGTERM is checked while
-/// waiting: the process ends, its threads with it, and what was not recorded
-/// is delivered again after its lease.
+/// Destinations that just failed (timed out, refused, 5xx), and until when
+/// their deliveries wait: a hung destination is not tried again in every
+/// batch (its own deliveries back off anyway), so it cannot hold every batch
+/// for a deadline. A second, doubling with each failure in a row, up to a
+/// minute; a success forgets it. Touched by the main thread only.
+static COOLING: std::sync::Mutex<Vec<(String, Instant, u32)>> = std::sync::Mutex::new(Vec::new());
+
+fn cooling(dest: &str) -> bool {
+    let now = Instant::now();
+    COOLING
+        .lock()
+        .map(|c| c.iter().any(|(d, until, _)| d == dest && *until > now))
+        .unwrap_or(false)
+}
+
+fn cool(dest: &str, failed: bool) {
+    let Ok(mut c) = COOLING.lock() else { return };
+    let pos = c.iter().position(|(d, _, _)| d == dest);
+    match (pos, failed) {
+        (Some(i), false) => {
+            c.swap_remove(i);
+        }
+        (None, false) => {}
+        (pos, true) => {
+            let n = pos.map(|i| c[i].2 + 1).unwrap_or(1).min(16);
+            // from a second, so that a destination that hangs holds at most
+            // one batch in a few
+            let base = (guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1) as u64).max(1000);
+            let wait = Duration::from_millis(base.saturating_mul(1 << (n - 1))).min(Duration::from_secs(60));
+            match pos {
+                Some(i) => c[i] = (dest.to_string(), Instant::now() + wait, n),
+                None => c.push((dest.to_string(), Instant::now() + wait, n)),
+            }
+        }
+    }
+}
+
+/// What a sending thread tells the main thread.
+enum Event {
+    Started(usize, Instant),
+    Done(usize, Outcome, Duration),
+}
+
+/// Sends claimed deliveries; the outcomes, to record.
+///
+/// Network deliveries go out on threads: per destination (host and port) at
+/// most PER_DESTINATION threads, each taking that destination's deliveries
+/// one after another, so destinations never wait for one another. Every
+/// delivery has a deadline end to end. A destination that times out or
+/// refuses is not tried again in this batch, and after one deadline the
+/// batch takes no new delivery: what was not started goes back to the
+/// queue unattempted ("deferred"), so a hung destination delays the rest of
+/// the worker by one deadline at most. Meanwhile pg_notify and custom
+/// handlers run here, on the main thread, which checks for SIGTERM while it
+/// waits (the process ends, its threads with it, and what was not recorded
+/// is delivered again after its lease).
 fn send_all(items: &[Delivery], runner: Runner) -> Value {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+
     let limits = Limits::from_settings();
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, Outcome, Duration)>();
+    let batch_started = Instant::now();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let closed = Arc::new(AtomicBool::new(false));
     let mut results: Vec<Option<Value>> = vec![None; items.len()];
-    let mut pending: Vec<(usize, Instant)> = Vec::new();
+    let shared: Arc<Vec<Delivery>> = Arc::new(items.to_vec());
     let record = |d: &Delivery, mut out: Outcome, took: Duration| {
         if let Some(e) = out.error.take() {
             out.error = Some(redact_urls(&e));
@@ -416,28 +470,62 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
             "duration_ms": took.as_millis() as i64,
         })
     };
+    // `later`: its destination is busy or failing, so not at once again
+    let deferred = |d: &Delivery, later: bool| json!({"delivery_id": d.delivery_id, "deferred": true, "later": later});
+
+    let mut by_destination: HashMap<String, VecDeque<usize>> = HashMap::new();
+    let mut failed_destinations: Vec<(String, Arc<AtomicBool>)> = Vec::new();
     for (i, d) in items.iter().enumerate().filter(|(_, d)| is_network(d)) {
-        let dest = destination(d);
-        let (here, all) = live_count(&dest);
-        if here >= PER_DESTINATION || all >= IN_FLIGHT {
-            results[i] = Some(json!({"delivery_id": d.delivery_id, "deferred": true}));
+        by_destination.entry(destination(d)).or_default().push_back(i);
+    }
+    for (dest, queue) in by_destination {
+        if cooling(&dest) {
+            for i in queue {
+                results[i] = Some(deferred(&items[i], true));
+            }
             continue;
         }
-        live_add(&dest, 1);
-        let (d2, limits2, tx2, dest2) = (d.clone(), limits.clone(), tx.clone(), dest.clone());
-        let spawned = std::thread::Builder::new()
-            .name("fraiseql_obs delivery".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let out = send_network(&d2, &limits2);
-                live_add(&dest2, -1);
-                let _ = tx2.send((i, out, started.elapsed()));
-            });
-        match spawned {
-            Ok(_) => pending.push((i, Instant::now() + limits.deadline())),
-            Err(e) => {
+        let (here, all) = live_count(&dest);
+        let threads = PER_DESTINATION
+            .saturating_sub(here)
+            .min(IN_FLIGHT.saturating_sub(all))
+            .min(queue.len());
+        if threads == 0 {
+            for i in queue {
+                results[i] = Some(deferred(&items[i], true));
+            }
+            continue;
+        }
+        let queue = Arc::new(Mutex::new(queue));
+        let failed = Arc::new(AtomicBool::new(false));
+        failed_destinations.push((dest.clone(), failed.clone()));
+        for _ in 0..threads {
+            live_add(&dest, 1);
+            let (queue, failed, closed, tx) = (queue.clone(), failed.clone(), closed.clone(), tx.clone());
+            let (mine, limits, dest2) = (shared.clone(), limits.clone(), dest.clone());
+            let spawned = std::thread::Builder::new()
+                .name("fraiseql_obs delivery".into())
+                .spawn(move || {
+                    loop {
+                        if failed.load(Ordering::Relaxed) || closed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let Some(i) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
+                            break;
+                        };
+                        let started = Instant::now();
+                        let _ = tx.send(Event::Started(i, started));
+                        let out = send_network(&mine[i], &limits);
+                        if !out.ok && !out.permanent {
+                            // timed out, refused, 5xx: not again in this batch
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        let _ = tx.send(Event::Done(i, out, started.elapsed()));
+                    }
+                    live_add(&dest2, -1);
+                });
+            if spawned.is_err() {
                 live_add(&dest, -1);
-                results[i] = Some(record(d, Outcome::failed(format!("no thread: {e}"), false), Duration::ZERO));
             }
         }
     }
@@ -447,28 +535,58 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
         let started = Instant::now();
         results[i] = Some(record(d, send_local(d, runner), started.elapsed()));
     }
-    while !pending.is_empty() {
+    // wait for the threads: each started delivery until its own deadline;
+    // none started after one deadline from the batch's start
+    let mut in_flight: HashMap<usize, Instant> = HashMap::new();
+    loop {
         pg_sys::check_for_interrupts!();
+        if batch_started.elapsed() >= limits.deadline() {
+            closed.store(true, Ordering::Relaxed);
+        }
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok((i, out, took)) => {
-                if let Some(p) = pending.iter().position(|(j, _)| *j == i) {
-                    pending.swap_remove(p);
+            Ok(Event::Started(i, at)) => {
+                in_flight.insert(i, at + limits.deadline());
+            }
+            Ok(Event::Done(i, out, took)) => {
+                if in_flight.remove(&i).is_some() && results[i].is_none() {
+                    if !out.permanent {
+                        cool(&destination(&items[i]), !out.ok);
+                    }
                     results[i] = Some(record(&items[i], out, took));
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // every thread has finished or given up
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
-        pending.retain(|(i, deadline)| {
+        in_flight.retain(|i, deadline| {
             if now < *deadline {
                 return true;
             }
             let took = limits.deadline();
             let msg = format!("no answer within the delivery deadline ({} ms)", took.as_millis());
+            cool(&destination(&items[*i]), true);
             results[*i] = Some(record(&items[*i], Outcome::failed(msg, false), took));
             false
         });
+        // past the batch's deadline with nothing in flight: the threads left
+        // are waiting on peers past their own deadlines
+        if closed.load(Ordering::Relaxed) && in_flight.is_empty() {
+            break;
+        }
+    }
+    closed.store(true, Ordering::Relaxed);
+    // what no thread started goes back to the queue: at once if the batch
+    // merely ran out of time, a little later if its destination failed
+    let failing: Vec<String> = failed_destinations.iter()
+        .filter(|(_, f)| f.load(Ordering::Relaxed))
+        .map(|(d, _)| d.clone())
+        .collect();
+    for (i, d) in items.iter().enumerate() {
+        if results[i].is_none() {
+            results[i] = Some(deferred(d, failing.contains(&destination(d))));
+        }
     }
     Value::Array(results.into_iter().flatten().collect())
 }
