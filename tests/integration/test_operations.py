@@ -266,3 +266,41 @@ def test_maintenance_never_queues_writers(cluster, db):
             c.execute("ALTER SYSTEM RESET fraiseql_obs.ddl_lock_timeout")
             c.execute("ALTER SYSTEM RESET fraiseql_obs.maintenance_interval")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_a_transaction_left_open_elsewhere_delays_nothing(cluster, db):
+    """(#13) An xid held open in another database, and a prepared-free idle
+    transaction in this one: counts fold, a milestone notifies, rollups move
+    within seconds; the open transaction's own rows wait for it."""
+    other = cluster.new_database()
+    blocker = cluster.connect(other, autocommit=False)
+    mine = cluster.connect(db, autocommit=False)
+    try:
+        blocker.execute("CREATE TABLE t (x int)")
+        blocker.execute("INSERT INTO t VALUES (1)")  # holds an xid: the cluster's xmin stays here
+        with cluster.connect(db) as c:
+            c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config, notify_on_occurrence) "
+                      "VALUES ('pg_notify', '{}', '{3}')")
+            # a capture in a transaction of this database that stays open
+            mine.execute("SELECT fraiseql_capture_error('Open', 'still open')")
+            for _ in range(3):
+                c.execute("SELECT fraiseql_capture_error('E', 'counted anyway')")
+            started = time.monotonic()
+            wait_for(lambda: c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM tb_error_log "
+                                       "WHERE error_type = 'E'").fetchone()[0] == 3, timeout=5, what="the fold")
+            wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_notification_log WHERE status = 'sent'").fetchone()[0] == 1,
+                     timeout=5, what="the milestone")
+            wait_for(lambda: c.execute("SELECT coalesce(sum(occurrences), 0) FROM tb_rollup_error_minute").fetchone()[0] == 3,
+                     timeout=5, what="the rollup")
+            assert time.monotonic() - started < 4
+            # the open transaction's own row: not visible, not counted, until it commits
+            assert c.execute("SELECT count(*) FROM tb_error_log WHERE error_type = 'Open'").fetchone()[0] == 0
+            mine.commit()
+            wait_for(lambda: c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM tb_error_log").fetchone()[0] == 4,
+                     timeout=5, what="its row, once committed")
+    finally:
+        blocker.rollback()
+        blocker.close()
+        mine.close()
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {other}")
