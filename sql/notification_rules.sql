@@ -9,7 +9,10 @@
 -- ---------------------------------------------------------------------------
 CREATE TABLE tb_notification_channel (
     channel_type   text PRIMARY KEY CHECK (channel_type ~ '^[a-z][a-z0-9_]*$'),
-    handler        regprocedure,
+    -- the handler's signature, schema-qualified ('public.f(jsonb,jsonb)'):
+    -- text, not regprocedure, which stores an oid and which pg_upgrade
+    -- refuses in a table for that reason; resolved at each call
+    handler        text,
     default_config jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(default_config) = 'object'),
     created_at     timestamptz NOT NULL DEFAULT now()
 );
@@ -36,7 +39,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO @extschema@.tb_notification_channel AS c (channel_type, handler, default_config)
-    VALUES ($1, $2, coalesce($3, '{}'))
+    VALUES ($1, $2::text, coalesce($3, '{}'))
     ON CONFLICT ON CONSTRAINT tb_notification_channel_pkey
         DO UPDATE SET handler = excluded.handler, default_config = excluded.default_config;
 END
@@ -53,11 +56,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_owner oid;
+    v_proc  regprocedure;
 BEGIN
     IF NEW.handler IS NULL OR (TG_OP = 'UPDATE' AND NEW.handler IS NOT DISTINCT FROM OLD.handler) THEN
         RETURN NEW;
     END IF;
-    SELECT p.proowner INTO v_owner FROM pg_proc p WHERE p.oid = NEW.handler;
+    -- resolved with search_path = pg_catalog: a name must say its schema
+    v_proc := NEW.handler::regprocedure;
+    NEW.handler := v_proc::text;
+    SELECT p.proowner INTO v_owner FROM pg_proc p WHERE p.oid = v_proc;
     IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
        AND NOT pg_has_role(current_user, v_owner, 'USAGE') THEN
         RAISE EXCEPTION 'fraiseql_obs: must own function % to register it as a channel handler', NEW.handler
@@ -165,8 +172,9 @@ BEGIN
     IF jsonb_typeof(v_config->'headers') = 'object' AND EXISTS (
            SELECT 1 FROM jsonb_object_keys(v_config->'headers') h
             WHERE lower(btrim(h)) IN ('host', 'content-length', 'transfer-encoding', 'connection', 'upgrade',
-                                      'x-fraiseql-delivery-id')) THEN
-        RAISE EXCEPTION 'fraiseql_obs: a webhook rule may not set the Host, Content-Length, Transfer-Encoding, Connection, Upgrade or X-Fraiseql-Delivery-Id header'
+                                      'expect', 'te', 'trailer', 'keep-alive', 'proxy-authorization',
+                                      'proxy-connection', 'x-fraiseql-delivery-id')) THEN
+        RAISE EXCEPTION 'fraiseql_obs: a webhook rule may not set the Host, Content-Length, Transfer-Encoding, Connection, Upgrade, Expect, TE, Trailer, Keep-Alive, Proxy-Authorization, Proxy-Connection or X-Fraiseql-Delivery-Id header'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF NEW.notify_on_occurrence IS NOT NULL AND (cardinality(NEW.notify_on_occurrence) = 0
@@ -505,7 +513,7 @@ BEGIN
                'channel_type', r.channel_type,
                'config', coalesce(ch.default_config, '{}') || coalesce(r.channel_config, '{}'),
                'template', r.message_template,
-               'handler', ch.handler::text,
+               'handler', ch.handler,
                'rule_exists', r.config_id IS NOT NULL AND r.enabled)), '[]')
       INTO v
       FROM claimed c

@@ -815,6 +815,29 @@ unsafe fn databases_this_command_stops(
                         out.push(pg_sys::MyDatabaseId);
                     }
                 }
+            } else if (*stmt).removeType == pg_sys::ObjectType::OBJECT_SCHEMA
+                && (*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE
+            {
+                // DROP SCHEMA ... CASCADE of the extension's schema drops the
+                // extension too (monitoring is a member: PostgreSQL refuses it)
+                let ext = pg_sys::get_extension_oid(c"fraiseql_obs".as_ptr(), true);
+                if ext != pg_sys::InvalidOid {
+                    // (get_extension_schema is not exported: the schema
+                    // holding the extension's tb_error_log is its schema)
+                    let objects = pgrx::PgList::<pg_sys::Node>::from_pg((*stmt).objects);
+                    let ours = objects.iter_ptr().any(|o| {
+                        if !pgrx::is_a(o, pg_sys::NodeTag::T_String) {
+                            return false;
+                        }
+                        let nsp = pg_sys::get_namespace_oid((*(o as *mut pg_sys::String)).sval, true);
+                        let home = nsp != pg_sys::InvalidOid
+                            && pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), nsp) != pg_sys::InvalidOid;
+                        home && pg_sys::pg_namespace_ownercheck(nsp, user)
+                    });
+                    if ours {
+                        out.push(pg_sys::MyDatabaseId);
+                    }
+                }
             }
         } else if pgrx::is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
             // CREATE DATABASE ... TEMPLATE x needs x to have no connections;

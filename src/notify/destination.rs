@@ -279,8 +279,12 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link local
                 || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 site local
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 of any IPv4
-                || s[0] == 0x2002) // 6to4 of any IPv4
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 (and 64:ff9b:1::/48, local) of any IPv4
+                || s[0] == 0x2002 // 6to4 of any IPv4
+                || (s[0] == 0x2001 && s[1] == 0) // 2001::/32 Teredo: tunnels to any IPv4
+                || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // 2001:2::/48 benchmarking
+                || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x20) // 2001:20::/28 ORCHIDv2
+                || (s[0] == 0x0100 && s[1] == 0 && s[2] == 0 && s[3] == 0)) // 100::/64 discard
         }
     }
 }
@@ -288,6 +292,25 @@ pub fn is_public(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnels_and_translations_are_not_public() {
+        for a in [
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2002:7f00:1::",
+            "2001:2::1",
+            "2001:20::1",
+            "100::1",
+            "::127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert!(!is_public(ip), "{a}");
+        }
+        assert!(is_public("2606:4700::1111".parse().unwrap()));
+    }
 
     #[test]
     fn default_refuses_local_networks() {

@@ -57,12 +57,18 @@ pub fn agent(limits: &Limits, host: &str, addr: SocketAddr) -> ureq::Agent {
 
 /// Headers a rule may not set: they would change where or how the request
 /// goes, not what it says.
-const RESERVED_HEADERS: [&str; 6] = [
+const RESERVED_HEADERS: [&str; 12] = [
     "host",
     "content-length",
     "transfer-encoding",
     "connection",
     "upgrade",
+    "expect",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
     "x-fraiseql-delivery-id",
 ];
 
@@ -108,9 +114,11 @@ pub fn http(
         "PATCH" => agent.patch(url),
         _ => agent.post(url),
     };
-    req = req
-        .header("Content-Type", "application/json")
-        .header("X-Fraiseql-Delivery-Id", delivery_id);
+    // a rule's own Content-Type replaces ours (never two of them)
+    if !headers.iter().any(|(k, _)| k.trim().eq_ignore_ascii_case("content-type")) {
+        req = req.header("Content-Type", "application/json");
+    }
+    req = req.header("X-Fraiseql-Delivery-Id", delivery_id);
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }

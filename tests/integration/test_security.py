@@ -625,3 +625,25 @@ def test_a_spike_is_counted_exactly_and_stored_sampled(cluster, db):
         # the rollups count every occurrence too
         c.execute("SELECT fraiseql_refresh_rollups()")
         assert c.execute("SELECT sum(occurrences) FROM tb_rollup_error_minute").fetchone()[0] == 300
+
+
+def test_drop_schema_cascade_of_the_extension(cluster, db, roles):
+    """DROP SCHEMA ... CASCADE of the extension's schema drops the extension:
+    refused for a non-owner without touching the worker; for the owner the
+    worker steps aside first (no deadlock) and nothing is left running."""
+    pid = wait_for(lambda: worker_pid(cluster, db), what="worker")
+    with cluster.connect(db, user=roles["mallory"]) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DROP SCHEMA public CASCADE")
+    time.sleep(1.5)
+    assert worker_pid(cluster, db) == pid
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_capture_error('E', 'busy')")
+        # (monitoring belongs to the extension: PostgreSQL refuses to drop it alone)
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+            c.execute("DROP SCHEMA monitoring CASCADE")
+        assert worker_pid(cluster, db) == pid
+        c.execute("DROP SCHEMA public CASCADE")
+        assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'fraiseql_obs'").fetchone()[0] == 0
+    time.sleep(2)
+    assert worker_pid(cluster, db) is None
