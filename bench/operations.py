@@ -221,7 +221,9 @@ def section(cost, many, hung):
         f" {xl * hour_l:,.0f} | {wl * hour_l / 1e6:,.0f} MB | {cl * hour_l:,.1f} s |",
         "",
         "Target: idle costs nothing (no transaction id, no WAL written by the worker). Under load the",
-        "transaction ids and WAL are the captures' own (one transaction each) plus the folds'.",
+        "transaction ids and WAL are the captures' own (one transaction each) plus the worker's: a",
+        "claim and a record transaction for each delivery round (one round per commit-time wake-up),",
+        "and the fold and rollups once a second.",
         "",
         f"**{many['dbs']} active databases**, `max_worker_processes = 8` (PostgreSQL's default),"
         f" `fraiseql_obs.max_workers = {many['workers']}`: one capture in every database per round, a webhook",
