@@ -1,19 +1,17 @@
 //! The capture entry points, `fraiseql_capture_error()` and
 //! `fraiseql_capture_message()`, written in Rust so that a capture costs little
-//! more than the INSERT of its occurrence row.
+//! more than the INSERT of its occurrence row, which is all it does:
+//! validate, fingerprint, clip, and run one saved INSERT plan. It reads no
+//! table and writes no shared row, so no session ever waits for another.
 //!
-//! Fast path (the group is known to this backend, nothing about it needs to
-//! change, no notification rule exists): validate, fingerprint, clip, and run
-//! one saved INSERT plan. Counting is not done here at all: the fold
-//! (`fraiseql_flush_counts`, sql/capture.sql) counts the stored occurrences by
-//! the transaction id that wrote them, so a hot fingerprint never makes two
-//! sessions touch the same row.
-//!
-//! Slow path (a fingerprint not in the shared group cache, a resolved group
-//! that recurs, a severity escalation, or notification rules to evaluate):
-//! `_fraiseql_capture_slow()`, plain SQL, does everything and returns what is
-//! then cached (see `group_cache`). Without shared memory (library not
-//! preloaded) nothing is cached and every capture takes the slow path.
+//! Everything else is done by the fold (`fraiseql_flush_counts`,
+//! sql/capture.sql) on committed occurrences: it creates a new fingerprint's
+//! group (the group's id is derived from the fingerprint, see
+//! `fingerprint::error_id`, so a capture knows it without the group row),
+//! counts, reopens a resolved group that recurs, raises its severity, and
+//! evaluates the notification rules. The occurrence row is the outbox: a
+//! rolled-back capture notifies nobody, a committed one is never lost. With
+//! rules, a capture wakes the worker when it commits.
 //!
 //! Both functions are SECURITY DEFINER C functions without a `SET
 //! search_path` (its save/restore on every call cost a fifth of the capture):
@@ -21,49 +19,49 @@
 //! no operator, so the caller's search_path cannot redirect anything.
 use crate::capture::{
     clip_context, clip_text, normalize_id, validate, MAX_ENVIRONMENT_BYTES, MAX_FINGERPRINT_BYTES,
-    MAX_RELEASE_BYTES, MAX_TYPE_BYTES, SEVERITIES,
+    MAX_RELEASE_BYTES, MAX_TYPE_BYTES,
 };
 use crate::error::ObsError;
-use crate::group_cache::{self, Group};
 use crate::guc;
 use pgrx::prelude::*;
 use pgrx::{IntoDatum, JsonB};
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
+use std::time::{Duration, Instant};
 
 struct State {
-    /// the extension's schema and its group table: a DROP/CREATE EXTENSION
-    /// gives new ones (and new plans)
+    /// the extension's schema and its occurrence table: a DROP/CREATE
+    /// EXTENSION gives new ones (and new plans)
     namespace: pg_sys::Oid,
-    group_table: pg_sys::Oid,
+    occurrence_table: pg_sys::Oid,
     /// capture functions already checked against the two above
     functions: Vec<pg_sys::Oid>,
-    /// whether enabled notification rules exist, as of an epoch
-    has_rules: Option<(u64, bool)>,
+    /// whether enabled notification rules exist, and when that was read
+    has_rules: Option<(Instant, bool)>,
     insert_plan: pg_sys::SPIPlanPtr,
-    slow_plan: pg_sys::SPIPlanPtr,
     rules_plan: pg_sys::SPIPlanPtr,
+}
+
+impl State {
+    /// still the same extension instance
+    unsafe fn fresh(&self) -> bool {
+        unsafe { occurrence_table(self.namespace) == self.occurrence_table }
+    }
 }
 
 thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
-/// Called by the triggers on tb_error_log and the rules table: this backend
-/// stops using the cache until the transaction ends, every other one forgets
-/// it when this transaction commits.
+/// Called by the trigger on the rules table: this backend reads again
+/// whether rules exist.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _fraiseql_invalidate_capture_cache() {
+fn _fraiseql_rules_changed() {
     STATE.with(|s| {
         if let Some(st) = s.borrow_mut().as_mut() {
             st.has_rules = None;
         }
     });
-    group_cache::invalidate();
-}
-
-fn severity_rank(s: &str) -> u8 {
-    SEVERITIES.iter().position(|v| *v == s).unwrap_or(0) as u8
 }
 
 /// One capture's arguments, as the SQL functions receive them.
@@ -193,7 +191,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         }) {
             ObsError::invalid("occurred_at", why).report();
         }
-        let (exception_type, message, severity) = (
+        let (exception_type, message, _severity) = (
             exception_type.unwrap_or_default(),
             message.unwrap_or_default(),
             severity.unwrap_or_default(),
@@ -258,7 +256,9 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         let context_d = match a.context {
             None => JsonB(serde_json::json!({})).into_datum(),
             // the raw size: a compressed datum is small on disk and whole when read
-            Some(c) if pg_sys::toast_raw_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) => {
+            Some(c)
+                if pg_sys::toast_raw_datum_size(c) > guc::int_value(&guc::MAX_CONTEXT_BYTES) =>
+            {
                 match JsonB::from_datum(c, false).map(|j| j.0) {
                     Some(serde_json::Value::Object(m)) => {
                         JsonB(clip_context(m, guc::int_value(&guc::MAX_CONTEXT_BYTES))).into_datum()
@@ -269,19 +269,18 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             Some(c) => Some(c),
         };
         let occurred_at = a.occurred_at.unwrap_or(pg_sys::Datum::from(0));
-        let rank = severity_rank(severity);
-        let key = group_cache::key(&fp);
+        let error_id = crate::fingerprint::error_id(&fp);
         // a spike: counted like any other, stored without its heavy parts
-        let sampled_out = crate::spike::sampled_out(&key);
+        let sampled_out = crate::spike::sampled_out(&error_id);
         let (stored_message, stored_stack, stored_context) = if sampled_out {
             let light = clip_text(message, crate::spike::LIGHT_MESSAGE_BYTES);
             (light.as_ref().into_datum(), None, None)
         } else {
             (message_d, stack_d, context_d)
         };
-
         let row = Row {
-            error_id: None,
+            error_id,
+            fingerprint: fp.as_str().into_datum(),
             occurred_at,
             error_type: type_d,
             message: stored_message,
@@ -294,48 +293,27 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             span_id: span_id.as_deref().into_datum(),
             sampled_out,
         };
-
-        // read before anything is read from the tables (see group_cache)
-        let epoch = group_cache::epoch();
         let fn_oid = (*(*fcinfo).flinfo).fn_oid;
-        let group_table = STATE.with(|s| prepare_state(&mut s.borrow_mut(), fn_oid).group_table);
-        let cached = epoch
-            .filter(|&e| !group_cache::bypassed() && !has_rules(e))
-            .and_then(|e| group_cache::lookup(group_table, &key, e))
-            .filter(|g| {
-                rank <= g.severity_rank
-                    // a resolved group recurring after its resolution regresses
-                    && !(g.resolved && g.resolved_at.is_none_or(|r| occurred_at.value() as i64 > r))
-            });
-        let error_id = match cached {
-            Some(g) => {
-                insert_occurrence(Row {
-                    error_id: Some(g.error_id),
-                    ..row
-                });
-                g.error_id
-            }
-            None => {
-                let (g, publish_now) = slow_capture(&fp, row, message_d, stack_d);
-                if let Some(e) = epoch {
-                    if publish_now {
-                        group_cache::publish(group_table, key, e, g);
-                    } else {
-                        group_cache::publish_at_commit(group_table, key, e, g);
-                    }
-                }
-                g.error_id
-            }
-        };
+        STATE.with(|s| {
+            prepare_state(&mut s.borrow_mut(), fn_oid);
+        });
+        insert_occurrence(row);
+        // Rules are evaluated by the fold, on committed rows; with rules, the
+        // worker is woken when this transaction commits, so that they are
+        // evaluated at once instead of at the next flush_interval.
+        if has_rules() {
+            crate::shmem::wake_at_commit(crate::shmem::WakeAtCommit::Worker);
+        }
         pgrx::Uuid::from_bytes(error_id)
             .into_datum()
             .unwrap_or_else(|| pg_sys::Datum::from(0))
     }
 }
 
-/// The occurrence row, as datums (NULL = None).
+/// The occurrence row, as datums (NULL = None), in the INSERT's order.
 struct Row {
-    error_id: Option<[u8; 16]>,
+    error_id: [u8; 16],
+    fingerprint: Option<pg_sys::Datum>,
     occurred_at: pg_sys::Datum,
     error_type: Option<pg_sys::Datum>,
     message: Option<pg_sys::Datum>,
@@ -350,10 +328,33 @@ struct Row {
     sampled_out: bool,
 }
 
+/// The INSERT and its parameter types, column by column: one list, so the
+/// statement, its types and the values bound cannot disagree.
+const COLUMNS: [(&str, pg_sys::BuiltinOid); 13] = {
+    use pg_sys::BuiltinOid::*;
+    [
+        ("error_id", UUIDOID),
+        ("fingerprint", TEXTOID),
+        ("occurred_at", TIMESTAMPTZOID),
+        ("error_type", TEXTOID),
+        ("message", TEXTOID),
+        ("stack_trace", TEXTOID),
+        ("context", JSONBOID),
+        ("severity", TEXTOID),
+        ("environment", TEXTOID),
+        ("release_version", TEXTOID),
+        ("trace_id", TEXTOID),
+        ("span_id", TEXTOID),
+        ("sampled_out", BOOLOID),
+    ]
+};
+
 impl Row {
-    /// The columns after error_id, in the order of both statements.
-    fn columns(&self) -> [Option<pg_sys::Datum>; 11] {
+    /// The values, in the order of COLUMNS.
+    fn values(&self) -> [Option<pg_sys::Datum>; 13] {
         [
+            Some(pg_sys::Datum::from(self.error_id.as_ptr())),
+            self.fingerprint,
             Some(self.occurred_at),
             self.error_type,
             self.message,
@@ -371,50 +372,52 @@ impl Row {
 
 /// Checks that the state belongs to this extension instance (creating it,
 /// or starting afresh after DROP/CREATE EXTENSION).
-unsafe fn prepare_state(s: &mut Option<State>, fn_oid: pg_sys::Oid) -> &mut State {
+unsafe fn prepare_state(s: &mut Option<State>, fn_oid: pg_sys::Oid) {
     unsafe {
-        let known = s.as_ref().is_some_and(|st| st.functions.contains(&fn_oid));
-        if !known {
-            let namespace = pg_sys::get_func_namespace(fn_oid);
-            let group_table = pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), namespace);
-            let same = s
-                .as_ref()
-                .is_some_and(|st| st.namespace == namespace && st.group_table == group_table);
-            if same {
-                s.as_mut().unwrap().functions.push(fn_oid);
-            } else {
-                if let Some(old) = s.take() {
-                    pg_sys::SPI_freeplan(old.insert_plan);
-                    pg_sys::SPI_freeplan(old.slow_plan);
-                    pg_sys::SPI_freeplan(old.rules_plan);
-                }
-                let [insert_plan, slow_plan, rules_plan] = prepare_plans(namespace);
-                *s = Some(State {
-                    namespace,
-                    group_table,
-                    functions: vec![fn_oid],
-                    has_rules: None,
-                    insert_plan,
-                    slow_plan,
-                    rules_plan,
-                });
-            }
+        if s.as_ref().is_some_and(|st| st.functions.contains(&fn_oid)) {
+            return;
         }
-        s.as_mut().unwrap()
+        let namespace = pg_sys::get_func_namespace(fn_oid);
+        if let Some(st) = s
+            .as_mut()
+            .filter(|st| st.namespace == namespace && st.fresh())
+        {
+            st.functions.push(fn_oid);
+            return;
+        }
+        if let Some(old) = s.take() {
+            pg_sys::SPI_freeplan(old.insert_plan);
+            pg_sys::SPI_freeplan(old.rules_plan);
+        }
+        let (insert_plan, rules_plan) = prepare_plans(namespace);
+        *s = Some(State {
+            namespace,
+            occurrence_table: occurrence_table(namespace),
+            functions: vec![fn_oid],
+            has_rules: None,
+            insert_plan,
+            rules_plan,
+        });
     }
 }
 
-/// Whether enabled notification rules exist (then every capture takes the
-/// slow path, which evaluates them). Asked once per epoch.
-unsafe fn has_rules(epoch: u64) -> bool {
-    if let Some(known) = STATE.with(|s| {
+/// How long a backend trusts what it read about the rules' existence. Only
+/// the wake-up depends on it (the fold evaluates the rules in any case): a
+/// rule added in another session is served at the next flush_interval
+/// until then.
+const RULES_KNOWN_FOR: Duration = Duration::from_secs(1);
+
+/// Whether enabled notification rules exist (asked at most once a second).
+unsafe fn has_rules() -> bool {
+    let known = STATE.with(|s| {
         s.borrow()
             .as_ref()
             .and_then(|st| st.has_rules)
-            .filter(|(e, _)| *e == epoch)
+            .filter(|(at, _)| at.elapsed() < RULES_KNOWN_FOR)
             .map(|(_, v)| v)
-    }) {
-        return known;
+    });
+    if let Some(v) = known {
+        return v;
     }
     unsafe {
         let plan = plan_of(|s| s.rules_plan);
@@ -429,56 +432,37 @@ unsafe fn has_rules(epoch: u64) -> bool {
         pg_sys::SPI_finish();
         STATE.with(|s| {
             if let Some(st) = s.borrow_mut().as_mut() {
-                st.has_rules = Some((epoch, v));
+                st.has_rules = Some((Instant::now(), v));
             }
         });
         v
     }
 }
 
-const INSERT_SQL: &str = "INSERT INTO {schema}.tb_error_occurrence \
-    (error_id, occurred_at, error_type, message, stack_trace, context, severity, \
-     environment, release_version, trace_id, span_id, sampled_out) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
-
-const SLOW_SQL: &str = "SELECT error_id, resolved, resolved_at, severity, changed, row_xmin \
-    FROM {schema}._fraiseql_capture_slow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
-
 const RULES_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM {schema}.tb_error_notification_config c WHERE c.enabled)";
 
-unsafe fn prepare_plans(namespace: pg_sys::Oid) -> [pg_sys::SPIPlanPtr; 3] {
-    use pg_sys::BuiltinOid::*;
+unsafe fn occurrence_table(namespace: pg_sys::Oid) -> pg_sys::Oid {
+    unsafe { pg_sys::get_relname_relid(c"tb_error_occurrence".as_ptr(), namespace) }
+}
+
+unsafe fn prepare_plans(namespace: pg_sys::Oid) -> (pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr) {
     unsafe {
         let schema = pg_sys::get_namespace_name(namespace);
         let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
             .to_string_lossy()
             .into_owned();
-        let row_types = [
-            UUIDOID,
-            TIMESTAMPTZOID,
-            TEXTOID,
-            TEXTOID,
-            TEXTOID,
-            JSONBOID,
-            TEXTOID,
-            TEXTOID,
-            TEXTOID,
-            TEXTOID,
-            TEXTOID,
-            BOOLOID,
-        ];
-        let mut insert_types: Vec<pg_sys::Oid> = row_types.iter().map(|t| t.value()).collect();
-        // the slow path gets the fingerprint first, and the unclipped message
-        // and stack trace last (title and culprit are made from them)
-        let mut slow_types: Vec<pg_sys::Oid> = std::iter::once(TEXTOID)
-            .chain(row_types.iter().skip(1).copied())
-            .chain([TEXTOID, TEXTOID])
-            .map(|t| t.value())
-            .collect();
+        let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+        let params: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
+        let insert_sql = format!(
+            "INSERT INTO {schema}.tb_error_occurrence ({}) VALUES ({})",
+            names.join(", "),
+            params.join(", ")
+        );
+        let mut insert_types: Vec<pg_sys::Oid> = COLUMNS.iter().map(|(_, t)| t.value()).collect();
         pg_sys::SPI_connect();
         let prepare = |sql: &str, types: &mut Vec<pg_sys::Oid>| {
-            let sql = CString::new(sql.replace("{schema}", &schema)).unwrap();
+            let sql = CString::new(sql).unwrap();
             let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
             if plan.is_null() {
                 error!("fraiseql_obs: cannot prepare the capture statement");
@@ -486,11 +470,10 @@ unsafe fn prepare_plans(namespace: pg_sys::Oid) -> [pg_sys::SPIPlanPtr; 3] {
             pg_sys::SPI_keepplan(plan);
             plan
         };
-        let plans = [
-            prepare(INSERT_SQL, &mut insert_types),
-            prepare(SLOW_SQL, &mut slow_types),
-            prepare(RULES_SQL, &mut Vec::new()),
-        ];
+        let plans = (
+            prepare(&insert_sql, &mut insert_types),
+            prepare(&RULES_SQL.replace("{schema}", &schema), &mut Vec::new()),
+        );
         pg_sys::SPI_finish();
         plans
     }
@@ -510,14 +493,10 @@ fn plan_of(pick: fn(&State) -> pg_sys::SPIPlanPtr) -> pg_sys::SPIPlanPtr {
     STATE.with(|s| pick(s.borrow().as_ref().expect("capture state")))
 }
 
-/// The fast path: one saved INSERT.
+/// The whole capture: one saved INSERT.
 unsafe fn insert_occurrence(row: Row) {
     unsafe {
-        let id = row.error_id.unwrap();
-        let id_datum = pg_sys::Datum::from(id.as_ptr());
-        let mut args = vec![Some(id_datum)];
-        args.extend(row.columns());
-        let (mut values, flags) = nulls(&args);
+        let (mut values, flags) = nulls(&row.values());
         let plan = plan_of(|s| s.insert_plan);
         pg_sys::SPI_connect();
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 0);
@@ -525,54 +504,5 @@ unsafe fn insert_occurrence(row: Row) {
             error!("fraiseql_obs: storing the occurrence failed (SPI code {rc})");
         }
         pg_sys::SPI_finish();
-    }
-}
-
-/// The slow path: `_fraiseql_capture_slow()` finds or creates the group,
-/// handles regression and escalation, stores the occurrence and notifies.
-/// Returns the group as it now is, and whether it may be published to the
-/// cache now (false: this transaction created or changed it, so it is
-/// published at commit).
-unsafe fn slow_capture(
-    fp: &str,
-    row: Row,
-    raw_message: Option<pg_sys::Datum>,
-    raw_stack_trace: Option<pg_sys::Datum>,
-) -> (Group, bool) {
-    unsafe {
-        let mut args = vec![fp.into_datum()];
-        args.extend(row.columns());
-        args.extend([raw_message, raw_stack_trace]);
-        let (mut values, flags) = nulls(&args);
-        let plan = plan_of(|s| s.slow_plan);
-        pg_sys::SPI_connect();
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), flags.as_ptr(), false, 1);
-        if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
-            error!("fraiseql_obs: capture failed (SPI code {rc})");
-        }
-        let table = &*pg_sys::SPI_tuptable;
-        let tuple = *table.vals;
-        let col = |n: i32| {
-            let mut isnull = false;
-            let d = pg_sys::SPI_getbinval(tuple, table.tupdesc, n, &mut isnull);
-            (!isnull).then_some(d)
-        };
-        let group = Group {
-            error_id: *(col(1).unwrap().cast_mut_ptr::<[u8; 16]>()),
-            resolved: col(2).is_some_and(|d| d.value() != 0),
-            resolved_at: col(3).map(|d| d.value() as i64),
-            severity_rank: col(4)
-                .and_then(|d| <&str>::from_datum(d, false))
-                .map(severity_rank)
-                .unwrap_or(0),
-        };
-        let changed = col(5).is_some_and(|d| d.value() != 0);
-        let mine = col(6).is_some_and(|d| {
-            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(
-                d.value() as u32
-            ))
-        });
-        pg_sys::SPI_finish();
-        (group, !(changed || mine))
     }
 }

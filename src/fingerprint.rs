@@ -100,3 +100,20 @@ fn _fraiseql_group_meta(
     let (title, culprit) = title_and_culprit(exception_type, message, stack_trace);
     pgrx::JsonB(serde_json::json!({ "title": title, "culprit": culprit }))
 }
+
+/// The namespace of error ids (a UUIDv5 of the fingerprint in it).
+const ERROR_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f0d_3c1e_8a4b_5f27_9d31_c2e8_4a6b_7f10);
+
+/// A group's id: derived from its fingerprint, so capture needs no lookup.
+pub fn error_id(fingerprint: &str) -> [u8; 16] {
+    *uuid::Uuid::new_v5(&ERROR_ID_NAMESPACE, fingerprint.as_bytes()).as_bytes()
+}
+
+/// `fraiseql_error_id(fingerprint)`: the error_id of the group a fingerprint
+/// belongs to (tb_error_log.error_id is generated from it). Declared in
+/// sql/schema.sql, which the table needs before any other function exists.
+#[pg_extern(immutable, strict, parallel_safe, sql = false)]
+fn fraiseql_error_id(fingerprint: &str) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(error_id(fingerprint))
+}

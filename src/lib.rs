@@ -11,7 +11,6 @@ mod change_log;
 mod error;
 mod extension;
 mod fingerprint;
-mod group_cache;
 mod guc;
 mod metrics;
 mod notify;
@@ -45,7 +44,7 @@ extension_sql_file!(
     requires = [
         "partitions",
         fingerprint::fraiseql_fingerprint_version,
-        capture_path::_fraiseql_invalidate_capture_cache
+        capture_path::_fraiseql_rules_changed
     ]
 );
 extension_sql_file!(

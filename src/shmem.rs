@@ -2,9 +2,6 @@
 //! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
 //! database that is about to be dropped.
 use crate::spike::RATES as SPIKE_RATES;
-use crate::group_cache::{
-    EPOCH as GROUP_CACHE_EPOCH, LOCK as GROUP_CACHE_LOCK, TABLE as GROUP_CACHE_TABLE,
-};
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
@@ -69,9 +66,6 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(REGISTRY);
-        pg_shmem_init!(GROUP_CACHE_LOCK);
-        pg_shmem_init!(GROUP_CACHE_EPOCH);
-        pg_shmem_init!(GROUP_CACHE_TABLE = 0);
         pg_shmem_init!(SPIKE_RATES = 0);
         PRELOADED.store(true, Ordering::Relaxed);
     }
@@ -203,6 +197,19 @@ unsafe extern "C-unwind" fn on_xact_event(
                     return;
                 }
                 let db = pg_sys::MyDatabaseId.to_u32();
+                if worker && !launcher {
+                    // a request not yet taken by a running worker: it will
+                    // serve this commit too (the cheap, shared path for a
+                    // busy database)
+                    let reg = REGISTRY.share();
+                    if reg
+                        .slots
+                        .iter()
+                        .any(|s| s.db_oid == db && s.wanted && s.pid != 0)
+                    {
+                        return;
+                    }
+                }
                 let pids = {
                     let mut reg = REGISTRY.exclusive();
                     if launcher {
@@ -222,7 +229,11 @@ unsafe extern "C-unwind" fn on_xact_event(
                         }
                     }
                     [
-                        if launcher || need_launcher { launcher_pid } else { 0 },
+                        if launcher || need_launcher {
+                            launcher_pid
+                        } else {
+                            0
+                        },
                         if worker { worker_pid } else { 0 },
                     ]
                 };

@@ -37,9 +37,11 @@ impl PgSharedMemoryInitialization for RateTable {
 
     unsafe fn on_shmem_startup(&'static self, _value: u8) {
         unsafe {
-            *self.0.get() =
-                crate::shmem::zeroed_struct(c"fraiseql_obs_spike_rates", SLOTS * size_of::<AtomicU64>())
-                    .cast::<AtomicU64>();
+            *self.0.get() = crate::shmem::zeroed_struct(
+                c"fraiseql_obs_spike_rates",
+                SLOTS * size_of::<AtomicU64>(),
+            )
+            .cast::<AtomicU64>();
         }
     }
 }
@@ -60,7 +62,7 @@ fn stored_whole(n: u64, threshold: u64) -> bool {
     n <= threshold || (n - threshold) % SAMPLE_EVERY == 0
 }
 
-/// Counts one occurrence of the group with this key (see group_cache::key)
+/// Counts one occurrence of the group with this key (its error_id, derived from the fingerprint)
 /// and says whether it is to be stored without its heavy parts.
 pub fn sampled_out(key: &[u8; 16]) -> bool {
     let threshold = guc::SPIKE_THRESHOLD.get();
@@ -72,7 +74,8 @@ pub fn sampled_out(key: &[u8; 16]) -> bool {
         return false;
     }
     let db = unsafe { pg_sys::MyDatabaseId.to_u32() } as u64;
-    let h = u64::from_le_bytes(key[8..].try_into().unwrap_or([0; 8])) ^ db.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = u64::from_le_bytes(key[8..].try_into().unwrap_or([0; 8]))
+        ^ db.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let slot = unsafe { &*table.add(h as usize & (SLOTS - 1)) };
     let minute = (unsafe { pg_sys::GetCurrentTimestamp() } / 60_000_000) as u32;
     let mut word = slot.load(Ordering::Relaxed);
@@ -95,7 +98,10 @@ mod tests {
         assert_eq!(w, (7 << 32) | 1);
         assert_eq!(bump(w, 7), (7 << 32) | 2);
         assert_eq!(bump(bump(w, 7), 8), (8 << 32) | 1);
-        assert_eq!(bump((7 << 32) | u32::MAX as u64, 7), (7 << 32) | u32::MAX as u64);
+        assert_eq!(
+            bump((7 << 32) | u32::MAX as u64, 7),
+            (7 << 32) | u32::MAX as u64
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::prelude::*;
 
 /// The first column of the first row, or None.
-pub fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Result<Option<T>, pgrx::spi::Error> {
+pub fn one<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[DatumWithOid],
+) -> Result<Option<T>, pgrx::spi::Error> {
     Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<T>())
 }
 

@@ -652,7 +652,8 @@ fn _fraiseql_record_span(
         let t = t.unwrap_or_else(|| report(ObsError::MissingArgument { argument }));
         // PostgreSQL timestamps are microseconds since 2000-01-01
         let pg: i64 = t.into_inner();
-        if let Some(why) = crate::time_window::refusal_pg(pg, crate::time_window::Granularity::Day) {
+        if let Some(why) = crate::time_window::refusal_pg(pg, crate::time_window::Granularity::Day)
+        {
             report(ObsError::invalid(argument, why));
         }
         pg + 946_684_800_000_000
@@ -773,12 +774,22 @@ mod tests {
         assert_eq!(s.attributes["k"], "v");
         assert!(s.attributes["big"].as_str().unwrap().len() <= MAX_VALUE_BYTES);
         assert_eq!(s.events.as_array().unwrap().len(), MAX_ITEMS);
-        assert_eq!(s.attributes["_fraiseql_truncated"]["events"], 500 - MAX_ITEMS);
-        assert!(s.attributes["_fraiseql_truncated"]["attributes"].as_u64().unwrap() >= 1);
+        assert_eq!(
+            s.attributes["_fraiseql_truncated"]["events"],
+            500 - MAX_ITEMS
+        );
+        assert!(
+            s.attributes["_fraiseql_truncated"]["attributes"]
+                .as_u64()
+                .unwrap()
+                >= 1
+        );
         let mut huge = SpanRow {
             name: "n".into(),
             attributes: Value::Object(
-                (0..100).map(|i| (format!("k{i}"), Value::String("x".repeat(4000)))).collect(),
+                (0..100)
+                    .map(|i| (format!("k{i}"), Value::String("x".repeat(4000))))
+                    .collect(),
             ),
             events: Value::Array(
                 (0..100)

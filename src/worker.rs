@@ -340,7 +340,12 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     }
                     Err(_) => {
                         // no free max_worker_processes slot: asked again next time
-                        if let Some(s) = REGISTRY.exclusive().slots.iter_mut().find(|s| s.db_oid == oid) {
+                        if let Some(s) = REGISTRY
+                            .exclusive()
+                            .slots
+                            .iter_mut()
+                            .find(|s| s.db_oid == oid)
+                        {
                             s.wanted = true;
                         }
                         if warned.insert(oid) {
@@ -384,6 +389,19 @@ unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
             s.pid = 0;
         }
     }
+}
+
+/// The shortest time between two folds woken by commits.
+const FOLD_GAP: Duration = Duration::from_millis(10);
+
+/// Clears this database's request for work; returns whether there was one.
+fn take_wanted(oid: u32) -> bool {
+    let mut reg = REGISTRY.exclusive();
+    reg.slots
+        .iter_mut()
+        .find(|s| s.db_oid == oid)
+        .map(|s| std::mem::take(&mut s.wanted))
+        .unwrap_or(false)
 }
 
 fn set_my_slot(oid: u32, f: impl Fn(&mut shmem::Slot)) {
@@ -496,6 +514,8 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         guc::MAINTENANCE_INTERVAL_S.get().max(1)
     ));
     let mut next_flush = Instant::now();
+    let mut last_fold = Instant::now();
+    let mut next_rollup = Instant::now();
     // last error of each step (flush, maintenance, delivery, rollups), to log each problem once
     let mut last_errors: [Option<String>; 4] = [None, None, None, None];
     let mut more_to_deliver = false;
@@ -512,8 +532,16 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             let mut successes: Vec<usize> = Vec::new();
             let mut worked = false;
             // what was asked of this database until now is served by this round
-            set_my_slot(oid, |s| s.wanted = false);
+            let asked = take_wanted(oid);
+            // A commit that asked (a capture while rules exist, a queued
+            // notification) gets its fold now: the rules are evaluated
+            // there. Folds stay FOLD_GAP apart, so a busy database is folded
+            // in batches rather than once per commit.
+            if asked {
+                next_flush = next_flush.min(last_fold + FOLD_GAP);
+            }
             if now >= next_flush {
+                last_fold = now;
                 match step("flushing counters", &flush_sql) {
                     Ok(r) => {
                         worked |= r.as_deref() != Some("0");
@@ -521,15 +549,20 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                     }
                     Err(e) => failures.push((0, "flushing counters", e)),
                 }
-                // the dashboards' rollups, in their own transaction
-                match step("rolling up", &rollup_sql) {
-                    Ok(r) => {
-                        worked |= !r.as_deref().is_some_and(|t| {
-                            t.contains("\"spans\": 0, \"occurrences\": 0") || t.contains("busy")
-                        });
-                        successes.push(3)
+                // the dashboards' rollups, in their own transaction, every
+                // flush_interval only
+                if now >= next_rollup {
+                    next_rollup =
+                        now + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+                    match step("rolling up", &rollup_sql) {
+                        Ok(r) => {
+                            worked |= !r.as_deref().is_some_and(|t| {
+                                t.contains("\"spans\": 0, \"occurrences\": 0") || t.contains("busy")
+                            });
+                            successes.push(3)
+                        }
+                        Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                     }
-                    Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                 }
                 next_flush = Instant::now()
                     + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
@@ -591,7 +624,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 // no request falls between this worker and the next one.
                 let leave = {
                     let mut reg = REGISTRY.exclusive();
-                    match reg.slots.iter_mut().find(|s| s.db_oid == oid && s.pid == me) {
+                    match reg
+                        .slots
+                        .iter_mut()
+                        .find(|s| s.db_oid == oid && s.pid == me)
+                    {
                         Some(s) if s.wanted => false,
                         Some(s) => {
                             s.next_due = shmem::now_secs() + due.max(0);
@@ -829,9 +866,11 @@ unsafe fn databases_this_command_stops(
                         if !pgrx::is_a(o, pg_sys::NodeTag::T_String) {
                             return false;
                         }
-                        let nsp = pg_sys::get_namespace_oid((*(o as *mut pg_sys::String)).sval, true);
+                        let nsp =
+                            pg_sys::get_namespace_oid((*(o as *mut pg_sys::String)).sval, true);
                         let home = nsp != pg_sys::InvalidOid
-                            && pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), nsp) != pg_sys::InvalidOid;
+                            && pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), nsp)
+                                != pg_sys::InvalidOid;
                         home && pg_sys::pg_namespace_ownercheck(nsp, user)
                     });
                     if ours {

@@ -284,7 +284,10 @@ fn destination(d: &Delivery) -> String {
         _ => format!(
             "{}:{}",
             s("smtp_host").to_ascii_lowercase(),
-            d.config.get("smtp_port").map(Value::to_string).unwrap_or_default()
+            d.config
+                .get("smtp_port")
+                .map(Value::to_string)
+                .unwrap_or_default()
         ),
     }
 }
@@ -320,8 +323,11 @@ fn send_local(d: &Delivery, runner: Runner) -> Outcome {
             }
             let (c, text) = (channel.clone(), payload.to_string());
             match runner.isolated(move || {
-                Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[c.as_str().into(), text.as_str().into()])
-                    .map_err(|e| e.to_string())
+                Spi::run_with_args(
+                    "SELECT pg_catalog.pg_notify($1, $2)",
+                    &[c.as_str().into(), text.as_str().into()],
+                )
+                .map_err(|e| e.to_string())
             }) {
                 Ok(Ok(())) => Outcome::sent("notified", Some(channel)),
                 Ok(Err(e)) | Err(e) => Outcome::failed(e, false),
@@ -358,7 +364,11 @@ static LIVE: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec:
 
 fn live_count(dest: &str) -> (usize, usize) {
     let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-    let here = live.iter().find(|(d, _)| d == dest).map(|(_, n)| *n).unwrap_or(0);
+    let here = live
+        .iter()
+        .find(|(d, _)| d == dest)
+        .map(|(_, n)| *n)
+        .unwrap_or(0);
     (here, live.iter().map(|(_, n)| n).sum())
 }
 
@@ -420,7 +430,8 @@ fn cool(dest: &str, failed: bool) {
             // from a second, so that a destination that hangs holds at most
             // one batch in a few
             let base = (guc::NOTIFY_RETRY_INTERVAL_MS.get().max(1) as u64).max(1000);
-            let wait = Duration::from_millis(base.saturating_mul(1 << (n - 1))).min(Duration::from_secs(60));
+            let wait = Duration::from_millis(base.saturating_mul(1 << (n - 1)))
+                .min(Duration::from_secs(60));
             match pos {
                 Some(i) => c[i] = (dest.to_string(), Instant::now() + wait, n),
                 None => c.push((dest.to_string(), Instant::now() + wait, n)),
@@ -476,7 +487,10 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
     let mut by_destination: HashMap<String, VecDeque<usize>> = HashMap::new();
     let mut failed_destinations: Vec<(String, Arc<AtomicBool>)> = Vec::new();
     for (i, d) in items.iter().enumerate().filter(|(_, d)| is_network(d)) {
-        by_destination.entry(destination(d)).or_default().push_back(i);
+        by_destination
+            .entry(destination(d))
+            .or_default()
+            .push_back(i);
     }
     for (dest, queue) in by_destination {
         if cooling(&dest) {
@@ -501,7 +515,8 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
         failed_destinations.push((dest.clone(), failed.clone()));
         for _ in 0..threads {
             live_add(&dest, 1);
-            let (queue, failed, closed, tx) = (queue.clone(), failed.clone(), closed.clone(), tx.clone());
+            let (queue, failed, closed, tx) =
+                (queue.clone(), failed.clone(), closed.clone(), tx.clone());
             let (mine, limits, dest2) = (shared.clone(), limits.clone(), dest.clone());
             let spawned = std::thread::Builder::new()
                 .name("fraiseql_obs delivery".into())
@@ -565,7 +580,10 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
                 return true;
             }
             let took = limits.deadline();
-            let msg = format!("no answer within the delivery deadline ({} ms)", took.as_millis());
+            let msg = format!(
+                "no answer within the delivery deadline ({} ms)",
+                took.as_millis()
+            );
             cool(&destination(&items[*i]), true);
             results[*i] = Some(record(&items[*i], Outcome::failed(msg, false), took));
             false
@@ -579,7 +597,8 @@ fn send_all(items: &[Delivery], runner: Runner) -> Value {
     closed.store(true, Ordering::Relaxed);
     // what no thread started goes back to the queue: at once if the batch
     // merely ran out of time, a little later if its destination failed
-    let failing: Vec<String> = failed_destinations.iter()
+    let failing: Vec<String> = failed_destinations
+        .iter()
         .filter(|(_, f)| f.load(Ordering::Relaxed))
         .map(|(d, _)| d.clone())
         .collect();
@@ -604,7 +623,10 @@ pub fn deliver_due(
         return Ok(0);
     }
     let results = send_all(&items, Runner::Worker);
-    txn(&record_sql(schema), vec![Value::String(results.to_string())])?;
+    txn(
+        &record_sql(schema),
+        vec![Value::String(results.to_string())],
+    )?;
     Ok(items.len())
 }
 

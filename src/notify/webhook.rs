@@ -115,7 +115,10 @@ pub fn http(
         _ => agent.post(url),
     };
     // a rule's own Content-Type replaces ours (never two of them)
-    if !headers.iter().any(|(k, _)| k.trim().eq_ignore_ascii_case("content-type")) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.trim().eq_ignore_ascii_case("content-type"))
+    {
         req = req.header("Content-Type", "application/json");
     }
     req = req.header("X-Fraiseql-Delivery-Id", delivery_id);
