@@ -12,112 +12,12 @@ AS $$
 $$;
 
 -- The capture path: fraiseql_capture_error() and fraiseql_capture_message()
--- are C functions (src/capture_path.rs). In the common case they only insert
--- the occurrence row; everything else is done here, by the slow path, which
--- they call when a fingerprint is new to the backend, when a resolved group
--- recurs, when a capture raises a group's severity, or when notification
--- rules exist. What it returns about the group is cached (src/group_cache.rs).
-CREATE FUNCTION _fraiseql_capture_slow(
-    p_fingerprint     text,
-    p_occurred_at     timestamptz,
-    p_exception_type  text,
-    p_message         text,      -- clipped to the limits
-    p_stack_trace     text,      -- clipped to the limits
-    p_context         jsonb,     -- clipped to the limits
-    p_severity        text,
-    p_environment     text,
-    p_release_version text,
-    p_trace_id        text,
-    p_span_id         text,
-    p_sampled_out     boolean,   -- stored without its heavy parts (spike protection)
-    p_raw_message     text,      -- as given: title and culprit are made from it
-    p_raw_stack_trace text,
-    OUT error_id      uuid,
-    OUT resolved      boolean,
-    OUT resolved_at   timestamptz,
-    OUT severity      text,
-    OUT changed       boolean,   -- created or changed by this call
-    OUT row_xmin      xid)       -- who wrote the group row as read
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_group     record;
-    v_meta      jsonb;
-    v_is_new    boolean := false;
-    v_regressed boolean := false;
-    v_has_rules boolean;
-BEGIN
-    SELECT g.error_id, g.status, g.severity, g.resolved_at, g.xmin INTO v_group
-      FROM @extschema@.tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
-    IF NOT FOUND THEN
-        v_meta := @extschema@._fraiseql_group_meta(p_exception_type, p_raw_message, p_raw_stack_trace);
-        -- occurrence_count starts at 0: the fold counts this occurrence too
-        INSERT INTO @extschema@.tb_error_log AS g
-            (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
-             title, culprit, severity, environment, release_version,
-             occurrence_count, first_seen, last_seen)
-        VALUES (p_fingerprint, @extschema@.fraiseql_fingerprint_version(), p_exception_type,
-                p_message, p_stack_trace,
-                v_meta->>'title', v_meta->>'culprit', p_severity, p_environment, p_release_version,
-                0, p_occurred_at, p_occurred_at)
-        ON CONFLICT (error_fingerprint) DO NOTHING
-        RETURNING g.error_id, g.status, g.severity, g.resolved_at, g.xmin INTO v_group;
-        v_is_new := FOUND;
-        IF NOT v_is_new THEN
-            -- another session created the group first (we waited for it to commit)
-            SELECT g.error_id, g.status, g.severity, g.resolved_at, g.xmin INTO v_group
-              FROM @extschema@.tb_error_log g WHERE g.error_fingerprint = p_fingerprint;
-        END IF;
-    END IF;
-    error_id := v_group.error_id;
-    resolved := v_group.status = 'resolved';
-    resolved_at := v_group.resolved_at;
-    severity := v_group.severity;
-    row_xmin := v_group.xmin;
-    changed := v_is_new;
-
-    IF NOT v_is_new THEN
-        -- A resolved group that recurs after its resolution is a regression.
-        IF resolved AND (resolved_at IS NULL OR p_occurred_at > resolved_at) THEN
-            UPDATE @extschema@.tb_error_log g
-               SET status = 'unresolved', is_regression = true, regressed_at = now(),
-                   regression_count = g.regression_count + 1,
-                   resolved_at = NULL, resolved_by = NULL
-             WHERE g.error_id = v_group.error_id AND g.status = 'resolved';
-            v_regressed := FOUND;
-            resolved := false;
-            resolved_at := NULL;
-            changed := true;
-        END IF;
-        IF @extschema@._fraiseql_severity_rank(p_severity) > @extschema@._fraiseql_severity_rank(severity) THEN
-            UPDATE @extschema@.tb_error_log g SET severity = p_severity
-             WHERE g.error_id = v_group.error_id
-               AND @extschema@._fraiseql_severity_rank(g.severity) < @extschema@._fraiseql_severity_rank(p_severity);
-            severity := p_severity;
-            changed := true;
-        END IF;
-    END IF;
-
-    INSERT INTO @extschema@.tb_error_occurrence
-        (error_id, occurred_at, error_type, message, stack_trace, context, severity,
-         environment, release_version, trace_id, span_id, sampled_out)
-    VALUES (error_id, p_occurred_at, p_exception_type, p_message, p_stack_trace, p_context,
-            p_severity, p_environment, p_release_version, p_trace_id, p_span_id, p_sampled_out);
-
-    -- Notifications are queued in this transaction: a rolled-back capture
-    -- notifies nobody, a committed one is never lost.
-    v_has_rules := EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c WHERE c.enabled);
-    IF v_has_rules THEN
-        PERFORM @extschema@._fraiseql_notify_capture(error_id, p_fingerprint, p_exception_type, p_severity, p_environment,
-            v_is_new, v_regressed,
-            jsonb_build_object('message', p_message, 'stack_trace', p_stack_trace, 'context', p_context,
-                               'environment', p_environment, 'release_version', p_release_version,
-                               'trace_id', p_trace_id));
-    END IF;
-END
-$$;
-
+-- are C functions (src/capture_path.rs) that insert the occurrence row and
+-- nothing else: no table is read, no shared row written, so no capture ever
+-- waits for another session. The group's id is derived from the
+-- fingerprint (fraiseql_error_id). Everything else -- creating the group,
+-- counting, regression, severity, notification rules -- is done by the fold
+-- below, on committed rows.
 CREATE FUNCTION fraiseql_capture_error(
     exception_type  text,
     message         text,
@@ -153,26 +53,6 @@ COMMENT ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, 
 COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz) IS
   'Record an event without an exception; messages group by their normalized text.';
 
--- Backends cache what capture needs to know about a group; any change to a
--- group's status or severity, a deleted group or a changed rule makes every
--- backend forget (at commit).
-CREATE FUNCTION _fraiseql_capture_cache_changed() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM @extschema@._fraiseql_invalidate_capture_cache();
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER tb_error_log_capture_cache
-    AFTER UPDATE OF status, severity, resolved_at OR DELETE ON tb_error_log
-    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_capture_cache_changed();
-CREATE TRIGGER tb_error_log_capture_cache_truncate
-    AFTER TRUNCATE ON tb_error_log
-    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_capture_cache_changed();
-
 -- ---------------------------------------------------------------------------
 -- Counting. Captures never update a shared row (on a hot fingerprint that is a
 -- lock convoy). Each occurrence row carries the id of the transaction that
@@ -187,6 +67,11 @@ CREATE TRIGGER tb_error_log_capture_cache_truncate
 -- ---------------------------------------------------------------------------
 CREATE TYPE _fraiseql_fold AS (error_id uuid, old_count bigint, new_count bigint);
 
+-- An occurrence a fold counted, as the notification rules see it.
+CREATE TYPE _fraiseql_occurrence_ref AS (
+    occurrence_id uuid, occurred_at timestamptz, error_id uuid,
+    error_type text, severity text, environment text);
+
 -- The transactions still not counted after a fold that read with `snap`:
 -- those its snapshot saw running among the ones not counted before (all
 -- from `above`, and `in_progress`). The new state is (xmax of snap, this).
@@ -197,22 +82,41 @@ AS $$
     SELECT ARRAY(SELECT x FROM pg_snapshot_xip(snap) AS x WHERE x >= above OR x = ANY (in_progress) ORDER BY x)
 $$;
 
--- Fold the counts into tb_error_log. The worker runs this every
--- flush_interval; call it by hand to bring tb_error_log up to date now
--- (v_error_groups is always exact). Returns the number of groups updated.
--- It never waits: one fold runs at a time (a concurrent call returns 0), and
--- a group row another transaction holds is folded next time. With nothing
--- to count it writes nothing (no transaction id, no WAL).
+CREATE FUNCTION _fraiseql_severity_name(rank integer) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT (ARRAY['debug', 'info', 'warning', 'error', 'critical'])[rank + 1] $$;
+
+-- The fold: everything a capture leaves to be done, on the occurrences
+-- committed since the previous fold. It creates the groups of new
+-- fingerprints (from their first occurrence), counts, takes back what was
+-- deleted (tb_error_tombstone), reopens a resolved group that recurred
+-- after its resolution (a regression), raises a group's severity, decides
+-- milestones and evaluates the notification rules -- each occurrence once,
+-- in the transaction that counts it, so a rolled-back capture notifies
+-- nobody and a committed one is never missed.
+--
+-- The worker runs it every flush_interval, and at once when a capture
+-- commits while rules exist; call it by hand to bring tb_error_log up to
+-- date now (v_error_groups is always exact). Returns the number of groups
+-- updated. It never waits: one fold runs at a time (a concurrent call
+-- returns 0), and a group row another transaction holds is folded next
+-- time. With nothing to do it writes nothing (no transaction id, no WAL).
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    n       bigint;
-    v_state record;
-    v_new   bigint;
-    v_folds @extschema@._fraiseql_fold[];
+    n           bigint;
+    v_state     record;
+    v_new       bigint;
+    v_gone      uuid[];
+    v_created   uuid[];
+    v_regressed uuid[];
+    v_orphans   uuid[];
+    v_has_rules boolean;
+    v_batch     @extschema@._fraiseql_occurrence_ref[];
+    v_folds     @extschema@._fraiseql_fold[];
 BEGIN
     -- One fold at a time: a table lock, which (unlike a row lock) takes no
     -- transaction id, and which (unlike an advisory lock) no other role can
@@ -237,27 +141,85 @@ BEGIN
      WHERE o.capture_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND o.capture_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
-    -- One statement, one snapshot: count the rows of the transactions it
-    -- sees finished that were not counted before, and move the state.
+    -- Pending counts of a group deleted since (see below): the group made
+    -- again counts its rows afresh.
+    WITH o AS (
+        DELETE FROM @extschema@.tb_error_count_pending p
+         WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p.error_id)
+        RETURNING p.error_id
+    )
+    SELECT array_agg(o.error_id) INTO v_orphans FROM o;
+
+    -- One statement, one snapshot: the rows of the transactions it sees
+    -- finished that were not counted before, and the deletes it sees
+    -- committed (a deleted row it counted before is taken back; one it did
+    -- not count, it does not see). New fingerprints get their group here.
     WITH cur AS (
         SELECT pg_current_snapshot() AS snap
+    ), rules AS (
+        -- in the snapshot that sees the rows: a capture committed after a
+        -- rule was is evaluated against it
+        SELECT EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
+                        WHERE c.enabled AND c.notify_on_occurrence IS NULL) AS present
     ), new AS MATERIALIZED (
-        SELECT o.error_id, o.occurred_at, o.sampled_out
+        SELECT o.occurrence_id, o.occurred_at, o.error_id, o.error_type, o.severity, o.environment,
+               o.sampled_out
           FROM @extschema@.tb_error_occurrence o, cur
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
+    ), gone AS (
+        DELETE FROM @extschema@.tb_error_tombstone t RETURNING t.*
+    ), created AS (
+        -- from the group's first occurrence stored whole. A group made again
+        -- (deleted by hand while rows of it remain) starts from the rows of
+        -- it counted before; the new ones are added below like any others.
+        INSERT INTO @extschema@.tb_error_log AS g
+            (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
+             title, culprit, severity, environment, release_version,
+             occurrence_count, occurrences_not_stored, first_seen, last_seen)
+        SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
+               m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
+               k.cnt, k.light, least(o.occurred_at, k.fs), greatest(o.occurred_at, k.ls)
+          FROM (SELECT DISTINCT ON (n.error_id) n.error_id, n.occurrence_id, n.occurred_at
+                  FROM new n
+                 WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = n.error_id)
+                 ORDER BY n.error_id, n.sampled_out, n.occurred_at, n.occurrence_id) f
+          JOIN @extschema@.tb_error_occurrence o
+            ON o.occurrence_id = f.occurrence_id AND o.occurred_at = f.occurred_at
+         CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
+         CROSS JOIN LATERAL (
+               SELECT count(*) AS cnt, count(*) FILTER (WHERE k.sampled_out) AS light,
+                      min(k.occurred_at) AS fs, max(k.occurred_at) AS ls
+                 FROM @extschema@.tb_error_occurrence k
+                WHERE k.error_id = f.error_id
+                  AND k.capture_xid < v_state.above AND NOT k.capture_xid = ANY (v_state.in_progress)) k
+        ON CONFLICT DO NOTHING
+        RETURNING g.error_id
     ), counted AS (
         SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
-               min(n.occurred_at) AS fs, max(n.occurred_at) AS ls
+               min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
+               max(@extschema@._fraiseql_severity_rank(n.severity)) AS rank
           FROM new n GROUP BY n.error_id
+        UNION ALL
+        -- a deleted row counted before is taken back from its group (one
+        -- deleted with its group went with it)
+        SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
+               'infinity', '-infinity', 0
+          FROM gone t
+         WHERE t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress)
+           AND EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = t.error_id)
+         GROUP BY t.error_id
     ), pending AS (
-        INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, not_stored, first_seen, last_seen)
-        SELECT error_id, cnt, light, fs, ls FROM counted
+        INSERT INTO @extschema@.tb_error_count_pending AS p
+            (error_id, occurrence_count, not_stored, first_seen, last_seen, severity_rank)
+        SELECT c.error_id, sum(c.cnt), sum(c.light), min(c.fs), max(c.ls), max(c.rank)
+          FROM counted c GROUP BY c.error_id
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
                not_stored = p.not_stored + excluded.not_stored,
                first_seen = least(p.first_seen, excluded.first_seen),
-               last_seen = greatest(p.last_seen, excluded.last_seen)
+               last_seen = greatest(p.last_seen, excluded.last_seen),
+               severity_rank = greatest(p.severity_rank, excluded.severity_rank)
     ), moved AS (
         -- only when something was counted: an idle fold writes nothing
         UPDATE @extschema@.tb_error_fold_state s
@@ -267,36 +229,91 @@ BEGIN
           FROM cur
          WHERE EXISTS (SELECT 1 FROM new)
     )
-    SELECT count(*) INTO v_new FROM new;
+    SELECT (SELECT count(*) FROM new),
+           (SELECT array_agg(DISTINCT t.error_id) FROM gone t),
+           (SELECT coalesce(array_agg(c.error_id), '{}') FROM created c),
+           (SELECT r.present FROM rules r),
+           CASE WHEN (SELECT r.present FROM rules r) THEN
+               (SELECT coalesce(array_agg(ROW(n.occurrence_id, n.occurred_at, n.error_id, n.error_type,
+                                              n.severity, n.environment)::@extschema@._fraiseql_occurrence_ref
+                                          ORDER BY n.error_id, n.occurred_at, n.occurrence_id), '{}')
+                  FROM new n)
+           END
+      INTO v_new, v_gone, v_created, v_has_rules, v_batch;
 
-    IF v_new = 0 AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending) THEN
+    IF v_new = 0 AND v_gone IS NULL AND v_orphans IS NULL
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending) THEN
         RETURN 0;
     END IF;
 
-    -- Pending counts go into the group rows that are free now.
+    -- Pending counts go into the group rows that are free now; a resolved
+    -- group that recurred after its resolution reopens as a regression.
     WITH groups AS (
-        SELECT g.error_id FROM @extschema@.tb_error_log g
+        SELECT g.error_id, g.status, g.resolved_at FROM @extschema@.tb_error_log g
          WHERE g.error_id IN (SELECT p.error_id FROM @extschema@.tb_error_count_pending p)
          FOR NO KEY UPDATE SKIP LOCKED
     ), drained AS (
         DELETE FROM @extschema@.tb_error_count_pending p USING groups
          WHERE p.error_id = groups.error_id
-        RETURNING p.*
+        RETURNING p.*, (groups.status = 'resolved'
+                        AND (groups.resolved_at IS NULL OR p.last_seen > groups.resolved_at)) AS regressed
     ), folded AS (
         UPDATE @extschema@.tb_error_log g
-           SET occurrence_count = g.occurrence_count + d.occurrence_count,
-               occurrences_not_stored = g.occurrences_not_stored + d.not_stored,
+           SET occurrence_count = greatest(g.occurrence_count + d.occurrence_count, 0),
+               occurrences_not_stored = greatest(g.occurrences_not_stored + d.not_stored, 0),
                first_seen = least(g.first_seen, d.first_seen),
-               last_seen = greatest(g.last_seen, d.last_seen)
+               last_seen = greatest(g.last_seen, d.last_seen),
+               severity = CASE WHEN d.severity_rank > @extschema@._fraiseql_severity_rank(g.severity)
+                               THEN @extschema@._fraiseql_severity_name(d.severity_rank) ELSE g.severity END,
+               status = CASE WHEN d.regressed THEN 'unresolved' ELSE g.status END,
+               is_regression = g.is_regression OR d.regressed,
+               regressed_at = CASE WHEN d.regressed THEN now() ELSE g.regressed_at END,
+               regression_count = g.regression_count + d.regressed::integer,
+               resolved_at = CASE WHEN d.regressed THEN NULL ELSE g.resolved_at END,
+               resolved_by = CASE WHEN d.regressed THEN NULL ELSE g.resolved_by END
           FROM drained d
          WHERE g.error_id = d.error_id
-        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added
+        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added, d.regressed
     )
-    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
-      INTO v_folds FROM folded f;
-    -- counts of groups deleted meanwhile
-    DELETE FROM @extschema@.tb_error_count_pending p
-     WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p.error_id);
+    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}'),
+           coalesce(array_agg(f.error_id) FILTER (WHERE f.regressed), '{}')
+      INTO v_folds, v_regressed FROM folded f;
+    -- Counts whose group was deleted meanwhile (by pruning as the fold
+    -- counted a new occurrence of it, or by hand): a group that still has
+    -- occurrences is made again from them, with the count of those counted.
+    IF v_orphans IS NOT NULL THEN
+        INSERT INTO @extschema@.tb_error_log AS g
+            (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
+             title, culprit, severity, environment, release_version,
+             occurrence_count, occurrences_not_stored, first_seen, last_seen)
+        SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
+               m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
+               k.cnt, k.light, k.fs, k.ls
+          FROM unnest(v_orphans) AS x(id)
+         CROSS JOIN LATERAL (SELECT * FROM @extschema@.tb_error_occurrence o
+                              WHERE o.error_id = x.id AND @extschema@.fraiseql_error_id(o.fingerprint) = x.id
+                              ORDER BY o.sampled_out, o.occurred_at LIMIT 1) o
+         CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
+         CROSS JOIN LATERAL (
+               SELECT count(*) AS cnt, count(*) FILTER (WHERE k.sampled_out) AS light,
+                      min(k.occurred_at) AS fs, max(k.occurred_at) AS ls
+                 FROM @extschema@.tb_error_occurrence k
+                 JOIN @extschema@.tb_error_fold_state s ON true
+                WHERE k.error_id = x.id
+                  AND k.capture_xid < s.above AND NOT k.capture_xid = ANY (s.in_progress)) k
+         WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = x.id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    -- after deletes, first and last seen are those of the rows that remain
+    IF v_gone IS NOT NULL THEN
+        UPDATE @extschema@.tb_error_log g
+           SET first_seen = r.fs, last_seen = r.ls
+          FROM (SELECT x.id, (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o WHERE o.error_id = x.id) AS fs,
+                             (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o WHERE o.error_id = x.id) AS ls
+                  FROM unnest(v_gone) AS x(id)) r
+         WHERE g.error_id = r.id AND r.fs IS NOT NULL
+           AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls);
+    END IF;
 
     n := cardinality(v_folds);
     -- Milestones (notify_on_occurrence) are decided here, where the count is
@@ -307,44 +324,162 @@ BEGIN
             PERFORM @extschema@._fraiseql_notify_milestones(v_folds[i].error_id, v_folds[i].old_count, v_folds[i].new_count);
         END LOOP;
     END IF;
+    -- The other rules, on each occurrence counted now.
+    IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0) THEN
+        PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed);
+    END IF;
     RETURN n;
 END
 $$;
 
--- Error groups with live counts: folded + pending + not yet folded.
+-- Deleted occurrences leave tombstones for the fold and the rollups (see
+-- tb_error_tombstone): the statements that write them for the deleted rows
+-- given as a query (a transition table, a partition about to be dropped),
+-- run by the caller (a transition table is visible to its trigger only).
+CREATE FUNCTION _fraiseql_bury_statements(p_rows text, p_rollups boolean DEFAULT true) RETURNS SETOF text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT format($q$
+        INSERT INTO @extschema@.tb_error_tombstone (error_id, capture_xid, occurred_at, sampled_out, n)
+        SELECT d.error_id,
+               CASE WHEN d.capture_xid < s.above AND NOT d.capture_xid = ANY (s.in_progress) THEN '0' ELSE d.capture_xid END,
+               max(d.occurred_at), d.sampled_out, count(*)
+          FROM (%s) d, @extschema@.tb_error_fold_state s
+         GROUP BY 1, 2, 4$q$, p_rows)
+    UNION ALL
+    SELECT format($q$
+        INSERT INTO @extschema@.tb_rollup_tombstone (error_id, environment, minute, capture_xid, n)
+        SELECT d.error_id, d.environment, date_trunc('minute', d.occurred_at),
+               CASE WHEN d.capture_xid < s.error_above AND NOT d.capture_xid = ANY (s.error_in_progress)
+                    THEN '0' ELSE d.capture_xid END,
+               count(*)
+          FROM (%s) d, @extschema@.tb_rollup_state s
+         GROUP BY 1, 2, 3, 4$q$, p_rows)
+     WHERE p_rollups
+$$;
+
+-- SECURITY DEFINER: a role allowed to delete occurrences (through
+-- monitoring.errors, say) needs no right on the tombstones; it can only
+-- record the rows its own statement removed.
+CREATE FUNCTION _fraiseql_occurrences_deleted() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q text;
+BEGIN
+    FOR q IN SELECT @extschema@._fraiseql_bury_statements('SELECT * FROM gone') LOOP
+        EXECUTE q;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tb_error_occurrence_deleted
+    AFTER DELETE ON tb_error_occurrence REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_occurrences_deleted();
+
+-- The occurrences not counted yet (the fold's own condition).
+CREATE VIEW _fraiseql_unfolded AS
+SELECT o.*
+  FROM tb_error_occurrence o
+ WHERE o.capture_xid >= (SELECT s.above FROM tb_error_fold_state s)
+    OR o.capture_xid = ANY ((SELECT s.in_progress FROM tb_error_fold_state s)::xid8[]);
+
+-- Error groups with live counts: folded + pending + not yet folded, and the
+-- groups of new fingerprints the fold has not created yet.
 CREATE VIEW v_error_groups AS
 SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_trace, g.title, g.culprit,
-       g.severity, g.environment, g.release_version, g.status, g.assigned_to,
-       (g.occurrence_count + coalesce(p.occurrence_count, 0) + coalesce(l.cnt, 0))::bigint AS occurrence_count,
+       CASE WHEN greatest(p.severity_rank, l.rank) > _fraiseql_severity_rank(g.severity)
+            THEN _fraiseql_severity_name(greatest(p.severity_rank, l.rank)) ELSE g.severity END AS severity,
+       g.environment, g.release_version, g.status, g.assigned_to,
+       greatest(g.occurrence_count + coalesce(p.occurrence_count, 0) + coalesce(l.cnt, 0), 0)::bigint AS occurrence_count,
        least(g.first_seen, p.first_seen, l.fs)   AS first_seen,
        greatest(g.last_seen, p.last_seen, l.ls)  AS last_seen,
        g.resolved_at, g.resolved_by, g.is_regression, g.regressed_at, g.regression_count,
-       (g.occurrences_not_stored + coalesce(p.not_stored, 0) + coalesce(l.light, 0))::bigint AS occurrences_not_stored
+       greatest(g.occurrences_not_stored + coalesce(p.not_stored, 0) + coalesce(l.light, 0), 0)::bigint AS occurrences_not_stored
   FROM tb_error_log g
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
-  LEFT JOIN (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
-                    min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
-               FROM tb_error_occurrence o
-              WHERE o.capture_xid >= (SELECT s.above FROM tb_error_fold_state s)
-                 OR o.capture_xid = ANY ((SELECT s.in_progress FROM tb_error_fold_state s)::xid8[])
-              GROUP BY o.error_id) l ON l.error_id = g.error_id;
+  LEFT JOIN (SELECT u.error_id, sum(u.cnt) AS cnt, sum(u.light) AS light,
+                    min(u.fs) AS fs, max(u.ls) AS ls, max(u.rank) AS rank
+               FROM (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
+                            min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
+                            max(_fraiseql_severity_rank(o.severity)) AS rank
+                       FROM _fraiseql_unfolded o
+                      GROUP BY o.error_id
+                     UNION ALL
+                     -- counted rows deleted since: taken back
+                     SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
+                            NULL, NULL, 0
+                       FROM tb_error_tombstone t, tb_error_fold_state s
+                      WHERE t.capture_xid < s.above AND NOT t.capture_xid = ANY (s.in_progress)
+                      GROUP BY t.error_id) u
+              GROUP BY u.error_id) l ON l.error_id = g.error_id
+UNION ALL
+SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
+       m.meta->>'title', m.meta->>'culprit',
+       _fraiseql_severity_name(a.rank), f.environment, f.release_version, 'unresolved'::text, NULL::text,
+       a.cnt, a.fs, a.ls, NULL::timestamptz, NULL::text, false, NULL::timestamptz, 0, a.light
+  FROM (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
+               min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
+               max(_fraiseql_severity_rank(o.severity)) AS rank
+          FROM _fraiseql_unfolded o
+         WHERE NOT EXISTS (SELECT 1 FROM tb_error_log e WHERE e.error_id = o.error_id)
+         GROUP BY o.error_id) a
+ CROSS JOIN LATERAL (SELECT o.fingerprint, o.error_type, o.message, o.stack_trace, o.environment, o.release_version
+                       FROM _fraiseql_unfolded o WHERE o.error_id = a.error_id
+                      ORDER BY o.sampled_out, o.occurred_at LIMIT 1) f
+ CROSS JOIN LATERAL (SELECT _fraiseql_group_meta(f.error_type, f.message, f.stack_trace) AS meta) m;
 
 -- ---------------------------------------------------------------------------
 -- Workflow
 -- ---------------------------------------------------------------------------
+-- The group of error_id, for the workflow functions. A new fingerprint's
+-- group is made by the fold from committed captures (fraiseql_flush_counts);
+-- until then (a flush interval) it is waited for here, in READ COMMITTED,
+-- a little longer than the worker needs. The fold is not run from here: a
+-- fold in the caller's transaction would hold the fold's lock until that
+-- transaction ends, and every count, milestone and rule with it.
 CREATE FUNCTION _fraiseql_require_group(p_error_id uuid) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_deadline timestamptz;
 BEGIN
     IF p_error_id IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: error_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
-    IF NOT FOUND THEN
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_error_id) THEN
         RAISE EXCEPTION 'fraiseql_obs: no error group with error_id %', p_error_id
             USING ERRCODE = 'no_data_found';
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o
+                    WHERE o.error_id = p_error_id
+                      AND o.capture_xid IS DISTINCT FROM pg_current_xact_id_if_assigned()) THEN
+        RAISE EXCEPTION 'fraiseql_obs: the error group % was first captured in this transaction and is made when it commits', p_error_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Commit the capture first; v_error_groups shows the group meanwhile.';
+    END IF;
+    v_deadline := clock_timestamp()
+        + 2 * @extschema@.fraiseql_setting('fraiseql_obs.flush_interval')::interval + interval '2 seconds';
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        WHILE clock_timestamp() < v_deadline LOOP
+            PERFORM pg_sleep(0.02);
+            PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
+            IF FOUND THEN
+                RETURN;
+            END IF;
+        END LOOP;
+    END IF;
+    RAISE EXCEPTION 'fraiseql_obs: the error group % is not made yet (the worker makes it at its next fold)', p_error_id
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = 'Try again in a moment; without the background worker, CALL fraiseql_deliver_notifications() or SELECT fraiseql_flush_counts() folds.';
 END
 $$;
 
@@ -403,7 +538,7 @@ $$;
 -- ---------------------------------------------------------------------------
 CREATE VIEW monitoring.errors AS
 SELECT o.occurrence_id          AS id,
-       g.error_fingerprint      AS fingerprint,
+       o.fingerprint,
        o.error_type             AS exception_type,
        o.message,
        o.stack_trace,
@@ -419,7 +554,8 @@ SELECT o.occurrence_id          AS id,
        o.severity,
        o.release_version
   FROM @extschema@.tb_error_occurrence o
-  JOIN @extschema@.tb_error_log g ON g.error_id = o.error_id;
+  -- a new fingerprint's group exists once the fold has run (milliseconds)
+  LEFT JOIN @extschema@.tb_error_log g ON g.error_id = o.error_id;
 
 -- The seed's retention statement, DELETE FROM monitoring.errors WHERE ...,
 -- deletes the occurrences (the groups stay; maintenance prunes empty groups).

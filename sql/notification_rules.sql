@@ -194,10 +194,21 @@ CREATE TRIGGER notification_config_check
     BEFORE INSERT OR UPDATE ON tb_error_notification_config
     FOR EACH ROW EXECUTE FUNCTION _fraiseql_notification_config_check();
 
--- captures cache whether rules exist: they forget when rules change
-CREATE TRIGGER notification_config_capture_cache
+-- captures know whether rules exist (to wake the worker at commit): this
+-- session reads it again at once, others within a second
+CREATE FUNCTION _fraiseql_rules_changed_trigger() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM @extschema@._fraiseql_rules_changed();
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER notification_config_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tb_error_notification_config
-    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_capture_cache_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_rules_changed_trigger();
 
 -- Rules as anyone allowed to read them may see them: secrets redacted at
 -- any depth (nested objects and arrays), for every common secret name.
@@ -330,66 +341,122 @@ AS $$
        AND (r.environment IS NULL OR p_environment = ANY (r.environment))
 $$;
 
--- Called by capture after the occurrence is stored, when rules exist.
--- Milestones (notify_on_occurrence) are handled by fraiseql_flush_counts(),
--- where the count is exact.
-CREATE FUNCTION _fraiseql_notify_capture(p_error_id uuid, p_fingerprint text, p_type text, p_severity text,
-                                         p_environment text, p_is_new boolean, p_is_regression boolean,
-                                         p_occurrence jsonb) RETURNS integer
+-- The notification rules (all but milestones), on the occurrences one fold
+-- counted (p_batch, ordered by group and time): the first occurrence of a
+-- group the fold created is "new", the first of a group it reopened a
+-- "regression". Set-based first: an occurrence a rule's rate limit or
+-- digest already covers costs no payload, and of a rule with a window only
+-- the first occurrence of a group in the batch is looked at (unless a
+-- condition or a minimum count may refuse it). A group reopened without an
+-- occurrence in the batch (its row was busy at the fold that counted them)
+-- is announced with its latest occurrence.
+CREATE FUNCTION _fraiseql_notify_batch(p_batch _fraiseql_occurrence_ref[], p_created uuid[], p_regressed uuid[])
+RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    r        @extschema@.tb_error_notification_config;
+    c        record;
+    o        @extschema@.tb_error_occurrence;
     v_payload jsonb;
-    v_count  bigint;
+    v_done   uuid[] := '{}';   -- (rule, group) pairs whose window is now taken
     v_reason text;
     n        integer := 0;
 BEGIN
-    -- milestones are decided by the fold: a database without a worker now
-    -- gets one when this capture commits
-    IF EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
-                WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
-        PERFORM @extschema@._fraiseql_wake_worker();
-    END IF;
-    FOR r IN
-        SELECT * FROM @extschema@.tb_error_notification_config c
-         WHERE c.enabled
-           AND c.notify_on_occurrence IS NULL
-           AND @extschema@._fraiseql_rule_admits(c, p_fingerprint, p_type, p_severity, p_environment)
-           AND (NOT c.notify_on_new OR p_is_new OR (c.notify_on_regression AND p_is_regression))
-           AND (NOT c.notify_on_regression OR p_is_regression OR (c.notify_on_new AND p_is_new))
+    FOR c IN
+        WITH late AS (
+            -- regressions without an occurrence in this batch
+            SELECT l.occurrence_id, l.occurred_at, l.error_id, l.error_type, l.severity, l.environment
+              FROM unnest(p_regressed) AS r(id)
+             CROSS JOIN LATERAL (SELECT lo.* FROM @extschema@.tb_error_occurrence lo
+                                  WHERE lo.error_id = r.id ORDER BY lo.occurred_at DESC LIMIT 1) l
+             WHERE NOT EXISTS (SELECT 1 FROM unnest(p_batch) b WHERE b.error_id = r.id)
+        ), batch AS (
+            SELECT b.*, false AS late FROM unnest(p_batch) b
+            UNION ALL
+            SELECT l.*, true FROM late l
+        ), ev AS (
+            SELECT b.*,
+                   row_number() OVER w AS pos, count(*) OVER (PARTITION BY b.error_id) AS in_batch
+              FROM batch b
+            WINDOW w AS (PARTITION BY b.error_id ORDER BY b.occurred_at, b.occurrence_id)
+        ), candidates AS (
+            SELECT r.config_id, r AS rule, ev.occurrence_id, ev.occurred_at, ev.error_id,
+                   (ev.pos = 1 AND ev.error_id = ANY (p_created)) AS is_new,
+                   (ev.pos = 1 AND ev.error_id = ANY (p_regressed)) AS is_regression,
+                   ev.late,
+                   (g.occurrence_count + coalesce(p.occurrence_count, 0) - (ev.in_batch - ev.pos)) AS count_at,
+                   (r.rate_limit_minutes > 0 OR r.digest) AND r.condition IS NULL
+                       AND r.min_occurrence_count <= 1 AS first_only
+              FROM ev
+              JOIN @extschema@.tb_error_log g ON g.error_id = ev.error_id
+              LEFT JOIN @extschema@.tb_error_count_pending p ON p.error_id = ev.error_id
+              JOIN @extschema@.tb_error_notification_config r
+                ON r.enabled AND r.notify_on_occurrence IS NULL
+               AND @extschema@._fraiseql_rule_admits(r, g.error_fingerprint, ev.error_type, ev.severity, ev.environment)
+             WHERE NOT (r.digest AND EXISTS (
+                       SELECT 1 FROM @extschema@.tb_notification_digest d
+                        WHERE d.config_id = r.config_id AND d.error_id = ev.error_id))
+               AND NOT (NOT r.digest AND r.rate_limit_minutes > 0 AND EXISTS (
+                       SELECT 1 FROM @extschema@.tb_notification_state s
+                        WHERE s.config_id = r.config_id AND s.error_id = ev.error_id
+                          AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute'))
+        ), wanted AS (
+            SELECT x.*, row_number() OVER (PARTITION BY x.config_id, x.error_id ORDER BY x.occurred_at, x.occurrence_id) AS nth
+              FROM candidates x
+             WHERE (NOT (x.rule).notify_on_new OR x.is_new OR ((x.rule).notify_on_regression AND x.is_regression))
+               AND (NOT (x.rule).notify_on_regression OR x.is_regression OR ((x.rule).notify_on_new AND x.is_new))
+               AND (NOT x.late OR x.is_regression)
+               AND x.count_at >= (x.rule).min_occurrence_count
+        )
+        SELECT w.* FROM wanted w WHERE NOT w.first_only OR w.nth = 1
+         ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
     LOOP
-        -- Cheapest test first, and only a read: in an error storm the rule
-        -- has notified recently, and the capture is done here.
-        IF r.digest THEN
-            PERFORM 1 FROM @extschema@.tb_notification_digest d WHERE d.config_id = r.config_id AND d.error_id = p_error_id;
-            IF FOUND THEN CONTINUE; END IF;
-        ELSIF r.rate_limit_minutes > 0 THEN
-            PERFORM 1 FROM @extschema@.tb_notification_state s
-             WHERE s.config_id = r.config_id AND s.error_id = p_error_id
-               AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute';
-            IF FOUND THEN CONTINUE; END IF;
-        END IF;
-        IF v_payload IS NULL THEN
-            v_payload := @extschema@._fraiseql_error_payload(p_error_id, p_occurrence);
-        END IF;
-        IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
+        IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest)
+           AND @extschema@._fraiseql_pair_id(c.config_id, c.error_id) = ANY (v_done) THEN
             CONTINUE;
         END IF;
-        IF r.min_occurrence_count > 1 THEN
-            v_count := (v_payload->>'occurrence_count')::bigint;
-            IF v_count < r.min_occurrence_count THEN
-                CONTINUE;
-            END IF;
+        SELECT * INTO o FROM @extschema@.tb_error_occurrence x
+         WHERE x.occurrence_id = c.occurrence_id AND x.occurred_at = c.occurred_at;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        v_payload := @extschema@._fraiseql_occurrence_payload(o, c.count_at);
+        IF (c.rule).condition IS NOT NULL
+           AND NOT coalesce(jsonb_path_match(v_payload, (c.rule).condition, silent => true), false) THEN
+            CONTINUE;
         END IF;
-        v_reason := CASE WHEN p_is_new THEN 'new' WHEN p_is_regression THEN 'regression' ELSE 'occurrence' END;
-        IF @extschema@._fraiseql_enqueue(r, p_error_id, v_reason, v_payload) THEN
+        v_reason := CASE WHEN c.is_new THEN 'new' WHEN c.is_regression THEN 'regression' ELSE 'occurrence' END;
+        IF @extschema@._fraiseql_enqueue(c.rule, c.error_id, v_reason, v_payload) THEN
             n := n + 1;
+        END IF;
+        IF (c.rule).rate_limit_minutes > 0 OR (c.rule).digest THEN
+            v_done := v_done || @extschema@._fraiseql_pair_id(c.config_id, c.error_id);
         END IF;
     END LOOP;
     RETURN n;
 END
+$$;
+
+-- One key for a (rule, group) pair.
+CREATE FUNCTION _fraiseql_pair_id(a uuid, b uuid) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT md5(a::text || b::text)::uuid $$;
+
+-- The error as a notification about one occurrence describes it; the count
+-- is the group's as of that occurrence.
+CREATE FUNCTION _fraiseql_occurrence_payload(o tb_error_occurrence, p_count bigint) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'error_id', g.error_id, 'error_fingerprint', g.error_fingerprint, 'error_type', g.error_type,
+        'error_message', o.message, 'severity', g.severity,
+        'occurrence_count', p_count, 'first_seen', g.first_seen, 'last_seen', greatest(g.last_seen, o.occurred_at),
+        'environment', o.environment,
+        'release_version', coalesce(o.release_version, g.release_version),
+        'stack_trace', left(coalesce(o.stack_trace, g.stack_trace), 16384),
+        'title', g.title, 'culprit', g.culprit, 'status', g.status,
+        'context', o.context, 'trace_id', o.trace_id)
+      FROM @extschema@.tb_error_log g WHERE g.error_id = o.error_id
 $$;
 
 -- Milestones crossed by a fold: exact, since folds are serialized per group.
@@ -584,6 +651,9 @@ AS $$
 DECLARE
     v_claimed jsonb;
 BEGIN
+    -- the fold evaluates the rules on what was captured
+    PERFORM @extschema@.fraiseql_flush_counts();
+    COMMIT;
     FOR i IN 1..GREATEST(max_batches, 1) LOOP
         v_claimed := @extschema@._fraiseql_claim_due();
         COMMIT;

@@ -216,6 +216,7 @@ DECLARE
     unit   interval := ('1 ' || cfg.granularity)::interval;
     cutoff timestamptz;
     r      record;
+    q      text;
 BEGIN
     IF keep IS NULL OR keep < 0 THEN
         RAISE EXCEPTION 'fraiseql_obs: retention must be >= 0 (0 keeps data forever), got %', keep
@@ -230,7 +231,7 @@ BEGIN
     PERFORM FROM @extschema@.tb_maintenance_lock FOR UPDATE;
     cutoff := date_trunc(cfg.granularity, now()) - keep * unit;
     FOR r IN
-        SELECT v.partition, v.partition_name
+        SELECT v.partition, v.partition_name, v.lower_bound, v.upper_bound
           FROM @extschema@.v_partitions v
          WHERE v.parent_table = parent
            AND NOT v.is_default
@@ -238,6 +239,21 @@ BEGIN
            AND NOT (now() >= v.lower_bound AND now() < v.upper_bound)
          ORDER BY v.lower_bound
     LOOP
+        IF parent = '@extschema@.tb_error_occurrence'::regclass THEN
+            -- The group counts give back the rows dropped. Locked first: no
+            -- fold or rollup is reading the partition then, so what they
+            -- counted of it is what their state says. Its rollup buckets
+            -- go with it (the range holds all and only its rows; the
+            -- buckets are aligned on its UTC bounds).
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', r.partition);
+            FOR q IN SELECT @extschema@._fraiseql_bury_statements(format('SELECT * FROM %s', r.partition), false) LOOP
+                EXECUTE q;
+            END LOOP;
+            DELETE FROM @extschema@.tb_rollup_error_minute m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
+            DELETE FROM @extschema@.tb_rollup_error_5min m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
+            DELETE FROM @extschema@.tb_rollup_error_hour m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
+            DELETE FROM @extschema@.tb_rollup_error_day m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
+        END IF;
         EXECUTE format('DROP TABLE %s', r.partition);
         partition_name := r.partition_name;
         dropped := true;
@@ -258,6 +274,8 @@ DECLARE
     dflt  regclass := @extschema@._fraiseql_default_partition(parent);
     key   text := @extschema@._fraiseql_partition_key(parent);
     unit_start timestamptz;
+    q     text;
+    v_old boolean;
     total bigint := 0;
     v_unit interval := ('1 ' || cfg.granularity)::interval;
     v_keep integer := @extschema@.fraiseql_setting(cfg.retention_guc)::integer;
@@ -274,6 +292,17 @@ BEGIN
     -- are past retention (deleted, as their partition would be), rows beyond
     -- the partitions made ahead wait in the default partition until their
     -- time comes, and non-finite times stay there (they have no partition).
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I < $1)', dflt, key) INTO v_old USING v_lo;
+    IF v_old AND parent = '@extschema@.tb_error_occurrence'::regclass THEN
+        -- the counts give them back (a DELETE on the partition itself is
+        -- not seen by the parent's trigger); no capture may add one between
+        -- the tombstones and the delete
+        EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', dflt);
+        FOR q IN SELECT @extschema@._fraiseql_bury_statements(
+                            format('SELECT * FROM %s WHERE occurred_at < %L', dflt, v_lo)) LOOP
+            EXECUTE q;
+        END LOOP;
+    END IF;
     EXECUTE format('DELETE FROM %s WHERE %I < $1', dflt, key) USING v_lo;
     FOR unit_start IN
         EXECUTE format('SELECT DISTINCT date_trunc(%L, %I) FROM %s WHERE %I >= $1 AND %I < $2',

@@ -100,6 +100,9 @@ DECLARE
     v_state  record;
     v_spans  bigint;
     v_errors bigint;
+    v_back   @extschema@.tb_rollup_tombstone[];
+    v_lo     timestamptz;
+    v_hi     timestamptz;
 BEGIN
     -- one run at a time, without a transaction id (see fraiseql_flush_counts)
     BEGIN
@@ -227,6 +230,9 @@ BEGIN
           FROM late
          WHERE r.bucket = late.bucket AND r.environment = late.environment AND r.operation_name = late.operation_name
         RETURNING 1
+    ), gone AS (
+        -- deletes committed in this snapshot: their rows are not in new
+        DELETE FROM @extschema@.tb_rollup_tombstone t RETURNING t.*
     ), moved AS (
         UPDATE @extschema@.tb_rollup_state s
            SET error_above = greatest(v_state.error_above, pg_snapshot_xmax(cur.snap)),
@@ -237,7 +243,46 @@ BEGIN
          WHERE EXISTS (SELECT 1 FROM new)
         RETURNING 1
     )
-    SELECT count(*) INTO v_errors FROM new;
+    SELECT (SELECT count(*) FROM new),
+           (SELECT array_agg(g) FROM gone g
+             WHERE g.capture_xid < v_state.error_above AND NOT g.capture_xid = ANY (v_state.error_in_progress))
+      INTO v_errors, v_back;
+
+    -- Deleted rows it had rolled up are taken back from their buckets (the
+    -- buckets that are still there: a pruned one went with its rows).
+    IF v_back IS NOT NULL THEN
+        WITH b AS (
+            SELECT t.error_id, t.environment, t.minute, t.n FROM unnest(v_back) t
+        ), minutes AS (
+            UPDATE @extschema@.tb_rollup_error_minute r SET occurrences = greatest(r.occurrences - x.n, 0)
+              FROM (SELECT b.minute AS bucket, b.environment, sum(b.n) AS n FROM b GROUP BY 1, 2) x
+             WHERE r.bucket = x.bucket AND r.environment = x.environment
+        ), five_minutes AS (
+            UPDATE @extschema@.tb_rollup_error_5min r SET occurrences = greatest(r.occurrences - x.n, 0)
+              FROM (SELECT date_bin('5 minutes', b.minute, '2000-01-01 00:00:00+00') AS bucket, b.environment,
+                           sum(b.n) AS n FROM b GROUP BY 1, 2) x
+             WHERE r.bucket = x.bucket AND r.environment = x.environment
+        ), hours AS (
+            UPDATE @extschema@.tb_rollup_error_hour r SET occurrences = greatest(r.occurrences - x.n, 0)
+              FROM (SELECT date_trunc('hour', b.minute) AS bucket, b.error_id, b.environment, sum(b.n) AS n
+                      FROM b GROUP BY 1, 2, 3) x
+             WHERE r.bucket = x.bucket AND r.error_id = x.error_id AND r.environment = x.environment
+        )
+        UPDATE @extschema@.tb_rollup_error_day r SET occurrences = greatest(r.occurrences - x.n, 0)
+          FROM (SELECT date_trunc('day', b.minute) AS bucket, b.error_id, b.environment, sum(b.n) AS n
+                  FROM b GROUP BY 1, 2, 3) x
+         WHERE r.bucket = x.bucket AND r.error_id = x.error_id AND r.environment = x.environment;
+        -- a bucket left empty is no bucket (a panel shows no point for it)
+        SELECT min(t.minute), max(t.minute) INTO v_lo, v_hi FROM unnest(v_back) t;
+        DELETE FROM @extschema@.tb_rollup_error_minute r
+         WHERE r.bucket BETWEEN v_lo AND v_hi AND r.occurrences = 0;
+        DELETE FROM @extschema@.tb_rollup_error_5min r
+         WHERE r.bucket BETWEEN date_bin('5 minutes', v_lo, '2000-01-01 00:00:00+00') AND v_hi AND r.occurrences = 0;
+        DELETE FROM @extschema@.tb_rollup_error_hour r
+         WHERE r.bucket BETWEEN date_trunc('hour', v_lo) AND v_hi AND r.occurrences = 0;
+        DELETE FROM @extschema@.tb_rollup_error_day r
+         WHERE r.bucket BETWEEN date_trunc('day', v_lo) AND v_hi AND r.occurrences = 0;
+    END IF;
 
     RETURN jsonb_build_object('spans', v_spans, 'occurrences', v_errors);
 END

@@ -30,13 +30,21 @@ SELECT a.pid, a.backend_start, pg_current_xact_id()
   FROM pg_stat_activity a
  WHERE a.pid = pg_backend_pid() AND current_setting('row_security') = 'off';
 
+-- A group's id, derived from its fingerprint (UUIDv5; src/fingerprint.rs).
+CREATE FUNCTION fraiseql_error_id(fingerprint text) RETURNS uuid
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'fraiseql_error_id_wrapper';
+
 -- ---------------------------------------------------------------------------
 -- Error groups: one row per fingerprint.
 -- occurrence_count / first_seen / last_seen are folded in from the occurrences
 -- (see "Counting" below).
 -- ---------------------------------------------------------------------------
 CREATE TABLE tb_error_log (
-    error_id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    -- derived from the fingerprint (UUIDv5): a capture knows its group's id
+    -- without reading or writing the group row, so it never waits for a
+    -- session that is creating the same group (the fold creates groups)
+    error_id            uuid PRIMARY KEY GENERATED ALWAYS AS (fraiseql_error_id(error_fingerprint)) STORED,
     error_fingerprint   text NOT NULL UNIQUE,
     fingerprint_version integer NOT NULL DEFAULT 1,
     error_type          text NOT NULL,
@@ -94,7 +102,35 @@ CREATE TABLE tb_error_count_pending (
     occurrence_count bigint NOT NULL,
     not_stored       bigint NOT NULL DEFAULT 0,
     first_seen       timestamptz NOT NULL,
-    last_seen        timestamptz NOT NULL
+    last_seen        timestamptz NOT NULL,
+    -- the highest severity among them (a group's severity only rises)
+    severity_rank    integer NOT NULL DEFAULT 0
+);
+
+-- Occurrences deleted since the last fold (DELETE on tb_error_occurrence or
+-- monitoring.errors, retention): the fold takes back the ones it had counted.
+-- A tombstone commits with its delete, so the fold sees both or neither.
+-- n rows of one group per tombstone: rows the fold had counted when they
+-- were deleted are one tombstone with capture_xid '0' (counted for good:
+-- counting only ever moves forward); the others keep their transaction's id
+-- and the fold decides (it may be counting them as they are deleted).
+CREATE TABLE tb_error_tombstone (
+    error_id    uuid NOT NULL,
+    capture_xid xid8 NOT NULL,
+    occurred_at timestamptz NOT NULL,   -- the latest of them
+    sampled_out boolean NOT NULL,
+    n           bigint NOT NULL DEFAULT 1
+);
+
+-- The same for the dashboards' rollups (fraiseql_refresh_rollups, which has
+-- its own state): per group, environment and minute, capture_xid '0' for
+-- rows it had rolled up.
+CREATE TABLE tb_rollup_tombstone (
+    error_id    uuid NOT NULL,
+    environment text NOT NULL,
+    minute      timestamptz NOT NULL,
+    capture_xid xid8 NOT NULL,
+    n           bigint NOT NULL
 );
 
 -- ---------------------------------------------------------------------------
@@ -122,6 +158,9 @@ CREATE TABLE tb_partition_index (
 CREATE TABLE tb_error_occurrence (
     occurrence_id   uuid NOT NULL DEFAULT gen_random_uuid(),
     error_id        uuid NOT NULL,
+    -- the group's key: the fold creates a group from its first occurrence
+    -- (error_id = fraiseql_error_id(fingerprint))
+    fingerprint     text NOT NULL,
     occurred_at     timestamptz NOT NULL DEFAULT now(),
     error_type      text NOT NULL,
     message         text NOT NULL,
