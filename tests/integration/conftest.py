@@ -60,6 +60,8 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str 
                 return v
         except psycopg.OperationalError as e:  # e.g. during a crash restart
             last_exc = e
+        except TypeError as e:  # a row not there yet: fetchone() gave None
+            last_exc = e
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last value: {v!r:.300})"
                          + (f" (last error: {last_exc})" if last_exc else ""))
@@ -84,6 +86,7 @@ def cluster():
         "fraiseql_obs.notification_connect_timeout = 500",
         "restart_after_crash = on",
         "max_connections = 60",
+        "max_prepared_transactions = 10",
     ]
     subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(path), str(port), *conf], check=True)
     c = Cluster(path, port)

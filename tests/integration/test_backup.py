@@ -54,8 +54,9 @@ def populate(c):
     for i in range(30):
         c.execute("SELECT fraiseql_capture_error(%s, %s, context => %s)", (f"E{i % 3}", f"m{i % 3}", '{"user_id": 7}'))
     # rows outside the partitions, waiting in the default partition
-    c.execute("INSERT INTO tb_error_occurrence_default (error_id, occurred_at, error_type, message, severity, environment) "
-              "SELECT error_id, now() + interval '5 years', 'E0', 'far', 'error', 'production' FROM tb_error_log LIMIT 2")
+    c.execute("INSERT INTO tb_error_occurrence_default (error_id, fingerprint, occurred_at, error_type, message, severity, environment) "
+              "SELECT DISTINCT ON (error_id) error_id, fingerprint, now() + interval '5 years', 'E0', 'far', 'error', 'production' "
+              "FROM tb_error_occurrence ORDER BY error_id LIMIT 2")
     c.execute("SELECT fraiseql_record_span('0af7651916cd43dd8448eb211c80319c', 'b7ad6b7169203331', 'GET /', now(), now())")
     c.execute("""SELECT fraiseql_ingest_otlp_traces(jsonb_build_object('resourceSpans', jsonb_build_array(jsonb_build_object(
                  'scopeSpans', jsonb_build_array(jsonb_build_object('spans', jsonb_build_array(jsonb_build_object(

@@ -50,7 +50,7 @@ def populate(conn):
         for i in range(5):
             conn.execute("SELECT fraiseql_capture_error('E' || %s, 'boom', context => %s::jsonb, environment => %s)",
                          (i % 3, json.dumps({"user_id": f"u{i}"}), env))
-    gid = conn.execute("SELECT error_id FROM tb_error_log WHERE error_type = 'E0'").fetchone()[0]
+    gid = conn.execute("SELECT error_id FROM v_error_groups WHERE error_type = 'E0'").fetchone()[0]
     conn.execute("SELECT fraiseql_resolve_error(%s)", (gid,))
     conn.execute("SELECT fraiseql_capture_error('E0', 'boom', occurred_at => clock_timestamp() + interval '1 second', environment => 'production')")
     conn.execute("RESET fraiseql_obs.trace_id; RESET fraiseql_obs.span_id")

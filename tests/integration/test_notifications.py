@@ -73,7 +73,7 @@ def test_slack_block_kit(cluster, db, http):
         stack = blocks[3]["text"]["text"].strip("`")
         assert len(stack) == 500 and stack.startswith("Traceback")
         footer = blocks[4]["elements"][0]["text"]
-        g = c.execute("SELECT error_id, error_fingerprint FROM tb_error_log WHERE error_type = 'DbDown'").fetchone()
+        g = c.execute("SELECT error_id, error_fingerprint FROM v_error_groups WHERE error_type = 'DbDown'").fetchone()
         assert str(g[0]) in footer and g[1] in footer
         wait_for(lambda: log(c), what="log row")
         assert log(c)[0][2] == "#alerts" and "secret" not in str(log(c))
@@ -183,7 +183,7 @@ def test_new_regression_threshold_and_condition_rules(cluster, db, http):
         cond = rule(c, "webhook", {"url": http.url + "/gold"}, condition='$.context.tier == "gold"')
         for _ in range(3):
             c.execute("SELECT fraiseql_capture_error('A', 'first bug')")
-        gid = c.execute("SELECT error_id FROM tb_error_log WHERE error_type = 'A'").fetchone()[0]
+        gid = c.execute("SELECT error_id FROM v_error_groups WHERE error_type = 'A'").fetchone()[0]
         c.execute("SELECT fraiseql_resolve_error(%s)", (gid,))
         c.execute("SELECT fraiseql_capture_error('A', 'first bug', occurred_at => clock_timestamp() + interval '1 second')")
         for _ in range(6):
@@ -283,8 +283,10 @@ def test_digest_lists_the_window(cluster, db, http):
         rule(c, "slack", {"webhook_url": http.url + "/digest"}, digest=True, rate_limit_minutes=1440, environment=["staging"])
         for t in ("E1", "E2", "E2"):
             c.execute("SELECT fraiseql_capture_error(%s, 'x', environment => 'staging')", (t,))
+        # collected by the fold, not sent
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_notification_digest").fetchone()[0] == 2, what="collected")
         c.execute("SELECT pg_sleep(1)")
-        assert not http.requests  # collected, not sent
+        assert not http.requests
         c.execute("UPDATE tb_notification_digest SET window_start = now() - interval '2 days'")
         wait_for(lambda: http.requests, what="the digest")
         msg = http.json()

@@ -227,7 +227,7 @@ def test_objects_in_a_writable_schema_never_run_as_the_superuser(cluster, db, ro
         # maintenance, rollups, delivery, the workflow, by the worker and by hand
         c.execute("SELECT fraiseql_run_maintenance()")
         c.execute("SELECT fraiseql_refresh_rollups()")
-        eid = c.execute("SELECT error_id FROM tb_error_log LIMIT 1").fetchone()[0]
+        eid = c.execute("SELECT error_id FROM v_error_groups LIMIT 1").fetchone()[0]
         c.execute("SELECT fraiseql_resolve_error(%s)", (eid,))
         c.execute("SELECT fraiseql_capture_error('E', 'regress')")
         n = c.execute("SELECT count(*) FROM v_maintenance_runs").fetchone()[0]
@@ -378,9 +378,10 @@ def test_a_bad_row_never_stops_maintenance(cluster, db):
     with cluster.connect(db) as c:
         eid = c.execute("SELECT fraiseql_capture_error('E', 'seed')").fetchone()[0]
         # written directly by the owner, bypassing capture
-        c.execute("INSERT INTO tb_error_occurrence_default (error_id, occurred_at, error_type, message, severity, environment) "
-                  "VALUES (%s, 'infinity', 'E', 'm', 'error', 'p'), (%s, now() + interval '10 years', 'E', 'm', 'error', 'p')",
-                  (eid, eid))
+        fp = c.execute("SELECT fingerprint FROM tb_error_occurrence WHERE error_id = %s LIMIT 1", (eid,)).fetchone()[0]
+        c.execute("INSERT INTO tb_error_occurrence_default (error_id, fingerprint, occurred_at, error_type, message, severity, environment) "
+                  "VALUES (%s, %s, 'infinity', 'E', 'm', 'error', 'p'), (%s, %s, now() + interval '10 years', 'E', 'm', 'error', 'p')",
+                  (eid, fp, eid, fp))
         furthest = c.execute("SELECT max(partition_name) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass "
                              "AND NOT is_default").fetchone()[0]
         c.execute(f"DROP TABLE {furthest}")

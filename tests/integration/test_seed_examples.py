@@ -65,7 +65,7 @@ def populate(conn):
     conn.execute("""CREATE FUNCTION twilio_sms(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
                     LANGUAGE sql AS $$ SELECT false, 'not configured in tests' $$""")
     conn.execute("SELECT fraiseql_register_channel('twilio_sms', 'twilio_sms(jsonb, jsonb)')")
-    gid = conn.execute("SELECT error_id FROM tb_error_log WHERE error_type = 'ValueError'").fetchone()[0]
+    gid = conn.execute("SELECT error_id FROM v_error_groups WHERE error_type = 'ValueError'").fetchone()[0]
     # delivery log rows, as the worker writes them
     conn.execute(
         """INSERT INTO tb_error_notification_log (config_id, error_id, channel_type, recipient, status, error_message)
