@@ -114,6 +114,7 @@ DECLARE
     v_created   uuid[];
     v_regressed uuid[];
     v_orphans   uuid[];
+    v_recounted bigint;
     v_has_rules boolean;
     v_batch     @extschema@._fraiseql_occurrence_ref[];
     v_folds     @extschema@._fraiseql_fold[];
@@ -242,7 +243,8 @@ BEGIN
       INTO v_new, v_gone, v_created, v_has_rules, v_batch;
 
     IF v_new = 0 AND v_gone IS NULL AND v_orphans IS NULL
-       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending) THEN
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending)
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_recount_request r WHERE r.consumer = 'groups') THEN
         RETURN 0;
     END IF;
 
@@ -313,6 +315,48 @@ BEGIN
                   FROM unnest(v_gone) AS x(id)) r
          WHERE g.error_id = r.id AND r.fs IS NOT NULL
            AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls);
+    END IF;
+
+    -- A partition dropped by hand took rows without tombstones: every group
+    -- is recounted from what remains. In one snapshot, with this fold's
+    -- lock: a group's count plus its pending count is the rows counted,
+    -- plus the counted rows deleted whose tombstones the next fold takes
+    -- back. A group row another transaction holds is recounted next time.
+    IF EXISTS (SELECT 1 FROM @extschema@.tb_recount_request r WHERE r.consumer = 'groups') THEN
+        WITH req AS (
+            DELETE FROM @extschema@.tb_recount_request r WHERE r.consumer = 'groups' RETURNING r.*
+        ), st AS (
+            SELECT s.above, s.in_progress FROM @extschema@.tb_error_fold_state s
+        ), rows_ AS (
+            SELECT o.error_id, count(*) AS n, count(*) FILTER (WHERE o.sampled_out) AS light,
+                   min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
+              FROM @extschema@.tb_error_occurrence o, st
+             WHERE o.capture_xid < st.above AND NOT o.capture_xid = ANY (st.in_progress)
+             GROUP BY o.error_id
+        ), graves AS (
+            SELECT t.error_id, sum(t.n) AS n, coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
+              FROM @extschema@.tb_error_tombstone t, st
+             WHERE t.capture_xid < st.above AND NOT t.capture_xid = ANY (st.in_progress)
+             GROUP BY t.error_id
+        ), free AS (
+            SELECT g.error_id FROM @extschema@.tb_error_log g FOR NO KEY UPDATE SKIP LOCKED
+        ), recounted AS (
+            UPDATE @extschema@.tb_error_log g
+               SET occurrence_count = greatest(coalesce(r.n, 0) + coalesce(t.n, 0) - coalesce(p.occurrence_count, 0), 0),
+                   occurrences_not_stored = greatest(coalesce(r.light, 0) + coalesce(t.light, 0) - coalesce(p.not_stored, 0), 0),
+                   first_seen = coalesce(r.fs, g.first_seen),
+                   last_seen = coalesce(r.ls, g.last_seen)
+              FROM free f
+              LEFT JOIN rows_ r ON r.error_id = f.error_id
+              LEFT JOIN graves t ON t.error_id = f.error_id
+              LEFT JOIN @extschema@.tb_error_count_pending p ON p.error_id = f.error_id
+             WHERE g.error_id = f.error_id
+            RETURNING 1
+        )
+        SELECT count(*) INTO v_recounted FROM recounted;
+        IF v_recounted < (SELECT count(*) FROM @extschema@.tb_error_log) THEN
+            INSERT INTO @extschema@.tb_recount_request (consumer, partition) VALUES ('groups', '(groups held, again)');
+        END IF;
     END IF;
 
     n := cardinality(v_folds);

@@ -134,6 +134,7 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_tombstone', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_tombstone', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_recount_request', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_config', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_partition_config', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_definition', '');

@@ -254,7 +254,10 @@ BEGIN
             DELETE FROM @extschema@.tb_rollup_error_hour m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
             DELETE FROM @extschema@.tb_rollup_error_day m WHERE m.bucket >= r.lower_bound AND m.bucket < r.upper_bound;
         END IF;
+        -- (accounted for above: not a drop by hand, see _fraiseql_table_dropped)
+        PERFORM set_config('fraiseql_obs_internal.accounted_drop', r.partition_name, true);
         EXECUTE format('DROP TABLE %s', r.partition);
+        PERFORM set_config('fraiseql_obs_internal.accounted_drop', '', true);
         partition_name := r.partition_name;
         dropped := true;
         RETURN NEXT;
@@ -388,4 +391,51 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END
+$$;
+
+-- A partition of the occurrences dropped by hand: the fold and the rollups
+-- are asked to recount from the rows that remain (tb_recount_request). An
+-- event trigger runs for every DROP TABLE in the database, so it does
+-- nothing else, and it never makes the DROP fail. It runs as the role that
+-- drops: only a role that may write the extension's tables (the one that
+-- can drop its partitions) asks for a recount, not one dropping a table of
+-- its own that looks like a partition.
+CREATE FUNCTION _fraiseql_table_dropped() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+BEGIN
+    IF NOT has_table_privilege('@extschema@.tb_recount_request', 'INSERT') THEN
+        RETURN;
+    END IF;
+    SELECT d.object_name INTO v_name
+      FROM pg_event_trigger_dropped_objects() d
+     WHERE d.object_type = 'table' AND d.schema_name = '@extschema@'
+       AND d.object_name ~ '^tb_error_occurrence_[0-9]{4}_[0-9]{2}$'
+       AND d.object_name IS DISTINCT FROM nullif(current_setting('fraiseql_obs_internal.accounted_drop', true), '')
+     LIMIT 1;
+    IF v_name IS NOT NULL THEN
+        INSERT INTO @extschema@.tb_recount_request (consumer, partition)
+        VALUES ('groups', v_name), ('rollups', v_name);
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'fraiseql_obs: could not record the drop of an occurrence partition (counts are recounted at the next drop): %', SQLERRM;
+END
+$$;
+
+CREATE EVENT TRIGGER fraiseql_obs_table_dropped ON sql_drop
+    WHEN TAG IN ('DROP TABLE')
+    EXECUTE FUNCTION _fraiseql_table_dropped();
+
+-- The same by hand, after what the extension cannot see (DETACH PARTITION,
+-- DELETE or TRUNCATE on a partition itself): the next fold and roll-up
+-- recount from the rows there are. Owner only (a full pass over the rows).
+CREATE FUNCTION fraiseql_recount() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO @extschema@.tb_recount_request (consumer, partition)
+    VALUES ('groups', '(fraiseql_recount)'), ('rollups', '(fraiseql_recount)');
 $$;

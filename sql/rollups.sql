@@ -103,6 +103,7 @@ DECLARE
     v_back   @extschema@.tb_rollup_tombstone[];
     v_lo     timestamptz;
     v_hi     timestamptz;
+    v_rebuild boolean;
 BEGIN
     -- one run at a time, without a transaction id (see fraiseql_flush_counts)
     BEGIN
@@ -113,6 +114,21 @@ BEGIN
     SELECT * INTO v_state FROM @extschema@.tb_rollup_state;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('busy', true);  -- a restore in progress has not brought the state yet
+    END IF;
+    -- A partition of the occurrences dropped by hand (tb_recount_request):
+    -- the error rollups are made again from the rows that remain, as if
+    -- none had been rolled up.
+    WITH req AS (
+        DELETE FROM @extschema@.tb_recount_request r WHERE r.consumer = 'rollups' RETURNING 1
+    )
+    SELECT count(*) > 0 INTO v_rebuild FROM req;
+    IF v_rebuild THEN
+        DELETE FROM @extschema@.tb_rollup_error_minute;
+        DELETE FROM @extschema@.tb_rollup_error_5min;
+        DELETE FROM @extschema@.tb_rollup_error_hour;
+        DELETE FROM @extschema@.tb_rollup_error_day;
+        v_state.error_above := '0';
+        v_state.error_in_progress := '{}';
     END IF;
 
     -- spans restored from another cluster's dump (see fraiseql_flush_counts)

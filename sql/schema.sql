@@ -122,6 +122,17 @@ CREATE TABLE tb_error_tombstone (
     n           bigint NOT NULL DEFAULT 1
 );
 
+-- A partition of tb_error_occurrence dropped by hand (DROP TABLE, not
+-- drop_old_*): its rows went without tombstones, so the fold recounts the
+-- groups and the rollups are rebuilt from the rows that remain. One row per
+-- consumer ('groups', 'rollups'); insert-only, so the dropping transaction
+-- holds no lock the worker needs.
+CREATE TABLE tb_recount_request (
+    consumer     text NOT NULL CHECK (consumer IN ('groups', 'rollups')),
+    partition    text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- The same for the dashboards' rollups (fraiseql_refresh_rollups, which has
 -- its own state): per group, environment and minute, capture_xid '0' for
 -- rows it had rolled up.
