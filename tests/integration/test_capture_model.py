@@ -290,6 +290,72 @@ def test_a_group_pruned_during_a_capture_loses_nothing(cluster, db):
         assert a.execute("SELECT occurrence_count FROM v_error_groups WHERE error_id = %s", (gid,)).fetchone()[0] == 1
 
 
+def counts_exact(c):
+    """The stored and the live group counts equal the rows (after a fold)."""
+    c.execute("SELECT fraiseql_flush_counts()")
+    raw = dict(c.execute("SELECT error_id, count(*) FROM tb_error_occurrence GROUP BY 1").fetchall())
+    stored = dict(c.execute("SELECT error_id, occurrence_count FROM tb_error_log").fetchall())
+    live = dict(c.execute("SELECT error_id, occurrence_count FROM v_error_groups").fetchall())
+    nonzero = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
+    return nonzero(stored) == raw and nonzero(live) == raw and raw
+
+
+def rollups_exact(c):
+    """The error rollups equal the rows (after a roll-up round)."""
+    if "busy" in c.execute("SELECT fraiseql_refresh_rollups()").fetchone()[0]:
+        return False
+    raw = dict(c.execute("SELECT error_id, count(*) FROM tb_error_occurrence GROUP BY 1").fetchall())
+    hours = dict(c.execute("SELECT error_id, sum(occurrences)::bigint FROM tb_rollup_error_hour"
+                           " GROUP BY 1 HAVING sum(occurrences) > 0").fetchall())
+    minutes = c.execute("SELECT coalesce(sum(occurrences), 0) FROM tb_rollup_error_minute").fetchone()[0]
+    return hours == raw and minutes == sum(raw.values())
+
+
+def test_a_partition_dropped_by_hand_is_recounted(cluster, db):
+    with cluster.connect(db) as c:
+        c.execute("SET fraiseql_obs.error_retention_months = 12")
+        part = c.execute("SELECT create_error_occurrence_partition((date_trunc('month', now()) - interval '4 months')::date)").fetchone()[0]
+        for at, n in (("date_trunc('month', now()) - interval '4 months' + interval '1 day'", 4), ("now()", 3)):
+            for _ in range(n):
+                c.execute(f"SELECT fraiseql_capture_error('HandDrop', 'x', occurred_at => {at})")
+        c.execute(f"SELECT fraiseql_capture_error('HandDropOld', 'y', occurred_at => date_trunc('month', now()) - interval '4 months' + interval '2 days')")
+        wait_for(lambda: counts_exact(c), what="counts equal to the rows")
+        wait_for(lambda: rollups_exact(c), what="rollups equal to the rows")
+        c.execute(f"DROP TABLE {part}")
+        assert c.execute("SELECT count(*) FROM tb_error_occurrence").fetchone()[0] == 3
+        wait_for(lambda: counts_exact(c), what="counts equal to the remaining rows")
+        wait_for(lambda: rollups_exact(c), what="rollups equal to the remaining rows")
+        # what the extension cannot see, recounted on request
+        other = c.execute("SELECT partition_name FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass"
+                          " AND NOT is_default AND now() >= lower_bound AND now() < upper_bound").fetchone()[0]
+        c.execute(f"DELETE FROM {other} WHERE ctid = (SELECT min(ctid) FROM {other})")
+        assert not counts_exact(c)
+        c.execute("SELECT fraiseql_recount()")
+        wait_for(lambda: counts_exact(c), what="counts recounted on request")
+        wait_for(lambda: rollups_exact(c), what="rollups rebuilt on request")
+        # other tables' drops ask for nothing
+        c.execute("CREATE TABLE unrelated (x int)")
+        c.execute("DROP TABLE unrelated")
+        assert c.execute("SELECT count(*) FROM tb_recount_request").fetchone()[0] == 0
+        # a role that may create tables beside the extension's cannot make
+        # every fold recount by dropping look-alikes of its own
+        c.execute(f"CREATE ROLE lookalike_{db} LOGIN")
+        c.execute(f"GRANT CREATE ON SCHEMA public TO lookalike_{db}")
+        c.execute(f"GRANT SELECT ON tb_recount_request TO lookalike_{db}")
+        try:
+            # (in one transaction, so that the worker cannot take a request first)
+            for user, expected in ((f"lookalike_{db}", 0), ("postgres", 2)):
+                with cluster.connect(db, user=user, autocommit=False) as x:
+                    x.execute("CREATE TABLE public.tb_error_occurrence_2099_01 (x int)")
+                    x.execute("DROP TABLE public.tb_error_occurrence_2099_01")
+                    assert x.execute("SELECT count(*) FROM tb_recount_request").fetchone()[0] == expected, user
+                    x.rollback()
+        finally:
+            c.execute(f"REVOKE SELECT ON tb_recount_request FROM lookalike_{db}")
+            c.execute(f"REVOKE CREATE ON SCHEMA public FROM lookalike_{db}")
+            c.execute(f"DROP ROLE lookalike_{db}")
+
+
 def test_retention_keeps_counts_and_rollups_exact(cluster, db):
     """drop_old_error_occurrence_partitions() and the removal of old rows from
     the default partition give their rows back: the group counts and the
@@ -308,14 +374,7 @@ def test_retention_keeps_counts_and_rollups_exact(cluster, db):
                   " FROM tb_error_occurrence, generate_series(1, 2) WHERE error_type = 'Ancient'")
         c.execute("SET fraiseql_obs.error_retention_months = 6")
 
-        def exact():
-            c.execute("SELECT fraiseql_flush_counts()")
-            raw = dict(c.execute("SELECT error_id, count(*) FROM tb_error_occurrence GROUP BY 1").fetchall())
-            stored = dict(c.execute("SELECT error_id, occurrence_count FROM tb_error_log").fetchall())
-            live = dict(c.execute("SELECT error_id, occurrence_count FROM v_error_groups").fetchall())
-            drop_zero = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
-            return drop_zero(stored) == raw and drop_zero(live) == raw and raw
-        wait_for(exact, what="counts equal to the rows")
+        wait_for(lambda: counts_exact(c), what="counts equal to the rows")
         wait_for(lambda: "busy" not in c.execute("SELECT fraiseql_refresh_rollups()").fetchone()[0], what="a roll-up")
 
         dropped = c.execute("SELECT count(*) FROM drop_old_error_occurrence_partitions(6) WHERE dropped").fetchone()[0]
@@ -325,14 +384,6 @@ def test_retention_keeps_counts_and_rollups_exact(cluster, db):
         assert dropped in (0, 1)
         assert c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass"
                          " AND upper_bound <= date_trunc('month', now()) - interval '6 months'").fetchone()[0] == 0
-        wait_for(exact, what="counts equal to the remaining rows")
+        wait_for(lambda: counts_exact(c), what="counts equal to the remaining rows")
 
-        def rolled_up_exact():
-            if "busy" in c.execute("SELECT fraiseql_refresh_rollups()").fetchone()[0]:
-                return False
-            raw = dict(c.execute("SELECT error_id, count(*) FROM tb_error_occurrence GROUP BY 1").fetchall())
-            hours = dict(c.execute("SELECT error_id, sum(occurrences)::bigint FROM tb_rollup_error_hour"
-                                   " GROUP BY 1 HAVING sum(occurrences) > 0").fetchall())
-            minutes = c.execute("SELECT coalesce(sum(occurrences), 0) FROM tb_rollup_error_minute").fetchone()[0]
-            return hours == raw and minutes == sum(raw.values())
-        wait_for(rolled_up_exact, what="rollups equal to the remaining rows")
+        wait_for(lambda: rollups_exact(c), what="rollups equal to the remaining rows")
