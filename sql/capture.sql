@@ -105,6 +105,7 @@ CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off  -- (see the worker's settings)
 AS $$
 DECLARE
     n           bigint;

@@ -409,7 +409,16 @@ BEGIN
                AND (NOT x.late OR x.is_regression)
                AND x.count_at >= (x.rule).min_occurrence_count
         )
-        SELECT w.* FROM wanted w WHERE NOT w.first_only OR w.nth = 1
+        SELECT w.* FROM wanted w
+         WHERE (NOT w.first_only OR w.nth = 1)
+           -- a condition is tested here, set-based, so that an occurrence it
+           -- refuses (most of them, usually) costs no turn of the loop below
+           AND ((w.rule).condition IS NULL
+                OR coalesce(jsonb_path_match(
+                       (SELECT @extschema@._fraiseql_occurrence_payload(x, w.count_at)
+                          FROM @extschema@.tb_error_occurrence x
+                         WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at),
+                       (w.rule).condition, silent => true), false))
          ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
     LOOP
         IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest)

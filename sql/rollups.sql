@@ -94,6 +94,7 @@ CREATE FUNCTION fraiseql_refresh_rollups() RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off  -- (see the worker's settings)
 SET TimeZone = 'UTC'
 AS $$
 DECLARE

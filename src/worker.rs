@@ -455,7 +455,9 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     // pg_catalog (and its own temporary schema), so no object another role
     // created can stand in for a built-in; no role switch; transactions
     // read-write in READ COMMITTED; no timeout but the ones the worker
-    // arms itself; ISO dates.
+    // arms itself; ISO dates; no JIT (its short statements over small
+    // batches carry large cost estimates on big tables, and compiling them
+    // would cost more than running them).
     for (name, value) in [
         (c"search_path", c"pg_catalog, pg_temp"),
         (c"role", c"none"),
@@ -468,6 +470,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         (c"DateStyle", c"ISO, MDY"),
         (c"IntervalStyle", c"postgres"),
         (c"session_replication_role", c"origin"),
+        (c"jit", c"off"),
     ] {
         unsafe {
             pg_sys::SetConfigOption(
