@@ -240,12 +240,18 @@ BEGIN
          ORDER BY v.lower_bound
     LOOP
         IF parent = '@extschema@.tb_error_occurrence'::regclass THEN
-            -- The group counts give back the rows dropped. Locked first: no
-            -- fold or rollup is reading the partition then, so what they
-            -- counted of it is what their state says. Its rollup buckets
-            -- go with it (the range holds all and only its rows; the
-            -- buckets are aligned on its UTC bounds).
-            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', r.partition);
+            -- The group counts give back the rows dropped (tombstones: a
+            -- row a fold may be counting right now keeps its transaction's
+            -- id, and the next fold decides). No row may come in before the
+            -- drop: EXCLUSIVE stops writers, not readers, so a fold reading
+            -- the table is never caught between this lock and the parent's,
+            -- which DROP takes next (ACCESS EXCLUSIVE here made a deadlock
+            -- with a fold: it locks parent, then partitions). Its rollup
+            -- buckets go with it (the range holds all and only its rows;
+            -- the buckets are aligned on its UTC bounds), so no roll-up may
+            -- run meanwhile: its lock is taken first.
+            LOCK TABLE @extschema@.tb_rollup_state IN SHARE ROW EXCLUSIVE MODE;
+            EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', r.partition);
             FOR q IN SELECT @extschema@._fraiseql_bury_statements(format('SELECT * FROM %s', r.partition), false) LOOP
                 EXECUTE q;
             END LOOP;

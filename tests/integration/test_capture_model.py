@@ -387,3 +387,47 @@ def test_retention_keeps_counts_and_rollups_exact(cluster, db):
         wait_for(lambda: counts_exact(c), what="counts equal to the remaining rows")
 
         wait_for(lambda: rollups_exact(c), what="rollups equal to the remaining rows")
+
+
+def test_retention_drop_beside_a_reader_is_no_deadlock(cluster, db):
+    """A fold reads the occurrences (the parent's lock, then each
+    partition's) while drop_old locks the partition it drops and waits for
+    the parent's: the reader must still get the partition."""
+    with cluster.connect(db) as c, cluster.connect(db, autocommit=False) as reader:
+        # (taken first: the worker's own maintenance cannot drop it meanwhile)
+        reader.execute("LOCK TABLE ONLY tb_error_occurrence IN ACCESS SHARE MODE")
+        c.execute("SET fraiseql_obs.error_retention_months = 12")
+        part = c.execute("SELECT create_error_occurrence_partition((date_trunc('month', now()) - interval '8 months')::date)").fetchone()[0]
+        c.execute("SELECT fraiseql_capture_error('DropRace', 'x', occurred_at => date_trunc('month', now()) - interval '8 months' + interval '1 day')")
+        wait_for(lambda: counts_exact(c), what="counted")
+        result = {}
+
+        def drop():
+            try:
+                with cluster.connect(db) as d:
+                    d.execute("SET lock_timeout = '20s'")
+                    result["dropped"] = d.execute("SELECT count(*) FROM drop_old_error_occurrence_partitions(6)").fetchone()[0]
+            except Exception as e:  # noqa: BLE001 (asserted below)
+                result["error"] = e
+        t = threading.Thread(target=drop)
+        t.start()
+        # the dropper (this thread, or the worker's maintenance) now holds
+        # the partition and waits for the parent
+        try:
+            wait_for(lambda: c.execute("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                                       " AND relation = 'tb_error_occurrence'::regclass").fetchone()[0],
+                     what="a drop waiting for the parent")
+        except AssertionError:
+            raise AssertionError((result, c.execute("SELECT l.locktype, l.relation::regclass::text, l.mode, a.backend_type, left(a.query, 60), a.wait_event"
+                                                    " FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted").fetchall(),
+                                  c.execute("SELECT to_regclass(%s)", (part,)).fetchone()))
+        reader.execute("SET statement_timeout = '5s'")
+        assert reader.execute(f"SELECT count(*) FROM {part}").fetchone()[0] == 1
+        reader.commit()
+        t.join(30)
+        assert "error" not in result, result
+        wait_for(lambda: c.execute("SELECT to_regclass(%s) IS NULL", (part,)).fetchone()[0], what="the partition dropped")
+        c.execute("SELECT fraiseql_flush_counts()")
+        wait_for(lambda: c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM tb_error_log").fetchone()[0] == 0,
+                 what="the dropped row given back")
+        assert c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM v_error_groups").fetchone()[0] == 0
