@@ -106,6 +106,11 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET jit = off  -- (see the worker's settings)
+-- Its statements read a few recent rows through indexes. PL/pgSQL keeps
+-- their plans for the session, and the worker's session lives long: a plan
+-- made while a partition or a queue table was nearly empty (the start of
+-- each month) would scan it whole at every fold until the next ANALYZE.
+SET enable_seqscan = off
 AS $$
 DECLARE
     n           bigint;
@@ -114,6 +119,7 @@ DECLARE
     v_gone      uuid[];
     v_created   uuid[];
     v_regressed uuid[];
+    v_free      uuid[];
     v_orphans   uuid[];
     v_recounted bigint;
     v_has_rules boolean;
@@ -184,10 +190,12 @@ BEGIN
                k.cnt, k.light, least(o.occurred_at, k.fs), greatest(o.occurred_at, k.ls)
           FROM (SELECT DISTINCT ON (n.error_id) n.error_id, n.occurrence_id, n.occurred_at
                   FROM new n
-                 WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = n.error_id)
+                 -- (a probe by key for each, whatever the estimates)
+                 WHERE (SELECT true FROM @extschema@.tb_error_log e WHERE e.error_id = n.error_id) IS NULL
                  ORDER BY n.error_id, n.sampled_out, n.occurred_at, n.occurrence_id) f
-          JOIN @extschema@.tb_error_occurrence o
-            ON o.occurrence_id = f.occurrence_id AND o.occurred_at = f.occurred_at
+         CROSS JOIN LATERAL (SELECT o.* FROM @extschema@.tb_error_occurrence o
+                              WHERE o.occurrence_id = f.occurrence_id AND o.occurred_at = f.occurred_at
+                              LIMIT 1) o
          CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
          CROSS JOIN LATERAL (
                SELECT count(*) AS cnt, count(*) FILTER (WHERE k.sampled_out) AS light,
@@ -251,15 +259,21 @@ BEGIN
 
     -- Pending counts go into the group rows that are free now; a resolved
     -- group that recurred after its resolution reopens as a regression.
-    WITH groups AS (
-        SELECT g.error_id, g.status, g.resolved_at FROM @extschema@.tb_error_log g
-         WHERE g.error_id IN (SELECT p.error_id FROM @extschema@.tb_error_count_pending p)
-         FOR NO KEY UPDATE SKIP LOCKED
-    ), drained AS (
-        DELETE FROM @extschema@.tb_error_count_pending p USING groups
-         WHERE p.error_id = groups.error_id
-        RETURNING p.*, (groups.status = 'resolved'
-                        AND (groups.resolved_at IS NULL OR p.last_seen > groups.resolved_at)) AS regressed
+    -- (Lookups by key only, through arrays and LATERAL: the queue tables
+    -- are tiny or huge from one fold to the next, so no plan may depend on
+    -- their statistics.)
+    SELECT coalesce(array_agg(p.error_id), '{}'),
+           coalesce(array_agg(p.error_id) FILTER (
+               WHERE g.status = 'resolved' AND (g.resolved_at IS NULL OR p.last_seen > g.resolved_at)), '{}')
+      INTO v_free, v_regressed
+      FROM @extschema@.tb_error_count_pending p
+     CROSS JOIN LATERAL (SELECT g.status, g.resolved_at FROM @extschema@.tb_error_log g
+                          WHERE g.error_id = p.error_id
+                            FOR NO KEY UPDATE SKIP LOCKED) g;
+    WITH drained AS (
+        DELETE FROM @extschema@.tb_error_count_pending p
+         WHERE p.error_id = ANY (v_free)
+        RETURNING p.*
     ), folded AS (
         UPDATE @extschema@.tb_error_log g
            SET occurrence_count = greatest(g.occurrence_count + d.occurrence_count, 0),
@@ -274,13 +288,12 @@ BEGIN
                regression_count = g.regression_count + d.regressed::integer,
                resolved_at = CASE WHEN d.regressed THEN NULL ELSE g.resolved_at END,
                resolved_by = CASE WHEN d.regressed THEN NULL ELSE g.resolved_by END
-          FROM drained d
+          FROM (SELECT d.*, d.error_id = ANY (v_regressed) AS regressed FROM drained d) d
          WHERE g.error_id = d.error_id
-        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added, d.regressed
+        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added
     )
-    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}'),
-           coalesce(array_agg(f.error_id) FILTER (WHERE f.regressed), '{}')
-      INTO v_folds, v_regressed FROM folded f;
+    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
+      INTO v_folds FROM folded f;
     -- Counts whose group was deleted meanwhile (by pruning as the fold
     -- counted a new occurrence of it, or by hand): a group that still has
     -- occurrences is made again from them, with the count of those counted.
@@ -365,9 +378,7 @@ BEGIN
     -- exact: each fold of a group is serialized (its row is locked).
     IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
-        FOR i IN 1..n LOOP
-            PERFORM @extschema@._fraiseql_notify_milestones(v_folds[i].error_id, v_folds[i].old_count, v_folds[i].new_count);
-        END LOOP;
+        PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
     END IF;
     -- The other rules, on each occurrence counted now.
     IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0) THEN

@@ -270,21 +270,20 @@ CREATE TABLE tb_notification_digest (
     PRIMARY KEY (config_id, error_id)
 );
 
--- The error as notifications describe it (the seed's webhook payload).
-CREATE FUNCTION _fraiseql_error_payload(p_error_id uuid, p_occurrence jsonb DEFAULT NULL) RETURNS jsonb
+-- The error as notifications describe it (the seed's webhook payload), from
+-- its group row. A bare expression, inlined by the planner (see
+-- _fraiseql_occurrence_payload).
+CREATE FUNCTION _fraiseql_group_payload(g tb_error_log) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_build_object(
+    SELECT pg_catalog.jsonb_build_object(
         'error_id', g.error_id, 'error_fingerprint', g.error_fingerprint, 'error_type', g.error_type,
-        'error_message', coalesce(p_occurrence->>'message', g.error_message), 'severity', g.severity,
+        'error_message', g.error_message, 'severity', g.severity,
         'occurrence_count', g.occurrence_count, 'first_seen', g.first_seen, 'last_seen', g.last_seen,
-        'environment', coalesce(p_occurrence->>'environment', g.environment),
-        'release_version', coalesce(p_occurrence->>'release_version', g.release_version),
-        'stack_trace', left(coalesce(p_occurrence->>'stack_trace', g.stack_trace), 16384),
+        'environment', g.environment, 'release_version', g.release_version,
+        'stack_trace', pg_catalog.left(g.stack_trace, 16384),
         'title', g.title, 'culprit', g.culprit, 'status', g.status,
-        'context', p_occurrence->'context', 'trace_id', p_occurrence->>'trace_id')
-      FROM @extschema@.v_error_groups g WHERE g.error_id = p_error_id
+        'context', NULL, 'trace_id', NULL)
 $$;
 
 -- Enqueue one notification, honouring the rule's rate limit and digest mode.
@@ -357,7 +356,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c        record;
-    o        @extschema@.tb_error_occurrence;
     v_payload jsonb;
     v_done   uuid[] := '{}';   -- (rule, group) pairs whose window is now taken
     v_reason text;
@@ -389,8 +387,11 @@ BEGIN
                    (r.rate_limit_minutes > 0 OR r.digest) AND r.condition IS NULL
                        AND r.min_occurrence_count <= 1 AS first_only
               FROM ev
-              JOIN @extschema@.tb_error_log g ON g.error_id = ev.error_id
-              LEFT JOIN @extschema@.tb_error_count_pending p ON p.error_id = ev.error_id
+              -- (probes by key, whatever the estimates: see the fold)
+             CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint FROM @extschema@.tb_error_log g
+                                  WHERE g.error_id = ev.error_id LIMIT 1) g
+              LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
+                                  WHERE p.error_id = ev.error_id LIMIT 1) p ON true
               JOIN @extschema@.tb_error_notification_config r
                 ON r.enabled AND r.notify_on_occurrence IS NULL
                AND @extschema@._fraiseql_rule_admits(r, g.error_fingerprint, ev.error_type, ev.severity, ev.environment)
@@ -409,30 +410,25 @@ BEGIN
                AND (NOT x.late OR x.is_regression)
                AND x.count_at >= (x.rule).min_occurrence_count
         )
-        SELECT w.* FROM wanted w
+        SELECT w.*, pl.payload FROM wanted w
+         CROSS JOIN LATERAL (  -- (one deleted meanwhile is not announced)
+               SELECT x FROM @extschema@.tb_error_occurrence x
+                WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at LIMIT 1) x
+         CROSS JOIN LATERAL (SELECT g FROM @extschema@.tb_error_log g WHERE g.error_id = w.error_id LIMIT 1) g
+         CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_occurrence_payload(x.x, g.g, w.count_at) AS payload
+                              OFFSET 0) pl  -- (built once, for the condition and the message)
          WHERE (NOT w.first_only OR w.nth = 1)
            -- a condition is tested here, set-based, so that an occurrence it
            -- refuses (most of them, usually) costs no turn of the loop below
            AND ((w.rule).condition IS NULL
-                OR coalesce(jsonb_path_match(
-                       (SELECT @extschema@._fraiseql_occurrence_payload(x, w.count_at)
-                          FROM @extschema@.tb_error_occurrence x
-                         WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at),
-                       (w.rule).condition, silent => true), false))
+                OR coalesce(jsonb_path_match(pl.payload, (w.rule).condition, silent => true), false))
          ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
     LOOP
         IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest)
            AND @extschema@._fraiseql_pair_id(c.config_id, c.error_id) = ANY (v_done) THEN
             CONTINUE;
         END IF;
-        SELECT * INTO o FROM @extschema@.tb_error_occurrence x
-         WHERE x.occurrence_id = c.occurrence_id AND x.occurred_at = c.occurred_at;
-        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
-        v_payload := @extschema@._fraiseql_occurrence_payload(o, c.count_at);
-        IF (c.rule).condition IS NOT NULL
-           AND NOT coalesce(jsonb_path_match(v_payload, (c.rule).condition, silent => true), false) THEN
-            CONTINUE;
-        END IF;
+        v_payload := c.payload;
         v_reason := CASE WHEN c.is_new THEN 'new' WHEN c.is_regression THEN 'regression' ELSE 'occurrence' END;
         IF @extschema@._fraiseql_enqueue(c.rule, c.error_id, v_reason, v_payload) THEN
             n := n + 1;
@@ -451,53 +447,64 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT md5(a::text || b::text)::uuid $$;
 
 -- The error as a notification about one occurrence describes it; the count
--- is the group's as of that occurrence.
-CREATE FUNCTION _fraiseql_occurrence_payload(o tb_error_occurrence, p_count bigint) RETURNS jsonb
+-- is the group's as of that occurrence. A bare expression (no SET, names
+-- qualified) so that the planner inlines it: the fold builds one for every
+-- occurrence a rule with a condition looks at.
+CREATE FUNCTION _fraiseql_occurrence_payload(o tb_error_occurrence, g tb_error_log, p_count bigint) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_build_object(
+    SELECT pg_catalog.jsonb_build_object(
         'error_id', g.error_id, 'error_fingerprint', g.error_fingerprint, 'error_type', g.error_type,
         'error_message', o.message, 'severity', g.severity,
-        'occurrence_count', p_count, 'first_seen', g.first_seen, 'last_seen', greatest(g.last_seen, o.occurred_at),
+        'occurrence_count', p_count, 'first_seen', g.first_seen,
+        'last_seen', greatest(g.last_seen, o.occurred_at),
         'environment', o.environment,
         'release_version', coalesce(o.release_version, g.release_version),
-        'stack_trace', left(coalesce(o.stack_trace, g.stack_trace), 16384),
+        'stack_trace', pg_catalog.left(coalesce(o.stack_trace, g.stack_trace), 16384),
         'title', g.title, 'culprit', g.culprit, 'status', g.status,
         'context', o.context, 'trace_id', o.trace_id)
-      FROM @extschema@.tb_error_log g WHERE g.error_id = o.error_id
 $$;
 
 -- Milestones crossed by a fold: exact, since folds are serialized per group.
-CREATE FUNCTION _fraiseql_notify_milestones(p_error_id uuid, p_old bigint, p_new bigint) RETURNS integer
+-- Set-based: one notification per rule and milestone crossed (milestones
+-- are exact by design: no rate limit), into the digest for a digest rule.
+CREATE FUNCTION _fraiseql_notify_milestones(p_folds _fraiseql_fold[]) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    r @extschema@.tb_error_notification_config;
-    g record;
-    m integer;
-    v_payload jsonb;
-    n integer := 0;
+    n integer;
 BEGIN
-    SELECT * INTO g FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
-    FOR r IN
-        SELECT * FROM @extschema@.tb_error_notification_config c
-         WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
-           AND EXISTS (SELECT 1 FROM unnest(c.notify_on_occurrence) x WHERE x > p_old AND x <= p_new)
-           AND @extschema@._fraiseql_rule_admits(c, g.error_fingerprint, g.error_type, g.severity, g.environment)
-    LOOP
-        v_payload := @extschema@._fraiseql_error_payload(p_error_id);
-        IF r.condition IS NOT NULL AND NOT coalesce(jsonb_path_match(v_payload, r.condition, silent => true), false) THEN
-            CONTINUE;
-        END IF;
-        FOR m IN SELECT DISTINCT x FROM unnest(r.notify_on_occurrence) x WHERE x > p_old AND x <= p_new ORDER BY x LOOP
-            IF @extschema@._fraiseql_enqueue(r, p_error_id, 'milestone',
-                                 v_payload || jsonb_build_object('occurrence_count', m, 'milestone', m)) THEN
-                n := n + 1;
-            END IF;
-        END LOOP;
-    END LOOP;
+    WITH crossed AS (
+        SELECT r.config_id, r.digest, r.condition, f.error_id, m.m,
+               @extschema@._fraiseql_group_payload(g.g) AS payload
+          FROM unnest(p_folds) f
+         CROSS JOIN LATERAL (SELECT g FROM @extschema@.tb_error_log g WHERE g.error_id = f.error_id LIMIT 1) g
+          JOIN @extschema@.tb_error_notification_config r
+            ON r.enabled AND r.notify_on_occurrence IS NOT NULL
+           AND @extschema@._fraiseql_rule_admits(r, (g.g).error_fingerprint, (g.g).error_type,
+                                                 (g.g).severity, (g.g).environment)
+         CROSS JOIN LATERAL (SELECT DISTINCT x AS m FROM unnest(r.notify_on_occurrence) x
+                              WHERE x > f.old_count AND x <= f.new_count) m
+    ), admitted AS MATERIALIZED (
+        SELECT c.* FROM crossed c
+         WHERE c.condition IS NULL OR coalesce(jsonb_path_match(c.payload, c.condition, silent => true), false)
+    ), digested AS (
+        INSERT INTO @extschema@.tb_notification_digest (config_id, error_id, window_start)
+        SELECT DISTINCT a.config_id, a.error_id, now() FROM admitted a WHERE a.digest
+        ON CONFLICT DO NOTHING
+    ), queued AS (
+        INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
+        SELECT a.config_id, a.error_id, 'milestone',
+               a.payload || jsonb_build_object('occurrence_count', a.m, 'milestone', a.m, 'reason', 'milestone')
+          FROM admitted a WHERE NOT a.digest
+         ORDER BY a.error_id, a.m, a.config_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM queued;
+    IF n > 0 THEN
+        PERFORM @extschema@._fraiseql_wake_worker();
+    END IF;
     RETURN n;
 END
 $$;

@@ -302,7 +302,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         // worker is woken when this transaction commits, so that they are
         // evaluated at once instead of at the next flush_interval.
         if has_rules() {
-            crate::shmem::wake_at_commit(crate::shmem::WakeAtCommit::Worker);
+            crate::shmem::wake_at_commit(crate::shmem::WakeAtCommit::Fold);
         }
         pgrx::Uuid::from_bytes(error_id)
             .into_datum()

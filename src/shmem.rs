@@ -22,6 +22,10 @@ pub struct Slot {
     pub hold_reason: u8,
     /// work is waiting (a notification was queued): serve it when a slot is free
     pub wanted: bool,
+    /// captures committed while rules exist: fold them soon (the rules are
+    /// evaluated there). Set until the worker folds, so that the commits
+    /// meanwhile find it set and wake nobody.
+    pub fold_wanted: bool,
     /// unix seconds when the database next needs a worker if nothing wakes it
     /// (maintenance, a retry, a digest window; 0: now)
     pub next_due: i64,
@@ -127,12 +131,15 @@ pub fn set_latch_of(pid: i32) {
 pub enum WakeAtCommit {
     /// the launcher, asking it to look for databases again
     Launcher,
-    /// the worker of the current database
+    /// the worker of the current database: notifications were queued
     Worker,
+    /// the worker of the current database: captures to fold soon
+    Fold,
 }
 
 static mut WAKE_LAUNCHER: bool = false;
 static mut WAKE_WORKER: bool = false;
+static mut WAKE_FOLD: bool = false;
 static mut XACT_CALLBACK_REGISTERED: bool = false;
 /// Databases whose worker this backend stopped for a command (DROP DATABASE,
 /// RENAME, ...): the hold ends with the command's transaction, whatever its
@@ -190,23 +197,25 @@ unsafe extern "C-unwind" fn on_xact_event(
         match event {
             pg_sys::XactEvent::XACT_EVENT_COMMIT => {
                 release_holds();
-                let (launcher, worker) = (WAKE_LAUNCHER, WAKE_WORKER);
+                let (launcher, worker, fold) = (WAKE_LAUNCHER, WAKE_WORKER, WAKE_FOLD);
                 WAKE_LAUNCHER = false;
                 WAKE_WORKER = false;
-                if !(launcher || worker) {
+                WAKE_FOLD = false;
+                if !(launcher || worker || fold) {
                     return;
                 }
                 let db = pg_sys::MyDatabaseId.to_u32();
-                if worker && !launcher {
+                if !launcher {
                     // a request not yet taken by a running worker: it will
                     // serve this commit too (the cheap, shared path for a
                     // busy database)
                     let reg = REGISTRY.share();
-                    if reg
-                        .slots
-                        .iter()
-                        .any(|s| s.db_oid == db && s.wanted && s.pid != 0)
-                    {
+                    if reg.slots.iter().any(|s| {
+                        s.db_oid == db
+                            && s.pid != 0
+                            && (s.wanted || !worker)
+                            && (s.fold_wanted || !fold)
+                    }) {
                         return;
                     }
                 }
@@ -219,14 +228,13 @@ unsafe extern "C-unwind" fn on_xact_event(
                     let launcher_pid = reg.launcher_pid;
                     let slot = reg.slots.iter_mut().find(|s| s.db_oid == db);
                     let worker_pid = slot.as_ref().map(|s| s.pid).unwrap_or(0);
-                    // Work is waiting. The worker clears this at the start of a
-                    // round and does not exit while it is set; with no worker,
-                    // the launcher starts one.
-                    let need_launcher = worker && worker_pid == 0;
-                    if worker {
-                        if let Some(s) = slot {
-                            s.wanted = true;
-                        }
+                    // Work is waiting. The worker clears these when it
+                    // serves them and does not exit while one is set; with
+                    // no worker, the launcher starts one.
+                    let need_launcher = (worker || fold) && worker_pid == 0;
+                    if let Some(s) = slot {
+                        s.wanted |= worker;
+                        s.fold_wanted |= fold;
                     }
                     [
                         if launcher || need_launcher {
@@ -234,7 +242,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                         } else {
                             0
                         },
-                        if worker { worker_pid } else { 0 },
+                        if worker || fold { worker_pid } else { 0 },
                     ]
                 };
                 pids.into_iter().for_each(set_latch_of);
@@ -243,6 +251,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 release_holds();
                 WAKE_LAUNCHER = false;
                 WAKE_WORKER = false;
+                WAKE_FOLD = false;
             }
             _ => {}
         }
@@ -260,6 +269,7 @@ pub fn wake_at_commit(what: WakeAtCommit) -> bool {
         match what {
             WakeAtCommit::Launcher => WAKE_LAUNCHER = true,
             WakeAtCommit::Worker => WAKE_WORKER = true,
+            WakeAtCommit::Fold => WAKE_FOLD = true,
         }
     }
     true

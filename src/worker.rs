@@ -305,7 +305,7 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     if slot.pid != 0 || slot.hold_until > now {
                         continue;
                     }
-                    if slot.wanted || slot.next_due <= now {
+                    if slot.wanted || slot.fold_wanted || slot.next_due <= now {
                         if slot.waiting_since == 0 {
                             slot.waiting_since = now;
                         }
@@ -316,7 +316,9 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                 let free = budget.saturating_sub(children.len());
                 for (_, idx, oid, name) in candidates.iter().take(free) {
                     let slot = &mut reg.slots[*idx];
+                    // the new worker's first round serves everything
                     slot.wanted = false;
+                    slot.fold_wanted = false;
                     slot.waiting_since = 0;
                     to_start.push((*oid, name.clone()));
                 }
@@ -393,15 +395,42 @@ unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
 
 /// The shortest time between two folds woken by commits.
 const FOLD_GAP: Duration = Duration::from_millis(10);
+/// ... and the longest: a busy database's folds are spaced so that the
+/// worker folds at most 1/FOLD_DUTY of the time (a fold's cost is mostly
+/// per statement, not per row: larger batches cost less per capture), but
+/// a capture's rules are still evaluated within FOLD_GAP_MAX.
+const FOLD_GAP_MAX: Duration = Duration::from_millis(100);
+const FOLD_DUTY: u32 = 8;
 
-/// Clears this database's request for work; returns whether there was one.
-fn take_wanted(oid: u32) -> bool {
-    let mut reg = REGISTRY.exclusive();
+/// When the next fold asked for by commits may run, after one that started
+/// at `last` and took `took`.
+fn next_fold_at(last: Instant, took: Duration) -> Instant {
+    last + (took * FOLD_DUTY).clamp(FOLD_GAP, FOLD_GAP_MAX)
+}
+
+/// What commits asked of this database's worker: (notifications were
+/// queued, captures wait to be folded).
+fn peek_wanted(oid: u32) -> (bool, bool) {
+    let reg = REGISTRY.share();
     reg.slots
-        .iter_mut()
+        .iter()
         .find(|s| s.db_oid == oid)
-        .map(|s| std::mem::take(&mut s.wanted))
-        .unwrap_or(false)
+        .map(|s| (s.wanted, s.fold_wanted))
+        .unwrap_or((false, false))
+}
+
+/// Clears the requests a round is about to serve, before it serves them: a
+/// commit meanwhile asks again.
+fn take_wanted(oid: u32, deliveries: bool, fold: bool) {
+    let mut reg = REGISTRY.exclusive();
+    if let Some(s) = reg.slots.iter_mut().find(|s| s.db_oid == oid) {
+        if deliveries {
+            s.wanted = false;
+        }
+        if fold {
+            s.fold_wanted = false;
+        }
+    }
 }
 
 fn set_my_slot(oid: u32, f: impl Fn(&mut shmem::Slot)) {
@@ -518,7 +547,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     ));
     let mut next_flush = Instant::now();
     let mut last_fold = Instant::now();
+    let mut fold_took = Duration::ZERO;
     let mut next_rollup = Instant::now();
+    // deliveries are looked for when a commit queued some, and every
+    // flush_interval for retries, leases and digest windows
+    let mut next_delivery = Instant::now();
     // last error of each step (flush, maintenance, delivery, rollups), to log each problem once
     let mut last_errors: [Option<String>; 4] = [None, None, None, None];
     let mut more_to_deliver = false;
@@ -529,21 +562,22 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     let mut rounds = 0u64;
 
     loop {
-        if guc::WORKER_ENABLED.get() {
-            let now = Instant::now();
+        let flush_every = Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+        let (deliveries_asked, fold_asked) = peek_wanted(oid);
+        let now = Instant::now();
+        // A commit that asked (a capture while rules exist) gets its fold
+        // soon: the rules are evaluated there. Folds are spaced (next_fold_at), so
+        // a busy database is folded in batches, and the request stays set
+        // meanwhile, so the commits in between wake nobody.
+        let fold_now = now >= next_flush || (fold_asked && now >= next_fold_at(last_fold, fold_took));
+        let deliver_now = deliveries_asked || more_to_deliver || now >= next_delivery;
+        let maintain_now = now >= next_maintenance;
+        if guc::WORKER_ENABLED.get() && (fold_now || deliver_now || maintain_now) {
+            take_wanted(oid, deliver_now, fold_now);
             let mut failures: Vec<(usize, &str, String)> = Vec::new();
             let mut successes: Vec<usize> = Vec::new();
             let mut worked = false;
-            // what was asked of this database until now is served by this round
-            let asked = take_wanted(oid);
-            // A commit that asked (a capture while rules exist, a queued
-            // notification) gets its fold now: the rules are evaluated
-            // there. Folds stay FOLD_GAP apart, so a busy database is folded
-            // in batches rather than once per commit.
-            if asked {
-                next_flush = next_flush.min(last_fold + FOLD_GAP);
-            }
-            if now >= next_flush {
+            if fold_now {
                 last_fold = now;
                 match step("flushing counters", &flush_sql) {
                     Ok(r) => {
@@ -555,8 +589,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 // the dashboards' rollups, in their own transaction, every
                 // flush_interval only
                 if now >= next_rollup {
-                    next_rollup =
-                        now + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+                    next_rollup = now + flush_every;
                     match step("rolling up", &rollup_sql) {
                         Ok(r) => {
                             worked |= !r.as_deref().is_some_and(|t| {
@@ -567,10 +600,9 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                         Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                     }
                 }
-                next_flush = Instant::now()
-                    + Duration::from_millis(guc::FLUSH_INTERVAL_MS.get().max(10) as u64);
+                next_flush = Instant::now() + flush_every;
             }
-            if now >= next_maintenance {
+            if maintain_now {
                 match step("maintenance", &maintenance_sql) {
                     Ok(_) => successes.push(1),
                     Err(e) => failures.push((1, "maintenance", e)),
@@ -578,21 +610,29 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 next_maintenance = Instant::now()
                     + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
             }
-            // Notifications: every wake-up (a capture that queued one sets our
-            // latch at commit), and at once again while batches come back full.
-            report_activity(Some("fraiseql_obs: delivering notifications"));
-            match crate::notify::deliver_due(&schema, &query_text) {
-                Ok(n) => {
-                    successes.push(2);
-                    worked |= n > 0;
-                    more_to_deliver = n >= guc::NOTIFY_BATCH_SIZE.get().max(1) as usize;
+            if deliver_now {
+                // what a commit queued (a fold of this round that queued
+                // something asked at its own commit), what is due again,
+                // and at once again while batches come back full
+                next_delivery = Instant::now() + flush_every;
+                report_activity(Some("fraiseql_obs: delivering notifications"));
+                match crate::notify::deliver_due(&schema, &query_text) {
+                    Ok(n) => {
+                        successes.push(2);
+                        worked |= n > 0;
+                        more_to_deliver = n >= guc::NOTIFY_BATCH_SIZE.get().max(1) as usize;
+                    }
+                    Err(e) => {
+                        failures.push((2, "delivering notifications", e));
+                        more_to_deliver = false;
+                    }
                 }
-                Err(e) => {
-                    failures.push((2, "delivering notifications", e));
-                    more_to_deliver = false;
-                }
+                report_activity(None);
             }
-            report_activity(None);
+            if fold_now {
+                // the round's cost, deliveries included, spaces the next fold
+                fold_took = now.elapsed();
+            }
             if !failures.is_empty() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
                 // DROP EXTENSION: the failure was expected; stop quietly and
                 // let the launcher look again later.
@@ -632,7 +672,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                         .iter_mut()
                         .find(|s| s.db_oid == oid && s.pid == me)
                     {
-                        Some(s) if s.wanted => false,
+                        Some(s) if s.wanted || s.fold_wanted => false,
                         Some(s) => {
                             s.next_due = shmem::now_secs() + due.max(0);
                             s.pid = 0;
@@ -647,13 +687,17 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 continue;
             }
         }
-        let until = next_flush.min(next_maintenance);
-        let timeout = if more_to_deliver {
+        let mut until = next_flush.min(next_maintenance).min(next_delivery);
+        let (deliveries_asked, fold_asked) = peek_wanted(oid);
+        if fold_asked {
+            until = until.min(next_fold_at(last_fold, fold_took));
+        }
+        let timeout = if more_to_deliver || deliveries_asked {
             Duration::from_millis(1)
         } else {
             until
                 .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10))
+                .max(Duration::from_millis(1))
         };
         // a reloaded interval takes effect at once
         let before = (

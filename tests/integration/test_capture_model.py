@@ -431,3 +431,47 @@ def test_retention_drop_beside_a_reader_is_no_deadlock(cluster, db):
         wait_for(lambda: c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM tb_error_log").fetchone()[0] == 0,
                  what="the dropped row given back")
         assert c.execute("SELECT coalesce(sum(occurrence_count), 0) FROM v_error_groups").fetchone()[0] == 0
+
+
+def test_captures_with_rules_fold_in_batches_and_claim_no_deliveries(cluster, db):
+    """A capture while rules exist asks for a fold at commit; the request
+    stays set until the worker folds, so a stream of captures costs a fold
+    every few milliseconds, not a round (and a delivery claim) per commit.
+    Deliveries are looked for when something was queued, and every
+    flush_interval (100 ms here) for retries."""
+    with cluster.connect(db) as c:
+        c.execute(f"ALTER DATABASE {db} SET track_functions = 'all'")
+        c.execute("INSERT INTO tb_error_notification_config (error_type, channel_type, channel_config)"
+                  " VALUES ('NoSuchError', 'pg_notify', '{\"channel\": \"nothing\"}')")
+        q = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'fraiseql_obs worker' AND datname = %s"
+        old = wait_for(lambda: c.execute(q, (db,)).fetchone()[0], what="the worker")
+        c.execute("SELECT pg_terminate_backend(%s)", (old,))  # the next one reads track_functions
+        c.execute("SELECT fraiseql_capture_error('BatchError', 'first')")
+        wait_for(lambda: (c.execute(q, (db,)).fetchone() or [old])[0] != old, what="a new worker")
+
+        def calls(fn):
+            c.execute("SELECT pg_stat_clear_snapshot()")
+            return c.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = %s",
+                             (fn,)).fetchone()[0]
+        time.sleep(1.5)  # the worker's statistics are reported at most every second
+        claims0, folds0 = calls("_fraiseql_claim_deliveries"), calls("fraiseql_flush_counts")
+        stop = time.monotonic() + 3
+        captured = [0] * 4
+
+        def capture(i):
+            with cluster.connect(db) as w:
+                while time.monotonic() < stop:
+                    w.execute("SELECT fraiseql_capture_error('BatchError', 'stream')")
+                    captured[i] += 1
+        threads = [threading.Thread(target=capture, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        gid = group_of(c, "BatchError", "stream")
+        folded(c, gid, occurrence_count=sum(captured))
+        time.sleep(1.5)
+        claims, folds = calls("_fraiseql_claim_deliveries") - claims0, calls("fraiseql_flush_counts") - folds0
+        # ~3.5 s of polling at 100 ms, with room for a loaded machine; one
+        # claim per commit would be thousands
+        assert claims <= 60, (claims, sum(captured))
+        assert folds < sum(captured) / 4, (folds, sum(captured))
+        assert sum(captured) > 300
