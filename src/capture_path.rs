@@ -80,8 +80,70 @@ struct Args {
     is_message: bool,
 }
 
-unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
-    unsafe { pgrx::fcinfo::pg_getarg_datum(fcinfo, n) }
+/// The parameters a capture function may have, by the names its SQL
+/// declaration gives them (sql/capture.sql, the one place that says which
+/// argument is where): each function's positions are read from its pg_proc
+/// row once per backend. A name not listed here is an error at the first
+/// call, not a value read from the wrong place.
+const PARAMS: [&str; 11] = [
+    "exception_type",
+    "message",
+    "stack_trace",
+    "context",
+    "environment",
+    "severity",
+    "release_version",
+    "trace_id",
+    "span_id",
+    "fingerprint",
+    "occurred_at",
+];
+type Positions = [Option<usize>; PARAMS.len()];
+
+thread_local! {
+    static POSITIONS: RefCell<Vec<(pg_sys::Oid, Positions)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where each of PARAMS is in the arguments of the function being called.
+unsafe fn positions(fcinfo: pg_sys::FunctionCallInfo) -> Positions {
+    unsafe {
+        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
+        if let Some(p) = POSITIONS.with(|c| c.borrow().iter().find(|(o, _)| *o == fn_oid).map(|(_, p)| *p)) {
+            return p;
+        }
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            pg_sys::Datum::from(fn_oid),
+        );
+        if tuple.is_null() {
+            error!("fraiseql_obs: capture function {fn_oid:?} not found");
+        }
+        let mut isnull = false;
+        let names = pg_sys::SysCacheGetAttr(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            tuple,
+            pg_sys::Anum_pg_proc_proargnames as pg_sys::AttrNumber,
+            &mut isnull,
+        );
+        let names = Vec::<Option<String>>::from_datum(names, isnull).unwrap_or_default();
+        pg_sys::ReleaseSysCache(tuple);
+        let mut p: Positions = [None; PARAMS.len()];
+        for (i, name) in names.iter().enumerate() {
+            let name = name.as_deref().unwrap_or("");
+            match PARAMS.iter().position(|k| *k == name) {
+                Some(k) => p[k] = Some(i),
+                None => error!("fraiseql_obs: capture function parameter \"{name}\" is unknown to the library"),
+            }
+        }
+        POSITIONS.with(|c| c.borrow_mut().push((fn_oid, p)));
+        p
+    }
+}
+
+/// The argument named PARAMS[k] (None: SQL NULL, or no such parameter).
+unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, p: &Positions, name: &str) -> Option<pg_sys::Datum> {
+    let k = PARAMS.iter().position(|n| *n == name)?;
+    unsafe { p[k].and_then(|i| pgrx::fcinfo::pg_getarg_datum(fcinfo, i)) }
 }
 
 unsafe fn text_of<'a>(d: Option<pg_sys::Datum>) -> Option<&'a str> {
@@ -95,27 +157,26 @@ pub extern "C" fn pg_finfo_fraiseql_capture_error_c() -> &'static pg_sys::Pg_fin
     &V1
 }
 
-/// fraiseql_capture_error(exception_type, message, stack_trace, context,
-/// environment, severity, release_version, trace_id, span_id, fingerprint,
-/// occurred_at) -> uuid
+/// fraiseql_capture_error(...) -> uuid (declared in sql/capture.sql)
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn fraiseql_capture_error_c(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     unsafe {
+        let p = positions(fcinfo);
         let args = Args {
-            exception_type: arg(fcinfo, 0),
-            message: arg(fcinfo, 1),
-            stack_trace: arg(fcinfo, 2),
-            context: arg(fcinfo, 3),
-            environment: arg(fcinfo, 4),
-            severity: arg(fcinfo, 5),
-            release_version: arg(fcinfo, 6),
-            trace_id: arg(fcinfo, 7),
-            span_id: arg(fcinfo, 8),
-            fingerprint: arg(fcinfo, 9),
-            occurred_at: arg(fcinfo, 10),
+            exception_type: arg(fcinfo, &p, "exception_type"),
+            message: arg(fcinfo, &p, "message"),
+            stack_trace: arg(fcinfo, &p, "stack_trace"),
+            context: arg(fcinfo, &p, "context"),
+            environment: arg(fcinfo, &p, "environment"),
+            severity: arg(fcinfo, &p, "severity"),
+            release_version: arg(fcinfo, &p, "release_version"),
+            trace_id: arg(fcinfo, &p, "trace_id"),
+            span_id: arg(fcinfo, &p, "span_id"),
+            fingerprint: arg(fcinfo, &p, "fingerprint"),
+            occurred_at: arg(fcinfo, &p, "occurred_at"),
             is_message: false,
         };
         capture(fcinfo, args)
@@ -129,26 +190,26 @@ pub extern "C" fn pg_finfo_fraiseql_capture_message_c() -> &'static pg_sys::Pg_f
     &V1
 }
 
-/// fraiseql_capture_message(message, severity, context, environment,
-/// release_version, trace_id, span_id, fingerprint, occurred_at) -> uuid
+/// fraiseql_capture_message(...) -> uuid (declared in sql/capture.sql)
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn fraiseql_capture_message_c(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     unsafe {
+        let p = positions(fcinfo);
         let args = Args {
             exception_type: "Message".into_datum(),
-            message: arg(fcinfo, 0),
+            message: arg(fcinfo, &p, "message"),
             stack_trace: None,
-            context: arg(fcinfo, 2),
-            environment: arg(fcinfo, 3),
-            severity: arg(fcinfo, 1),
-            release_version: arg(fcinfo, 4),
-            trace_id: arg(fcinfo, 5),
-            span_id: arg(fcinfo, 6),
-            fingerprint: arg(fcinfo, 7),
-            occurred_at: arg(fcinfo, 8),
+            context: arg(fcinfo, &p, "context"),
+            environment: arg(fcinfo, &p, "environment"),
+            severity: arg(fcinfo, &p, "severity"),
+            release_version: arg(fcinfo, &p, "release_version"),
+            trace_id: arg(fcinfo, &p, "trace_id"),
+            span_id: arg(fcinfo, &p, "span_id"),
+            fingerprint: arg(fcinfo, &p, "fingerprint"),
+            occurred_at: arg(fcinfo, &p, "occurred_at"),
             is_message: true,
         };
         capture(fcinfo, args)

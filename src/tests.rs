@@ -53,6 +53,29 @@ mod tests {
         assert!(log >= 4);
     }
 
+    /// The C entry points read their arguments by the names the SQL
+    /// declaration gives (sql/capture.sql), not by position: declared in
+    /// another order they still read the right values, and a name the
+    /// library does not know is an error, not a value read from elsewhere.
+    #[pg_test]
+    fn capture_entry_points_read_arguments_by_name() {
+        setup_helpers();
+        run("CREATE FUNCTION public._t_reordered_capture(message text, severity text, exception_type text, occurred_at timestamptz DEFAULT now()) RETURNS uuid
+             LANGUAGE c AS '$libdir/fraiseql_obs', 'fraiseql_capture_error_c'");
+        let id: pgrx::Uuid = one("SELECT public._t_reordered_capture('order 7 failed', 'warning', 'OrderError')");
+        let want: pgrx::Uuid = one("SELECT fraiseql_error_id(fraiseql_fingerprint('OrderError', 'order 7 failed', NULL))");
+        assert_eq!(id, want);
+        let (t, sev): (Option<String>, Option<String>) = Spi::get_two(
+            "SELECT error_type, severity FROM tb_error_occurrence WHERE message = 'order 7 failed'",
+        )
+        .unwrap();
+        assert_eq!((t.as_deref(), sev.as_deref()), (Some("OrderError"), Some("warning")));
+        run("CREATE FUNCTION public._t_unknown_capture(kind text, message text) RETURNS uuid
+             LANGUAGE c AS '$libdir/fraiseql_obs', 'fraiseql_capture_error_c'");
+        let e = error_of("SELECT public._t_unknown_capture('x', 'y')");
+        assert!(e.contains("parameter \"kind\" is unknown"), "{e}");
+    }
+
     #[pg_test]
     fn capture_groups_and_counts() {
         let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 1234 not found')");
