@@ -125,6 +125,7 @@ DECLARE
     v_has_rules boolean;
     v_batch     @extschema@._fraiseql_occurrence_ref[];
     v_folds     @extschema@._fraiseql_fold[];
+    v_created_folds @extschema@._fraiseql_fold[];
 BEGIN
     -- One fold at a time: a table lock, which (unlike a row lock) takes no
     -- transaction id, and which (unlike an advisory lock) no other role can
@@ -177,22 +178,30 @@ BEGIN
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), gone AS (
         DELETE FROM @extschema@.tb_error_tombstone t RETURNING t.*
+    ), fresh AS (
+        SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
+               min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
+               max(@extschema@._fraiseql_severity_rank(n.severity)) AS rank
+          FROM new n GROUP BY n.error_id
     ), created AS (
-        -- from the group's first occurrence stored whole. A group made again
-        -- (deleted by hand while rows of it remain) starts from the rows of
-        -- it counted before; the new ones are added below like any others.
+        -- from the group's first occurrence stored whole, with the count of
+        -- its rows seen now (written once: no pending count, no second row
+        -- version). A group made again (deleted by hand while rows of it
+        -- remain) also counts the rows of it counted before.
         INSERT INTO @extschema@.tb_error_log AS g
             (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
              title, culprit, severity, environment, release_version,
              occurrence_count, occurrences_not_stored, first_seen, last_seen)
         SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
-               m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
-               k.cnt, k.light, least(o.occurred_at, k.fs), greatest(o.occurred_at, k.ls)
+               m.meta->>'title', m.meta->>'culprit', @extschema@._fraiseql_severity_name(fr.rank),
+               o.environment, o.release_version,
+               k.cnt + fr.cnt, k.light + fr.light, least(fr.fs, k.fs), greatest(fr.ls, k.ls)
           FROM (SELECT DISTINCT ON (n.error_id) n.error_id, n.occurrence_id, n.occurred_at
                   FROM new n
                  -- (a probe by key for each, whatever the estimates)
                  WHERE (SELECT true FROM @extschema@.tb_error_log e WHERE e.error_id = n.error_id) IS NULL
                  ORDER BY n.error_id, n.sampled_out, n.occurred_at, n.occurrence_id) f
+          JOIN fresh fr ON fr.error_id = f.error_id
          CROSS JOIN LATERAL (SELECT o.* FROM @extschema@.tb_error_occurrence o
                               WHERE o.occurrence_id = f.occurrence_id AND o.occurred_at = f.occurred_at
                               LIMIT 1) o
@@ -204,12 +213,13 @@ BEGIN
                 WHERE k.error_id = f.error_id
                   AND k.capture_xid < v_state.above AND NOT k.capture_xid = ANY (v_state.in_progress)) k
         ON CONFLICT DO NOTHING
-        RETURNING g.error_id
+        RETURNING g.error_id, g.occurrence_count
     ), counted AS (
-        SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
-               min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
-               max(@extschema@._fraiseql_severity_rank(n.severity)) AS rank
-          FROM new n GROUP BY n.error_id
+        -- (a group the INSERT above did not make, because it exists after
+        -- all, is counted here)
+        SELECT f.error_id, f.cnt, f.light, f.fs, f.ls, f.rank
+          FROM fresh f
+         WHERE f.error_id NOT IN (SELECT c.error_id FROM created c)
         UNION ALL
         -- a deleted row counted before is taken back from its group (one
         -- deleted with its group went with it)
@@ -242,6 +252,9 @@ BEGIN
     SELECT (SELECT count(*) FROM new),
            (SELECT array_agg(DISTINCT t.error_id) FROM gone t),
            (SELECT coalesce(array_agg(c.error_id), '{}') FROM created c),
+           (SELECT coalesce(array_agg(ROW(c.error_id, c.occurrence_count - f.cnt, c.occurrence_count)
+                                      ::@extschema@._fraiseql_fold), '{}')
+              FROM created c JOIN fresh f ON f.error_id = c.error_id),
            (SELECT r.present FROM rules r),
            CASE WHEN (SELECT r.present FROM rules r) THEN
                (SELECT coalesce(array_agg(ROW(n.occurrence_id, n.occurred_at, n.error_id, n.error_type,
@@ -249,7 +262,7 @@ BEGIN
                                           ORDER BY n.error_id, n.occurred_at, n.occurrence_id), '{}')
                   FROM new n)
            END
-      INTO v_new, v_gone, v_created, v_has_rules, v_batch;
+      INTO v_new, v_gone, v_created, v_created_folds, v_has_rules, v_batch;
 
     IF v_new = 0 AND v_gone IS NULL AND v_orphans IS NULL
        AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending)
@@ -292,7 +305,8 @@ BEGIN
          WHERE g.error_id = d.error_id
         RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added
     )
-    SELECT coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
+    SELECT v_created_folds
+           || coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
       INTO v_folds FROM folded f;
     -- Counts whose group was deleted meanwhile (by pruning as the fold
     -- counted a new occurrence of it, or by hand): a group that still has
