@@ -22,6 +22,8 @@ pub enum Language {
     DotNet,
     Rust,
     Php,
+    /// PostgreSQL's error CONTEXT (PL/pgSQL and SQL functions, triggers, DO blocks)
+    Postgres,
     Unknown,
 }
 
@@ -36,6 +38,7 @@ impl Language {
             Language::DotNet => "dotnet",
             Language::Rust => "rust",
             Language::Php => "php",
+            Language::Postgres => "postgresql",
             Language::Unknown => "unknown",
         }
     }
@@ -64,7 +67,7 @@ pub struct ParsedTrace<'a> {
     pub frames: Vec<Frame<'a>>,
 }
 
-const LANGS: [Language; 8] = [
+const LANGS: [Language; 9] = [
     Language::Python,
     Language::Java,
     Language::DotNet,
@@ -73,6 +76,7 @@ const LANGS: [Language; 8] = [
     Language::Ruby,
     Language::Rust,
     Language::Php,
+    Language::Postgres,
 ];
 
 /// Parse a stack trace. Text in no known format yields no frames.
@@ -132,6 +136,7 @@ fn parse_line(lang: Language, line: &str) -> Option<Frame<'_>> {
         Language::JavaScript => js_frame(line),
         Language::Ruby => ruby_frame(line),
         Language::Php => php_frame(line),
+        Language::Postgres => postgres_frame(line),
         _ => None,
     }
 }
@@ -1048,5 +1053,101 @@ mod tests {
         let p = parse("something went wrong\nsomewhere");
         assert_eq!(p.language, Language::Unknown);
         assert!(p.frames.is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------
+
+/// One line of PostgreSQL's error CONTEXT, innermost first:
+/// `PL/pgSQL function create_order(uuid) line 42 at RAISE` (trigger
+/// functions alike), `PL/pgSQL function inline_code_block line 3 at RAISE`
+/// (a DO block), `SQL function "f" statement 1`. A `SQL statement "..."`
+/// line quotes what the frame below it ran: not a frame. The function keeps
+/// its argument types (an overload is another function) but not its schema,
+/// which PostgreSQL prints only when the function is not on the session's
+/// search_path; the line is for display, not for grouping.
+fn postgres_frame(line: &str) -> Option<Frame<'_>> {
+    let l = line.trim();
+    if let Some(rest) = l.strip_prefix("PL/pgSQL function ") {
+        let (name, after) = pg_function_name(rest)?;
+        let line = after
+            .trim_start()
+            .strip_prefix("line ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok());
+        let function: Cow<'_, str> = if name == "inline_code_block" {
+            Cow::Borrowed("DO block")
+        } else {
+            Cow::Borrowed(unqualified(name))
+        };
+        return Some(Frame {
+            module: Cow::Borrowed("plpgsql"),
+            function,
+            file: None,
+            line,
+            in_app: true,
+        });
+    }
+    if let Some(rest) = l.strip_prefix("SQL function \"") {
+        let end = rest.find('"')?;
+        let line = rest[end + 1..]
+            .trim_start()
+            .strip_prefix("statement ")
+            .and_then(|n| n.trim().parse().ok());
+        return Some(Frame {
+            module: Cow::Borrowed("sql"),
+            function: Cow::Borrowed(unqualified(&rest[..end])),
+            file: None,
+            line,
+            in_app: true,
+        });
+    }
+    None
+}
+
+/// `name(arg types)` (the name possibly quoted or schema-qualified) at the
+/// start of `s`, and what follows it. A name without arguments (a DO
+/// block's `inline_code_block`) ends at the first space.
+fn pg_function_name(s: &str) -> Option<(&str, &str)> {
+    let mut i = 0;
+    let b = s.as_bytes();
+    // the name: quoted parts may hold spaces, dots and parentheses
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'(' => {
+                let close = s[i..].find(')')? + i;
+                return Some((&s[..=close], &s[close + 1..]));
+            }
+            b' ' => return Some((&s[..i], &s[i..])),
+            _ => i += 1,
+        }
+    }
+    (!s.is_empty()).then_some((s, ""))
+}
+
+/// The function without the schema PostgreSQL may print before it.
+fn unqualified(name: &str) -> &str {
+    let head = name.split('(').next().unwrap_or(name);
+    let mut in_quotes = false;
+    let mut dot = None;
+    for (i, c) in head.char_indices() {
+        match c {
+            '"' => in_quotes = !in_quotes,
+            '.' if !in_quotes => dot = Some(i),
+            _ => {}
+        }
+    }
+    match dot {
+        Some(i) => &name[i + 1..],
+        None => name,
     }
 }

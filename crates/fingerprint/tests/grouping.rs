@@ -91,6 +91,7 @@ fn every_language_of_the_corpus_is_recognized() {
         ("dotnet_", "dotnet"),
         ("rust_", "rust"),
         ("php_", "php"),
+        ("pg_", "postgresql"),
         ("text_", "unknown"),
     ];
     for c in corpus() {
@@ -138,6 +139,12 @@ fn culprits_are_the_failing_app_frame() {
         ("dotnet_orders__a", "Acme.Orders.OrderService in PlaceAsync"),
         ("rust_handler__a", "shop::handlers::orders in create_order"),
         ("php_invoice__a", "App\\Billing\\InvoiceService in pay"),
+        // the raising function, not its caller; no schema, whatever the search_path
+        ("pg_order__a", "plpgsql in validate_quantity(integer)"),
+        ("pg_order__b", "plpgsql in validate_quantity(integer)"),
+        ("pg_trigger__a", "plpgsql in audit_orders()"),
+        ("pg_sqlfn__a", "sql in order_total"),
+        ("pg_do__a", "plpgsql in DO block"),
     ];
     let cases = corpus();
     for (name, culprit) in want {
@@ -145,6 +152,46 @@ fn culprits_are_the_failing_app_frame() {
         let p = stacktrace::parse(c.trace.as_deref().unwrap());
         let f = p.culprit().unwrap();
         assert_eq!(format!("{} in {}", f.module, f.function), culprit, "{name}");
+    }
+}
+
+#[test]
+fn postgres_contexts_become_frames() {
+    let t = "PL/pgSQL function \"Odd Name\"(integer) line 3 at RAISE\n\
+             SQL statement \"SELECT \"Odd Name\"(1)\"\n\
+             PL/pgSQL function app.\"dotted.name\"(text[],uuid) line 17 at PERFORM\n\
+             SQL function \"total\" statement 2\n\
+             PL/pgSQL function inline_code_block line 5 at SQL statement\n\
+             PL/pgSQL function f(integer) while storing call arguments into local variables";
+    let p = stacktrace::parse(t);
+    assert_eq!(p.language.name(), "postgresql");
+    let got: Vec<(String, String, Option<u32>)> = p
+        .frames
+        .iter()
+        .map(|f| (f.module.to_string(), f.function.to_string(), f.line))
+        .collect();
+    let want = [
+        ("plpgsql", "\"Odd Name\"(integer)", Some(3)),
+        ("plpgsql", "\"dotted.name\"(text[],uuid)", Some(17)),
+        ("sql", "total", Some(2)),
+        ("plpgsql", "DO block", Some(5)),
+        ("plpgsql", "f(integer)", None),
+    ];
+    let want: Vec<(String, String, Option<u32>)> = want
+        .iter()
+        .map(|(m, f, l)| (m.to_string(), f.to_string(), *l))
+        .collect();
+    assert_eq!(got, want);
+    // the raising function is the culprit
+    assert_eq!(p.culprit().unwrap().function, "\"Odd Name\"(integer)");
+    // cut lines are no frames and no panic
+    for cut in [
+        "PL/pgSQL function f(integer",
+        "PL/pgSQL function \"open",
+        "SQL function \"open",
+        "PL/pgSQL function ",
+    ] {
+        let _ = stacktrace::parse(cut);
     }
 }
 
@@ -222,8 +269,29 @@ fn go_trace(frames: &[GenFrame], lines: &[u32]) -> String {
     s
 }
 
+/// A PostgreSQL error CONTEXT: innermost first, each frame after the
+/// statement its caller ran.
+fn pg_trace(frames: &[GenFrame], lines: &[u32]) -> String {
+    let mut s = String::new();
+    for (i, (f, l)) in frames.iter().zip(lines.iter().cycle()).enumerate() {
+        if i > 0 {
+            s.push_str(&format!(
+                "SQL statement \"SELECT {}_{}($1, {l})\"\n",
+                f.module, f.function
+            ));
+        }
+        s.push_str(&format!(
+            "PL/pgSQL function {}_{}(integer,text) line {l} at {}\n",
+            f.module,
+            f.function,
+            if i == 0 { "RAISE" } else { "PERFORM" }
+        ));
+    }
+    s
+}
+
 type Builder = fn(&[GenFrame], &[u32]) -> String;
-const BUILDERS: [Builder; 4] = [python_trace, java_trace, js_trace, go_trace];
+const BUILDERS: [Builder; 5] = [python_trace, java_trace, js_trace, go_trace, pg_trace];
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
@@ -233,7 +301,7 @@ proptest! {
         fs in frames(),
         a in prop::collection::vec(1u32..100_000, 1..12),
         b in prop::collection::vec(1u32..100_000, 1..12),
-        which in 0usize..4,
+        which in 0usize..5,
     ) {
         let build = BUILDERS[which];
         prop_assert_eq!(
@@ -247,7 +315,7 @@ proptest! {
         fs in frames(),
         lines in prop::collection::vec(1u32..1000, 1..12),
         victim in any::<prop::sample::Index>(),
-        which in 0usize..4,
+        which in 0usize..5,
     ) {
         let build = BUILDERS[which];
         let mut renamed = fs.clone();
