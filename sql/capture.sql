@@ -29,7 +29,10 @@ CREATE FUNCTION fraiseql_capture_error(
     trace_id        text DEFAULT NULL,
     span_id         text DEFAULT NULL,
     fingerprint     text DEFAULT NULL,
-    occurred_at     timestamptz DEFAULT now())
+    occurred_at     timestamptz DEFAULT now(),
+    -- stored by the worker, whatever becomes of the caller's transaction
+    -- (src/autonomous.rs)
+    autonomous      boolean DEFAULT false)
 RETURNS uuid
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'fraiseql_capture_error_c';
@@ -43,14 +46,15 @@ CREATE FUNCTION fraiseql_capture_message(
     trace_id        text DEFAULT NULL,
     span_id         text DEFAULT NULL,
     fingerprint     text DEFAULT NULL,
-    occurred_at     timestamptz DEFAULT now())
+    occurred_at     timestamptz DEFAULT now(),
+    autonomous      boolean DEFAULT false)
 RETURNS uuid
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'fraiseql_capture_message_c';
 
-COMMENT ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz) IS
+COMMENT ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean) IS
   'Record one occurrence of an error and return its group''s error_id.';
-COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz) IS
+COMMENT ON FUNCTION fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz, boolean) IS
   'Record an event without an exception; messages group by their normalized text.';
 
 -- ---------------------------------------------------------------------------

@@ -152,8 +152,8 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_operation_hour
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_trace_error', '');
 
 -- Privileges: nothing is callable by PUBLIC. An application role needs only
---   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz),
---                             fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz),
+--   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean),
+--                             fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz, boolean),
 --                             fraiseql_set_trace_context(text, boolean)
 --   TO app_role;
 -- (see README, "Privileges").

@@ -77,6 +77,8 @@ struct Args {
     span_id: Option<pg_sys::Datum>,
     fingerprint: Option<pg_sys::Datum>,
     occurred_at: Option<pg_sys::Datum>,
+    /// stored by the worker from the shared queue: survives the caller's rollback
+    autonomous: Option<pg_sys::Datum>,
     is_message: bool,
 }
 
@@ -85,7 +87,7 @@ struct Args {
 /// argument is where): each function's positions are read from its pg_proc
 /// row once per backend. A name not listed here is an error at the first
 /// call, not a value read from the wrong place.
-const PARAMS: [&str; 11] = [
+const PARAMS: [&str; 12] = [
     "exception_type",
     "message",
     "stack_trace",
@@ -97,6 +99,7 @@ const PARAMS: [&str; 11] = [
     "span_id",
     "fingerprint",
     "occurred_at",
+    "autonomous",
 ];
 type Positions = [Option<usize>; PARAMS.len()];
 
@@ -108,7 +111,12 @@ thread_local! {
 unsafe fn positions(fcinfo: pg_sys::FunctionCallInfo) -> Positions {
     unsafe {
         let fn_oid = (*(*fcinfo).flinfo).fn_oid;
-        if let Some(p) = POSITIONS.with(|c| c.borrow().iter().find(|(o, _)| *o == fn_oid).map(|(_, p)| *p)) {
+        if let Some(p) = POSITIONS.with(|c| {
+            c.borrow()
+                .iter()
+                .find(|(o, _)| *o == fn_oid)
+                .map(|(_, p)| *p)
+        }) {
             return p;
         }
         let tuple = pg_sys::SearchSysCache1(
@@ -132,7 +140,9 @@ unsafe fn positions(fcinfo: pg_sys::FunctionCallInfo) -> Positions {
             let name = name.as_deref().unwrap_or("");
             match PARAMS.iter().position(|k| *k == name) {
                 Some(k) => p[k] = Some(i),
-                None => error!("fraiseql_obs: capture function parameter \"{name}\" is unknown to the library"),
+                None => error!(
+                    "fraiseql_obs: capture function parameter \"{name}\" is unknown to the library"
+                ),
             }
         }
         POSITIONS.with(|c| c.borrow_mut().push((fn_oid, p)));
@@ -141,7 +151,11 @@ unsafe fn positions(fcinfo: pg_sys::FunctionCallInfo) -> Positions {
 }
 
 /// The argument named PARAMS[k] (None: SQL NULL, or no such parameter).
-unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, p: &Positions, name: &str) -> Option<pg_sys::Datum> {
+unsafe fn arg(
+    fcinfo: pg_sys::FunctionCallInfo,
+    p: &Positions,
+    name: &str,
+) -> Option<pg_sys::Datum> {
     let k = PARAMS.iter().position(|n| *n == name)?;
     unsafe { p[k].and_then(|i| pgrx::fcinfo::pg_getarg_datum(fcinfo, i)) }
 }
@@ -177,6 +191,7 @@ pub unsafe extern "C-unwind" fn fraiseql_capture_error_c(
             span_id: arg(fcinfo, &p, "span_id"),
             fingerprint: arg(fcinfo, &p, "fingerprint"),
             occurred_at: arg(fcinfo, &p, "occurred_at"),
+            autonomous: arg(fcinfo, &p, "autonomous"),
             is_message: false,
         };
         capture(fcinfo, args)
@@ -210,6 +225,7 @@ pub unsafe extern "C-unwind" fn fraiseql_capture_message_c(
             span_id: arg(fcinfo, &p, "span_id"),
             fingerprint: arg(fcinfo, &p, "fingerprint"),
             occurred_at: arg(fcinfo, &p, "occurred_at"),
+            autonomous: arg(fcinfo, &p, "autonomous"),
             is_message: true,
         };
         capture(fcinfo, args)
@@ -354,6 +370,27 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             span_id: span_id.as_deref().into_datum(),
             sampled_out,
         };
+        let autonomous = a.autonomous.is_some_and(|d| d.value() != 0);
+        if autonomous && crate::shmem::available() {
+            // not in this transaction: into the shared queue the worker
+            // stores from (src/autonomous.rs), and the worker woken now
+            let queued = crate::autonomous::encode(&row.queued());
+            if crate::autonomous::push(pg_sys::MyDatabaseId.to_u32(), &queued) == Some(true) {
+                crate::shmem::wake_fold_now();
+            } else {
+                warning!(
+                    "fraiseql_obs: the autonomous capture queue is full; this capture was dropped (counted in fraiseql_autonomous_stats())"
+                );
+            }
+            return pgrx::Uuid::from_bytes(error_id)
+                .into_datum()
+                .unwrap_or_else(|| pg_sys::Datum::from(0));
+        }
+        if autonomous {
+            warning!(
+                "fraiseql_obs: autonomous captures need shared_preload_libraries; this one is stored in the current transaction and lost if it rolls back"
+            );
+        }
         let fn_oid = (*(*fcinfo).flinfo).fn_oid;
         STATE.with(|s| {
             prepare_state(&mut s.borrow_mut(), fn_oid);
@@ -410,7 +447,49 @@ const COLUMNS: [(&str, pg_sys::BuiltinOid); 13] = {
     ]
 };
 
+/// The bytes of a text datum (as stored: no copy when not toasted).
+unsafe fn text_bytes<'a>(d: Option<pg_sys::Datum>) -> Option<&'a [u8]> {
+    d.map(|d| unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(v).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(v),
+        )
+    })
+}
+
+/// A jsonb datum's whole varlena, header included.
+unsafe fn varlena_bytes<'a>(d: Option<pg_sys::Datum>) -> Option<&'a [u8]> {
+    d.map(|d| unsafe {
+        let v = pg_sys::pg_detoast_datum(d.cast_mut_ptr());
+        std::slice::from_raw_parts(v.cast::<u8>(), pgrx::varlena::varsize_any(v))
+    })
+}
+
 impl Row {
+    /// The row as the autonomous queue carries it (same columns).
+    unsafe fn queued(&self) -> crate::autonomous::Row<'_> {
+        unsafe {
+            crate::autonomous::Row {
+                error_id: self.error_id,
+                occurred_at: self.occurred_at.value() as i64,
+                sampled_out: self.sampled_out,
+                fields: [
+                    text_bytes(self.fingerprint),
+                    text_bytes(self.error_type),
+                    text_bytes(self.message),
+                    text_bytes(self.stack_trace),
+                    varlena_bytes(self.context),
+                    text_bytes(self.severity),
+                    text_bytes(self.environment),
+                    text_bytes(self.release_version),
+                    text_bytes(self.trace_id),
+                    text_bytes(self.span_id),
+                ],
+            }
+        }
+    }
+
     /// The values, in the order of COLUMNS.
     fn values(&self) -> [Option<pg_sys::Datum>; 13] {
         [
@@ -507,20 +586,26 @@ unsafe fn occurrence_table(namespace: pg_sys::Oid) -> pg_sys::Oid {
     unsafe { pg_sys::get_relname_relid(c"tb_error_occurrence".as_ptr(), namespace) }
 }
 
+/// The capture's INSERT into the extension's schema (a quoted name), and its
+/// parameter types: the worker stores autonomous captures with it too.
+pub fn insert_statement(schema: &str) -> (String, Vec<pg_sys::Oid>) {
+    let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+    let params: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "INSERT INTO {schema}.tb_error_occurrence ({}) VALUES ({})",
+        names.join(", "),
+        params.join(", ")
+    );
+    (sql, COLUMNS.iter().map(|(_, t)| t.value()).collect())
+}
+
 unsafe fn prepare_plans(namespace: pg_sys::Oid) -> (pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr) {
     unsafe {
         let schema = pg_sys::get_namespace_name(namespace);
         let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
             .to_string_lossy()
             .into_owned();
-        let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-        let params: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
-        let insert_sql = format!(
-            "INSERT INTO {schema}.tb_error_occurrence ({}) VALUES ({})",
-            names.join(", "),
-            params.join(", ")
-        );
-        let mut insert_types: Vec<pg_sys::Oid> = COLUMNS.iter().map(|(_, t)| t.value()).collect();
+        let (insert_sql, mut insert_types) = insert_statement(&schema);
         pg_sys::SPI_connect();
         let prepare = |sql: &str, types: &mut Vec<pg_sys::Oid>| {
             let sql = CString::new(sql).unwrap();

@@ -40,6 +40,7 @@ pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024)
 pub static MAX_STACK_TRACE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static SPIKE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static AUTONOMOUS_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
 fn int(
     name: &'static CStr,
@@ -284,6 +285,19 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // (a server-start setting can only be defined while preloading; loaded
+    // later, the library has no queue anyway)
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        int(
+            c"fraiseql_obs.autonomous_queue_size",
+            c"Shared memory for autonomous captures waiting for the worker, in kB (server start).",
+            &AUTONOMOUS_QUEUE_KB,
+            64,
+            1024 * 1024,
+            GucContext::Postmaster,
+            GucFlags::UNIT_KB,
+        );
+    }
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"fraiseql_obs".as_ptr());
     }

@@ -5,6 +5,7 @@
 //! fingerprinting, validation and the background worker live in Rust.
 use pgrx::prelude::*;
 
+mod autonomous;
 mod capture;
 mod capture_path;
 mod change_log;

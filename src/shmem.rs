@@ -1,6 +1,7 @@
 //! Shared memory: the registry of running workers, so that any backend can
 //! wake the launcher (after CREATE EXTENSION commits) or stop the worker of a
 //! database that is about to be dropped.
+use crate::autonomous::QUEUE as AUTONOMOUS_QUEUE;
 use crate::spike::RATES as SPIKE_RATES;
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
@@ -71,6 +72,7 @@ pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(REGISTRY);
         pg_shmem_init!(SPIKE_RATES = 0);
+        pg_shmem_init!(AUTONOMOUS_QUEUE = 0);
         PRELOADED.store(true, Ordering::Relaxed);
     }
 }
@@ -204,48 +206,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 if !(launcher || worker || fold) {
                     return;
                 }
-                let db = pg_sys::MyDatabaseId.to_u32();
-                if !launcher {
-                    // a request not yet taken by a running worker: it will
-                    // serve this commit too (the cheap, shared path for a
-                    // busy database)
-                    let reg = REGISTRY.share();
-                    if reg.slots.iter().any(|s| {
-                        s.db_oid == db
-                            && s.pid != 0
-                            && (s.wanted || !worker)
-                            && (s.fold_wanted || !fold)
-                    }) {
-                        return;
-                    }
-                }
-                let pids = {
-                    let mut reg = REGISTRY.exclusive();
-                    if launcher {
-                        reg.rescan = true;
-                        reg.installs = reg.installs.wrapping_add(1);
-                    }
-                    let launcher_pid = reg.launcher_pid;
-                    let slot = reg.slots.iter_mut().find(|s| s.db_oid == db);
-                    let worker_pid = slot.as_ref().map(|s| s.pid).unwrap_or(0);
-                    // Work is waiting. The worker clears these when it
-                    // serves them and does not exit while one is set; with
-                    // no worker, the launcher starts one.
-                    let need_launcher = (worker || fold) && worker_pid == 0;
-                    if let Some(s) = slot {
-                        s.wanted |= worker;
-                        s.fold_wanted |= fold;
-                    }
-                    [
-                        if launcher || need_launcher {
-                            launcher_pid
-                        } else {
-                            0
-                        },
-                        if worker || fold { worker_pid } else { 0 },
-                    ]
-                };
-                pids.into_iter().for_each(set_latch_of);
+                wake(pg_sys::MyDatabaseId.to_u32(), launcher, worker, fold);
             }
             pg_sys::XactEvent::XACT_EVENT_ABORT => {
                 release_holds();
@@ -255,6 +216,59 @@ unsafe extern "C-unwind" fn on_xact_event(
             }
             _ => {}
         }
+    }
+}
+
+/// Asks the launcher to look again (`launcher`) and the worker of database
+/// `db` for deliveries (`worker`) or a fold (`fold`), setting their latches
+/// unless a running worker has the same request pending already.
+fn wake(db: u32, launcher: bool, worker: bool, fold: bool) {
+    if !launcher {
+        // a request not yet taken by a running worker: it will
+        // serve this commit too (the cheap, shared path for a
+        // busy database)
+        let reg = REGISTRY.share();
+        if reg.slots.iter().any(|s| {
+            s.db_oid == db && s.pid != 0 && (s.wanted || !worker) && (s.fold_wanted || !fold)
+        }) {
+            return;
+        }
+    }
+    let pids = {
+        let mut reg = REGISTRY.exclusive();
+        if launcher {
+            reg.rescan = true;
+            reg.installs = reg.installs.wrapping_add(1);
+        }
+        let launcher_pid = reg.launcher_pid;
+        let slot = reg.slots.iter_mut().find(|s| s.db_oid == db);
+        let worker_pid = slot.as_ref().map(|s| s.pid).unwrap_or(0);
+        // Work is waiting. The worker clears these when it
+        // serves them and does not exit while one is set; with
+        // no worker, the launcher starts one.
+        let need_launcher = (worker || fold) && worker_pid == 0;
+        if let Some(s) = slot {
+            s.wanted |= worker;
+            s.fold_wanted |= fold;
+        }
+        [
+            if launcher || need_launcher {
+                launcher_pid
+            } else {
+                0
+            },
+            if worker || fold { worker_pid } else { 0 },
+        ]
+    };
+    pids.into_iter().for_each(set_latch_of);
+}
+
+/// Wakes the current database's worker now, not at commit, for a fold (an
+/// autonomous capture was queued: it must not wait for a transaction that
+/// may roll back).
+pub fn wake_fold_now() {
+    if available() {
+        wake(unsafe { pg_sys::MyDatabaseId.to_u32() }, false, false, true);
     }
 }
 

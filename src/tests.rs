@@ -62,18 +62,41 @@ mod tests {
         setup_helpers();
         run("CREATE FUNCTION public._t_reordered_capture(message text, severity text, exception_type text, occurred_at timestamptz DEFAULT now()) RETURNS uuid
              LANGUAGE c AS '$libdir/fraiseql_obs', 'fraiseql_capture_error_c'");
-        let id: pgrx::Uuid = one("SELECT public._t_reordered_capture('order 7 failed', 'warning', 'OrderError')");
-        let want: pgrx::Uuid = one("SELECT fraiseql_error_id(fraiseql_fingerprint('OrderError', 'order 7 failed', NULL))");
+        let id: pgrx::Uuid =
+            one("SELECT public._t_reordered_capture('order 7 failed', 'warning', 'OrderError')");
+        let want: pgrx::Uuid = one(
+            "SELECT fraiseql_error_id(fraiseql_fingerprint('OrderError', 'order 7 failed', NULL))",
+        );
         assert_eq!(id, want);
         let (t, sev): (Option<String>, Option<String>) = Spi::get_two(
             "SELECT error_type, severity FROM tb_error_occurrence WHERE message = 'order 7 failed'",
         )
         .unwrap();
-        assert_eq!((t.as_deref(), sev.as_deref()), (Some("OrderError"), Some("warning")));
-        run("CREATE FUNCTION public._t_unknown_capture(kind text, message text) RETURNS uuid
-             LANGUAGE c AS '$libdir/fraiseql_obs', 'fraiseql_capture_error_c'");
+        assert_eq!(
+            (t.as_deref(), sev.as_deref()),
+            (Some("OrderError"), Some("warning"))
+        );
+        run(
+            "CREATE FUNCTION public._t_unknown_capture(kind text, message text) RETURNS uuid
+             LANGUAGE c AS '$libdir/fraiseql_obs', 'fraiseql_capture_error_c'",
+        );
         let e = error_of("SELECT public._t_unknown_capture('x', 'y')");
         assert!(e.contains("parameter \"kind\" is unknown"), "{e}");
+    }
+
+    /// Without shared_preload_libraries there is no shared queue: an
+    /// autonomous capture is stored in the caller's transaction (with a
+    /// WARNING), not dropped.
+    #[pg_test]
+    fn autonomous_capture_without_preload_is_stored_in_the_transaction() {
+        let id: pgrx::Uuid =
+            one("SELECT fraiseql_capture_error('NoPreload', 'stored here', autonomous => true)");
+        let n: i64 = one(&format!(
+            "SELECT count(*) FROM tb_error_occurrence WHERE error_type = 'NoPreload' AND error_id = '{id}'"
+        ));
+        assert_eq!(n, 1);
+        let cap: i64 = one("SELECT capacity_bytes FROM fraiseql_autonomous_stats()");
+        assert_eq!(cap, 0, "no queue without the preload");
     }
 
     #[pg_test]
@@ -145,12 +168,18 @@ mod tests {
         // v_error_groups. (Resolution, regression and the rest of the
         // workflow: tests/integration/test_capture_model.py.)
         let id: pgrx::Uuid = one("SELECT fraiseql_capture_error('E', 'boom')");
-        let live: String = one(&format!("SELECT status FROM v_error_groups WHERE error_id = '{id}'"));
+        let live: String = one(&format!(
+            "SELECT status FROM v_error_groups WHERE error_id = '{id}'"
+        ));
         assert_eq!(live, "unresolved");
         setup_helpers();
-        let e = error_of(&format!("SELECT fraiseql_resolve_error('{id}', 'alice', 'fixed')"));
+        let e = error_of(&format!(
+            "SELECT fraiseql_resolve_error('{id}', 'alice', 'fixed')"
+        ));
         assert!(e.contains("this transaction"), "{e}");
-        let e = error_of("SELECT fraiseql_resolve_error('00000000-0000-0000-0000-000000000001', 'alice')");
+        let e = error_of(
+            "SELECT fraiseql_resolve_error('00000000-0000-0000-0000-000000000001', 'alice')",
+        );
         assert!(e.contains("no error group"), "{e}");
     }
 

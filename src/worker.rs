@@ -249,8 +249,13 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
     let mut warned: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
         if guc::WORKER_ENABLED.get() {
+            let queued_before = crate::autonomous::head();
             let dbs = match in_transaction(list_databases) {
-                Ok(d) => d,
+                Ok(d) => {
+                    let oids: Vec<u32> = d.iter().map(|d| d.oid).collect();
+                    crate::autonomous::keep_only(&oids, queued_before);
+                    d
+                }
                 Err(e) => {
                     warning!("fraiseql_obs launcher: could not list databases: {e}");
                     Vec::new()
@@ -532,6 +537,8 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         }
     };
     set_my_slot(oid, |s| s.hold_reason = 0);
+    // autonomous captures a predecessor took without storing them
+    crate::autonomous::retake(oid);
     log!("fraiseql_obs worker serving its database (extension schema {schema})");
 
     let flush_sql = format!("SELECT {schema}.fraiseql_flush_counts()::text");
@@ -552,8 +559,9 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     // deliveries are looked for when a commit queued some, and every
     // flush_interval for retries, leases and digest windows
     let mut next_delivery = Instant::now();
-    // last error of each step (flush, maintenance, delivery, rollups), to log each problem once
-    let mut last_errors: [Option<String>; 4] = [None, None, None, None];
+    // last error of each step (flush, maintenance, delivery, rollups,
+    // autonomous captures), to log each problem once
+    let mut last_errors: [Option<String>; 5] = [None, None, None, None, None];
     let mut more_to_deliver = false;
     // The worker serves its database while there is work, then exits: idle
     // databases hold no worker slot, and when databases wait for a slot
@@ -569,7 +577,8 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         // soon: the rules are evaluated there. Folds are spaced (next_fold_at), so
         // a busy database is folded in batches, and the request stays set
         // meanwhile, so the commits in between wake nobody.
-        let fold_now = now >= next_flush || (fold_asked && now >= next_fold_at(last_fold, fold_took));
+        let fold_now =
+            now >= next_flush || (fold_asked && now >= next_fold_at(last_fold, fold_took));
         let deliver_now = deliveries_asked || more_to_deliver || now >= next_delivery;
         let maintain_now = now >= next_maintenance;
         if guc::WORKER_ENABLED.get() && (fold_now || deliver_now || maintain_now) {
@@ -579,6 +588,21 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
             let mut worked = false;
             if fold_now {
                 last_fold = now;
+                // autonomous captures first, so that this fold counts them
+                let taken = crate::autonomous::take(oid, crate::autonomous::BATCH);
+                if !taken.rows.is_empty() {
+                    report_activity(Some("fraiseql_obs: storing autonomous captures"));
+                    let stored = in_transaction(|| crate::autonomous::store(&schema, &taken));
+                    crate::autonomous::finish(&taken, stored.is_ok());
+                    match stored {
+                        Ok(_) => {
+                            worked = true;
+                            successes.push(4)
+                        }
+                        Err(e) => failures.push((4, "storing autonomous captures", e)),
+                    }
+                }
+                let more_autonomous = taken.rows.len() >= crate::autonomous::BATCH;
                 match step("flushing counters", &flush_sql) {
                     Ok(r) => {
                         worked |= r.as_deref() != Some("0");
@@ -600,7 +624,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                         Err(e) => failures.push((3, "rolling up for the dashboards", e)),
                     }
                 }
-                next_flush = Instant::now() + flush_every;
+                next_flush = if more_autonomous {
+                    Instant::now() // more are waiting
+                } else {
+                    Instant::now() + flush_every
+                };
             }
             if maintain_now {
                 match step("maintenance", &maintenance_sql) {

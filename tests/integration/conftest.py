@@ -76,6 +76,8 @@ def cluster():
         "fraiseql_obs.launcher_naptime = 1",
         "fraiseql_obs.maintenance_interval = 2",
         "fraiseql_obs.flush_interval = 100",
+        # small, so that test_autonomous can show its limits
+        "fraiseql_obs.autonomous_queue_size = 256",
         # workers stay (the tests look at their pids); test_operations tests leaving
         "fraiseql_obs.worker_idle_timeout = 3600",
         "fraiseql_obs.ddl_lock_timeout = 200",

@@ -64,8 +64,8 @@ def test_capture_needs_only_execute_privilege(cluster, db):
                 app.execute("SELECT fraiseql_capture_error('E', 'm')")
         with cluster.connect(db) as c:
             c.execute(
-                "GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz),"
-                " fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz),"
+                "GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean),"
+                " fraiseql_capture_message(text, text, jsonb, text, text, text, text, text, timestamptz, boolean),"
                 " fraiseql_set_trace_context(text, boolean) TO app_writer"
             )
         with cluster.connect(db, user="app_writer") as app:

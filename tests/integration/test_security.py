@@ -26,7 +26,7 @@ def roles(cluster, db):
         c.execute(f"CREATE ROLE {app} LOGIN")
     with cluster.connect(db) as c:
         c.execute(f"GRANT CREATE ON SCHEMA public TO {mallory}")
-        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz) TO {app}")
+        c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean) TO {app}")
     yield {"mallory": mallory, "app": app}
     with cluster.connect() as c:
         c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")

@@ -1,0 +1,510 @@
+//! Autonomous captures: `fraiseql_capture_error(..., autonomous => true)`
+//! stores an occurrence that survives the caller's rollback (the usual
+//! PL/pgSQL pattern captures in an EXCEPTION block, then re-raises).
+//!
+//! The capturing backend validates, clips and fingerprints as usual, then
+//! copies the row into a bounded queue in shared memory instead of inserting
+//! it, and wakes its database's worker at once (not at commit). The worker
+//! takes its database's entries at the start of its next fold round, inserts
+//! them in one transaction (the fold right after counts them and evaluates
+//! the rules), and frees them once that transaction has committed; an entry
+//! whose batch failed is tried again, and given up (counted as `failed`)
+//! after MAX_ATTEMPTS. So an autonomous capture is lost only if the server
+//! stops (crash, immediate shutdown) between the capture and that commit --
+//! a fold gap, at most FOLD_GAP_MAX -- or if its database is dropped first
+//! (the launcher then frees its entries, counted as dropped).
+//!
+//! A full queue never blocks the caller: the capture is counted as `dropped`
+//! (`fraiseql_autonomous_stats()`) and the caller gets a WARNING. Without
+//! shared_preload_libraries there is no queue: the capture is stored in the
+//! caller's transaction, with a WARNING saying it is lost if that rolls back.
+//!
+//! The queue is a ring of entries (a 16-byte header, then the row), under
+//! one LWLock of a named tranche; nothing that can raise an error runs while
+//! it is held.
+use crate::guc;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::shmem::PgSharedMemoryInitialization;
+use std::cell::UnsafeCell;
+use std::ffi::CStr;
+use std::ptr::null_mut;
+
+const ENTRY_HEADER: usize = 16;
+const ALIGN: u64 = 16;
+const READY: u8 = 0;
+const TAKEN: u8 = 1;
+const DONE: u8 = 2;
+/// Batches an entry may fail in before it is given up.
+const MAX_ATTEMPTS: u8 = 3;
+/// Entries one round takes at most.
+pub const BATCH: usize = 5000;
+const TRANCHE: &CStr = c"fraiseql_obs_autonomous";
+
+#[repr(C)]
+struct Header {
+    capacity: u64,
+    /// where the next entry goes, and the oldest entry not yet done (both
+    /// grow for ever; the ring offset is the value modulo capacity)
+    head: u64,
+    tail: u64,
+    queued: u64,
+    stored: u64,
+    dropped: u64,
+    failed: u64,
+}
+
+pub struct Queue(UnsafeCell<(*mut Header, *mut u8, *mut pg_sys::LWLock)>);
+unsafe impl Sync for Queue {}
+
+pub static QUEUE: Queue = Queue(UnsafeCell::new((null_mut(), null_mut(), null_mut())));
+
+fn capacity_bytes() -> usize {
+    let kb = guc::AUTONOMOUS_QUEUE_KB.get().max(64) as usize;
+    kb * 1024 / ALIGN as usize * ALIGN as usize
+}
+
+impl PgSharedMemoryInitialization for Queue {
+    type Value = u8;
+
+    unsafe fn on_shmem_request(&'static self) {
+        unsafe {
+            pg_sys::RequestAddinShmemSpace(size_of::<Header>() + capacity_bytes());
+            pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+        }
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _value: u8) {
+        unsafe {
+            let cap = capacity_bytes();
+            let p = crate::shmem::zeroed_struct(
+                c"fraiseql_obs_autonomous_queue",
+                size_of::<Header>() + cap,
+            );
+            let h = p.cast::<Header>();
+            if (*h).capacity == 0 {
+                (*h).capacity = cap as u64;
+            }
+            let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+            *self.0.get() = (h, p.add(size_of::<Header>()), lock);
+        }
+    }
+}
+
+/// The queue, locked; released when dropped.
+struct Locked {
+    h: *mut Header,
+    buf: *mut u8,
+    cap: u64,
+    lock: *mut pg_sys::LWLock,
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.lock) }
+    }
+}
+
+fn lock() -> Option<Locked> {
+    let (h, buf, lock) = unsafe { *QUEUE.0.get() };
+    if h.is_null() || !crate::shmem::available() {
+        return None;
+    }
+    unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+    let cap = unsafe { (*h).capacity };
+    Some(Locked { h, buf, cap, lock })
+}
+
+/// An entry's header: its length (header included), database, state and
+/// failed attempts.
+struct At(*mut u8);
+
+impl At {
+    unsafe fn len(&self) -> u64 {
+        unsafe { self.0.cast::<u32>().read() as u64 }
+    }
+    unsafe fn db(&self) -> u32 {
+        unsafe { self.0.add(4).cast::<u32>().read() }
+    }
+    unsafe fn state(&self) -> *mut u8 {
+        unsafe { self.0.add(8) }
+    }
+    unsafe fn attempts(&self) -> *mut u8 {
+        unsafe { self.0.add(9) }
+    }
+    unsafe fn payload(&self) -> &[u8] {
+        unsafe {
+            let n = self.0.add(12).cast::<u32>().read() as usize;
+            std::slice::from_raw_parts(self.0.add(ENTRY_HEADER), n)
+        }
+    }
+    unsafe fn write(&self, len: u64, db: u32, state: u8, payload: &[u8]) {
+        unsafe {
+            self.0.cast::<u32>().write(len as u32);
+            self.0.add(4).cast::<u32>().write(db);
+            *self.state() = state;
+            *self.attempts() = 0;
+            self.0.add(12).cast::<u32>().write(payload.len() as u32);
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.0.add(ENTRY_HEADER),
+                payload.len(),
+            );
+        }
+    }
+}
+
+impl Locked {
+    fn header(&self) -> &mut Header {
+        unsafe { &mut *self.h }
+    }
+    fn at(&self, pos: u64) -> At {
+        At(unsafe { self.buf.add((pos % self.cap) as usize) })
+    }
+    /// The positions of the entries not yet done, oldest first.
+    fn positions(&self) -> Vec<u64> {
+        let h = self.header();
+        let mut out = Vec::new();
+        let mut pos = h.tail;
+        while pos < h.head {
+            let e = self.at(pos);
+            let len = unsafe { e.len() };
+            if len == 0 {
+                break; // (never: every entry has a length)
+            }
+            out.push(pos);
+            pos += len;
+        }
+        out
+    }
+    /// Frees the space of the done entries at the tail.
+    fn advance_tail(&self) {
+        let h = self.header();
+        while h.tail < h.head {
+            let e = self.at(h.tail);
+            if unsafe { *e.state() } != DONE {
+                break;
+            }
+            h.tail += unsafe { e.len() };
+        }
+    }
+}
+
+/// Queues one row for database `db`. None: there is no queue (not
+/// preloaded); Some(false): it is full (the capture is counted as dropped).
+pub fn push(db: u32, payload: &[u8]) -> Option<bool> {
+    let q = lock()?;
+    let h = q.header();
+    let cap = h.capacity;
+    let len = (ENTRY_HEADER as u64 + payload.len() as u64).div_ceil(ALIGN) * ALIGN;
+    let room_to_end = cap - h.head % cap;
+    // an entry never wraps: the end of the ring is skipped with a done entry
+    let skip = if len > room_to_end { room_to_end } else { 0 };
+    if len > cap / 2 || (h.head - h.tail) + skip + len > cap {
+        h.dropped += 1;
+        return Some(false);
+    }
+    if skip > 0 {
+        unsafe { q.at(h.head).write(skip, 0, DONE, &[]) };
+        h.head += skip;
+    }
+    unsafe { q.at(h.head).write(len, db, READY, payload) };
+    h.head += len;
+    h.queued += 1;
+    Some(true)
+}
+
+/// Entries taken by a worker: their positions and rows.
+pub struct Taken {
+    pub positions: Vec<u64>,
+    pub rows: Vec<Vec<u8>>,
+}
+
+/// Takes up to `max` entries of database `db` that wait to be stored.
+pub fn take(db: u32, max: usize) -> Taken {
+    let mut t = Taken {
+        positions: Vec::new(),
+        rows: Vec::new(),
+    };
+    let Some(q) = lock() else { return t };
+    for pos in q.positions() {
+        let e = q.at(pos);
+        unsafe {
+            if e.db() == db && *e.state() == READY {
+                *e.state() = TAKEN;
+                t.positions.push(pos);
+                t.rows.push(e.payload().to_vec());
+                if t.rows.len() >= max {
+                    break;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// After the transaction that stored `taken`: frees them (stored), or puts
+/// them back for another try (given up after MAX_ATTEMPTS).
+pub fn finish(taken: &Taken, stored: bool) {
+    let Some(q) = lock() else { return };
+    let h = q.header();
+    for &pos in &taken.positions {
+        let e = q.at(pos);
+        unsafe {
+            if stored {
+                *e.state() = DONE;
+                h.stored += 1;
+            } else {
+                *e.attempts() += 1;
+                if *e.attempts() >= MAX_ATTEMPTS {
+                    *e.state() = DONE;
+                    h.failed += 1;
+                } else {
+                    *e.state() = READY;
+                }
+            }
+        }
+    }
+    q.advance_tail();
+}
+
+/// At a worker's start: entries its predecessor took but did not finish
+/// (it stopped mid-batch) are stored again.
+pub fn retake(db: u32) {
+    let Some(q) = lock() else { return };
+    for pos in q.positions() {
+        let e = q.at(pos);
+        unsafe {
+            if e.db() == db && *e.state() == TAKEN {
+                *e.state() = READY;
+            }
+        }
+    }
+}
+
+/// Where the next entry will go (see keep_only).
+pub fn head() -> u64 {
+    lock().map_or(0, |q| q.header().head)
+}
+
+/// Entries queued before `before` for a database not in `databases` (it
+/// was dropped; the launcher's list) can never be stored: counted as
+/// dropped, their space freed.
+pub fn keep_only(databases: &[u32], before: u64) {
+    let Some(q) = lock() else { return };
+    let h = q.header();
+    for pos in q.positions() {
+        if pos >= before {
+            break;
+        }
+        let e = q.at(pos);
+        unsafe {
+            // (taken ones too: no worker of a dropped database is left to finish them)
+            if e.db() != 0 && *e.state() != DONE && !databases.contains(&e.db()) {
+                *e.state() = DONE;
+                h.dropped += 1;
+            }
+        }
+    }
+    q.advance_tail();
+}
+
+// ---------------------------------------------------------------------------
+// The row as queued: the occurrence's columns in the order of the capture's
+// INSERT (capture_path::COLUMNS): error_id (16 bytes), occurred_at (i64),
+// sampled_out (1 byte), then each other column as a u32 length (u32::MAX:
+// NULL) and its bytes (text as UTF-8, jsonb as its whole varlena).
+// ---------------------------------------------------------------------------
+
+/// The occurrence, as the capture made it.
+pub struct Row<'a> {
+    pub error_id: [u8; 16],
+    pub occurred_at: i64,
+    pub sampled_out: bool,
+    /// fingerprint, error_type, message, stack_trace, context (jsonb
+    /// varlena), severity, environment, release_version, trace_id, span_id
+    pub fields: [Option<&'a [u8]>; 10],
+}
+
+pub const CONTEXT_FIELD: usize = 4;
+
+pub fn encode(r: &Row) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        32 + r
+            .fields
+            .iter()
+            .map(|f| 4 + f.map_or(0, |b| b.len()))
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(&r.error_id);
+    out.extend_from_slice(&r.occurred_at.to_le_bytes());
+    out.push(r.sampled_out as u8);
+    for f in &r.fields {
+        match f {
+            Some(b) => {
+                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+    }
+    out
+}
+
+pub fn decode(b: &[u8]) -> Option<Row<'_>> {
+    let error_id: [u8; 16] = b.get(..16)?.try_into().ok()?;
+    let occurred_at = i64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
+    let sampled_out = *b.get(24)? != 0;
+    let mut fields: [Option<&[u8]>; 10] = [None; 10];
+    let mut at = 25;
+    for f in fields.iter_mut() {
+        let n = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if n != u32::MAX {
+            *f = Some(b.get(at..at + n as usize)?);
+            at += n as usize;
+        }
+    }
+    Some(Row {
+        error_id,
+        occurred_at,
+        sampled_out,
+        fields,
+    })
+}
+
+/// Stores the taken rows in the current transaction (the worker's), with the
+/// capture's own INSERT. Returns how many.
+pub fn store(schema: &str, taken: &Taken) -> usize {
+    let (sql, mut types) = crate::capture_path::insert_statement(schema);
+    let sql = std::ffi::CString::new(sql).expect("no NUL in the INSERT");
+    unsafe {
+        pg_sys::SPI_connect();
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() {
+            error!("fraiseql_obs: cannot prepare the INSERT of autonomous captures");
+        }
+        let mut n = 0;
+        for bytes in &taken.rows {
+            let Some(r) = decode(bytes) else {
+                warning!("fraiseql_obs: an autonomous capture could not be read back; skipped");
+                continue;
+            };
+            let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(13);
+            let mut nulls: Vec<std::ffi::c_char> = Vec::with_capacity(13);
+            let mut put = |d: Option<pg_sys::Datum>| {
+                values.push(d.unwrap_or(pg_sys::Datum::from(0)));
+                nulls.push(if d.is_some() { b' ' } else { b'n' } as std::ffi::c_char);
+            };
+            let text = |f: Option<&[u8]>| {
+                f.map(|b| {
+                    pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+                        b.as_ptr().cast(),
+                        b.len() as i32,
+                    ))
+                })
+            };
+            let varlena = |f: Option<&[u8]>| {
+                f.map(|b| {
+                    let p = pg_sys::palloc(b.len()).cast::<u8>();
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
+                    pg_sys::Datum::from(p)
+                })
+            };
+            // the order of capture_path::COLUMNS
+            put(Some(pg_sys::Datum::from(r.error_id.as_ptr())));
+            put(text(r.fields[0]));
+            put(Some(pg_sys::Datum::from(r.occurred_at)));
+            for (i, f) in r.fields.iter().enumerate().skip(1) {
+                put(if i == CONTEXT_FIELD {
+                    varlena(*f)
+                } else {
+                    text(*f)
+                });
+            }
+            put(Some(pg_sys::Datum::from(r.sampled_out)));
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+            if rc != pg_sys::SPI_OK_INSERT as i32 {
+                error!("fraiseql_obs: storing an autonomous capture failed (SPI code {rc})");
+            }
+            n += 1;
+        }
+        pg_sys::SPI_finish();
+        n
+    }
+}
+
+/// The autonomous capture queue (cluster-wide): its size, what waits in it,
+/// and what became of the captures queued since the server started.
+#[pg_extern(volatile, parallel_safe)]
+fn fraiseql_autonomous_stats() -> TableIterator<
+    'static,
+    (
+        name!(capacity_bytes, i64),
+        name!(used_bytes, i64),
+        name!(waiting, i64),
+        name!(queued, i64),
+        name!(stored, i64),
+        name!(dropped, i64),
+        name!(failed, i64),
+    ),
+> {
+    let row = match lock() {
+        None => (0, 0, 0, 0, 0, 0, 0),
+        Some(q) => {
+            let waiting = q
+                .positions()
+                .iter()
+                .filter(|&&p| unsafe { *q.at(p).state() } != DONE)
+                .count() as i64;
+            let h = q.header();
+            (
+                h.capacity as i64,
+                (h.head - h.tail) as i64,
+                waiting,
+                h.queued as i64,
+                h.stored as i64,
+                h.dropped as i64,
+                h.failed as i64,
+            )
+        }
+    };
+    TableIterator::once(row)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn rows_read_back_as_written() {
+        let r = Row {
+            error_id: [7; 16],
+            occurred_at: -42,
+            sampled_out: true,
+            fields: [
+                Some(b"fp"),
+                Some(b"unique_violation"),
+                Some("m\u{e9}ssage".as_bytes()),
+                None,
+                Some(&[1, 2, 3, 4]),
+                Some(b"error"),
+                Some(b""),
+                None,
+                None,
+                Some(b"span"),
+            ],
+        };
+        let b = encode(&r);
+        let d = decode(&b).unwrap();
+        assert_eq!(
+            (d.error_id, d.occurred_at, d.sampled_out),
+            (r.error_id, r.occurred_at, r.sampled_out)
+        );
+        assert_eq!(d.fields, r.fields);
+        // a cut row is refused, never read past its end
+        for n in 0..b.len() {
+            assert!(decode(&b[..n]).is_none(), "{n}");
+        }
+    }
+}
