@@ -168,13 +168,15 @@ def settle(b: "Bench", timeout: float = 120.0):
     with b.connect() as c:
         while time.monotonic() < deadline:
             left = c.execute("SELECT (SELECT count(*) FROM (SELECT 1 FROM _fraiseql_unfolded LIMIT 1) u)"
-                             " + (SELECT count(*) FROM (SELECT 1 FROM tb_notification_queue LIMIT 1) q)").fetchone()[0]
+                             " + (SELECT count(*) FROM (SELECT 1 FROM tb_notification_queue LIMIT 1) q)"
+                             " + (SELECT waiting FROM fraiseql_autonomous_stats())").fetchone()[0]
             if not left:
                 return
             time.sleep(0.2)
 
 
-def bench_capture(b: Bench):
+def bench_capture_setup(b: Bench):
+    """The trace, the plain and peer tables, the 1,000 known groups and the hot one."""
     with b.connect() as c:
         c.execute("CREATE TABLE bench_trace (t text)")
         c.execute("INSERT INTO bench_trace VALUES (%s)", (TRACE,))
@@ -189,6 +191,10 @@ def bench_capture(b: Bench):
         c.execute("INSERT INTO peer_group (fingerprint, error_type, message, stack_trace)"
                   " SELECT 'fp-' || g, 'BenchError', 'm', %s FROM generate_series(0, 1000) g", (TRACE,))
     settle(b)
+
+
+def bench_capture(b: Bench):
+    bench_capture_setup(b)
 
     def one_set(clients, label):
         plain = b.pgbench(PLAIN_INSERT, clients)
@@ -289,6 +295,47 @@ def capture_section(results, peer) -> list:
         "rate relative to its own plain INSERT; the peer evaluates no rule at all.)",
         "",
     ]
+    return lines
+
+
+def bench_autonomous(b: Bench) -> dict:
+    """Autonomous captures (through the worker's shared queue) beside
+    transactional ones, no rules, the same row; and what the queue dropped."""
+    with b.connect() as c:
+        c.execute("DELETE FROM tb_error_notification_config")
+    out = {}
+    for clients in (1, 8):
+        row = {}
+        for kind, extra in (("transactional", ""), ("autonomous", ", autonomous => true")):
+            settle(b)
+            with b.connect() as c:
+                before = c.execute("SELECT stored, dropped FROM fraiseql_autonomous_stats()").fetchone()
+            row[kind] = b.pgbench(CAPTURES["known"].replace(CONTEXT + ")", CONTEXT + extra + ")"), clients)
+            settle(b)
+            with b.connect() as c:
+                after = c.execute("SELECT stored, dropped FROM fraiseql_autonomous_stats()").fetchone()
+            if kind == "autonomous":
+                row["stored"], row["dropped"] = after[0] - before[0], after[1] - before[1]
+        out[clients] = row
+        print(f"autonomous, {clients} connection(s): {row}", flush=True)
+    return out
+
+
+def autonomous_section(rows: dict) -> list:
+    lines = [
+        "## Autonomous captures (issue 15)",
+        "",
+        "`autonomous => true` (stored by the worker from a shared-memory queue, surviving the caller's",
+        "rollback) beside the ordinary capture, one of 1,000 known groups, no rules, "
+        f"pgbench {DURATION} s each:",
+        "",
+        "| connections | transactional /s | autonomous /s | ratio | stored by the worker | dropped (queue full) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clients, r in rows.items():
+        lines.append(f"| {clients} | {r['transactional']:.0f} | {r['autonomous']:.0f} | "
+                     f"{r['autonomous'] / r['transactional']:.2f} | {r['stored']:,} | {r['dropped']:,} |")
+    lines += ["", "(The queue is 4 MB by default; a dropped capture is counted and the caller warned.)", ""]
     return lines
 
 
@@ -552,7 +599,8 @@ def main():
         sys.path.insert(0, str(ROOT / "bench"))
         b = Bench()
         try:
-            {"capture": lambda b: print("\n".join(capture_section(*bench_capture(b)))), "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
+            {"capture": lambda b: print("\n".join(capture_section(*bench_capture(b)))),
+             "autonomous": lambda b: (bench_capture_setup(b), print("\n".join(autonomous_section(bench_autonomous(b))))), "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
              "operations": lambda b: print("\n".join(__import__("operations").section(
                  __import__("operations").bench_cost(), __import__("operations").bench_many_databases(),
                  __import__("operations").bench_hung_destination()))),
@@ -568,6 +616,7 @@ def main():
     b = Bench()
     try:
         capture = bench_capture(b)
+        autonomous = bench_autonomous(b)
         delete_ms, vacuum_ms, drop_ms = bench_retention(b)
         ingest, copy = bench_ingest(b)
         notif = bench_notifications(b)
@@ -591,6 +640,7 @@ def main():
         " shared_buffers 512MB; pgbench runs of " + f"{DURATION} s each",
         "",
         *capture_section(*capture),
+        *autonomous_section(autonomous),
         "## Retention: partition drop versus DELETE (issue: worker)",
         "",
         "| rows in the month | DELETE of the month | + VACUUM to reclaim it | drop of its partition | DELETE+VACUUM ÷ drop |",
