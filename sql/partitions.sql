@@ -249,8 +249,14 @@ BEGIN
             -- with a fold: it locks parent, then partitions). Its rollup
             -- buckets go with it (the range holds all and only its rows;
             -- the buckets are aligned on its UTC bounds), so no roll-up may
-            -- run meanwhile: its lock is taken first.
+            -- run meanwhile: its lock is taken first. So is the fold's: a
+            -- fold writes every partition through the parent (parent, then
+            -- partitions), so one started now would hold the parent and
+            -- wait for this partition while DROP waits for the parent (a
+            -- deadlock make bench found); a fold that finds its lock taken
+            -- skips its turn instead of waiting.
             LOCK TABLE @extschema@.tb_rollup_state IN SHARE ROW EXCLUSIVE MODE;
+            LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE;
             EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', r.partition);
             FOR q IN SELECT @extschema@._fraiseql_bury_statements(format('SELECT * FROM %s', r.partition), false) LOOP
                 EXECUTE q;

@@ -160,6 +160,32 @@ unsafe fn arg(
     unsafe { p[k].and_then(|i| pgrx::fcinfo::pg_getarg_datum(fcinfo, i)) }
 }
 
+impl Args {
+    /// The arguments of the capture function being called, by name. A
+    /// message has no exception type (it is "Message") and no stack trace.
+    unsafe fn read(fcinfo: pg_sys::FunctionCallInfo, is_message: bool) -> Args {
+        unsafe {
+            let p = positions(fcinfo);
+            let a = |name| arg(fcinfo, &p, name);
+            Args {
+                exception_type: if is_message { "Message".into_datum() } else { a("exception_type") },
+                message: a("message"),
+                stack_trace: if is_message { None } else { a("stack_trace") },
+                context: a("context"),
+                environment: a("environment"),
+                severity: a("severity"),
+                release_version: a("release_version"),
+                trace_id: a("trace_id"),
+                span_id: a("span_id"),
+                fingerprint: a("fingerprint"),
+                occurred_at: a("occurred_at"),
+                autonomous: a("autonomous"),
+                is_message,
+            }
+        }
+    }
+}
+
 unsafe fn text_of<'a>(d: Option<pg_sys::Datum>) -> Option<&'a str> {
     d.and_then(|d| unsafe { <&str>::from_datum(d, false) })
 }
@@ -178,22 +204,7 @@ pub unsafe extern "C-unwind" fn fraiseql_capture_error_c(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     unsafe {
-        let p = positions(fcinfo);
-        let args = Args {
-            exception_type: arg(fcinfo, &p, "exception_type"),
-            message: arg(fcinfo, &p, "message"),
-            stack_trace: arg(fcinfo, &p, "stack_trace"),
-            context: arg(fcinfo, &p, "context"),
-            environment: arg(fcinfo, &p, "environment"),
-            severity: arg(fcinfo, &p, "severity"),
-            release_version: arg(fcinfo, &p, "release_version"),
-            trace_id: arg(fcinfo, &p, "trace_id"),
-            span_id: arg(fcinfo, &p, "span_id"),
-            fingerprint: arg(fcinfo, &p, "fingerprint"),
-            occurred_at: arg(fcinfo, &p, "occurred_at"),
-            autonomous: arg(fcinfo, &p, "autonomous"),
-            is_message: false,
-        };
+        let args = Args::read(fcinfo, false);
         capture(fcinfo, args)
     }
 }
@@ -212,22 +223,7 @@ pub unsafe extern "C-unwind" fn fraiseql_capture_message_c(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     unsafe {
-        let p = positions(fcinfo);
-        let args = Args {
-            exception_type: "Message".into_datum(),
-            message: arg(fcinfo, &p, "message"),
-            stack_trace: None,
-            context: arg(fcinfo, &p, "context"),
-            environment: arg(fcinfo, &p, "environment"),
-            severity: arg(fcinfo, &p, "severity"),
-            release_version: arg(fcinfo, &p, "release_version"),
-            trace_id: arg(fcinfo, &p, "trace_id"),
-            span_id: arg(fcinfo, &p, "span_id"),
-            fingerprint: arg(fcinfo, &p, "fingerprint"),
-            occurred_at: arg(fcinfo, &p, "occurred_at"),
-            autonomous: arg(fcinfo, &p, "autonomous"),
-            is_message: true,
-        };
+        let args = Args::read(fcinfo, true);
         capture(fcinfo, args)
     }
 }
