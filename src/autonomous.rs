@@ -282,6 +282,29 @@ pub fn retake(db: u32) {
     }
 }
 
+/// Entries of database `db` queued before `before` that wait to be stored,
+/// when its worker found no extension there: PostgreSQL errors captured by
+/// the emit_log_hook before the launcher knew (an SQL capture needs the
+/// extension, so it was installed before `before` was read and the worker
+/// would have seen it). Counted as dropped, their space freed.
+pub fn forget(db: u32, before: u64) {
+    let Some(q) = lock() else { return };
+    let h = q.header();
+    for pos in q.positions() {
+        if pos >= before {
+            break;
+        }
+        let e = q.at(pos);
+        unsafe {
+            if e.db() == db && *e.state() == READY {
+                *e.state() = DONE;
+                h.dropped += 1;
+            }
+        }
+    }
+    q.advance_tail();
+}
+
 /// Where the next entry will go (see keep_only).
 pub fn head() -> u64 {
     lock().map_or(0, |q| q.header().head)
@@ -312,8 +335,10 @@ pub fn keep_only(databases: &[u32], before: u64) {
 // ---------------------------------------------------------------------------
 // The row as queued: the occurrence's columns in the order of the capture's
 // INSERT (capture_path::COLUMNS): error_id (16 bytes), occurred_at (i64),
-// sampled_out (1 byte), then each other column as a u32 length (u32::MAX:
-// NULL) and its bytes (text as UTF-8, jsonb as its whole varlena).
+// flags (1 byte: 1 = sampled_out, 2 = the context is JSON text), then each
+// other column as a u32 length (u32::MAX: NULL) and its bytes (text as
+// UTF-8, jsonb as its whole varlena or, with flag 2, as JSON text: a
+// PostgreSQL error captured by the emit_log_hook cannot build a jsonb).
 // ---------------------------------------------------------------------------
 
 /// The occurrence, as the capture made it.
@@ -321,6 +346,8 @@ pub struct Row<'a> {
     pub error_id: [u8; 16],
     pub occurred_at: i64,
     pub sampled_out: bool,
+    /// the context field is JSON text, not a jsonb varlena
+    pub context_is_text: bool,
     /// fingerprint, error_type, message, stack_trace, context (jsonb
     /// varlena), severity, environment, release_version, trace_id, span_id
     pub fields: [Option<&'a [u8]>; 10],
@@ -338,7 +365,7 @@ pub fn encode(r: &Row) -> Vec<u8> {
     );
     out.extend_from_slice(&r.error_id);
     out.extend_from_slice(&r.occurred_at.to_le_bytes());
-    out.push(r.sampled_out as u8);
+    out.push(r.sampled_out as u8 | (r.context_is_text as u8) << 1);
     for f in &r.fields {
         match f {
             Some(b) => {
@@ -354,7 +381,7 @@ pub fn encode(r: &Row) -> Vec<u8> {
 pub fn decode(b: &[u8]) -> Option<Row<'_>> {
     let error_id: [u8; 16] = b.get(..16)?.try_into().ok()?;
     let occurred_at = i64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
-    let sampled_out = *b.get(24)? != 0;
+    let flags = *b.get(24)?;
     let mut fields: [Option<&[u8]>; 10] = [None; 10];
     let mut at = 25;
     for f in fields.iter_mut() {
@@ -368,7 +395,8 @@ pub fn decode(b: &[u8]) -> Option<Row<'_>> {
     Some(Row {
         error_id,
         occurred_at,
-        sampled_out,
+        sampled_out: flags & 1 != 0,
+        context_is_text: flags & 2 != 0,
         fields,
     })
 }
@@ -416,7 +444,10 @@ pub fn store(schema: &str, taken: &Taken) -> usize {
             put(text(r.fields[0]));
             put(Some(pg_sys::Datum::from(r.occurred_at)));
             for (i, f) in r.fields.iter().enumerate().skip(1) {
-                put(if i == CONTEXT_FIELD {
+                put(if i == CONTEXT_FIELD && r.context_is_text {
+                    let json = f.and_then(|b| serde_json::from_slice(b).ok());
+                    json.and_then(|j| pgrx::JsonB(j).into_datum())
+                } else if i == CONTEXT_FIELD {
                     varlena(*f)
                 } else {
                     text(*f)
@@ -482,6 +513,7 @@ mod unit {
             error_id: [7; 16],
             occurred_at: -42,
             sampled_out: true,
+            context_is_text: true,
             fields: [
                 Some(b"fp"),
                 Some(b"unique_violation"),
@@ -498,8 +530,8 @@ mod unit {
         let b = encode(&r);
         let d = decode(&b).unwrap();
         assert_eq!(
-            (d.error_id, d.occurred_at, d.sampled_out),
-            (r.error_id, r.occurred_at, r.sampled_out)
+            (d.error_id, d.occurred_at, d.sampled_out, d.context_is_text),
+            (r.error_id, r.occurred_at, r.sampled_out, r.context_is_text)
         );
         assert_eq!(d.fields, r.fields);
         // a cut row is refused, never read past its end

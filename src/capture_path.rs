@@ -470,6 +470,7 @@ impl Row {
                 error_id: self.error_id,
                 occurred_at: self.occurred_at.value() as i64,
                 sampled_out: self.sampled_out,
+                context_is_text: false,
                 fields: [
                     text_bytes(self.fingerprint),
                     text_bytes(self.error_type),

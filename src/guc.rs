@@ -42,6 +42,25 @@ pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024
 pub static SPIKE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static AUTONOMOUS_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
+// PostgreSQL's own errors as captures (src/sql_errors.rs)
+pub static CAPTURE_SQL_ERRORS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CAPTURE_SQL_ERRORS_MIN_LEVEL: GucSetting<SqlErrorLevel> =
+    GucSetting::<SqlErrorLevel>::new(SqlErrorLevel::Error);
+pub static CAPTURE_SQL_ERRORS_INCLUDE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static CAPTURE_SQL_ERRORS_EXCLUDE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"query_canceled, admin_shutdown"));
+
+#[derive(Clone, Copy, PartialEq, Eq, pgrx::PostgresGucEnum)]
+pub enum SqlErrorLevel {
+    #[name = c"warning"]
+    Warning,
+    #[name = c"error"]
+    Error,
+    #[name = c"fatal"]
+    Fatal,
+}
+
 fn int(
     name: &'static CStr,
     desc: &'static CStr,
@@ -285,6 +304,49 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // Superuser settings (ALTER DATABASE / ALTER ROLE ... SET by a
+    // superuser, or GRANT SET ON PARAMETER): a role must not switch off the
+    // capture of its own errors, nor flood the queue others share.
+    GucRegistry::define_bool_guc(
+        c"fraiseql_obs.capture_sql_errors",
+        c"Capture the errors PostgreSQL reports to client sessions (needs shared_preload_libraries).",
+        c"Capture the errors PostgreSQL reports to client sessions (needs shared_preload_libraries).",
+        &CAPTURE_SQL_ERRORS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"fraiseql_obs.capture_sql_errors_min_level",
+        c"Lowest level captured by capture_sql_errors: warning, error or fatal.",
+        c"Lowest level captured by capture_sql_errors: warning, error or fatal.",
+        &CAPTURE_SQL_ERRORS_MIN_LEVEL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"fraiseql_obs.capture_sql_errors_include",
+            c"SQLSTATEs, classes or condition names captured by capture_sql_errors (empty: all).",
+            c"SQLSTATEs, classes or condition names captured by capture_sql_errors (empty: all).",
+            &CAPTURE_SQL_ERRORS_INCLUDE,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(crate::sql_errors::check_list),
+            Some(crate::sql_errors::assign_include),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"fraiseql_obs.capture_sql_errors_exclude",
+            c"SQLSTATEs, classes or condition names capture_sql_errors ignores.",
+            c"SQLSTATEs, classes or condition names capture_sql_errors ignores.",
+            &CAPTURE_SQL_ERRORS_EXCLUDE,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(crate::sql_errors::check_list),
+            Some(crate::sql_errors::assign_exclude),
+            None,
+        );
+    }
     // (a server-start setting can only be defined while preloading; loaded
     // later, the library has no queue anyway)
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {

@@ -20,6 +20,8 @@ mod run_as;
 mod shmem;
 mod spike;
 mod sql;
+mod sql_errors;
+mod sqlstate_table;
 mod time_window;
 mod trace_context;
 mod traces;
@@ -84,6 +86,9 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::define();
     shmem::init();
+    if shmem::available() {
+        sql_errors::install();
+    }
     worker::register();
 }
 

@@ -109,6 +109,20 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether the extension may be installed in database `db`, as far as the
+/// launcher and the workers know: not when its worker found it missing. A
+/// database the launcher has not seen yet counts as installed (the worker
+/// forgets the queue entries of a database it finds without the extension).
+pub fn extension_may_be_installed(db: u32) -> bool {
+    available()
+        && REGISTRY
+            .share()
+            .slots
+            .iter()
+            .find(|s| s.db_oid == db)
+            .is_none_or(|s| s.hold_reason != crate::worker::HOLD_NOT_INSTALLED)
+}
+
 /// Sets the latch of the process with this pid, if it is alive.
 pub fn set_latch_of(pid: i32) {
     if pid == 0 {

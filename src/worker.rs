@@ -45,7 +45,7 @@ const SWEEP_S: i64 = 60;
 /// How long a database being dropped or renamed is left alone.
 const DROP_HOLD_S: i64 = 30;
 
-const HOLD_NOT_INSTALLED: u8 = 1;
+pub const HOLD_NOT_INSTALLED: u8 = 1;
 pub const HOLD_DROPPING: u8 = 2;
 
 pub fn register() {
@@ -273,6 +273,7 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
             let now = shmem::now_secs();
             let budget = guc::MAX_WORKERS.get().max(1) as usize;
             let mut to_start = Vec::new();
+            let mut not_installed = Vec::new();
             {
                 let mut reg = REGISTRY.exclusive();
                 let rescan = std::mem::take(&mut reg.rescan);
@@ -305,7 +306,12 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     };
                     let slot = &mut reg.slots[idx];
                     if rescan && slot.hold_reason == HOLD_NOT_INSTALLED {
+                        // installed or not: a worker will look again
                         slot.hold_until = 0;
+                        slot.hold_reason = 0;
+                    }
+                    if slot.hold_reason == HOLD_NOT_INSTALLED {
+                        not_installed.push(db.oid);
                     }
                     if slot.pid != 0 || slot.hold_until > now {
                         continue;
@@ -328,6 +334,14 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
                     to_start.push((*oid, name.clone()));
                 }
                 reg.waiting = candidates.len().saturating_sub(free) as u32;
+            }
+            // PostgreSQL errors captured (src/sql_errors.rs) in databases a
+            // worker found without the extension, queued before the launcher
+            // knew: nobody will store them. (Not one installed since: its
+            // CREATE EXTENSION asked for the rescan that cleared the mark
+            // before any capture there, and so before queued_before.)
+            for oid in not_installed {
+                crate::autonomous::forget(oid, queued_before);
             }
             for (oid, name) in to_start {
                 let started = BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} {name}"))
@@ -516,9 +530,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
         };
     }
 
+    let queued_before = crate::autonomous::head();
     let schema = match in_transaction(extension_schema) {
         Ok(Some(s)) => s,
         _ => {
+            crate::autonomous::forget(oid, queued_before);
             // Not installed here (yet): leave this database alone for a while.
             // CREATE EXTENSION wakes the launcher, which then comes back at
             // once; one that committed while we looked may be this
@@ -661,9 +677,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 // the round's cost, deliveries included, spaces the next fold
                 fold_took = now.elapsed();
             }
+            let queued_before = crate::autonomous::head();
             if !failures.is_empty() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
                 // DROP EXTENSION: the failure was expected; stop quietly and
                 // let the launcher look again later.
+                crate::autonomous::forget(oid, queued_before);
                 set_my_slot(oid, |s| {
                     s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
                     s.hold_reason = HOLD_NOT_INSTALLED;
