@@ -339,6 +339,82 @@ def autonomous_section(rows: dict) -> list:
     return lines
 
 
+SQL_ERROR_STATEMENTS = {
+    "SELECT 1 / 0 (no CONTEXT)": "SELECT {i} / 0;",
+    "a RAISE two PL/pgSQL functions deep": "SELECT bench_outer({i});",
+}
+
+
+def bench_sql_errors(b: Bench) -> list:
+    """Failing statements sent by psql (pgbench stops a client at its first
+    error), with capture_sql_errors off and on, side by side; the same
+    statements succeeding as the floor of what the client loop costs."""
+    with b.connect() as c:
+        c.execute("DELETE FROM tb_error_notification_config")
+        c.execute("""CREATE OR REPLACE FUNCTION bench_inner(i int, fail boolean) RETURNS int LANGUAGE plpgsql AS $$
+                     BEGIN
+                       IF fail THEN RAISE EXCEPTION 'order % refused', i USING ERRCODE = 'check_violation'; END IF;
+                       RETURN i;
+                     END $$""")
+        c.execute("""CREATE OR REPLACE FUNCTION bench_outer(i int, fail boolean DEFAULT true) RETURNS int
+                     LANGUAGE plpgsql AS $$ BEGIN RETURN bench_inner(i, fail); END $$""")
+    per_client = 2000 * DURATION
+    out = []
+
+    def run(template: str, clients: int, setting: str) -> float:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write("\n".join(template.format(i=i) for i in range(per_client)) + "\n")
+            path = f.name
+        os.chmod(path, 0o644)
+        env = dict(os.environ, PGOPTIONS=f"-c fraiseql_obs.capture_sql_errors={setting}")
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([f"{BIN}/psql", "-X", "-q", "-h", str(b.dir), "-p", str(b.port), "-U", "postgres",
+                                   "-d", "bench", "-f", path], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(clients)]
+        for p in procs:
+            p.wait()
+        took = time.monotonic() - t0
+        os.unlink(path)
+        return clients * per_client / took
+
+    for label, template in SQL_ERROR_STATEMENTS.items():
+        ok_template = template.replace("/ 0", "/ 1").replace("({i})", "({i}, false)")
+        for clients in (1, 4):
+            settle(b)
+            ok = run(ok_template, clients, "off")
+            off = run(template, clients, "off")
+            settle(b)
+            with b.connect() as c:
+                before = c.execute("SELECT stored, dropped FROM fraiseql_autonomous_stats()").fetchone()
+            on = run(template, clients, "on")
+            settle(b)
+            with b.connect() as c:
+                after = c.execute("SELECT stored, dropped FROM fraiseql_autonomous_stats()").fetchone()
+            row = (label, clients, ok, off, on, after[0] - before[0], after[1] - before[1])
+            print(f"sql errors: {row}", flush=True)
+            out.append(row)
+    return out
+
+
+def sql_errors_section(rows: list) -> list:
+    lines = [
+        "## PostgreSQL's own errors (issue 15)",
+        "",
+        "Statements sent one after the other by psql (each client its own file of "
+        f"{2000 * DURATION:,} statements), with `fraiseql_obs.capture_sql_errors` off and on, side by side. "
+        "*succeeding*: the same statements not failing, the floor of the client loop. With the setting on, "
+        "every error is captured (one group per statement kind; beyond the spike threshold, stored light).",
+        "",
+        "| statement | connections | succeeding /s | failing, off /s | failing, on /s | on ÷ off | stored | dropped (queue full) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, clients, ok, off, on, stored, dropped in rows:
+        lines.append(f"| {label} | {clients} | {ok:,.0f} | {off:,.0f} | {on:,.0f} | {on / off:.2f} | {stored:,} | {dropped:,} |")
+    lines += ["", "Off, the hook is one test of a boolean per message; on, it builds the row in the failing",
+              "session (fingerprint, normalized statement and CONTEXT) and queues it for the worker.", ""]
+    return lines
+
+
 def otlp_batch(batch_no: int, size: int = 512) -> dict:
     """An ExportTraceServiceRequest of `size` spans (64 traces of 8 spans)."""
     import random
@@ -600,7 +676,8 @@ def main():
         b = Bench()
         try:
             {"capture": lambda b: print("\n".join(capture_section(*bench_capture(b)))),
-             "autonomous": lambda b: (bench_capture_setup(b), print("\n".join(autonomous_section(bench_autonomous(b))))), "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
+             "autonomous": lambda b: (bench_capture_setup(b), print("\n".join(autonomous_section(bench_autonomous(b))))),
+             "sql_errors": lambda b: print("\n".join(sql_errors_section(bench_sql_errors(b)))), "telemetry": lambda b: (bench_ingest(b), bench_metrics(b)),
              "operations": lambda b: print("\n".join(__import__("operations").section(
                  __import__("operations").bench_cost(), __import__("operations").bench_many_databases(),
                  __import__("operations").bench_hung_destination()))),
@@ -617,6 +694,7 @@ def main():
     try:
         capture = bench_capture(b)
         autonomous = bench_autonomous(b)
+        sql_errors = bench_sql_errors(b)
         delete_ms, vacuum_ms, drop_ms = bench_retention(b)
         ingest, copy = bench_ingest(b)
         notif = bench_notifications(b)
@@ -641,6 +719,7 @@ def main():
         "",
         *capture_section(*capture),
         *autonomous_section(autonomous),
+        *sql_errors_section(sql_errors),
         "## Retention: partition drop versus DELETE (issue: worker)",
         "",
         "| rows in the month | DELETE of the month | + VACUUM to reclaim it | drop of its partition | DELETE+VACUUM ÷ drop |",
