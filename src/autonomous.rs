@@ -401,6 +401,17 @@ pub fn decode(b: &[u8]) -> Option<Row<'_>> {
     })
 }
 
+fn database_name() -> String {
+    unsafe {
+        let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
 /// Stores the taken rows in the current transaction (the worker's), with the
 /// capture's own INSERT. Returns how many.
 pub fn store(schema: &str, taken: &Taken) -> usize {
@@ -445,7 +456,15 @@ pub fn store(schema: &str, taken: &Taken) -> usize {
             put(Some(pg_sys::Datum::from(r.occurred_at)));
             for (i, f) in r.fields.iter().enumerate().skip(1) {
                 put(if i == CONTEXT_FIELD && r.context_is_text {
-                    let json = f.and_then(|b| serde_json::from_slice(b).ok());
+                    // a PostgreSQL error (src/sql_errors.rs): the hook could
+                    // not look up the database's name; the worker can
+                    let mut json: Option<serde_json::Value> =
+                        f.and_then(|b| serde_json::from_slice(b).ok());
+                    if let Some(serde_json::Value::Object(m)) = json.as_mut() {
+                        if m.get("source").and_then(|v| v.as_str()) == Some("postgres") {
+                            m.insert("database".into(), database_name().into());
+                        }
+                    }
                     json.and_then(|j| pgrx::JsonB(j).into_datum())
                 } else if i == CONTEXT_FIELD {
                     varlena(*f)

@@ -21,7 +21,8 @@
 //! quotes), hint, the schema/table/column/constraint the
 //! error names, the statement with its constants replaced (no literal the
 //! application sent is stored), the session's role, the role it SET ROLE
-//! to, application_name and the backend pid.
+//! to, application_name and the backend pid (and the database's name, which
+//! the worker adds: the hook cannot look it up).
 //!
 //! Never recursive: only client backends are hooked (not the worker, which
 //! stores the rows), and an error raised while the hook runs is not captured

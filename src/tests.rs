@@ -99,6 +99,19 @@ mod tests {
         assert_eq!(cap, 0, "no queue without the preload");
     }
 
+    /// Without shared_preload_libraries the hook is not installed, but the
+    /// settings exist and check their lists (so ALTER DATABASE ... SET
+    /// works before the server is restarted with the preload).
+    #[pg_test]
+    fn sql_error_settings_exist_and_check_their_lists() {
+        Spi::run("SET fraiseql_obs.capture_sql_errors = on").unwrap();
+        Spi::run("SET fraiseql_obs.capture_sql_errors_exclude = '22012, 23'").unwrap();
+        let e = error_of("SET fraiseql_obs.capture_sql_errors_include = 'not_a_condition'");
+        assert!(e.contains("capture_sql_errors_include"), "{e}");
+        let level: String = one("SELECT fraiseql_setting('fraiseql_obs.capture_sql_errors_min_level')");
+        assert_eq!(level, "error");
+    }
+
     #[pg_test]
     fn capture_groups_and_counts() {
         let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 1234 not found')");

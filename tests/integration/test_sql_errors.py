@@ -64,7 +64,7 @@ def test_off_by_default_then_a_unique_violation_becomes_an_issue(cluster, db):
         assert ctx["detail"] == "Key (email)=(…) already exists."
         # the statement, with no value and no comment of the application's
         assert ctx["statement"] == "INSERT INTO users VALUES ($1, $2)"
-        assert ctx["user"] == "postgres" and ctx["application_name"] == "orders-api"
+        assert ctx["user"] == "postgres" and ctx["application_name"] == "orders-api" and ctx["database"] == db
         assert isinstance(ctx["backend_pid"], int)
         # both in one group, whatever the values
         assert rows[0][6] == rows[1][6]
