@@ -104,6 +104,7 @@ mod tests {
     /// works before the server is restarted with the preload).
     #[pg_test]
     fn sql_error_settings_exist_and_check_their_lists() {
+        setup_helpers();
         Spi::run("SET fraiseql_obs.capture_sql_errors = on").unwrap();
         Spi::run("SET fraiseql_obs.capture_sql_errors_exclude = '22012, 23'").unwrap();
         let e = error_of("SET fraiseql_obs.capture_sql_errors_include = 'not_a_condition'");
