@@ -177,6 +177,12 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         }
         let code_bytes = sqlstate(e.sqlerrcode);
         let code = std::str::from_utf8(&code_bytes).unwrap_or("XX000");
+        // Out of memory: this process's own allocations could fail next, and
+        // a Rust allocation failure aborts the backend (a crash restart of
+        // the cluster) where PostgreSQL would only have raised an error.
+        if code == "53200" {
+            return;
+        }
         let message = str_of(e.message).unwrap_or("");
         let message_id = str_of(e.message_id);
         let name = match (code, message_id) {

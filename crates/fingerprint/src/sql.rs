@@ -222,6 +222,9 @@ fn utf8_len(c: u8) -> usize {
 /// The largest `$n` parameter in the text (0: none); literals are not
 /// looked into, so a `$5` inside a string does not count.
 fn max_param(b: &[u8]) -> u32 {
+    // (the head only: the output is short, a later parameter's number
+    // colliding with a placeholder's would be harmless)
+    let b = &b[..b.len().min(64 * 1024)];
     let mut max = 0u32;
     let mut i = 0;
     while i < b.len() {
