@@ -281,14 +281,30 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
         };
         let (type_d, type_c) = clipped(a.exception_type, Some(exception_type), MAX_TYPE_BYTES);
         let exception_type = type_c.as_deref().unwrap_or(exception_type);
+        // Scrubbed (src/scrub.rs) before they are cut, so that no part of a
+        // card number survives a cut through it; as given when clean.
+        let owned = |c: std::borrow::Cow<'_, str>| match c {
+            std::borrow::Cow::Owned(o) => Some(o),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        let message_scrubbed = owned(crate::scrub::with(|sc| sc.text(message)));
+        let (message_in, message) = match &message_scrubbed {
+            Some(o) => (o.as_str().into_datum(), o.as_str()),
+            None => (a.message, message),
+        };
+        let stack_scrubbed = stack_trace.and_then(|t| owned(crate::scrub::with(|sc| sc.text(t))));
+        let (stack_in, stack_trace) = match &stack_scrubbed {
+            Some(o) => (o.as_str().into_datum(), Some(o.as_str())),
+            None => (a.stack_trace, stack_trace),
+        };
         let (message_d, message_c) = clipped(
-            a.message,
+            message_in,
             Some(message),
             guc::int_value(&guc::MAX_MESSAGE_BYTES),
         );
         let message = message_c.as_deref().unwrap_or(message);
         let (stack_d, stack_c) = clipped(
-            a.stack_trace,
+            stack_in,
             stack_trace,
             guc::int_value(&guc::MAX_STACK_TRACE_BYTES),
         );
@@ -326,7 +342,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, a: Args) -> pg_sys::Datum {
             context_fingerprint,
             a.is_message,
         );
-        let context_d = match a.context {
+        let context_d = match a.context.map(|c| crate::scrub::context(c).unwrap_or(c)) {
             None => JsonB(serde_json::json!({})).into_datum(),
             // the raw size: a compressed datum is small on disk and whole when read
             Some(c)

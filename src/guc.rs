@@ -42,6 +42,12 @@ pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024
 pub static SPIKE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static AUTONOMOUS_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
+// Server-side scrubbing (src/scrub.rs)
+pub static SCRUB_DEFAULTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static SCRUB_FIELDS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static SCRUB_EXCLUDE_FIELDS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+
 // PostgreSQL's own errors as captures (src/sql_errors.rs)
 pub static CAPTURE_SQL_ERRORS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CAPTURE_SQL_ERRORS_MIN_LEVEL: GucSetting<SqlErrorLevel> =
@@ -304,6 +310,43 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // Scrubbing: superuser settings, so that a capturing role cannot turn
+    // it off for its own captures.
+    unsafe {
+        GucRegistry::define_bool_guc_with_hooks(
+            c"fraiseql_obs.scrub_defaults",
+            c"Scrub keys named like passwords, secrets, tokens, cookies and sessions, and card numbers, before storing.",
+            c"Scrub keys named like passwords, secrets, tokens, cookies and sessions, and card numbers, before storing.",
+            &SCRUB_DEFAULTS,
+            GucContext::Suset,
+            GucFlags::default(),
+            None,
+            Some(crate::scrub::assign_defaults),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"fraiseql_obs.scrub_fields",
+            c"More key names (substrings) whose values are scrubbed before storing.",
+            c"More key names (substrings) whose values are scrubbed before storing.",
+            &SCRUB_FIELDS,
+            GucContext::Suset,
+            GucFlags::default(),
+            None,
+            Some(crate::scrub::assign_fields),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"fraiseql_obs.scrub_exclude_fields",
+            c"Key names (exact) never scrubbed.",
+            c"Key names (exact) never scrubbed.",
+            &SCRUB_EXCLUDE_FIELDS,
+            GucContext::Suset,
+            GucFlags::default(),
+            None,
+            Some(crate::scrub::assign_exclude),
+            None,
+        );
+    }
     // Superuser settings (ALTER DATABASE / ALTER ROLE ... SET by a
     // superuser, or GRANT SET ON PARAMETER): a role must not switch off the
     // capture of its own errors, nor flood the queue others share.

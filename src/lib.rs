@@ -17,6 +17,7 @@ mod metrics;
 mod notify;
 mod rollup;
 mod run_as;
+mod scrub;
 mod shmem;
 mod spike;
 mod sql;

@@ -244,6 +244,10 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         put("role", setting(c"role").filter(|r| *r != "none"));
         put("application_name", str_of(pg_sys::application_name));
         ctx.insert("backend_pid".into(), pg_sys::MyProcPid.into());
+        // scrubbed like any capture (src/scrub.rs)
+        let mut ctx = serde_json::Value::Object(ctx);
+        crate::scrub::with(|s| s.json(&mut ctx));
+        let serde_json::Value::Object(ctx) = ctx else { return };
         let context = crate::capture::clip_context(ctx, guc::int_value(&guc::MAX_CONTEXT_BYTES));
         let context = serde_json::to_vec(&context).unwrap_or_else(|_| b"{}".to_vec());
         let severity = if e.elevel >= pg_sys::FATAL as c_int {
@@ -253,10 +257,12 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         } else {
             "warning"
         };
+        let message = crate::scrub::with(|s| s.text(message));
         let message = crate::capture::clip_text(
-            if message.trim().is_empty() { name } else { message },
+            if message.trim().is_empty() { name } else { &message },
             guc::int_value(&guc::MAX_MESSAGE_BYTES),
         );
+        let stack_trace = stack_trace.map(|t| crate::scrub::with(|s| s.text(&t).into_owned()));
         let environment = guc::environment();
         let id = |s, kind| {
             guc::text(s).and_then(|v| crate::capture::normalize_id(&v, kind).ok())

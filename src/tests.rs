@@ -113,6 +113,27 @@ mod tests {
         assert_eq!(level, "error");
     }
 
+    /// Scrubbing happens in the capture call: the stored row never holds
+    /// the secret; a clean context is stored as given.
+    #[pg_test]
+    fn captures_are_scrubbed_before_they_are_stored() {
+        let ctx = r#"{"user_id": "u-1", "Password": "hunter2", "h": {"X-Auth-Token": "t0k"}, "n": "card 4111-1111-1111-1111"}"#;
+        Spi::run(&format!(
+            "SELECT fraiseql_capture_error('ScrubError', 'pan 4111111111111111', 'at pay(4111 1111 1111 1111)', '{ctx}')"
+        ))
+        .unwrap();
+        let row: String = one(
+            "SELECT concat_ws('|', message, stack_trace, context::text) FROM tb_error_occurrence WHERE error_type = 'ScrubError'",
+        );
+        assert_eq!(
+            row,
+            r#"pan [Filtered]|at pay([Filtered])|{"h": {"X-Auth-Token": "[Filtered]"}, "n": "card [Filtered]", "user_id": "u-1", "Password": "[Filtered]"}"#
+        );
+        Spi::run("SELECT fraiseql_capture_error('CleanError', 'order 4111111111111112', NULL, '{\"tok\": 1, \"path\": \"/x\"}')").unwrap();
+        let clean: String = one("SELECT concat_ws('|', message, context::text) FROM tb_error_occurrence WHERE error_type = 'CleanError'");
+        assert_eq!(clean, r#"order 4111111111111112|{"tok": 1, "path": "/x"}"#);
+    }
+
     #[pg_test]
     fn capture_groups_and_counts() {
         let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 1234 not found')");
