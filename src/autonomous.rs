@@ -214,6 +214,14 @@ pub fn push(db: u32, payload: &[u8]) -> Option<bool> {
     Some(true)
 }
 
+/// Counts a capture dropped before it reached the queue (over the
+/// per-session rate of PostgreSQL error captures, src/sql_errors.rs).
+pub fn count_dropped() {
+    if let Some(q) = lock() {
+        q.header().dropped += 1;
+    }
+}
+
 /// Entries taken by a worker: their positions and rows.
 pub struct Taken {
     pub positions: Vec<u64>,

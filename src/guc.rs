@@ -50,6 +50,7 @@ pub static SCRUB_EXCLUDE_FIELDS: GucSetting<Option<CString>> =
 
 // PostgreSQL's own errors as captures (src/sql_errors.rs)
 pub static CAPTURE_SQL_ERRORS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CAPTURE_SQL_ERRORS_RATE: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static CAPTURE_SQL_ERRORS_MIN_LEVEL: GucSetting<SqlErrorLevel> =
     GucSetting::<SqlErrorLevel>::new(SqlErrorLevel::Error);
 pub static CAPTURE_SQL_ERRORS_INCLUDE: GucSetting<Option<CString>> =
@@ -355,6 +356,15 @@ pub fn define() {
         c"Capture the errors PostgreSQL reports to client sessions (needs shared_preload_libraries).",
         c"Capture the errors PostgreSQL reports to client sessions (needs shared_preload_libraries).",
         &CAPTURE_SQL_ERRORS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.capture_sql_errors_rate_limit",
+        c"PostgreSQL errors one session may capture per second (bursts of ten seconds' worth); beyond, counted as dropped. 0: no limit.",
+        &CAPTURE_SQL_ERRORS_RATE,
+        0,
+        1_000_000,
         GucContext::Suset,
         GucFlags::default(),
     );

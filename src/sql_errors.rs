@@ -43,6 +43,8 @@ static mut PREV_HOOK: pg_sys::emit_log_hook_type = None;
 
 thread_local! {
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+    /// The session's rate limit: tokens left, and when they were counted.
+    static BUCKET: Cell<(f64, Option<std::time::Instant>)> = const { Cell::new((0.0, None)) };
     /// The parsed include and exclude lists (set by the settings' assign hooks).
     static INCLUDE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static EXCLUDE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
@@ -161,6 +163,26 @@ fn min_elevel() -> c_int {
     }
 }
 
+/// A session may capture `rate` errors a second, in bursts of ten seconds'
+/// worth: one session failing in a loop cannot fill the queue others share,
+/// nor the disk, and what it loses is counted.
+fn take_token() -> bool {
+    let rate = guc::CAPTURE_SQL_ERRORS_RATE.get();
+    if rate <= 0 {
+        return true;
+    }
+    let (rate, burst) = (rate as f64, rate as f64 * 10.0);
+    let now = std::time::Instant::now();
+    let (tokens, at) = BUCKET.get();
+    let tokens = match at {
+        None => burst,
+        Some(at) => (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst),
+    };
+    let ok = tokens >= 1.0;
+    BUCKET.set((if ok { tokens - 1.0 } else { tokens }, Some(now)));
+    ok
+}
+
 unsafe fn capture(e: &pg_sys::ErrorData) {
     unsafe {
         // client sessions of a database, errors their client is told about
@@ -193,6 +215,10 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
             EXCLUDE.with_borrow(|exc| wanted(inc, exc, code, name))
         });
         if !listed {
+            return;
+        }
+        if !take_token() {
+            crate::autonomous::count_dropped();
             return;
         }
         let max_stack = guc::int_value(&guc::MAX_STACK_TRACE_BYTES);

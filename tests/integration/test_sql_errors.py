@@ -313,3 +313,24 @@ def test_a_database_without_the_extension_holds_no_queue_space(cluster, db):
     finally:
         with cluster.connect() as c:
             c.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_one_session_failing_in_a_loop_is_rate_limited_visibly(cluster, capturing):
+    with cluster.connect(capturing) as c:
+        before = stats(c)
+        c.execute("SET fraiseql_obs.capture_sql_errors_rate_limit = 5")  # bursts of 50
+        t0 = time.monotonic()
+        for i in range(300):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                c.execute("SELECT 1 / 0")
+        took = time.monotonic() - t0
+        c.execute("RESET fraiseql_obs.capture_sql_errors_rate_limit")
+
+        def settled():
+            s = stats(c)
+            return s["waiting"] == 0 and s
+        s = wait_for(settled, timeout=10, what="the queue drained")
+        stored = len(occurrences(c, "division_by_zero"))
+        dropped = s["dropped"] - before["dropped"]
+        assert stored + dropped == 300, (stored, dropped)
+        assert 50 <= stored <= 50 + 5 * took + 1, (stored, took)

@@ -2,9 +2,11 @@
 //! is sent: notifications are built from stored rows). As Sentry's default
 //! data scrubber: the value of a key named like a password, secret, token,
 //! API key, authorization header, cookie or session, at any depth, becomes
-//! `[Filtered]`; a number that looks like a payment card (13 to 19 digits,
-//! single spaces or dashes between them, passing the Luhn check) becomes
-//! `[Filtered]` in any string.
+//! `[Filtered]`; in any string, a number that looks like a payment card (13
+//! to 19 digits, single spaces or dashes between them, passing the Luhn
+//! check), the credentials of a URL (`https://user:pass@host`) and a PEM
+//! private key become `[Filtered]`. A list of `[name, value]` pairs (how
+//! Sentry SDKs may send headers) is read as an object.
 //!
 //! Key names match by substring, case-insensitively, `-` and `_` alike
 //! (`X-Auth-Token`, `db_password`, `sessionid`); `exclude` names keys never
@@ -66,12 +68,22 @@ impl Scrubber {
             || self.extra.iter().any(|e| !e.is_empty() && k.contains(e.as_str()))
     }
 
-    /// Card numbers in a string replaced (nothing to do: borrowed).
+    /// Card numbers, URL credentials and private keys in a string replaced
+    /// (nothing to do: borrowed).
     pub fn text<'a>(&self, s: &'a str) -> Cow<'a, str> {
         if !self.defaults {
             return Cow::Borrowed(s);
         }
-        scrub_card_numbers(s)
+        match (scrub_pem_keys(s), s) {
+            (Cow::Borrowed(_), s) => match scrub_url_credentials(s) {
+                Cow::Borrowed(_) => scrub_card_numbers(s),
+                Cow::Owned(o) => Cow::Owned(scrub_card_numbers(&o).into_owned()),
+            },
+            (Cow::Owned(o), _) => {
+                let o = scrub_url_credentials(&o).into_owned();
+                Cow::Owned(scrub_card_numbers(&o).into_owned())
+            }
+        }
     }
 
     /// Whether a JSON text may hold something to scrub: a cheap test on the
@@ -81,7 +93,11 @@ impl Scrubber {
             return false;
         }
         let lower = json.to_ascii_lowercase().replace('-', "_");
-        (self.defaults && (DEFAULT_KEYS.iter().any(|d| lower.contains(d)) || has_long_digit_run(json)))
+        (self.defaults
+            && (DEFAULT_KEYS.iter().any(|d| lower.contains(d))
+                || has_long_digit_run(json)
+                || lower.contains("begin")
+                || (lower.contains("://") && lower.contains('@'))))
             || self.extra.iter().any(|e| !e.is_empty() && lower.contains(e.as_str()))
     }
 
@@ -102,7 +118,25 @@ impl Scrubber {
                 }
                 changed
             }
-            Value::Array(a) => a.iter_mut().fold(false, |c, x| self.json(x) | c),
+            Value::Array(a) => {
+                // [["Authorization", "Bearer ..."], ...]: a pair list
+                let mut changed = false;
+                for x in a.iter_mut() {
+                    match x {
+                        Value::Array(pair)
+                            if pair.len() == 2
+                                && pair[0].as_str().is_some_and(|k| self.sensitive_key(k)) =>
+                        {
+                            if pair[1] != Value::String(FILTERED.into()) && !pair[1].is_null() {
+                                pair[1] = Value::String(FILTERED.into());
+                                changed = true;
+                            }
+                        }
+                        _ => changed |= self.json(x),
+                    }
+                }
+                changed
+            }
             Value::String(s) => match self.text(s) {
                 Cow::Owned(o) => {
                     *s = o;
@@ -122,6 +156,75 @@ pub fn parse_keys(s: &str) -> Vec<String> {
         .filter(|k| !k.is_empty())
         .map(normalize_key)
         .collect()
+}
+
+/// `scheme://user:password@host` becomes `scheme://[Filtered]@host`.
+pub fn scrub_url_credentials(s: &str) -> Cow<'_, str> {
+    if !s.contains("://") {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(p) = s[from..].find("://") {
+        let start = from + p + 3;
+        // the authority ends at the first of / ? # or white space
+        let end = s[start..]
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\'')
+            .map_or(s.len(), |e| start + e);
+        if let Some(at) = s[start..end].rfind('@') {
+            if s[start..start + at].contains(':') {
+                out.push_str(&s[copied..start]);
+                out.push_str(FILTERED);
+                copied = start + at;
+            }
+        }
+        from = end.max(start);
+    }
+    if copied == 0 {
+        return Cow::Borrowed(s);
+    }
+    out.push_str(&s[copied..]);
+    Cow::Owned(out)
+}
+
+/// A PEM private key block (`-----BEGIN ... PRIVATE KEY-----` to its END
+/// line) becomes FILTERED; one never closed, to the end of the text.
+pub fn scrub_pem_keys(s: &str) -> Cow<'_, str> {
+    const BEGIN: &str = "-----BEGIN ";
+    if !s.contains(BEGIN) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(p) = s[from..].find(BEGIN) {
+        let start = from + p;
+        let label_end = s[start + BEGIN.len()..]
+            .find("-----")
+            .map(|e| start + BEGIN.len() + e);
+        let Some(label_end) = label_end else { break };
+        if !s[start..label_end].ends_with("PRIVATE KEY") {
+            from = label_end;
+            continue;
+        }
+        let end = s[label_end..]
+            .find("-----END ")
+            .and_then(|e| {
+                let e = label_end + e + "-----END ".len();
+                s[e..].find("-----").map(|f| e + f + 5)
+            })
+            .unwrap_or(s.len());
+        out.push_str(&s[copied..start]);
+        out.push_str(FILTERED);
+        copied = end;
+        from = end;
+    }
+    if copied == 0 {
+        return Cow::Borrowed(s);
+    }
+    out.push_str(&s[copied..]);
+    Cow::Owned(out)
 }
 
 fn has_long_digit_run(s: &str) -> bool {
@@ -262,6 +365,25 @@ mod tests {
             assert_eq!(scrub_card_numbers(s), s, "{s}");
         }
         assert!(matches!(scrub_card_numbers("no digits"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn urls_keys_and_pairs() {
+        assert_eq!(
+            scrub_url_credentials("connect postgres://app:s3cr3t@db:5432/x failed; see https://docs.example.com/a@b"),
+            "connect postgres://[Filtered]@db:5432/x failed; see https://docs.example.com/a@b"
+        );
+        assert_eq!(scrub_url_credentials("mailto user@example.com"), "mailto user@example.com");
+        let pem = "cfg -----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY----- end";
+        assert_eq!(scrub_pem_keys(pem), "cfg [Filtered] end");
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        assert_eq!(scrub_pem_keys(cert), cert);
+        assert_eq!(scrub_pem_keys("x -----BEGIN PRIVATE KEY-----\nMIIE"), "x [Filtered]");
+        let mut v = json!({"headers": [["Authorization", "Bearer x"], ["Accept", "*/*"]],
+                           "dsn": "https://key:secret@sentry.example.com/1"});
+        assert!(defaults().json(&mut v));
+        assert_eq!(v, json!({"headers": [["Authorization", FILTERED], ["Accept", "*/*"]],
+                             "dsn": "https://[Filtered]@sentry.example.com/1"}));
     }
 
     #[test]
