@@ -186,7 +186,7 @@ def bench_capture_setup(b: Bench):
         # none of its own, so LIKE ... INCLUDING INDEXES would copy nothing)
         for unique, suffix, definition in c.execute(
                 "SELECT is_unique, suffix, definition FROM tb_partition_index"
-                " WHERE parent_table = 'tb_error_occurrence'").fetchall():
+                " WHERE parent_table = 'tb_error_occurrence'::regclass").fetchall():
             c.execute(f"CREATE {'UNIQUE ' if unique else ''}INDEX bench_plain_{suffix} ON bench_plain {definition}")
         c.execute("CREATE TABLE peer_group (error_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), fingerprint text UNIQUE NOT NULL,"
                   " error_type text, message text, stack_trace text, occurrence_count bigint NOT NULL DEFAULT 1,"

@@ -105,6 +105,38 @@ AS $$ SELECT (ARRAY['debug', 'info', 'warning', 'error', 'critical'])[rank + 1] 
 -- updated. It never waits: one fold runs at a time (a concurrent call
 -- returns 0), and a group row another transaction holds is folded next
 -- time. With nothing to do it writes nothing (no transaction id, no WAL).
+-- Release-aware resolution: whether an occurrence of p_release may reopen a
+-- group resolved at p_resolved_at in p_threshold (this release or a later
+-- one: by semantic version where both are one, else by when each was first
+-- seen; a threshold not seen yet counts as first seen at the resolution).
+-- An occurrence without a release never does.
+CREATE FUNCTION _fraiseql_release_at_least(p_release text, p_threshold text, p_resolved_at timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_release IS NULL THEN false
+        WHEN p_release = p_threshold THEN true
+        WHEN @extschema@.fraiseql_release_key(p_release) IS NOT NULL
+         AND @extschema@.fraiseql_release_key(p_threshold) IS NOT NULL
+            THEN @extschema@.fraiseql_release_key(p_release) >= @extschema@.fraiseql_release_key(p_threshold)
+        ELSE coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release = p_release), 'infinity')
+           > coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release = p_threshold), p_resolved_at)
+    END
+$$;
+
+-- "Resolved in the next release": an occurrence of a release first seen
+-- after the resolution (one already seen then is the release still running).
+CREATE FUNCTION _fraiseql_release_is_next(p_release text, p_resolved_at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_release IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_release r
+                        WHERE r.release = p_release AND r.first_seen <= p_resolved_at)
+$$;
+
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -176,7 +208,7 @@ BEGIN
                         WHERE c.enabled AND c.notify_on_occurrence IS NULL) AS present
     ), new AS MATERIALIZED (
         SELECT o.occurrence_id, o.occurred_at, o.error_id, o.error_type, o.severity, o.environment,
-               o.sampled_out
+               o.sampled_out, o.release_version
           FROM @extschema@.tb_error_occurrence o, cur
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
@@ -185,8 +217,38 @@ BEGIN
     ), fresh AS (
         SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
                min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
-               max(@extschema@._fraiseql_severity_rank(n.severity)) AS rank
+               max(@extschema@._fraiseql_severity_rank(n.severity)) AS rank,
+               (array_agg(n.release_version ORDER BY n.occurred_at DESC)
+                  FILTER (WHERE n.release_version IS NOT NULL))[1] AS latest_release
           FROM new n GROUP BY n.error_id
+    ), releases AS (
+        -- (read by the conditions below as they were before this statement:
+        -- a release first seen now is new to them)
+        INSERT INTO @extschema@.tb_release AS r (release, first_seen, last_seen, occurrences)
+        SELECT n.release_version, min(n.occurred_at), max(n.occurred_at), count(*)
+          FROM new n WHERE n.release_version IS NOT NULL GROUP BY n.release_version
+        ON CONFLICT (release) DO UPDATE
+           SET first_seen = least(r.first_seen, excluded.first_seen),
+               last_seen = greatest(r.last_seen, excluded.last_seen),
+               occurrences = r.occurrences + excluded.occurrences
+    ), conditioned AS MATERIALIZED (
+        -- resolved groups that only a release may reopen (a probe by key each)
+        SELECT g.error_id, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release
+          FROM fresh f
+         CROSS JOIN LATERAL (SELECT g.error_id, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release
+                               FROM @extschema@.tb_error_log g
+                              WHERE g.error_id = f.error_id AND g.status = 'resolved'
+                                AND (g.resolved_in_release IS NOT NULL OR g.resolved_in_next_release)) g
+    ), reopening AS (
+        -- of their rows, those of the release named or a later one, or of a
+        -- release first seen after the resolution
+        SELECT n.error_id, max(n.occurred_at) AS after,
+               (array_agg(n.release_version ORDER BY n.occurred_at DESC))[1] AS release
+          FROM new n JOIN conditioned c ON c.error_id = n.error_id
+         WHERE CASE WHEN c.resolved_in_next_release
+                    THEN @extschema@._fraiseql_release_is_next(n.release_version, c.resolved_at)
+                    ELSE @extschema@._fraiseql_release_at_least(n.release_version, c.resolved_in_release, c.resolved_at) END
+         GROUP BY n.error_id
     ), created AS (
         -- from the group's first occurrence stored whole, with the count of
         -- its rows seen now (written once: no pending count, no second row
@@ -221,29 +283,39 @@ BEGIN
     ), counted AS (
         -- (a group the INSERT above did not make, because it exists after
         -- all, is counted here)
-        SELECT f.error_id, f.cnt, f.light, f.fs, f.ls, f.rank
+        SELECT f.error_id, f.cnt, f.light, f.fs, f.ls, f.rank,
+               CASE WHEN c.error_id IS NULL THEN f.ls ELSE r.after END AS regress_after,
+               CASE WHEN c.error_id IS NULL THEN f.latest_release ELSE r.release END AS regress_release
           FROM fresh f
+          LEFT JOIN conditioned c ON c.error_id = f.error_id
+          LEFT JOIN reopening r ON r.error_id = f.error_id
          WHERE f.error_id NOT IN (SELECT c.error_id FROM created c)
         UNION ALL
         -- a deleted row counted before is taken back from its group (one
         -- deleted with its group went with it)
         SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
-               'infinity', '-infinity', 0
+               'infinity', '-infinity', 0, NULL, NULL
           FROM gone t
          WHERE t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress)
            AND EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = t.error_id)
          GROUP BY t.error_id
     ), pending AS (
         INSERT INTO @extschema@.tb_error_count_pending AS p
-            (error_id, occurrence_count, not_stored, first_seen, last_seen, severity_rank)
-        SELECT c.error_id, sum(c.cnt), sum(c.light), min(c.fs), max(c.ls), max(c.rank)
+            (error_id, occurrence_count, not_stored, first_seen, last_seen, severity_rank,
+             regress_after, regress_release)
+        SELECT c.error_id, sum(c.cnt), sum(c.light), min(c.fs), max(c.ls), max(c.rank),
+               max(c.regress_after), (array_agg(c.regress_release ORDER BY c.regress_after DESC NULLS LAST))[1]
           FROM counted c GROUP BY c.error_id
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
                not_stored = p.not_stored + excluded.not_stored,
                first_seen = least(p.first_seen, excluded.first_seen),
                last_seen = greatest(p.last_seen, excluded.last_seen),
-               severity_rank = greatest(p.severity_rank, excluded.severity_rank)
+               severity_rank = greatest(p.severity_rank, excluded.severity_rank),
+               regress_release = CASE WHEN p.regress_after IS NULL OR excluded.regress_after >= p.regress_after
+                                      THEN coalesce(excluded.regress_release, p.regress_release)
+                                      ELSE p.regress_release END,
+               regress_after = greatest(p.regress_after, excluded.regress_after)
     ), moved AS (
         -- only when something was counted: an idle fold writes nothing
         UPDATE @extschema@.tb_error_fold_state s
@@ -281,7 +353,8 @@ BEGIN
     -- their statistics.)
     SELECT coalesce(array_agg(p.error_id), '{}'),
            coalesce(array_agg(p.error_id) FILTER (
-               WHERE g.status = 'resolved' AND (g.resolved_at IS NULL OR p.last_seen > g.resolved_at)), '{}')
+               WHERE g.status = 'resolved' AND p.regress_after IS NOT NULL
+                 AND (g.resolved_at IS NULL OR p.regress_after > g.resolved_at)), '{}')
       INTO v_free, v_regressed
       FROM @extschema@.tb_error_count_pending p
      CROSS JOIN LATERAL (SELECT g.status, g.resolved_at FROM @extschema@.tb_error_log g
@@ -304,10 +377,20 @@ BEGIN
                regressed_at = CASE WHEN d.regressed THEN now() ELSE g.regressed_at END,
                regression_count = g.regression_count + d.regressed::integer,
                resolved_at = CASE WHEN d.regressed THEN NULL ELSE g.resolved_at END,
-               resolved_by = CASE WHEN d.regressed THEN NULL ELSE g.resolved_by END
+               resolved_by = CASE WHEN d.regressed THEN NULL ELSE g.resolved_by END,
+               resolved_in_release = CASE WHEN d.regressed THEN NULL ELSE g.resolved_in_release END,
+               resolved_in_next_release = g.resolved_in_next_release AND NOT d.regressed,
+               regressed_in_release = CASE WHEN d.regressed THEN d.regress_release ELSE g.regressed_in_release END
           FROM (SELECT d.*, d.error_id = ANY (v_regressed) AS regressed FROM drained d) d
          WHERE g.error_id = d.error_id
-        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added
+        RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added,
+                  CASE WHEN d.regressed THEN d.regress_release END AS regress_release
+    ), blamed AS (
+        -- the regressions each release caused
+        UPDATE @extschema@.tb_release r SET regressions = r.regressions + b.n
+          FROM (SELECT f.regress_release, count(*) AS n FROM folded f
+                 WHERE f.regress_release IS NOT NULL GROUP BY f.regress_release) b
+         WHERE r.release = b.regress_release
     )
     SELECT v_created_folds
            || coalesce(array_agg(ROW(f.error_id, f.new_count - f.added, f.new_count)::@extschema@._fraiseql_fold), '{}')
@@ -472,7 +555,17 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
        least(g.first_seen, p.first_seen, l.fs)   AS first_seen,
        greatest(g.last_seen, p.last_seen, l.ls)  AS last_seen,
        g.resolved_at, g.resolved_by, g.is_regression, g.regressed_at, g.regression_count,
-       greatest(g.occurrences_not_stored + coalesce(p.not_stored, 0) + coalesce(l.light, 0), 0)::bigint AS occurrences_not_stored
+       greatest(g.occurrences_not_stored + coalesce(p.not_stored, 0) + coalesce(l.light, 0), 0)::bigint AS occurrences_not_stored,
+       -- distinct users among the group's stored occurrences (context.user_id,
+       -- or user.id of a Sentry-shaped context): exact, from an index range
+       -- of the group, so paid only by a query that selects the column (a
+       -- subquery, not a function: a view reads tables with its owner's
+       -- rights, a function it calls with the caller's). Occurrences stored
+       -- light (spike protection) carry no context; rows dropped by
+       -- retention are forgotten with their users.
+       (SELECT count(DISTINCT coalesce(o.context->>'user_id', o.context->'user'->>'id'))
+          FROM tb_error_occurrence o WHERE o.error_id = g.error_id) AS users_affected,
+       g.resolved_in_release, g.resolved_in_next_release, g.regressed_in_release
   FROM tb_error_log g
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
   LEFT JOIN (SELECT u.error_id, sum(u.cnt) AS cnt, sum(u.light) AS light,
@@ -494,7 +587,10 @@ UNION ALL
 SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
        m.meta->>'title', m.meta->>'culprit',
        _fraiseql_severity_name(a.rank), f.environment, f.release_version, 'unresolved'::text, NULL::text,
-       a.cnt, a.fs, a.ls, NULL::timestamptz, NULL::text, false, NULL::timestamptz, 0, a.light
+       a.cnt, a.fs, a.ls, NULL::timestamptz, NULL::text, false, NULL::timestamptz, 0, a.light,
+       (SELECT count(DISTINCT coalesce(o.context->>'user_id', o.context->'user'->>'id'))
+          FROM tb_error_occurrence o WHERE o.error_id = a.error_id),
+       NULL::text, false, NULL::text
   FROM (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
                min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
                max(_fraiseql_severity_rank(o.severity)) AS rank
@@ -505,6 +601,17 @@ SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
                        FROM _fraiseql_unfolded o WHERE o.error_id = a.error_id
                       ORDER BY o.sampled_out, o.occurred_at LIMIT 1) f
  CROSS JOIN LATERAL (SELECT _fraiseql_group_meta(f.error_type, f.message, f.stack_trace) AS meta) m;
+
+-- Releases, oldest first (semantic versions by version, the others by
+-- when they were first seen), with the regressions each caused and the
+-- groups it reopened that are still open.
+CREATE VIEW v_releases AS
+SELECT r.release, fraiseql_release_key(r.release) IS NOT NULL AS is_semver,
+       r.first_seen, r.last_seen, r.occurrences, r.regressions,
+       (SELECT coalesce(array_agg(g.error_id ORDER BY g.regressed_at), '{}') FROM tb_error_log g
+         WHERE g.regressed_in_release = r.release AND g.is_regression AND g.status = 'unresolved') AS open_regressions
+  FROM tb_release r
+ ORDER BY fraiseql_release_key(r.release) IS NULL, fraiseql_release_key(r.release), r.first_seen;
 
 -- ---------------------------------------------------------------------------
 -- Workflow
@@ -557,17 +664,30 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fraiseql_resolve_error(error_id uuid, resolved_by text DEFAULT NULL, notes text DEFAULT NULL)
+-- in_release: only an occurrence of that release or a later one reopens
+-- the group (an older release still running does not); in_next_release:
+-- only one of a release first seen after now.
+CREATE FUNCTION fraiseql_resolve_error(error_id uuid, resolved_by text DEFAULT NULL, notes text DEFAULT NULL,
+                                       in_release text DEFAULT NULL, in_next_release boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF nullif(btrim($4), '') IS NOT NULL AND $5 THEN
+        RAISE EXCEPTION 'fraiseql_obs: in_release and in_next_release exclude each other'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF $4 IS NOT NULL AND nullif(btrim($4), '') IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: in_release must name a release'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     PERFORM @extschema@._fraiseql_require_group($1);
     UPDATE @extschema@.tb_error_log g
        SET status = 'resolved', resolved_at = now(), resolved_by = $2, resolution_notes = $3,
-           is_regression = false
+           is_regression = false, resolved_in_release = btrim($4),
+           resolved_in_next_release = coalesce($5, false)
      WHERE g.error_id = $1;
 END
 $$;
@@ -580,7 +700,8 @@ AS $$
 BEGIN
     PERFORM @extschema@._fraiseql_require_group($1);
     UPDATE @extschema@.tb_error_log g
-       SET status = 'unresolved', resolved_at = NULL, resolved_by = NULL
+       SET status = 'unresolved', resolved_at = NULL, resolved_by = NULL,
+           resolved_in_release = NULL, resolved_in_next_release = false
      WHERE g.error_id = $1;
 END
 $$;
@@ -592,7 +713,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM @extschema@._fraiseql_require_group($1);
-    UPDATE @extschema@.tb_error_log g SET status = 'ignored' WHERE g.error_id = $1;
+    UPDATE @extschema@.tb_error_log g
+       SET status = 'ignored', resolved_in_release = NULL, resolved_in_next_release = false
+     WHERE g.error_id = $1;
 END
 $$;
 

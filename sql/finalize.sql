@@ -132,6 +132,7 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_maintenance_run_run_i
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_series_series_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_release', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_tombstone', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_tombstone', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_recount_request', '');
@@ -177,6 +178,7 @@ $$;
 -- Pure functions stay public: they read no data.
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_fingerprint(text, text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_error_id(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_release_key(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC;
 -- v_notification_rules calls it with the reader's rights
 GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_redact(jsonb) TO PUBLIC;

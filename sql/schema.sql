@@ -70,7 +70,15 @@ CREATE TABLE tb_error_log (
     -- regression: a resolved group that recurred
     is_regression       boolean NOT NULL DEFAULT false,
     regressed_at        timestamptz,
-    regression_count    integer NOT NULL DEFAULT 0
+    regression_count    integer NOT NULL DEFAULT 0,
+    -- release-aware resolution (fraiseql_resolve_error's in_release and
+    -- in_next_release): only an occurrence of this release or a later one
+    -- reopens the group...
+    resolved_in_release text,
+    -- ...or only one of a release first seen after resolved_at
+    resolved_in_next_release boolean NOT NULL DEFAULT false,
+    -- the release of the occurrence that last reopened it
+    regressed_in_release text
 ) WITH (fillfactor = 70);
 -- No index on occurrence_count, first_seen or last_seen: folding the counters
 -- (every second) then stays a HOT update that touches no index.
@@ -104,7 +112,24 @@ CREATE TABLE tb_error_count_pending (
     first_seen       timestamptz NOT NULL,
     last_seen        timestamptz NOT NULL,
     -- the highest severity among them (a group's severity only rises)
-    severity_rank    integer NOT NULL DEFAULT 0
+    severity_rank    integer NOT NULL DEFAULT 0,
+    -- the latest of them that may reopen the group (a resolved one with a
+    -- release condition: the latest that meets it), and its release
+    regress_after    timestamptz,
+    regress_release  text
+);
+
+-- Releases seen in occurrences (the fold keeps it): what release-aware
+-- resolution orders by when a release is not a semantic version, and the
+-- regressions each release caused.
+CREATE TABLE tb_release (
+    release      text PRIMARY KEY,
+    first_seen   timestamptz NOT NULL,
+    last_seen    timestamptz NOT NULL,
+    -- occurrences counted (not decremented by deletes or retention)
+    occurrences  bigint NOT NULL DEFAULT 0,
+    -- groups it reopened
+    regressions  integer NOT NULL DEFAULT 0
 );
 
 -- Occurrences deleted since the last fold (DELETE on tb_error_occurrence or

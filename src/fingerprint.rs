@@ -117,3 +117,12 @@ pub fn error_id(fingerprint: &str) -> [u8; 16] {
 fn fraiseql_error_id(fingerprint: &str) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(error_id(fingerprint))
 }
+
+/// `fraiseql_release_key(release)`: a text that sorts as semantic versions
+/// do (`v1.10.0` after `v1.9.0`, a pre-release before its release; an
+/// optional `package@` prefix and `v` ignored), NULL for a release that is
+/// not one (those are ordered by when they were first seen, tb_release).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn fraiseql_release_key(release: &str) -> Option<String> {
+    fraiseql_fingerprint::release::release_key(release)
+}

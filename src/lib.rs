@@ -48,6 +48,7 @@ extension_sql_file!(
     requires = [
         "partitions",
         fingerprint::fraiseql_fingerprint_version,
+        fingerprint::fraiseql_release_key,
         capture_path::_fraiseql_rules_changed
     ]
 );

@@ -134,6 +134,19 @@ mod tests {
         assert_eq!(clean, r#"order 4111111111111112|{"tok": 1, "path": "/x"}"#);
     }
 
+    /// Affected users: distinct context.user_id (or user.id), exact (here
+    /// before the fold: tests/integration/test_capture.py after it).
+    #[pg_test]
+    fn users_affected_counts_distinct_users() {
+        for ctx in [r#"{"user_id": "u1"}"#, r#"{"user_id": "u2"}"#, r#"{"user_id": "u1"}"#,
+                    r#"{"user": {"id": "u3"}}"#, r#"{}"#] {
+            Spi::run(&format!("SELECT fraiseql_capture_error('UsersError', 'm', NULL, '{ctx}')")).unwrap();
+        }
+        let q = "SELECT users_affected FROM v_error_groups WHERE error_type = 'UsersError'";
+        assert_eq!(one::<i64>(q), 3);
+        assert_eq!(one::<i64>("SELECT occurrence_count FROM v_error_groups WHERE error_type = 'UsersError'"), 5);
+    }
+
     #[pg_test]
     fn capture_groups_and_counts() {
         let a: pgrx::Uuid = one("SELECT fraiseql_capture_error('NotFound', 'User 1234 not found')");

@@ -94,3 +94,17 @@ def test_bad_input_loses_nothing_stored(cluster, db):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="context"):
             c.execute("SELECT fraiseql_capture_error('E', 'kept', context => '\"text\"')")
         assert c.execute("SELECT count(*) FROM tb_error_occurrence").fetchone()[0] == 1
+
+
+def test_users_affected_of_a_folded_group(cluster, db):
+    from conftest import wait_for
+    with cluster.connect(db) as c:
+        for u in ["u1", "u2", "u1", None, "u3"]:
+            ctx = '{"user_id": "%s"}' % u if u else '{"user": {"id": "u4"}}'
+            c.execute("SELECT fraiseql_capture_error('UsersError', 'm', NULL, %s)", (ctx,))
+        wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log WHERE error_type = 'UsersError'").fetchone()[0] == 5,
+                 timeout=10, what="folded")
+        assert c.execute("SELECT users_affected FROM v_error_groups WHERE error_type = 'UsersError'").fetchone()[0] == 4
+        # a query that does not select the column does not pay for it
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN (VERBOSE) SELECT error_id, occurrence_count FROM v_error_groups"))
+        assert "user_id" not in plan, plan

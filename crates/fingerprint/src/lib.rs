@@ -18,6 +18,7 @@
 mod faststr;
 pub mod normalize;
 pub mod stacktrace;
+pub mod release;
 pub mod scrub;
 pub mod sql;
 
