@@ -378,30 +378,53 @@ BEGIN
                    row_number() OVER w AS pos, count(*) OVER (PARTITION BY b.error_id) AS in_batch
               FROM batch b
             WINDOW w AS (PARTITION BY b.error_id ORDER BY b.occurred_at, b.occurrence_id)
-        ), candidates AS (
-            SELECT r.config_id, r AS rule, ev.occurrence_id, ev.occurred_at, ev.error_id,
-                   (ev.pos = 1 AND ev.error_id = ANY (p_created)) AS is_new,
-                   (ev.pos = 1 AND ev.error_id = ANY (p_regressed)) AS is_regression,
-                   ev.late,
-                   (g.occurrence_count + coalesce(p.occurrence_count, 0) - (ev.in_batch - ev.pos)) AS count_at,
+        ), groups AS MATERIALIZED (
+            -- each group of the batch probed once, by key (see the fold),
+            -- however many of its occurrences the batch holds
+            SELECT x.error_id, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
+                   g.error_fingerprint
+              FROM (SELECT DISTINCT b.error_id FROM batch b) x
+             CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint FROM @extschema@.tb_error_log g
+                                  WHERE g.error_id = x.error_id LIMIT 1) g
+              LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
+                                  WHERE p.error_id = x.error_id LIMIT 1) p ON true
+        ), open_pairs AS MATERIALIZED (
+            -- the (rule, group) pairs no rate limit or digest holds, each
+            -- probed once; a rule of this kind (first_only) is only
+            -- interested in the first occurrence it admits
+            SELECT r.config_id, r AS rule, gr.error_id, gr.counted,
                    (r.rate_limit_minutes > 0 OR r.digest) AND r.condition IS NULL
                        AND r.min_occurrence_count <= 1 AS first_only
-              FROM ev
-              -- (probes by key, whatever the estimates: see the fold)
-             CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint FROM @extschema@.tb_error_log g
-                                  WHERE g.error_id = ev.error_id LIMIT 1) g
-              LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
-                                  WHERE p.error_id = ev.error_id LIMIT 1) p ON true
+              FROM groups gr
               JOIN @extschema@.tb_error_notification_config r
                 ON r.enabled AND r.notify_on_occurrence IS NULL
-               AND @extschema@._fraiseql_rule_admits(r, g.error_fingerprint, ev.error_type, ev.severity, ev.environment)
+               AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint)
              WHERE NOT (r.digest AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_digest d
-                        WHERE d.config_id = r.config_id AND d.error_id = ev.error_id))
+                        WHERE d.config_id = r.config_id AND d.error_id = gr.error_id))
                AND NOT (NOT r.digest AND r.rate_limit_minutes > 0 AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_state s
-                        WHERE s.config_id = r.config_id AND s.error_id = ev.error_id
+                        WHERE s.config_id = r.config_id AND s.error_id = gr.error_id
                           AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute'))
+        ), firsts AS (
+            -- what a first_only rule can admit: each group's first occurrence
+            -- of each kind (type, severity, environment), and its regression
+            SELECT DISTINCT ON (e.error_id, e.error_type, e.severity, e.environment, e.late) e.*
+              FROM ev e
+             ORDER BY e.error_id, e.error_type, e.severity, e.environment, e.late, e.pos
+        ), candidates AS (
+            SELECT o.config_id, o.rule, e.occurrence_id, e.occurred_at, e.error_id,
+                   (e.pos = 1 AND e.error_id = ANY (p_created)) AS is_new,
+                   (e.pos = 1 AND e.error_id = ANY (p_regressed)) AS is_regression,
+                   e.late, o.counted - (e.in_batch - e.pos) AS count_at, o.first_only
+              FROM open_pairs o
+              JOIN (SELECT f.*, true AS of_firsts FROM firsts f
+                    UNION ALL
+                    SELECT e.*, false FROM ev e) e
+                ON e.error_id = o.error_id AND e.of_firsts = o.first_only
+             WHERE ((o.rule).error_type IS NULL OR (o.rule).error_type = e.error_type)
+               AND ((o.rule).severity IS NULL OR e.severity = ANY ((o.rule).severity))
+               AND ((o.rule).environment IS NULL OR e.environment = ANY ((o.rule).environment))
         ), wanted AS (
             SELECT x.*, row_number() OVER (PARTITION BY x.config_id, x.error_id ORDER BY x.occurred_at, x.occurrence_id) AS nth
               FROM candidates x
