@@ -110,19 +110,25 @@ AS $$ SELECT (ARRAY['debug', 'info', 'warning', 'error', 'critical'])[rank + 1] 
 -- one: by semantic version where both are one, else by when each was first
 -- seen; a threshold not seen yet counts as first seen at the resolution).
 -- An occurrence without a release never does.
+-- (Keys compare byte by byte, COLLATE "C": a linguistic collation skips
+-- the punctuation they are built with. No SET clause: every name is
+-- qualified, and the function stays inlinable into the fold.)
 CREATE FUNCTION _fraiseql_release_at_least(p_release text, p_threshold text, p_resolved_at timestamptz)
 RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
         WHEN p_release IS NULL THEN false
-        WHEN p_release = p_threshold THEN true
+        WHEN p_release OPERATOR(pg_catalog.=) p_threshold THEN true
         WHEN @extschema@.fraiseql_release_key(p_release) IS NOT NULL
          AND @extschema@.fraiseql_release_key(p_threshold) IS NOT NULL
-            THEN @extschema@.fraiseql_release_key(p_release) >= @extschema@.fraiseql_release_key(p_threshold)
-        ELSE coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release = p_release), 'infinity')
-           > coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release = p_threshold), p_resolved_at)
+            THEN @extschema@.fraiseql_release_key(p_release) COLLATE "C"
+                 OPERATOR(pg_catalog.>=) @extschema@.fraiseql_release_key(p_threshold) COLLATE "C"
+        ELSE coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release OPERATOR(pg_catalog.=) p_release),
+                      'infinity'::timestamptz)
+             OPERATOR(pg_catalog.>)
+             coalesce((SELECT r.first_seen FROM @extschema@.tb_release r WHERE r.release OPERATOR(pg_catalog.=) p_threshold),
+                      p_resolved_at)
     END
 $$;
 
@@ -130,11 +136,11 @@ $$;
 -- after the resolution (one already seen then is the release still running).
 CREATE FUNCTION _fraiseql_release_is_next(p_release text, p_resolved_at timestamptz) RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT p_release IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_release r
-                        WHERE r.release = p_release AND r.first_seen <= p_resolved_at)
+                        WHERE r.release OPERATOR(pg_catalog.=) p_release
+                          AND r.first_seen OPERATOR(pg_catalog.<=) p_resolved_at)
 $$;
 
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
@@ -208,7 +214,7 @@ BEGIN
                         WHERE c.enabled AND c.notify_on_occurrence IS NULL) AS present
     ), new AS MATERIALIZED (
         SELECT o.occurrence_id, o.occurred_at, o.error_id, o.error_type, o.severity, o.environment,
-               o.sampled_out, o.release_version
+               o.sampled_out, o.release_version, o.created_at
           FROM @extschema@.tb_error_occurrence o, cur
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
@@ -224,8 +230,10 @@ BEGIN
     ), releases AS (
         -- (read by the conditions below as they were before this statement:
         -- a release first seen now is new to them)
+        -- (by the server's clock: a caller's occurred_at may be late or
+        -- early, and "first seen after the resolution" compares with now())
         INSERT INTO @extschema@.tb_release AS r (release, first_seen, last_seen, occurrences)
-        SELECT n.release_version, min(n.occurred_at), max(n.occurred_at), count(*)
+        SELECT n.release_version, min(n.created_at), max(n.created_at), count(*)
           FROM new n WHERE n.release_version IS NOT NULL GROUP BY n.release_version
         ON CONFLICT (release) DO UPDATE
            SET first_seen = least(r.first_seen, excluded.first_seen),
@@ -285,7 +293,8 @@ BEGIN
         -- all, is counted here)
         SELECT f.error_id, f.cnt, f.light, f.fs, f.ls, f.rank,
                CASE WHEN c.error_id IS NULL THEN f.ls ELSE r.after END AS regress_after,
-               CASE WHEN c.error_id IS NULL THEN f.latest_release ELSE r.release END AS regress_release
+               CASE WHEN c.error_id IS NULL THEN f.latest_release ELSE r.release END AS regress_release,
+               c.resolved_at AS regress_resolved_at
           FROM fresh f
           LEFT JOIN conditioned c ON c.error_id = f.error_id
           LEFT JOIN reopening r ON r.error_id = f.error_id
@@ -294,7 +303,7 @@ BEGIN
         -- a deleted row counted before is taken back from its group (one
         -- deleted with its group went with it)
         SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
-               'infinity', '-infinity', 0, NULL, NULL
+               'infinity', '-infinity', 0, NULL, NULL, NULL
           FROM gone t
          WHERE t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress)
            AND EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = t.error_id)
@@ -302,9 +311,10 @@ BEGIN
     ), pending AS (
         INSERT INTO @extschema@.tb_error_count_pending AS p
             (error_id, occurrence_count, not_stored, first_seen, last_seen, severity_rank,
-             regress_after, regress_release)
+             regress_after, regress_release, regress_resolved_at)
         SELECT c.error_id, sum(c.cnt), sum(c.light), min(c.fs), max(c.ls), max(c.rank),
-               max(c.regress_after), (array_agg(c.regress_release ORDER BY c.regress_after DESC NULLS LAST))[1]
+               max(c.regress_after), (array_agg(c.regress_release ORDER BY c.regress_after DESC NULLS LAST))[1],
+               min(c.regress_resolved_at)
           FROM counted c GROUP BY c.error_id
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
@@ -315,7 +325,9 @@ BEGIN
                regress_release = CASE WHEN p.regress_after IS NULL OR excluded.regress_after >= p.regress_after
                                       THEN coalesce(excluded.regress_release, p.regress_release)
                                       ELSE p.regress_release END,
-               regress_after = greatest(p.regress_after, excluded.regress_after)
+               regress_after = greatest(p.regress_after, excluded.regress_after),
+               regress_resolved_at = CASE WHEN p.regress_resolved_at IS NOT DISTINCT FROM excluded.regress_resolved_at
+                                          THEN p.regress_resolved_at END
     ), moved AS (
         -- only when something was counted: an idle fold writes nothing
         UPDATE @extschema@.tb_error_fold_state s
@@ -354,10 +366,22 @@ BEGIN
     SELECT coalesce(array_agg(p.error_id), '{}'),
            coalesce(array_agg(p.error_id) FILTER (
                WHERE g.status = 'resolved' AND p.regress_after IS NOT NULL
-                 AND (g.resolved_at IS NULL OR p.regress_after > g.resolved_at)), '{}')
+                 AND (g.resolved_at IS NULL OR p.regress_after > g.resolved_at)
+                 -- a release condition: decided against this very resolution
+                 -- (one made after the rows were counted is checked on them)
+                 AND (NOT (g.resolved_in_release IS NOT NULL OR g.resolved_in_next_release)
+                      OR p.regress_resolved_at = g.resolved_at
+                      OR EXISTS (
+                          SELECT 1 FROM @extschema@.tb_error_occurrence o
+                           WHERE o.error_id = p.error_id AND o.occurred_at > g.resolved_at
+                             AND CASE WHEN g.resolved_in_next_release
+                                      THEN @extschema@._fraiseql_release_is_next(o.release_version, g.resolved_at)
+                                      ELSE @extschema@._fraiseql_release_at_least(o.release_version, g.resolved_in_release, g.resolved_at)
+                                 END))), '{}')
       INTO v_free, v_regressed
       FROM @extschema@.tb_error_count_pending p
-     CROSS JOIN LATERAL (SELECT g.status, g.resolved_at FROM @extschema@.tb_error_log g
+     CROSS JOIN LATERAL (SELECT g.status, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release
+                           FROM @extschema@.tb_error_log g
                           WHERE g.error_id = p.error_id
                             FOR NO KEY UPDATE SKIP LOCKED) g;
     WITH drained AS (
@@ -608,10 +632,13 @@ SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
 CREATE VIEW v_releases AS
 SELECT r.release, fraiseql_release_key(r.release) IS NOT NULL AS is_semver,
        r.first_seen, r.last_seen, r.occurrences, r.regressions,
-       (SELECT coalesce(array_agg(g.error_id ORDER BY g.regressed_at), '{}') FROM tb_error_log g
-         WHERE g.regressed_in_release = r.release AND g.is_regression AND g.status = 'unresolved') AS open_regressions
+       coalesce(o.groups, '{}') AS open_regressions
   FROM tb_release r
- ORDER BY fraiseql_release_key(r.release) IS NULL, fraiseql_release_key(r.release), r.first_seen;
+  LEFT JOIN (SELECT g.regressed_in_release, array_agg(g.error_id ORDER BY g.regressed_at) AS groups
+               FROM tb_error_log g
+              WHERE g.is_regression AND g.status = 'unresolved' AND g.regressed_in_release IS NOT NULL
+              GROUP BY g.regressed_in_release) o ON o.regressed_in_release = r.release
+ ORDER BY fraiseql_release_key(r.release) IS NULL, fraiseql_release_key(r.release) COLLATE "C", r.first_seen;
 
 -- ---------------------------------------------------------------------------
 -- Workflow

@@ -116,7 +116,9 @@ CREATE TABLE tb_error_count_pending (
     -- the latest of them that may reopen the group (a resolved one with a
     -- release condition: the latest that meets it), and its release
     regress_after    timestamptz,
-    regress_release  text
+    regress_release  text,
+    -- the resolution that condition was evaluated against (resolved_at)
+    regress_resolved_at timestamptz
 );
 
 -- Releases seen in occurrences (the fold keeps it): what release-aware

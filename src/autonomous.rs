@@ -193,14 +193,22 @@ impl Locked {
 /// Queues one row for database `db`. None: there is no queue (not
 /// preloaded); Some(false): it is full (the capture is counted as dropped).
 pub fn push(db: u32, payload: &[u8]) -> Option<bool> {
+    push_within(db, payload, 1.0)
+}
+
+/// As push, while the queue stays at most `share` full: PostgreSQL's own
+/// errors (src/sql_errors.rs) may fill half of it, so that a flood of them
+/// leaves room for the captures an application asked to be autonomous.
+pub fn push_within(db: u32, payload: &[u8], share: f64) -> Option<bool> {
     let q = lock()?;
     let h = q.header();
     let cap = h.capacity;
+    let limit = ((cap as f64 * share) as u64).min(cap);
     let len = (ENTRY_HEADER as u64 + payload.len() as u64).div_ceil(ALIGN) * ALIGN;
     let room_to_end = cap - h.head % cap;
     // an entry never wraps: the end of the ring is skipped with a done entry
     let skip = if len > room_to_end { room_to_end } else { 0 };
-    if len > cap / 2 || (h.head - h.tail) + skip + len > cap {
+    if len > cap / 2 || (h.head - h.tail) + skip + len > limit {
         h.dropped += 1;
         return Some(false);
     }

@@ -427,7 +427,11 @@ pub fn text(s: &GucSetting<Option<CString>>) -> Option<String> {
 
 /// The environment recorded when a caller names none.
 pub fn environment() -> String {
-    text(&ENVIRONMENT).unwrap_or_else(|| "production".into())
+    // cut like an environment given to a capture: any role may set this,
+    // and a value too long for the occurrence table's index would fail the
+    // insert (in the worker, the batch of autonomous captures it is in)
+    let e = text(&ENVIRONMENT).unwrap_or_else(|| "production".into());
+    crate::capture::clip_text(&e, crate::capture::MAX_ENVIRONMENT_BYTES).into_owned()
 }
 
 pub fn int_value(s: &GucSetting<i32>) -> usize {

@@ -44,7 +44,7 @@ pub unsafe extern "C-unwind" fn assign_exclude(newval: *const c_char, _extra: *m
 /// A jsonb context scrubbed: None when nothing in it needed it (the datum
 /// is stored as given), else the new datum.
 pub unsafe fn context(d: pg_sys::Datum) -> Option<pg_sys::Datum> {
-    use pgrx::{FromDatum, IntoDatum};
+    use pgrx::IntoDatum;
     unsafe {
         if with(|s| s.is_off()) {
             return None;
@@ -55,8 +55,16 @@ pub unsafe fn context(d: pg_sys::Datum) -> Option<pg_sys::Datum> {
         if !with(|s| s.may_need(text)) {
             return None;
         }
-        let mut v: serde_json::Value = pgrx::JsonB::from_datum(d, false)?.0;
-        if with(|s| s.json(&mut v)) {
+        // (parsed from that text, never panicking: JsonB::from_datum would,
+        // on a number out of f64's range or a nesting deeper than serde's
+        // limit; such a context, if it may hold a secret, is not kept)
+        let mut v: serde_json::Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(_) => serde_json::json!({
+                "_fraiseql_scrubbed": "the context could not be read to scrub it, and was not stored"
+            }),
+        };
+        if with(|s| s.json(&mut v)) || v.get("_fraiseql_scrubbed").is_some() {
             pgrx::JsonB(v).into_datum()
         } else {
             None

@@ -21,6 +21,8 @@ pub struct Slot {
     pub hold_until: i64,
     /// why it is held: 1 = extension not installed (CREATE EXTENSION lifts it)
     pub hold_reason: u8,
+    /// the database's worker found the extension (and has not seen it go)
+    pub installed: bool,
     /// work is waiting (a notification was queued): serve it when a slot is free
     pub wanted: bool,
     /// captures committed while rules exist: fold them soon (the rules are
@@ -109,18 +111,17 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Whether the extension may be installed in database `db`, as far as the
-/// launcher and the workers know: not when its worker found it missing. A
-/// database the launcher has not seen yet counts as installed (the worker
-/// forgets the queue entries of a database it finds without the extension).
-pub fn extension_may_be_installed(db: u32) -> bool {
+/// Whether database `db`'s worker found the extension there. (A database no
+/// worker has looked at yet -- just created, beyond MAX_DATABASES, or not
+/// served for lack of workers -- does not count: PostgreSQL errors captured
+/// there would wait in the queue, which frees space in order, for ever.)
+pub fn extension_installed(db: u32) -> bool {
     available()
         && REGISTRY
             .share()
             .slots
             .iter()
-            .find(|s| s.db_oid == db)
-            .is_none_or(|s| s.hold_reason != crate::worker::HOLD_NOT_INSTALLED)
+            .any(|s| s.db_oid == db && s.installed && s.hold_reason != crate::worker::HOLD_NOT_INSTALLED)
 }
 
 /// Sets the latch of the process with this pid, if it is alive.

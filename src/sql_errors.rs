@@ -28,13 +28,19 @@
 //! stores the rows), and an error raised while the hook runs is not captured
 //! again. Costs one boolean test per message when off.
 use crate::guc;
-use fraiseql_fingerprint::sql::{normalize_sql, scrub_pg_context, scrub_pg_detail};
+use fraiseql_fingerprint::sql::{
+    normalize_sql, normalize_sql_with, scrub_pg_context, scrub_pg_detail, strip_double_quoted,
+};
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 /// Statement and internal query kept in the context, at most.
 const MAX_STATEMENT_BYTES: usize = 4096;
+/// A captured error's parts, at most (an entry stays under ~30 kB).
+const MAX_HOOK_STACK_BYTES: usize = 16 * 1024;
+const MAX_HOOK_CONTEXT_BYTES: usize = 8 * 1024;
+const MAX_HOOK_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// ProcArrayLock (storage/lwlocknames.h: `&MainLWLockArray[4].lock`).
 const PROC_ARRAY_LOCK: usize = 4;
@@ -194,7 +200,7 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
             return;
         }
         let db = pg_sys::MyDatabaseId.to_u32();
-        if !crate::shmem::extension_may_be_installed(db) {
+        if !crate::shmem::extension_installed(db) {
             return;
         }
         let code_bytes = sqlstate(e.sqlerrcode);
@@ -221,13 +227,15 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
             crate::autonomous::count_dropped();
             return;
         }
-        let max_stack = guc::int_value(&guc::MAX_STACK_TRACE_BYTES);
+        // smaller than a capture's limits: whoever can connect can raise
+        // errors, and they share the queue
+        let max_stack = guc::int_value(&guc::MAX_STACK_TRACE_BYTES).min(MAX_HOOK_STACK_BYTES);
         let stack_trace = str_of(e.context)
             .filter(|c| !c.trim().is_empty() && !e.hide_ctx)
             .map(|c| scrub_pg_context(c, max_stack));
         let statement = str_of(pg_sys::debug_query_string)
             .filter(|_| !e.hide_stmt)
-            .map(|q| normalize_sql(q, MAX_STATEMENT_BYTES));
+            .map(|q| normalize_sql_with(q, MAX_STATEMENT_BYTES, pg_sys::standard_conforming_strings));
         // Grouping: the frames when the error has a CONTEXT; else the
         // message's template (PostgreSQL's untranslated format string, so
         // the values it quotes do not split the group; a RAISE's is "%s",
@@ -274,7 +282,10 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         let mut ctx = serde_json::Value::Object(ctx);
         crate::scrub::with(|s| s.json(&mut ctx));
         let serde_json::Value::Object(ctx) = ctx else { return };
-        let context = crate::capture::clip_context(ctx, guc::int_value(&guc::MAX_CONTEXT_BYTES));
+        let context = crate::capture::clip_context(
+            ctx,
+            guc::int_value(&guc::MAX_CONTEXT_BYTES).min(MAX_HOOK_CONTEXT_BYTES),
+        );
         let context = serde_json::to_vec(&context).unwrap_or_else(|_| b"{}".to_vec());
         let severity = if e.elevel >= pg_sys::FATAL as c_int {
             "critical"
@@ -283,10 +294,19 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         } else {
             "warning"
         };
-        let message = crate::scrub::with(|s| s.text(message));
+        // Messages that quote the input they refused (invalid input of any
+        // type, a syntax error at a token, a column that is a misquoted
+        // string) keep their words, not the value.
+        let quotes_input = code.starts_with("22") || code == "42601" || code == "42703";
+        let message = if quotes_input {
+            std::borrow::Cow::Owned(strip_double_quoted(message))
+        } else {
+            std::borrow::Cow::Borrowed(message)
+        };
+        let message = crate::scrub::with(|s| s.text(&message).into_owned());
         let message = crate::capture::clip_text(
             if message.trim().is_empty() { name } else { &message },
-            guc::int_value(&guc::MAX_MESSAGE_BYTES),
+            guc::int_value(&guc::MAX_MESSAGE_BYTES).min(MAX_HOOK_MESSAGE_BYTES),
         );
         let stack_trace = stack_trace.map(|t| crate::scrub::with(|s| s.text(&t).into_owned()));
         let environment = guc::environment();
@@ -320,7 +340,7 @@ unsafe fn capture(e: &pg_sys::ErrorData) {
         // was raised while holding it (the worker then finds the entry at its
         // next round, flush_interval at most).
         let proc_array_lock = &raw mut (*pg_sys::MainLWLockArray.add(PROC_ARRAY_LOCK)).lock;
-        if crate::autonomous::push(db, &queued) == Some(true)
+        if crate::autonomous::push_within(db, &queued, 0.5) == Some(true)
             && !pg_sys::LWLockHeldByMe(proc_array_lock)
         {
             crate::shmem::wake_fold_now();

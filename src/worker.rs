@@ -548,11 +548,15 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                     s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
                     s.hold_reason = HOLD_NOT_INSTALLED;
                 }
+                s.installed = false;
             }
             return;
         }
     };
-    set_my_slot(oid, |s| s.hold_reason = 0);
+    set_my_slot(oid, |s| {
+        s.hold_reason = 0;
+        s.installed = true;
+    });
     // autonomous captures a predecessor took without storing them
     crate::autonomous::retake(oid);
     log!("fraiseql_obs worker serving its database (extension schema {schema})");
@@ -608,8 +612,26 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 let taken = crate::autonomous::take(oid, crate::autonomous::BATCH);
                 if !taken.rows.is_empty() {
                     report_activity(Some("fraiseql_obs: storing autonomous captures"));
-                    let stored = in_transaction(|| crate::autonomous::store(&schema, &taken));
-                    crate::autonomous::finish(&taken, stored.is_ok());
+                    let mut stored = in_transaction(|| crate::autonomous::store(&schema, &taken));
+                    if stored.is_err() && taken.rows.len() > 1 {
+                        // one row that cannot be stored must not take the
+                        // others with it: each alone (only after a failure)
+                        let mut first_error = None;
+                        for (pos, row) in taken.positions.iter().zip(&taken.rows) {
+                            let one = crate::autonomous::Taken {
+                                positions: vec![*pos],
+                                rows: vec![row.clone()],
+                            };
+                            let r = in_transaction(|| crate::autonomous::store(&schema, &one));
+                            crate::autonomous::finish(&one, r.is_ok());
+                            if let Err(e) = r {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                        stored = first_error.map_or(Ok(taken.rows.len()), Err);
+                    } else {
+                        crate::autonomous::finish(&taken, stored.is_ok());
+                    }
                     match stored {
                         Ok(_) => {
                             worked = true;
@@ -685,6 +707,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 set_my_slot(oid, |s| {
                     s.hold_until = shmem::now_secs() + NOT_INSTALLED_HOLD_S;
                     s.hold_reason = HOLD_NOT_INSTALLED;
+                    s.installed = false;
                 });
                 return;
             }

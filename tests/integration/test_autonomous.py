@@ -134,3 +134,36 @@ def test_storm_of_failing_statements_is_counted_or_visibly_dropped(cluster, db):
         assert stored + dropped == 2000, (stored, dropped)
         assert count_of(c, "22012", "division by zero") == stored
         assert stored > 0
+
+
+def test_a_session_cannot_poison_the_queue_with_a_huge_environment(cluster, db):
+    # any role may set fraiseql_obs.environment; a value too long for the
+    # occurrence table's index must not fail the worker's batch, and with it
+    # other sessions' captures
+    with cluster.connect(db) as bad, cluster.connect(db) as good:
+        bad.execute("SET fraiseql_obs.environment = '%s'" % ("x" * 5000))
+        for i in range(5):
+            bad.execute("SELECT fraiseql_capture_error('PoisonError', %s, autonomous => true)", (f"m{i}",))
+            good.execute("SELECT fraiseql_capture_error('GoodError', %s, autonomous => true)", (f"m{i}",))
+        wait_for(lambda: good.execute("SELECT count(*) FROM tb_error_occurrence WHERE error_type = 'GoodError'").fetchone()[0] == 5,
+                 timeout=10, interval=0.05, what="the good captures stored")
+        envs = bad.execute("SELECT DISTINCT length(environment) FROM tb_error_occurrence WHERE error_type = 'PoisonError'").fetchall()
+        assert envs and all(n <= 64 for (n,) in envs), envs
+        assert stats(good)["failed"] == 0
+
+
+def test_a_row_that_cannot_be_stored_does_not_take_its_batch_with_it(cluster, db):
+    with cluster.connect(db) as c:
+        c.execute("""CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN IF NEW.message = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$""")
+        c.execute("CREATE TRIGGER refuse_poison BEFORE INSERT ON tb_error_occurrence FOR EACH ROW EXECUTE FUNCTION public.refuse_poison()")
+        before = stats(c)
+        with c.transaction():
+            # queued together, taken in one batch
+            for m in ("a", "poison", "b", "c"):
+                c.execute("SELECT fraiseql_capture_error('BatchError', %s, autonomous => true)", (m,))
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_occurrence WHERE error_type = 'BatchError'").fetchone()[0] == 3,
+                 timeout=10, interval=0.05, what="the three good rows")
+        s = wait_for(lambda: (lambda s: s["failed"] > before["failed"] and s)(stats(c)), timeout=20, what="the bad row given up")
+        assert s["failed"] - before["failed"] == 1 and s["waiting"] == 0
+        c.execute("DROP TRIGGER refuse_poison ON tb_error_occurrence")

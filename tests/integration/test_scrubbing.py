@@ -42,6 +42,10 @@ def test_nothing_scrubbed_reaches_a_table_a_log_row_or_a_delivery(cluster, db, h
         c.execute(f"ALTER DATABASE {db} SET fraiseql_obs.scrub_fields = 'iban'")
         c.execute(f"ALTER DATABASE {db} SET fraiseql_obs.capture_sql_errors = on")
     with cluster.connect(db) as c:
+        from test_sql_errors import wait_for_worker
+        wait_for_worker(c)
+        c.execute("DELETE FROM tb_error_occurrence")
+        c.execute("DELETE FROM tb_error_log")
         c.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('webhook', %s)",
                   (json.dumps({"url": http.url + "/hook"}),))
         c.execute("SELECT fraiseql_capture_error('PaymentError', %s, %s, %s)",

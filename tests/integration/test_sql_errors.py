@@ -12,16 +12,23 @@ from conftest import wait_for
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+def wait_for_worker(c):
+    """Errors of a database are captured once its worker has found the extension."""
+    c.execute("SELECT fraiseql_capture_error('Warmup', 'start the worker')")
+    wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'fraiseql_obs worker%%'"
+                               " AND datname = current_database()").fetchone()[0] == 1,
+             timeout=20, what="the database's worker")
+    wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log WHERE error_type = 'Warmup'").fetchone(),
+             timeout=20, what="the worker's first fold")
+
+
 @pytest.fixture
 def capturing(cluster, db):
-    """The database, with capture_sql_errors on for its new sessions; the
-    launcher has seen its extension (its worker runs)."""
+    """The database, with capture_sql_errors on for its new sessions; its
+    worker has found the extension."""
     with cluster.connect(db) as c:
         c.execute(f"ALTER DATABASE {db} SET fraiseql_obs.capture_sql_errors = on")
-        c.execute("SELECT fraiseql_capture_error('Warmup', 'start the worker')")
-        wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'fraiseql_obs worker%%'"
-                                   " AND datname = current_database()").fetchone()[0] == 1,
-                 timeout=20, what="the database's worker")
+        wait_for_worker(c)
     return db
 
 
@@ -47,6 +54,7 @@ def test_off_by_default_then_a_unique_violation_becomes_an_issue(cluster, db):
         with pytest.raises(psycopg.errors.UniqueViolation):
             c.execute("INSERT INTO users VALUES (2, 'bob@example.com')")
         c.execute(f"ALTER DATABASE {db} SET fraiseql_obs.capture_sql_errors = on")
+        wait_for_worker(c)
     with cluster.connect(db, application_name="orders-api") as c:
         for i in (3, 4):
             with pytest.raises(psycopg.errors.UniqueViolation):

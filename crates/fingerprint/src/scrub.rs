@@ -71,19 +71,18 @@ impl Scrubber {
     /// Card numbers, URL credentials and private keys in a string replaced
     /// (nothing to do: borrowed).
     pub fn text<'a>(&self, s: &'a str) -> Cow<'a, str> {
-        if !self.defaults {
+        if self.is_off() {
             return Cow::Borrowed(s);
         }
-        match (scrub_pem_keys(s), s) {
-            (Cow::Borrowed(_), s) => match scrub_url_credentials(s) {
-                Cow::Borrowed(_) => scrub_card_numbers(s),
-                Cow::Owned(o) => Cow::Owned(scrub_card_numbers(&o).into_owned()),
-            },
-            (Cow::Owned(o), _) => {
-                let o = scrub_url_credentials(&o).into_owned();
-                Cow::Owned(scrub_card_numbers(&o).into_owned())
+        let mut cur: Cow<'a, str> = scrub_key_values(self, s);
+        if self.defaults {
+            for f in [scrub_pem_keys, scrub_url_credentials, scrub_card_numbers] {
+                if let Cow::Owned(o) = f(&cur) {
+                    cur = Cow::Owned(o);
+                }
             }
         }
+        cur
     }
 
     /// Whether a JSON text may hold something to scrub: a cheap test on the
@@ -137,6 +136,18 @@ impl Scrubber {
                 }
                 changed
             }
+            Value::Number(num) if self.defaults => {
+                let digits = num.to_string();
+                if (13..=19).contains(&digits.len())
+                    && digits.bytes().all(|c| c.is_ascii_digit())
+                    && luhn(digits.as_bytes())
+                {
+                    *v = Value::String(FILTERED.into());
+                    true
+                } else {
+                    false
+                }
+            }
             Value::String(s) => match self.text(s) {
                 Cow::Owned(o) => {
                     *s = o;
@@ -188,7 +199,7 @@ pub fn scrub_url_credentials(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// A PEM private key block (`-----BEGIN ... PRIVATE KEY-----` to its END
+/// A PEM or PGP private key block (`-----BEGIN ... PRIVATE KEY...-----` to its END
 /// line) becomes FILTERED; one never closed, to the end of the text.
 pub fn scrub_pem_keys(s: &str) -> Cow<'_, str> {
     const BEGIN: &str = "-----BEGIN ";
@@ -204,7 +215,7 @@ pub fn scrub_pem_keys(s: &str) -> Cow<'_, str> {
             .find("-----")
             .map(|e| start + BEGIN.len() + e);
         let Some(label_end) = label_end else { break };
-        if !s[start..label_end].ends_with("PRIVATE KEY") {
+        if !s[start..label_end].contains("PRIVATE KEY") {
             from = label_end;
             continue;
         }
@@ -257,7 +268,10 @@ fn luhn(digits: &[u8]) -> bool {
     sum % 10 == 0
 }
 
-/// Replaces the card numbers of `s` by FILTERED.
+/// Replaces the card numbers of `s` by FILTERED: in a run of digit groups
+/// (single spaces or dashes between them), every span of whole groups of 13
+/// to 19 digits passing the Luhn check (so a card followed by its CVV, or
+/// after a quantity, is found).
 pub fn scrub_card_numbers(s: &str) -> Cow<'_, str> {
     if !has_long_digit_run(s) {
         return Cow::Borrowed(s);
@@ -267,37 +281,106 @@ pub fn scrub_card_numbers(s: &str) -> Cow<'_, str> {
     let mut copied = 0;
     let mut i = 0;
     while i < b.len() {
-        // a candidate starts at a digit not preceded by a digit or a letter
-        if b[i].is_ascii_digit() && (i == 0 || !b[i - 1].is_ascii_alphanumeric()) {
-            let mut digits = Vec::with_capacity(19);
-            let mut j = i;
-            let mut end = i;
-            while j < b.len() && digits.len() < 20 {
-                if b[j].is_ascii_digit() {
-                    digits.push(b[j]);
-                    j += 1;
-                    end = j;
-                } else if (b[j] == b' ' || b[j] == b'-')
-                    && j + 1 < b.len()
-                    && b[j + 1].is_ascii_digit()
-                    && j > i
-                    && b[j - 1].is_ascii_digit()
-                {
-                    j += 1;
-                } else {
+        if !(b[i].is_ascii_digit() && (i == 0 || !b[i - 1].is_ascii_alphanumeric())) {
+            i += 1;
+            continue;
+        }
+        // the run's groups: (start, end) byte offsets
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut j = i;
+        loop {
+            let start = j;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            groups.push((start, j));
+            if j + 1 < b.len() && (b[j] == b' ' || b[j] == b'-') && b[j + 1].is_ascii_digit() && groups.len() < 64 {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let run_end = j;
+        let followed_by_word = run_end < b.len() && b[run_end].is_ascii_alphanumeric();
+        let mut g = 0;
+        let mut last = i;
+        while g < groups.len() {
+            let mut digits: Vec<u8> = Vec::with_capacity(19);
+            let mut found = None;
+            for (e, &(gs, ge)) in groups.iter().enumerate().skip(g) {
+                digits.extend_from_slice(&b[gs..ge]);
+                if digits.len() > 19 {
+                    break;
+                }
+                let at_word = e + 1 == groups.len() && followed_by_word;
+                if digits.len() >= 13 && !at_word && luhn(&digits) {
+                    found = Some(e);
                     break;
                 }
             }
-            let followed_by_word = end < b.len() && b[end].is_ascii_alphanumeric();
-            if (13..=19).contains(&digits.len()) && !followed_by_word && luhn(&digits) {
-                out.push_str(&s[copied..i]);
-                out.push_str(FILTERED);
-                copied = end;
-                i = end;
+            match found {
+                Some(e) => {
+                    out.push_str(&s[copied..groups[g].0]);
+                    out.push_str(FILTERED);
+                    copied = groups[e].1;
+                    last = copied;
+                    g = e + 1;
+                }
+                None => g += 1,
+            }
+        }
+        i = run_end.max(last).max(i + 1);
+    }
+    if copied == 0 {
+        return Cow::Borrowed(s);
+    }
+    out.push_str(&s[copied..]);
+    Cow::Owned(out)
+}
+
+/// `password=hunter2`, `access_token=abc&x=1` (query and connection strings)
+/// and `Authorization: Bearer abc` inside a string: the value becomes
+/// FILTERED when its name is a sensitive key.
+pub fn scrub_key_values<'a>(sc: &Scrubber, s: &'a str) -> Cow<'a, str> {
+    if !s.contains('=') && !s.contains(':') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let sep = b[i];
+        if sep == b'=' || (sep == b':' && b.get(i + 1) == Some(&b' ')) {
+            // the name before it
+            let mut k = i;
+            while k > 0 && (b[k - 1].is_ascii_alphanumeric() || b[k - 1] == b'_' || b[k - 1] == b'-') {
+                k -= 1;
+            }
+            if k < i && sc.sensitive_key(&s[k..i]) {
+                let mut v = i + 1;
+                while v < b.len() && b[v] == b' ' {
+                    v += 1;
+                }
+                // `Bearer abc` / `Basic abc`: the scheme stays
+                let word_end = v + b[v..].iter().take_while(|c| c.is_ascii_alphabetic()).count();
+                if sep == b':' && matches!(s[v..word_end].to_ascii_lowercase().as_str(), "bearer" | "basic" | "token")
+                    && b.get(word_end) == Some(&b' ')
+                {
+                    v = word_end + 1;
+                }
+                let end = v + b[v..]
+                    .iter()
+                    .take_while(|&&c| !matches!(c, b'&' | b';' | b',' | b'"' | b'\'' | b' ' | b'\n' | b'\r' | b'\t'))
+                    .count();
+                if end > v && &s[v..end] != FILTERED {
+                    out.push_str(&s[copied..v]);
+                    out.push_str(FILTERED);
+                    copied = end;
+                }
+                i = end.max(i + 1);
                 continue;
             }
-            i = end.max(i + 1);
-            continue;
         }
         i += 1;
     }
@@ -384,6 +467,25 @@ mod tests {
         assert!(defaults().json(&mut v));
         assert_eq!(v, json!({"headers": [["Authorization", FILTERED], ["Accept", "*/*"]],
                              "dsn": "https://[Filtered]@sentry.example.com/1"}));
+    }
+
+    #[test]
+    fn review_gaps() {
+        assert_eq!(scrub_card_numbers("card 4111 1111 1111 1111 123"), "card [Filtered] 123");
+        assert_eq!(scrub_card_numbers("qty 2 4111 1111 1111 1111"), "qty 2 [Filtered]");
+        let d = defaults();
+        assert_eq!(d.text("GET /cb?access_token=abc123&x=1"), "GET /cb?access_token=[Filtered]&x=1");
+        assert_eq!(d.text("host=db password=hunter2 user=app"), "host=db password=[Filtered] user=app");
+        assert_eq!(d.text("Authorization: Bearer eyJhbGci.x"), "Authorization: Bearer [Filtered]");
+        assert_eq!(d.text("a=1 b: 2"), "a=1 b: 2");
+        let mut v = json!({"n": 4111111111111111_u64, "id": 1234567890123_u64});
+        d.json(&mut v);
+        assert_eq!(v["n"], json!(FILTERED));
+        assert_eq!(v["id"], json!(1234567890123_u64));
+        assert_eq!(
+            scrub_pem_keys("-----BEGIN PGP PRIVATE KEY BLOCK-----\nx\n-----END PGP PRIVATE KEY BLOCK-----"),
+            "[Filtered]"
+        );
     }
 
     #[test]

@@ -13,6 +13,12 @@
 /// `sql` with its constants replaced and white space collapsed, cut to at
 /// most `max` bytes (on a character boundary).
 pub fn normalize_sql(sql: &str, max: usize) -> String {
+    normalize_sql_with(sql, max, true)
+}
+
+/// As normalize_sql; `standard_strings` false: the session runs with
+/// standard_conforming_strings off, where a backslash escapes in '...' too.
+pub fn normalize_sql_with(sql: &str, max: usize, standard_strings: bool) -> String {
     let b = sql.as_bytes();
     let mut next_param = max_param(b) + 1;
     let mut out = String::with_capacity(sql.len().min(max));
@@ -23,9 +29,12 @@ pub fn normalize_sql(sql: &str, max: usize) -> String {
     };
     let mut i = 0;
     let mut space = false;
+    // where the last identifier or keyword ended: only right after one is a
+    // `$` or a digit part of a word (after a number, `$$` opens a string)
+    let mut ident_end = usize::MAX;
     while i < b.len() && out.len() < max {
         let c = b[i];
-        let prev_word = i > 0 && is_ident(b[i - 1]);
+        let prev_word = i > 0 && ident_end == i;
         if c.is_ascii_whitespace() {
             space = true;
             i += 1;
@@ -59,7 +68,7 @@ pub fn normalize_sql(sql: &str, max: usize) -> String {
         match c {
             b'\'' => {
                 placeholder(&mut out);
-                i = skip_quoted(b, i + 1, b'\'', false);
+                i = skip_quoted(b, i + 1, b'\'', !standard_strings);
             }
             b'"' => {
                 let end = skip_quoted(b, i + 1, b'"', false);
@@ -89,10 +98,11 @@ pub fn normalize_sql(sql: &str, max: usize) -> String {
                 placeholder(&mut out);
                 i = skip_number(b, i);
             }
-            _ if is_ident(c) => {
+            _ if is_ident(c) && !c.is_ascii_digit() && c != b'$' || prev_word && is_ident(c) => {
                 let end = i + b[i..].iter().take_while(|&&x| is_ident(x)).count();
                 out.push_str(&sql[i..end]);
                 i = end;
+                ident_end = end;
             }
             _ => {
                 // one character (a whole UTF-8 sequence)
@@ -126,35 +136,45 @@ pub fn scrub_pg_context(context: &str, max: usize) -> String {
         "PL/pgSQL assignment \"",
         "SQL expression \"",
     ];
+    let is_frame = |l: &str| l.starts_with("PL/pgSQL function ") || l.starts_with("SQL function \"");
+    let lines: Vec<&str> = context.lines().collect();
     let mut out = String::with_capacity(context.len().min(max));
-    for line in context.lines() {
-        if out.len() >= max {
-            break;
-        }
+    let mut i = 0;
+    while i < lines.len() && out.len() < max {
         if !out.is_empty() {
             out.push('\n');
         }
-        let l = line.trim();
-        if l.starts_with("PL/pgSQL function ") || l.starts_with("SQL function \"") {
+        let l = lines[i].trim();
+        i += 1;
+        if is_frame(l) {
             out.push_str(l);
         } else if let Some(p) = SQL_LINES.iter().find(|p| l.starts_with(**p)) {
-            let inner = &l[p.len()..];
-            let inner = inner.strip_suffix('"').unwrap_or(inner);
+            // The quoted SQL is printed as it is, newlines included: it
+            // runs to a line ending in `"` that the next frame (or the end)
+            // follows.
+            let mut sql = l[p.len()..].to_string();
+            while !(sql.ends_with('"')
+                && lines.get(i).is_none_or(|n| {
+                    let n = n.trim();
+                    is_frame(n) || SQL_LINES.iter().any(|p| n.starts_with(*p))
+                }))
+                && i < lines.len()
+            {
+                sql.push('\n');
+                sql.push_str(lines[i]);
+                i += 1;
+            }
+            let inner = sql.strip_suffix('"').unwrap_or(&sql);
             out.push_str(p);
             out.push_str(&normalize_sql(inner, max));
             out.push('"');
         } else {
-            let n = normalize_sql(l, max);
-            let mut quoted = false;
-            for ch in n.chars() {
-                if ch == '"' {
-                    if !quoted {
-                        out.push_str("\"…\"");
-                    }
-                    quoted = !quoted;
-                } else if !quoted {
-                    out.push(ch);
-                }
+            // another kind (`COPY t, line 7: "<the row>"`): its words up to
+            // the first colon or quote, without numbers; nothing after
+            let cut = l.find([':', '"', '\'']).unwrap_or(l.len());
+            out.push_str(&normalize_sql(&l[..cut], max));
+            if cut < l.len() {
+                out.push_str(": …");
             }
         }
     }
@@ -173,36 +193,38 @@ pub fn scrub_pg_context(context: &str, max: usize) -> String {
 /// contains (1, -5, secret).` becomes `Failing row contains (…).` (the
 /// column names stay: they say what was wrong).
 pub fn scrub_pg_detail(detail: &str) -> String {
-    let mut out = String::with_capacity(detail.len());
-    let mut rest = detail;
-    loop {
-        let at = [rest.find("=("), rest.find("contains (")]
-            .into_iter()
-            .flatten()
-            .min();
-        let Some(at) = at else { break };
-        let open = at + rest[at..].find('(').unwrap_or(0);
-        out.push_str(&rest[..=open]);
-        // to the matching parenthesis (values may hold parentheses)
-        let mut depth = 0usize;
-        let mut end = rest.len();
-        for (i, ch) in rest[open..].char_indices() {
-            match ch {
-                '(' => depth += 1,
-                ')' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = open + i;
-                        break;
-                    }
-                }
-                _ => {}
+    // A value list runs to the last `)` of the detail: values are printed
+    // unquoted and may hold parentheses themselves.
+    let lower = detail.to_ascii_lowercase();
+    let open = ["=(", "= (", "contains ("]
+        .iter()
+        .filter_map(|m| lower.find(m).map(|at| at + m.len() - 1))
+        .min();
+    let mut s = match (open, detail.rfind(')')) {
+        (Some(o), Some(c)) if c > o => format!("{}(…){}", &detail[..o], &detail[c + 1..]),
+        (Some(o), _) => format!("{}(…", &detail[..o]),
+        _ => detail.to_string(),
+    };
+    // and anything quoted (JSON and XML input details quote the input; the
+    // names a detail quotes are in the capture's schema/table/column fields)
+    s = strip_double_quoted(&s);
+    s
+}
+
+/// `"anything"` becomes `"…"` (an unclosed quote runs to the end).
+pub fn strip_double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut quoted = false;
+    for ch in s.chars() {
+        if ch == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
             }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(ch);
         }
-        out.push('…');
-        rest = &rest[end..];
     }
-    out.push_str(rest);
     out
 }
 
@@ -360,7 +382,7 @@ fn skip_number(b: &[u8], mut i: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{normalize_sql, scrub_pg_context, scrub_pg_detail};
+    use super::{normalize_sql, normalize_sql_with, scrub_pg_context, scrub_pg_detail};
 
     fn n(s: &str) -> String {
         normalize_sql(s, 10_000)
@@ -389,6 +411,18 @@ mod tests {
         assert_eq!(n("SELECT /* a /* nested */ 'b' */ c"), "SELECT c");
         assert_eq!(n("SELECT   a,\n\t b"), "SELECT a, b");
         assert_eq!(n("SELECT data->>'k' ? 'x'"), "SELECT data->>$1 ? $2");
+    }
+
+    #[test]
+    fn review_bypasses() {
+        // a dollar quote right after a number or a parameter
+        assert_eq!(n("SELECT 1$$secret$$"), "SELECT $1$2");
+        assert_eq!(n("SELECT $1$$secret$$"), "SELECT $1$2");
+        // an identifier may hold $ and digits
+        assert_eq!(n("SELECT a$b1, x2 FROM t"), "SELECT a$b1, x2 FROM t");
+        // standard_conforming_strings off: a backslash escapes the quote
+        assert_eq!(normalize_sql_with("WHERE pw = 'it\\'s hunter2'", 1000, false), "WHERE pw = $1");
+        assert_eq!(normalize_sql_with("WHERE pw = 'a\\' || 'b'", 1000, true), "WHERE pw = $1 || $2");
     }
 
     #[test]
@@ -435,7 +469,7 @@ mod tests {
              SQL statement \"SELECT inner_fn($1, $2)\"\n\
              PL/pgSQL function outer_fn(integer) line 4 at PERFORM\n\
              SQL function \"wrap\" statement 1\n\
-             COPY orders, line $1: \"…\""
+             COPY orders, line $1: …"
         );
     }
 
@@ -447,13 +481,37 @@ mod tests {
         );
         assert_eq!(
             scrub_pg_detail("Key (a, b)=(1, f(x)) is not present in table \"t\"."),
-            "Key (a, b)=(…) is not present in table \"t\"."
+            "Key (a, b)=(…) is not present in table \"…\"."
         );
         assert_eq!(
             scrub_pg_detail("Failing row contains (1, -5, 4111 1111 1111 1111)."),
             "Failing row contains (…)."
         );
         assert_eq!(scrub_pg_detail("Key (k)=(never closed"), "Key (k)=(…");
+        assert_eq!(
+            scrub_pg_detail("Key (note)=(ok :) pin 1234) already exists."),
+            "Key (note)=(…) already exists."
+        );
+        assert_eq!(
+            scrub_pg_detail("Partition key of the failing row contains (email) = (bob@x.io)."),
+            "Partition key of the failing row contains (…)."
+        );
+        assert_eq!(scrub_pg_detail("Token \"hunter2\" is invalid."), "Token \"…\" is invalid.");
         assert_eq!(scrub_pg_detail("no values here"), "no values here");
+    }
+
+    #[test]
+    fn multi_line_sql_in_a_context_is_normalized_whole() {
+        let ctx = "SQL statement \"INSERT INTO notes VALUES ('Hi\nmy password is hunter2')\"\n\
+                   PL/pgSQL function f() line 3 at EXECUTE\n\
+                   SQL statement \"SELECT 1 /* a\nsecret comment */\"";
+        let out = scrub_pg_context(ctx, 10_000);
+        assert!(!out.contains("hunter2") && !out.contains("secret"), "{out}");
+        assert_eq!(
+            out,
+            "SQL statement \"INSERT INTO notes VALUES ($1)\"\n\
+             PL/pgSQL function f() line 3 at EXECUTE\n\
+             SQL statement \"SELECT $1\""
+        );
     }
 }
