@@ -304,6 +304,12 @@ pub fn retake(db: u32) {
 /// extension, so it was installed before `before` was read and the worker
 /// would have seen it). Counted as dropped, their space freed.
 pub fn forget(db: u32, before: u64) {
+    drop_queued_before(before, |entry_db, state| entry_db == db && state == READY);
+}
+
+/// Entries queued before `before` that `doomed(database, state)` says can
+/// never be stored: counted as dropped, their space freed.
+fn drop_queued_before(before: u64, doomed: impl Fn(u32, u8) -> bool) {
     let Some(q) = lock() else { return };
     let h = q.header();
     for pos in q.positions() {
@@ -312,7 +318,7 @@ pub fn forget(db: u32, before: u64) {
         }
         let e = q.at(pos);
         unsafe {
-            if e.db() == db && *e.state() == READY {
+            if *e.state() != DONE && doomed(e.db(), *e.state()) {
                 *e.state() = DONE;
                 h.dropped += 1;
             }
@@ -330,22 +336,8 @@ pub fn head() -> u64 {
 /// was dropped; the launcher's list) can never be stored: counted as
 /// dropped, their space freed.
 pub fn keep_only(databases: &[u32], before: u64) {
-    let Some(q) = lock() else { return };
-    let h = q.header();
-    for pos in q.positions() {
-        if pos >= before {
-            break;
-        }
-        let e = q.at(pos);
-        unsafe {
-            // (taken ones too: no worker of a dropped database is left to finish them)
-            if e.db() != 0 && *e.state() != DONE && !databases.contains(&e.db()) {
-                *e.state() = DONE;
-                h.dropped += 1;
-            }
-        }
-    }
-    q.advance_tail();
+    // (taken ones too: no worker of a dropped database is left to finish them)
+    drop_queued_before(before, |db, _| db != 0 && !databases.contains(&db));
 }
 
 // ---------------------------------------------------------------------------
