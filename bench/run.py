@@ -408,10 +408,12 @@ def sql_errors_section(rows: list) -> list:
         "",
         "Statements sent one after the other by psql (each client its own file of "
         f"{2000 * DURATION:,} statements), with `fraiseql_obs.capture_sql_errors` off and on, side by side. "
-        "*succeeding*: the same statements not failing, the floor of the client loop. With the setting on, "
-        "every error is captured (one group per statement kind; beyond the spike threshold, stored light).",
+        "*succeeding*: the same statements not failing, the floor of the client loop. With the setting on and "
+        "its default rate limit (`capture_sql_errors_rate_limit`: 100 errors a second per session, in bursts of "
+        "1,000), each error is stored or, beyond the limit, counted as dropped (one group per statement kind; "
+        "beyond the spike threshold, stored light).",
         "",
-        "| statement | connections | succeeding /s | failing, off /s | failing, on /s | on ÷ off | stored | dropped (queue full) |",
+        "| statement | connections | succeeding /s | failing, off /s | failing, on /s | on ÷ off | stored | dropped (rate limit, queue full) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, clients, ok, off, on, stored, dropped in rows:
