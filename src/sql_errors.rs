@@ -103,7 +103,14 @@ pub fn parse_list(s: &str) -> Result<Vec<String>, String> {
                 && item.as_bytes()[0].is_ascii_alphanumeric()
                 && item.bytes().any(|c| c.is_ascii_digit())
         };
-        let entry = if is_code(5) || is_code(2) {
+        // a class without a digit (XX internal errors, HV foreign data
+        // wrappers) is one PostgreSQL has
+        let known_class = item.len() == 2
+            && item.bytes().all(|c| c.is_ascii_alphanumeric())
+            && crate::sqlstate_table::CONDITIONS
+                .iter()
+                .any(|(c, _)| c.starts_with(&item.to_ascii_uppercase()));
+        let entry = if is_code(5) || is_code(2) || known_class {
             item.to_ascii_uppercase()
         } else {
             let name = item.to_ascii_lowercase();
@@ -412,6 +419,8 @@ mod unit {
         let l = parse_list("23505, 22 query_canceled,Statement_Timeout").unwrap();
         assert_eq!(l, ["23505", "22", "query_canceled", "statement_timeout"]);
         assert!(parse_list("no_such_condition").unwrap_err().contains("no_such_condition"));
+        assert_eq!(parse_list("XX, hv, P0001").unwrap(), ["XX", "HV", "P0001"]);
+        assert!(parse_list("QQ").is_err());
         assert!(parse_list("").unwrap().is_empty());
         let exclude = parse_list("query_canceled").unwrap();
         assert!(!wanted(&[], &exclude, "57014", "query_canceled"));
