@@ -151,6 +151,10 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_span_minute', 
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_span_5min', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_operation_hour', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_trace_error', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project_project_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project_key', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_ingest_event', '');
 
 -- Privileges: nothing is callable by PUBLIC. An application role needs only
 --   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean),

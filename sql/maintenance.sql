@@ -125,6 +125,11 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         v_error := coalesce(v_error || E'\n', '') || 'rollups: ' || SQLERRM;
     END;
+    BEGIN
+        PERFORM @extschema@._fraiseql_prune_ingest_events();
+    EXCEPTION WHEN OTHERS THEN
+        v_error := coalesce(v_error || E'\n', '') || 'ingest event ids: ' || SQLERRM;
+    END;
 
     INSERT INTO @extschema@.tb_maintenance_run AS m
         (started_at, finished_at, duration_ms, triggered_by, created, dropped, moved_rows,

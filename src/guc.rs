@@ -42,6 +42,13 @@ pub static MAX_CONTEXT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024
 pub static SPIKE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static AUTONOMOUS_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
+// The HTTP service (src/http_service.rs)
+pub static HTTP_LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static HTTP_PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static HTTP_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static HTTP_MAX_EVENT_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static HTTP_MAX_ENVELOPE_KB: GucSetting<i32> = GucSetting::<i32>::new(20 * 1024);
+
 // Server-side scrubbing (src/scrub.rs)
 pub static SCRUB_DEFAULTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static SCRUB_FIELDS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
@@ -411,6 +418,51 @@ pub fn define() {
             1024 * 1024,
             GucContext::Postmaster,
             GucFlags::UNIT_KB,
+        );
+    }
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.http_public_url",
+        c"The URL SDKs reach this database's HTTP service by (behind a proxy or TLS terminator); DSNs are made with it.",
+        c"The URL SDKs reach this database's HTTP service by (behind a proxy or TLS terminator); DSNs are made with it.",
+        &HTTP_PUBLIC_URL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"fraiseql_obs.http_max_event_size",
+        c"Largest Sentry event accepted, decompressed, in kB (413 above).",
+        &HTTP_MAX_EVENT_KB,
+        1,
+        64 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"fraiseql_obs.http_max_envelope_size",
+        c"Largest Sentry envelope or OTLP request accepted, decompressed, in kB (413 above).",
+        &HTTP_MAX_ENVELOPE_KB,
+        1,
+        256 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"fraiseql_obs.http_listen",
+            c"HTTP service listeners, database@address:port, comma separated (server start; empty: off).",
+            c"HTTP service listeners, database@address:port, comma separated (server start; empty: off).",
+            &HTTP_LISTEN,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        int(
+            c"fraiseql_obs.http_max_connections",
+            c"Open connections each HTTP listener serves at once; more are answered 503 (server start).",
+            &HTTP_MAX_CONNECTIONS,
+            1,
+            10_000,
+            GucContext::Postmaster,
+            GucFlags::default(),
         );
     }
     unsafe {

@@ -13,6 +13,7 @@ mod error;
 mod extension;
 mod fingerprint;
 mod guc;
+mod http_service;
 mod metrics;
 mod notify;
 mod rollup;
@@ -72,10 +73,15 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/ingest.sql",
+    name = "ingest",
+    requires = ["telemetry"]
+);
+extension_sql_file!(
     "../sql/rollups.sql",
     name = "rollups",
     requires = [
-        "telemetry",
+        "ingest",
         rollup::_fraiseql_latency_bucket,
         rollup::_fraiseql_hist_from,
         rollup::_fraiseql_hist_merge,
@@ -92,6 +98,7 @@ pub extern "C-unwind" fn _PG_init() {
         sql_errors::install();
     }
     worker::register();
+    http_service::register();
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ pub fn register() {
 
 /// PostgreSQL's own handlers: `die` turns SIGTERM into a FATAL at the next
 /// interrupt check (also inside a running query); SIGHUP sets ConfigReloadPending.
-unsafe fn install_signal_handlers() {
+pub(crate) unsafe fn install_signal_handlers() {
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
         pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(pg_config_reload));
@@ -109,7 +109,7 @@ fn wait(timeout: Duration) {
     reload_config_if_asked();
 }
 
-fn reload_config_if_asked() {
+pub(crate) fn reload_config_if_asked() {
     unsafe {
         if pg_sys::ConfigReloadPending != 0 {
             pg_sys::ConfigReloadPending = 0;
@@ -118,7 +118,7 @@ fn reload_config_if_asked() {
     }
 }
 
-fn report_activity(what: Option<&str>) {
+pub(crate) fn report_activity(what: Option<&str>) {
     unsafe {
         match what {
             Some(s) => {
@@ -133,7 +133,7 @@ fn report_activity(what: Option<&str>) {
 }
 
 /// The message of an error caught by PgTryBuilder.
-fn caught_message(e: pg_sys::panic::CaughtError) -> String {
+pub(crate) fn caught_message(e: pg_sys::panic::CaughtError) -> String {
     match e {
         pg_sys::panic::CaughtError::PostgresError(r)
         | pg_sys::panic::CaughtError::ErrorReport(r)
@@ -460,7 +460,7 @@ fn set_my_slot(oid: u32, f: impl Fn(&mut shmem::Slot)) {
 }
 
 /// The schema the extension is installed in, or None.
-fn extension_schema() -> Option<String> {
+pub(crate) fn extension_schema() -> Option<String> {
     crate::sql::one::<String>(
         "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
          WHERE e.extname = 'fraiseql_obs'",
@@ -468,6 +468,42 @@ fn extension_schema() -> Option<String> {
     )
     .ok()
     .flatten()
+}
+
+/// The worker is a superuser, and a database's owner may `ALTER DATABASE
+/// ... SET` any ordinary setting for every session in it, the worker's
+/// included. Those that change what the worker's SQL means or whether it
+/// can run are forced here, above any such SET: names resolve only in
+/// pg_catalog (and its own temporary schema), so no object another role
+/// created can stand in for a built-in; no role switch; transactions
+/// read-write in READ COMMITTED; no timeout but the ones the worker
+/// arms itself; ISO dates; no JIT (its short statements over small
+/// batches carry large cost estimates on big tables, and compiling them
+/// would cost more than running them).
+pub(crate) fn force_settings() {
+    for (name, value) in [
+        (c"search_path", c"pg_catalog, pg_temp"),
+        (c"role", c"none"),
+        (c"default_transaction_read_only", c"off"),
+        (c"default_transaction_isolation", c"read committed"),
+        (c"default_transaction_deferrable", c"off"),
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"0"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+        (c"DateStyle", c"ISO, MDY"),
+        (c"IntervalStyle", c"postgres"),
+        (c"session_replication_role", c"origin"),
+        (c"jit", c"off"),
+    ] {
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
 }
 
 #[pg_guard]
@@ -496,39 +532,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     let installs_seen = REGISTRY.share().installs;
     let appname = CString::new(WORKER_TYPE).unwrap_or_default();
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
-    // The worker is a superuser, and a database's owner may `ALTER DATABASE
-    // ... SET` any ordinary setting for every session in it, the worker's
-    // included. Those that change what the worker's SQL means or whether it
-    // can run are forced here, above any such SET: names resolve only in
-    // pg_catalog (and its own temporary schema), so no object another role
-    // created can stand in for a built-in; no role switch; transactions
-    // read-write in READ COMMITTED; no timeout but the ones the worker
-    // arms itself; ISO dates; no JIT (its short statements over small
-    // batches carry large cost estimates on big tables, and compiling them
-    // would cost more than running them).
-    for (name, value) in [
-        (c"search_path", c"pg_catalog, pg_temp"),
-        (c"role", c"none"),
-        (c"default_transaction_read_only", c"off"),
-        (c"default_transaction_isolation", c"read committed"),
-        (c"default_transaction_deferrable", c"off"),
-        (c"statement_timeout", c"0"),
-        (c"lock_timeout", c"0"),
-        (c"idle_in_transaction_session_timeout", c"0"),
-        (c"DateStyle", c"ISO, MDY"),
-        (c"IntervalStyle", c"postgres"),
-        (c"session_replication_role", c"origin"),
-        (c"jit", c"off"),
-    ] {
-        unsafe {
-            pg_sys::SetConfigOption(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            )
-        };
-    }
+    force_settings();
 
     let queued_before = crate::autonomous::head();
     let schema = match in_transaction(extension_schema) {

@@ -87,6 +87,41 @@ pub fn default_fingerprint(
     h.finish()
 }
 
+/// The default fingerprint of an exception whose frames come structured
+/// (a Sentry event's `stacktrace.frames`, outermost first): the same
+/// "frames" hash as a parsed text trace, from each frame's module and
+/// function, with the same choice of frames (the in-app ones when there are
+/// any, else all; direct recursion collapsed). Without frames, the message
+/// decides, as for a capture without a stack trace.
+pub fn frames_fingerprint<'a>(
+    exception_type: &str,
+    message: &str,
+    frames: &[(&'a str, &'a str, bool)],
+) -> String {
+    let exception_type = exception_type.trim();
+    let any_in_app = frames.iter().any(|f| f.2);
+    let mut chosen: Vec<(&str, &str)> = Vec::new();
+    for (module, function, in_app) in frames {
+        if !*in_app && any_in_app {
+            continue;
+        }
+        if chosen.last() == Some(&(*module, *function)) {
+            continue;
+        }
+        chosen.push((module, function));
+    }
+    if chosen.is_empty() {
+        return default_fingerprint(exception_type, message, None);
+    }
+    let mut h = Hasher::new("frames");
+    h.part(exception_type);
+    for (module, function) in chosen {
+        h.part(module);
+        h.part(function);
+    }
+    h.finish()
+}
+
 /// Fingerprint of a message captured without an exception.
 pub fn message_fingerprint(message: &str) -> String {
     let mut h = Hasher::new("event");
@@ -175,6 +210,35 @@ mod tests {
         let b = custom_fingerprint("d2", &["{{ default }}".into(), "tenant".into()]).unwrap();
         assert_ne!(a, b);
         assert!(custom_fingerprint("d", &[" ".into()]).is_none());
+    }
+
+    #[test]
+    fn structured_frames_group_like_parsed_ones() {
+        let text = "Traceback (most recent call last):\n  File \"/srv/app/views.py\", line 10, in handler\n    x()\n  File \"/srv/app/models.py\", line 3, in load\n    y()\nKeyError: 'a'";
+        let parsed = default_fingerprint("KeyError", "'a'", Some(text));
+        let structured = frames_fingerprint(
+            "KeyError",
+            "'b'",
+            &[("views", "handler", true), ("models", "load", true)],
+        );
+        assert_eq!(parsed, structured);
+        // library frames do not count when in-app ones exist; recursion collapses
+        assert_eq!(
+            structured,
+            frames_fingerprint(
+                "KeyError",
+                "",
+                &[
+                    ("django.core", "inner", false),
+                    ("views", "handler", true),
+                    ("models", "load", true),
+                    ("models", "load", true),
+                ],
+            )
+        );
+        assert_ne!(structured, frames_fingerprint("ValueError", "", &[("views", "handler", true), ("models", "load", true)]));
+        // no frame: the message decides
+        assert_eq!(frames_fingerprint("E", "User 1 gone", &[]), default_fingerprint("E", "User 2 gone", None));
     }
 
     #[test]

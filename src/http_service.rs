@@ -1,0 +1,587 @@
+//! The HTTP service: Sentry SDKs, OTLP/HTTP exporters and Prometheus talk
+//! to the database directly.
+//!
+//! `fraiseql_obs.http_listen = 'shop@127.0.0.1:8787, billing@127.0.0.1:8788'`
+//! starts one background worker per entry (server start), connected to
+//! that database and listening on that address: a project's key identifies
+//! the project within the database its address serves. The model is
+//! omnigres' omni_httpd:
+//!
+//! * network threads (crates/ingest: a thread per connection under a cap,
+//!   total read deadlines) read, decompress and parse each request, and
+//!   never call into PostgreSQL;
+//! * they hand the parsed work to the worker's main thread through a bounded
+//!   queue (full: 429 with Retry-After, at once);
+//! * the main thread takes what is queued, stores it in one transaction
+//!   (each request in a subtransaction of its own, so one bad request fails
+//!   alone), commits, and only then lets the threads reply.
+//!
+//! Keys are checked in that transaction, so a revoked key is refused from
+//! the next request on. Events go through `_fraiseql_http_event`, which
+//! calls the capture functions: validation, scrubbing, clipping and spike
+//! protection are those of SQL captures, and an event id is stored once.
+use crate::guc;
+use crate::worker::{in_subtransaction, in_transaction};
+use fraiseql_ingest::http::{self, Request, Response};
+use fraiseql_ingest::{encoding, sentry};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WORKER_TYPE: &str = "fraiseql_obs http";
+/// Requests waiting for the main thread; more are refused with 429.
+const QUEUE: usize = 512;
+/// Requests stored in one transaction at most.
+const BATCH: usize = 64;
+/// How long a network thread waits for its request's commit before it
+/// answers 503 (the request may still be stored: a retry is then a duplicate
+/// event id, stored once).
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// One `database@address:port` entry of fraiseql_obs.http_listen.
+fn parse_entry(entry: &str) -> Result<(String, SocketAddr), String> {
+    let entry = entry.trim();
+    let (db, addr) = entry
+        .rsplit_once('@')
+        .ok_or_else(|| format!("\"{entry}\" names no database (database@address:port)"))?;
+    if db.is_empty() {
+        return Err(format!("\"{entry}\" names no database"));
+    }
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("\"{addr}\" is not an address:port (an IP address; IPv6 as [::1]:8787)"))?;
+    Ok((db.to_string(), addr))
+}
+
+/// Registers a worker for each listener (while preloading; not in binary
+/// upgrade, when nothing may write to the databases).
+pub fn register() {
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } || unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
+    let Some(listen) = guc::text(&guc::HTTP_LISTEN) else {
+        return;
+    };
+    for entry in listen.split(',').filter(|e| !e.trim().is_empty()) {
+        match parse_entry(entry) {
+            Ok((db, addr)) => {
+                // the entry travels in bgw_extra (128 bytes)
+                let extra = format!("{db}@{addr}");
+                if extra.len() >= 128 {
+                    warning!("fraiseql_obs.http_listen: \"{entry}\" is too long; not served");
+                    continue;
+                }
+                BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} {db}"))
+                    .set_type(WORKER_TYPE)
+                    .set_library("fraiseql_obs")
+                    .set_function("fraiseql_obs_http_main")
+                    .enable_spi_access()
+                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                    .set_restart_time(Some(Duration::from_secs(5)))
+                    .set_extra(&extra)
+                    .load();
+            }
+            Err(why) => warning!("fraiseql_obs.http_listen: {why}; not served"),
+        }
+    }
+}
+
+/// What a network thread asks of the main thread.
+enum Work {
+    Sentry {
+        project_id: i32,
+        key: Option<String>,
+        /// the id answered (the envelope's, else the first event's)
+        event_id: Option<String>,
+        items: Vec<Result<sentry::Item, String>>,
+    },
+    OtlpTraces {
+        key: Option<String>,
+        payload: Value,
+    },
+    Metrics {
+        key: Option<String>,
+    },
+}
+
+struct Job {
+    work: Work,
+    reply: SyncSender<Response>,
+}
+
+/// Limits the network threads read; the main thread sets them (at start
+/// and after a reload).
+struct Sizes {
+    event: AtomicUsize,
+    envelope: AtomicUsize,
+}
+
+impl Sizes {
+    fn load(&self) {
+        self.event.store(guc::int_value(&guc::HTTP_MAX_EVENT_KB) * 1024, Ordering::Relaxed);
+        self.envelope.store(guc::int_value(&guc::HTTP_MAX_ENVELOPE_KB) * 1024, Ordering::Relaxed);
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
+    let extra = BackgroundWorker::get_extra().to_string();
+    let (db, addr) = match parse_entry(&extra) {
+        Ok(e) => e,
+        Err(why) => error!("fraiseql_obs http: {why}"),
+    };
+    unsafe { crate::worker::install_signal_handlers() };
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    crate::worker::force_settings();
+    if held_for_drop() {
+        unsafe { pg_sys::proc_exit(1) };
+    }
+    let appname = std::ffi::CString::new(WORKER_TYPE).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            // tried again after bgw_restart_time
+            log!("fraiseql_obs http: cannot listen on {addr} for database {db}: {e}");
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
+    let sizes = Arc::new(Sizes { event: AtomicUsize::new(0), envelope: AtomicUsize::new(0) });
+    sizes.load();
+    let (tx, rx) = sync_channel::<Job>(QUEUE);
+    let limits = http::Limits {
+        max_connections: guc::int_value(&guc::HTTP_MAX_CONNECTIONS).max(1),
+        max_body_bytes: 256 * 1024 * 1024,
+        ..http::Limits::default()
+    };
+    let s2 = sizes.clone();
+    let handler: Arc<http::Handler> = Arc::new(move |req: Request| route(req, &tx, &s2));
+    let server = match http::Server::start(listener, limits, handler) {
+        Ok(s) => s,
+        Err(e) => {
+            log!("fraiseql_obs http: cannot start serving {addr}: {e}");
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
+    log!("fraiseql_obs http serving database {db} on {}", server.local_addr());
+    main_loop(&rx, &sizes);
+}
+
+fn main_loop(rx: &Receiver<Job>, sizes: &Sizes) {
+    let mut limiter = RateLimiter::default();
+    loop {
+        unsafe {
+            // no wait: only to leave at once when the postmaster has died
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                0,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        if held_for_drop() {
+            // DROP DATABASE (or RENAME, or its use as a template) is waiting
+            // for us to leave; back after bgw_restart_time
+            log!("fraiseql_obs http: leaving database for a DROP/RENAME DATABASE");
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        if unsafe { pg_sys::ConfigReloadPending } != 0 {
+            crate::worker::reload_config_if_asked();
+            sizes.load();
+        }
+        let first = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(j) => j,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        crate::worker::report_activity(Some("fraiseql_obs http: storing requests"));
+        let replies = store_batch(&batch, &mut limiter);
+        crate::worker::report_activity(None);
+        // after the commit: a reply never promises what a rollback took back
+        for (job, r) in batch.into_iter().zip(replies) {
+            let _ = job.reply.try_send(r);
+        }
+    }
+}
+
+/// Whether a command that needs this database to itself (DROP, RENAME,
+/// CREATE DATABASE ... TEMPLATE) holds it (src/worker.rs, utility_hook).
+fn held_for_drop() -> bool {
+    let me = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    crate::shmem::REGISTRY.share().slots.iter().any(|s| {
+        s.db_oid == me
+            && s.hold_reason == crate::worker::HOLD_DROPPING
+            && s.hold_until > crate::shmem::now_secs()
+    })
+}
+
+/// One transaction for the batch, a subtransaction for each request.
+fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
+    let limiter = AssertUnwindSafe(limiter);
+    let result = in_transaction(AssertUnwindSafe(|| {
+        let limiter = limiter;
+        let Some(schema) = crate::worker::extension_schema() else {
+            let db = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
+            let why = format!("the fraiseql_obs extension is not installed in database {}", db.to_string_lossy());
+            return batch.iter().map(|_| unavailable(&why)).collect::<Vec<_>>();
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for job in batch {
+            let l = AssertUnwindSafe(&mut *limiter.0);
+            let r = in_subtransaction(AssertUnwindSafe(|| {
+                let l = l;
+                handle(&schema, &job.work, l.0)
+            }));
+            out.push(r.unwrap_or_else(|e| {
+                Response::error(500, &format!("not stored: {e}")).with_header("Retry-After", "10")
+            }));
+        }
+        out
+    }));
+    result.unwrap_or_else(|e| {
+        log!("fraiseql_obs http: a batch of {} requests was not stored: {e}", batch.len());
+        batch.iter().map(|_| unavailable("not stored, try again")).collect()
+    })
+}
+
+fn unavailable(why: &str) -> Response {
+    Response::error(503, why).with_header("Retry-After", "10")
+}
+
+/// Events accepted per project and minute, against the project's limit.
+#[derive(Default)]
+struct RateLimiter {
+    windows: HashMap<i32, (Instant, u64)>,
+}
+
+impl RateLimiter {
+    /// None: accepted (and counted); Some(s): refused, try again in s seconds.
+    fn check(&mut self, project: i32, limit: Option<i32>, n: u64) -> Option<u64> {
+        let limit = limit? as u64;
+        let now = Instant::now();
+        let w = self.windows.entry(project).or_insert((now, 0));
+        if now.duration_since(w.0) >= Duration::from_secs(60) {
+            *w = (now, 0);
+        }
+        if w.1 + n > limit {
+            return Some(60u64.saturating_sub(now.duration_since(w.0).as_secs()).max(1));
+        }
+        w.1 += n;
+        None
+    }
+}
+
+/// The project a key opens (None: unknown or revoked key, or another project's).
+fn project(schema: &str, key: &str, project_id: Option<i32>) -> Option<(i32, Option<String>, Option<i32>)> {
+    let row = Spi::connect(|c| {
+        c.select(
+            &format!(
+                "SELECT p.project_id, p.default_environment, p.rate_limit_per_minute \
+                   FROM (SELECT 1) one LEFT JOIN LATERAL {schema}._fraiseql_http_project($1, $2) p ON true"
+            ),
+            Some(1),
+            &[key.into(), project_id.into()],
+        )?
+        .first()
+        .get_three::<i32, String, i32>()
+    })
+    .unwrap_or_else(|e| error!("fraiseql_obs http: reading the project failed: {e}"));
+    row.0.map(|id| (id, row.1, row.2))
+}
+
+fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
+    match work {
+        Work::Sentry { project_id, key, event_id, items } => {
+            let Some(key) = key else {
+                return Response::error(401, "missing authorization (sentry_key)");
+            };
+            let Some((pid, default_env, limit)) = project(schema, key, Some(*project_id)) else {
+                return Response::error(403, "invalid key for this project");
+            };
+            let events = items.iter().filter(|i| matches!(i, Ok(sentry::Item::Event(_)) | Ok(sentry::Item::Spans(_)))).count();
+            if let Some(secs) = limiter.check(pid, limit, events as u64) {
+                return Response::error(429, "project rate limit exceeded")
+                    .with_header("Retry-After", &secs.to_string())
+                    .with_header("X-Sentry-Rate-Limits", &format!("{secs}::project:project_quota"));
+            }
+            let mut errors = Vec::new();
+            let mut first_id = None;
+            for item in items {
+                match item {
+                    Ok(sentry::Item::Event(c)) => {
+                        first_id.get_or_insert_with(|| c.event_id.clone());
+                        if let Err(e) = in_subtransaction(|| store_event(schema, pid, default_env.as_deref(), c)) {
+                            errors.push(format!("event {}: {e}", c.event_id));
+                        }
+                    }
+                    Ok(sentry::Item::Spans(v)) => {
+                        if let Err(e) = in_subtransaction(|| store_spans(schema, v)) {
+                            errors.push(format!("transaction: {e}"));
+                        }
+                    }
+                    Ok(sentry::Item::Skipped(_)) => {}
+                    Err(e) => errors.push(e.clone()),
+                }
+            }
+            let id = event_id.clone().or(first_id);
+            if !errors.is_empty() && errors.len() == items.len() {
+                return Response::error(400, &errors.join("; "));
+            }
+            if !errors.is_empty() {
+                log!("fraiseql_obs http: part of a request was not stored: {}", errors.join("; "));
+            }
+            Response::json(200, &json!({ "id": id }))
+        }
+        Work::OtlpTraces { key, payload } => {
+            let Some(key) = key else {
+                return Response::error(401, "missing authorization (Bearer <project key>)");
+            };
+            if project(schema, key, None).is_none() {
+                return Response::error(403, "invalid key");
+            }
+            match in_subtransaction(|| store_spans(schema, payload)) {
+                Ok(r) => {
+                    let rejected = r.get("rejected").and_then(Value::as_i64).unwrap_or(0);
+                    let body = if rejected > 0 {
+                        json!({ "partialSuccess": r.get("partialSuccess").cloned().unwrap_or(json!({})) })
+                    } else {
+                        json!({ "partialSuccess": {} })
+                    };
+                    Response::json(200, &body)
+                }
+                Err(e) => Response::error(400, &e),
+            }
+        }
+        Work::Metrics { key } => {
+            let Some(key) = key else {
+                return Response::error(401, "missing authorization (Bearer <project key>)");
+            };
+            if project(schema, key, None).is_none() {
+                return Response::error(403, "invalid key");
+            }
+            let text = crate::sql::one::<String>(&format!("SELECT {schema}.fraiseql_metrics_prometheus()"), &[])
+                .unwrap_or_else(|e| error!("fraiseql_obs http: metrics: {e}"))
+                .unwrap_or_default();
+            Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+    }
+}
+
+fn store_event(schema: &str, project_id: i32, default_env: Option<&str>, c: &sentry::Capture) -> bool {
+    let environment = c.environment.clone().or_else(|| default_env.map(str::to_string));
+    Spi::get_one_with_args::<bool>(
+        &format!(
+            "SELECT {schema}._fraiseql_http_event($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, to_timestamp($14))"
+        ),
+        &[
+            project_id.into(),
+            c.event_id.as_str().into(),
+            c.is_message.into(),
+            c.exception_type.as_str().into(),
+            c.message.as_str().into(),
+            c.stack_trace.as_deref().into(),
+            c.fingerprint.as_str().into(),
+            pgrx::JsonB(c.context.clone()).into(),
+            environment.as_deref().into(),
+            c.severity.as_str().into(),
+            c.release.as_deref().into(),
+            c.trace_id.as_deref().into(),
+            c.span_id.as_deref().into(),
+            c.timestamp.into(),
+        ],
+    )
+    .unwrap_or_else(|e| error!("fraiseql_obs http: storing an event failed: {e}"))
+    .unwrap_or(false)
+}
+
+fn store_spans(schema: &str, payload: &Value) -> Value {
+    Spi::get_one_with_args::<pgrx::JsonB>(
+        &format!("SELECT {schema}._fraiseql_ingest_otlp_traces($1)"),
+        &[pgrx::JsonB(payload.clone()).into()],
+    )
+    .unwrap_or_else(|e| error!("fraiseql_obs http: storing spans failed: {e}"))
+    .map(|j| j.0)
+    .unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------------------
+// Network threads: no PostgreSQL call below this line
+// ---------------------------------------------------------------------------
+
+/// `.../api/<project_id>/<endpoint>/` (a DSN may carry a path prefix)
+fn sentry_route(path: &str) -> Option<(i32, &str)> {
+    let i = path.rfind("/api/")?;
+    let mut parts = path[i + 5..].trim_end_matches('/').split('/');
+    let id = parts.next()?.parse().ok()?;
+    let endpoint = parts.next()?;
+    parts.next().is_none().then_some((id, endpoint))
+}
+
+fn bearer(req: &Request) -> Option<String> {
+    let v = req.header("authorization")?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+}
+
+fn cors(r: Response) -> Response {
+    r.with_header("Access-Control-Allow-Origin", "*")
+        .with_header("Access-Control-Expose-Headers", "x-sentry-error, x-sentry-rate-limits, retry-after")
+}
+
+fn route(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let path = req.path.clone();
+    if let Some((project_id, endpoint)) = sentry_route(&path) {
+        if req.method == "OPTIONS" {
+            return cors(Response::new(200, "text/plain", ""))
+                .with_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+                .with_header("Access-Control-Allow-Headers", "content-type, x-sentry-auth, content-encoding, authorization");
+        }
+        if req.method != "POST" {
+            return Response::error(405, "use POST").with_header("Allow", "POST");
+        }
+        return cors(match endpoint {
+            "envelope" => sentry_envelope(req, project_id, tx, sizes),
+            "store" => sentry_store(req, project_id, tx, sizes),
+            _ => Response::error(404, "unknown Sentry endpoint"),
+        });
+    }
+    match (req.method.as_str(), path.as_str()) {
+        ("POST", "/v1/traces") => otlp_traces(req, tx, sizes),
+        ("POST", "/v1/metrics") | ("POST", "/v1/logs") => {
+            Response::error(501, "OTLP metrics and logs are not served yet")
+        }
+        ("GET", "/metrics") | ("HEAD", "/metrics") => {
+            let key = bearer(&req);
+            submit(tx, Work::Metrics { key })
+        }
+        ("GET", "/health") | ("HEAD", "/health") => Response::new(200, "text/plain", "ok\n"),
+        (_, "/v1/traces") | (_, "/metrics") => Response::error(405, "method not allowed"),
+        _ => Response::error(404, "not found"),
+    }
+}
+
+/// Hands work to the main thread and waits for its answer, given after
+/// the commit.
+fn submit(tx: &SyncSender<Job>, work: Work) -> Response {
+    let (reply, answer) = sync_channel(1);
+    match tx.try_send(Job { work, reply }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            return Response::error(429, "the server is busy, try again")
+                .with_header("Retry-After", "1")
+                .with_header("X-Sentry-Rate-Limits", "1::organization:backpressure");
+        }
+        Err(TrySendError::Disconnected(_)) => return unavailable("the service is stopping"),
+    }
+    answer.recv_timeout(REPLY_WAIT).unwrap_or_else(|_| unavailable("not stored in time, try again"))
+}
+
+fn decode(req: &Request, max: usize) -> Result<Vec<u8>, Response> {
+    encoding::decode(req.header("content-encoding"), req.body.clone(), max).map_err(|e| match e {
+        encoding::DecodeError::TooLarge => Response::error(413, &e.to_string()),
+        encoding::DecodeError::Unsupported(_) => Response::error(415, &e.to_string()),
+        encoding::DecodeError::Bad(_) => Response::error(400, &e.to_string()),
+    })
+}
+
+fn sentry_key(req: &Request) -> Option<String> {
+    req.header("x-sentry-auth")
+        .and_then(sentry::key_from_auth_header)
+        .or_else(|| req.query_param("sentry_key"))
+        .or_else(|| req.header("authorization").and_then(sentry::key_from_auth_header))
+}
+
+fn sentry_envelope(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let body = match decode(&req, sizes.envelope.load(Ordering::Relaxed)) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let env = match sentry::parse_envelope(&body) {
+        Ok(e) => e,
+        Err(why) => return Response::error(400, &format!("invalid envelope: {why}")),
+    };
+    let event_max = sizes.event.load(Ordering::Relaxed);
+    if env.items.iter().any(|(ty, _, p)| (ty == "event" || ty == "transaction") && p.len() > event_max) {
+        return Response::error(413, "event too large");
+    }
+    let key = sentry_key(&req).or_else(|| {
+        env.header
+            .get("dsn")
+            .and_then(Value::as_str)
+            .and_then(sentry::key_from_dsn)
+            .map(|(k, _)| k)
+    });
+    let event_id = env.header.get("event_id").and_then(Value::as_str).and_then(|i| sentry::event_id(Some(i)).ok());
+    let items = sentry::envelope_items(&env);
+    submit(tx, Work::Sentry { project_id, key, event_id, items })
+}
+
+fn sentry_store(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let body = match decode(&req, sizes.event.load(Ordering::Relaxed)) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let key = sentry_key(&req);
+    let item = sentry::store_item(&body);
+    if let Err(why) = &item {
+        return Response::error(400, why);
+    }
+    submit(tx, Work::Sentry { project_id, key, event_id: None, items: vec![item] })
+}
+
+fn otlp_traces(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let ctype = req.header("content-type").unwrap_or("").to_ascii_lowercase();
+    if !ctype.starts_with("application/json") {
+        return Response::error(415, "only application/json is served on /v1/traces for now");
+    }
+    let body = match decode(&req, sizes.envelope.load(Ordering::Relaxed)) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, &format!("invalid JSON: {e}")),
+    };
+    submit(tx, Work::OtlpTraces { key: bearer(&req), payload })
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn listen_entries_and_routes() {
+        assert_eq!(
+            parse_entry(" shop@127.0.0.1:8787").unwrap(),
+            ("shop".to_string(), "127.0.0.1:8787".parse().unwrap())
+        );
+        assert_eq!(parse_entry("a@b@[::1]:1").unwrap().0, "a@b");
+        assert!(parse_entry("127.0.0.1:8787").is_err());
+        assert!(parse_entry("shop@localhost:8787").is_err());
+        assert_eq!(sentry_route("/api/7/envelope/"), Some((7, "envelope")));
+        assert_eq!(sentry_route("/prefix/api/12/store"), Some((12, "store")));
+        assert_eq!(sentry_route("/api/x/store/"), None);
+        let mut l = RateLimiter::default();
+        assert_eq!(l.check(1, Some(2), 2), None);
+        assert!(l.check(1, Some(2), 1).is_some());
+        assert_eq!(l.check(2, None, 1000), None);
+    }
+}

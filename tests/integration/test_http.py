@@ -1,0 +1,346 @@
+"""The HTTP service (issue 14): Sentry SDKs, OTLP/HTTP and Prometheus talk to
+the database directly. A cluster of its own, with a listener for database
+`ingest` on a loopback port; the real sentry-sdk sends to it."""
+import gzip
+import http.client
+import json
+import os
+import pathlib
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import zlib
+
+import psycopg
+import pytest
+
+from conftest import ROOT, Cluster, free_port, wait_for
+
+MAX_CONNECTIONS = 32
+
+
+@pytest.fixture(scope="module")
+def svc():
+    path = pathlib.Path(f"/tmp/fraiseql_obs_http_{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    port, hport = free_port(), free_port()
+    conf = [
+        "fraiseql_obs.flush_interval = 100",
+        "fraiseql_obs.launcher_naptime = 1",
+        f"fraiseql_obs.http_listen = 'ingest@127.0.0.1:{hport}'",
+        f"fraiseql_obs.http_max_connections = {MAX_CONNECTIONS}",
+        "fraiseql_obs.http_max_event_size = '256kB'",
+    ]
+    subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(path), str(port), *conf], check=True)
+    c = Cluster(path, port)
+    with c.connect() as conn:
+        conn.execute("CREATE DATABASE ingest")
+    with c.connect("ingest") as conn:
+        conn.execute("CREATE EXTENSION fraiseql_obs")
+    # the worker retries its connection until the database exists
+    wait_for(lambda: request(hport, "GET", "/health")[0] == 200, timeout=30, what="the HTTP service")
+    c.hport = hport
+    try:
+        yield c
+    finally:
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(path)], check=False)
+        if os.environ.get("KEEP_TEST_CLUSTER") != "1":
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def request(port, method, path, body=b"", headers=None, timeout=30):
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r.status, dict(r.getheaders()), data
+    except (ConnectionError, OSError):
+        return None, {}, b""
+
+
+def project(svc, name, **kw):
+    args = ", ".join(f"{k} => %s" for k in kw)
+    with svc.connect("ingest") as c:
+        dsn = c.execute(f"SELECT fraiseql_create_project(%s{', ' + args if args else ''})",
+                        [name, *kw.values()]).fetchone()[0]
+    key = dsn.split("//")[1].split("@")[0]
+    pid = int(dsn.rsplit("/", 1)[1])
+    return dsn, key, pid
+
+
+def envelope(event, dsn=None, event_id=None):
+    header = {"event_id": event_id or event.get("event_id") or uuid.uuid4().hex}
+    if dsn:
+        header["dsn"] = dsn
+    payload = json.dumps(event).encode()
+    return (json.dumps(header) + "\n" + json.dumps({"type": "event", "length": len(payload)}) + "\n").encode() + payload + b"\n"
+
+
+def auth(key):
+    return {"X-Sentry-Auth": f"Sentry sentry_key={key}, sentry_version=7, sentry_client=test/1.0",
+            "Content-Type": "application/x-sentry-envelope"}
+
+
+def occurrences(svc, where="true", params=()):
+    with svc.connect("ingest") as c:
+        return c.execute(f"SELECT count(*) FROM tb_error_occurrence WHERE {where}", params).fetchone()[0]
+
+
+SDK_SCRIPT = textwrap.dedent('''
+    import sys, sentry_sdk
+    dsn, algo, release = sys.argv[1], sys.argv[2], sys.argv[3]
+    sentry_sdk.init(dsn=dsn, release=release, traces_sample_rate=1.0,
+                    _experiments={"transport_compression_algo": algo} if algo != "none" else {})
+    sentry_sdk.set_user({"id": "user-" + algo})
+    sentry_sdk.set_tag("algo", algo)
+
+    def load_cart(cart_id):
+        return {"a": 1}[cart_id]
+
+    def checkout(cart_id):
+        return load_cart(cart_id)
+
+    with sentry_sdk.start_transaction(name="POST /checkout", op="http.server"):
+        for cart in ["x1", "x2"]:
+            try:
+                checkout(cart)
+            except KeyError:
+                sentry_sdk.capture_exception()
+    sentry_sdk.capture_message("payment provider slow")
+    sentry_sdk.flush(10)
+''')
+
+
+@pytest.mark.parametrize("algo", ["br", "gzip", "none"])
+def test_the_official_python_sdk(svc, algo):
+    """sentry-sdk, unchanged but for its DSN: exceptions grouped by their
+    frames, a message, a transaction as spans; brotli, gzip or no compression."""
+    dsn, key, pid = project(svc, f"py-{algo}")
+    release = f"shop@1.0.{len(algo)}"
+    out = subprocess.run([sys.executable, "-c", SDK_SCRIPT, dsn, algo, release],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with svc.connect("ingest") as c:
+        rows = wait_for(lambda: (lambda r: r if len(r) == 3 else None)(c.execute(
+            "SELECT error_type, message, environment, release_version, context, stack_trace, error_id "
+            "FROM tb_error_occurrence WHERE context #>> '{sentry,project_id}' = %s ORDER BY occurred_at",
+            [str(pid)]).fetchall()), what="three occurrences")
+        kinds = sorted(r[0] for r in rows)
+        assert kinds == ["KeyError", "KeyError", "Message"]
+        errs = [r for r in rows if r[0] == "KeyError"]
+        # two carts, one group: the in-app frames decide, not the message
+        assert errs[0][6] == errs[1][6]
+        assert {r[1] for r in errs} == {"'x1'", "'x2'"}
+        e = errs[0]
+        assert e[2] == "production"  # the SDK's own default
+        assert e[3] == release
+        assert e[4]["user"]["id"] == f"user-{algo}"
+        assert e[4]["tags"]["algo"] == algo
+        assert e[4]["sentry"]["sdk"]["name"] == "sentry.python"
+        assert "in load_cart" in e[5] and "in checkout" in e[5]
+        # groups are the database's, across projects: the same code sent
+        # by the earlier runs of this test is the same group
+        total, users = c.execute(
+            "SELECT count(*), count(DISTINCT context #>> '{user,id}') FROM tb_error_occurrence WHERE error_id = %s",
+            [e[6]]).fetchone()
+        group = wait_for(lambda: (lambda g: g if g and g[0] == total else None)(c.execute(
+            "SELECT occurrence_count, culprit, users_affected FROM v_error_groups WHERE error_id = %s",
+            [e[6]]).fetchone()), what="the group's count")
+        assert "load_cart" in (group[1] or "")
+        assert group[2] == users
+        # the transaction, as spans of the same trace as the errors
+        trace_id = e[4]["contexts"]["trace"]["trace_id"]
+        spans = c.execute("SELECT operation_name FROM monitoring.traces WHERE trace_id = %s", [trace_id]).fetchall()
+        assert ("POST /checkout",) in spans
+
+
+def test_keys_wrong_missing_revoked_and_rotated(svc):
+    dsn, key, pid = project(svc, "keys")
+    ev = {"message": "hello", "event_id": uuid.uuid4().hex}
+    path = f"/api/{pid}/envelope/"
+    assert request(svc.hport, "POST", path, envelope(ev), {"Content-Type": "application/x-sentry-envelope"})[0] == 401
+    assert request(svc.hport, "POST", path, envelope(ev), auth("0" * 32))[0] == 403
+    # another project's key does not open this one
+    _, other_key, _ = project(svc, "other")
+    assert request(svc.hport, "POST", path, envelope(ev), auth(other_key))[0] == 403
+    # the key as a query parameter, and in the envelope's DSN
+    st, _, body = request(svc.hport, "POST", f"{path}?sentry_key={key}&sentry_version=7", envelope(ev))
+    assert st == 200 and json.loads(body)["id"] == ev["event_id"]
+    ev2 = {"message": "hello", "event_id": uuid.uuid4().hex}
+    assert request(svc.hport, "POST", path, envelope(ev2, dsn=dsn))[0] == 200
+    with svc.connect("ingest") as c:
+        new_dsn = c.execute("SELECT fraiseql_rotate_project_key('keys')").fetchone()[0]
+    new_key = new_dsn.split("//")[1].split("@")[0]
+    assert new_key != key
+    ev3 = {"message": "hello", "event_id": uuid.uuid4().hex}
+    assert request(svc.hport, "POST", path, envelope(ev3), auth(key))[0] == 403
+    assert request(svc.hport, "POST", path, envelope(ev3), auth(new_key))[0] == 200
+    with svc.connect("ingest") as c:
+        assert c.execute("SELECT fraiseql_revoke_project_key(%s)", [new_key]).fetchone()[0] is True
+    assert request(svc.hport, "POST", path, envelope(ev3), auth(new_key))[0] == 403
+    assert occurrences(svc, "context #>> '{sentry,project_id}' = %s", [str(pid)]) == 3
+
+
+def test_reply_comes_after_the_commit_and_duplicates_are_stored_once(svc):
+    _, key, pid = project(svc, "dup", default_environment="staging")
+    ev = {"exception": {"values": [{"type": "DupError", "value": "once"}]}, "event_id": uuid.uuid4().hex}
+    for _ in range(3):
+        st, _, body = request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope(ev), auth(key))
+        assert st == 200
+        # visible to anyone as soon as the reply is
+        assert occurrences(svc, "error_type = 'DupError'") == 1
+    # an event that names no environment gets the project's
+    assert occurrences(svc, "error_type = 'DupError' AND environment = 'staging'") == 1
+    # the legacy store endpoint, deflate-compressed
+    ev = {"exception": {"values": [{"type": "StoreError", "value": "legacy"}]}}
+    st, _, body = request(svc.hport, "POST", f"/api/{pid}/store/", zlib.compress(json.dumps(ev).encode()),
+                          {**auth(key), "Content-Encoding": "deflate", "Content-Type": "application/json"})
+    assert st == 200, body
+    assert len(json.loads(body)["id"]) == 32
+    assert occurrences(svc, "error_type = 'StoreError'") == 1
+
+
+def test_bad_input_is_refused_and_nothing_stored_is_lost(svc):
+    _, key, pid = project(svc, "bad")
+    good = {"exception": {"values": [{"type": "KeptError", "value": "kept"}]}}
+    assert request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope(good), auth(key))[0] == 200
+    path = f"/api/{pid}/envelope/"
+    full = envelope({"message": "x" * 100})
+    cases = [
+        (full[: len(full) // 2], {}, 400),                         # truncated
+        (b"{not json\n", {}, 400),                                 # malformed header
+        (b'{}\n{"type":"event","length":5}\n{"a":', {}, 400),      # cut item
+        (b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400),  # not gzip
+        (b"x", {"Content-Encoding": "zstd"}, 415),
+        # a decompression bomb: 64 MiB of zeros in ~64 kB
+        (gzip.compress(b"\0" * (64 << 20), 9), {"Content-Encoding": "gzip"}, 413),
+        # one event over http_max_event_size (256 kB)
+        (envelope({"message": "y" * 300_000}), {}, 413),
+    ]
+    for body, hdrs, want in cases:
+        st, _, resp = request(svc.hport, "POST", path, body, {**auth(key), **hdrs})
+        assert st == want, (body[:40], st, resp)
+    assert request(svc.hport, "GET", "/api/1/envelope/")[0] == 405
+    assert request(svc.hport, "GET", "/nothing")[0] == 404
+    assert occurrences(svc, "error_type = 'KeptError'") == 1
+    assert request(svc.hport, "POST", path, envelope(good), auth(key))[0] == 200
+
+
+def test_a_projects_rate_limit(svc):
+    _, key, pid = project(svc, "limited", rate_limit_per_minute=3)
+    statuses = []
+    for i in range(5):
+        st, hdrs, _ = request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": f"m{i}"}), auth(key))
+        statuses.append(st)
+    assert statuses == [200, 200, 200, 429, 429]
+    assert int(hdrs["Retry-After"]) >= 1
+    assert hdrs["X-Sentry-Rate-Limits"].endswith("::project:project_quota")
+
+
+def test_slow_clients_and_a_connection_flood_leave_the_service_serving(svc):
+    _, key, pid = project(svc, "flood")
+    # a client that sends half a request head and stalls holds one thread only
+    slow = socket.create_connection(("127.0.0.1", svc.hport))
+    slow.sendall(b"POST /api/1/envelope/ HTTP/1.1\r\nContent-Le")
+    # as many connections as this process may open, held open
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(10_000, hard - 100)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want + 200), hard))
+    held, refused = [], 0
+    try:
+        for _ in range(want):
+            try:
+                s = socket.create_connection(("127.0.0.1", svc.hport), timeout=2)
+                held.append(s)
+            except OSError:
+                refused += 1
+        # those over the cap were answered 503 and closed
+        answered = 0
+        for s in held[MAX_CONNECTIONS + 10: MAX_CONNECTIONS + 60]:
+            s.settimeout(5)
+            try:
+                if s.recv(64).startswith(b"HTTP/1.1 503"):
+                    answered += 1
+            except OSError:
+                pass
+        assert answered > 0
+    finally:
+        for s in held:
+            s.close()
+        slow.close()
+    # and the service goes on
+    ev = {"exception": {"values": [{"type": "AfterFloodError", "value": "ok"}]}}
+    st = wait_for(lambda: request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope(ev), auth(key))[0] == 200,
+                  timeout=30, what="service after the flood")
+    assert occurrences(svc, "error_type = 'AfterFloodError'") == 1
+
+
+def test_otlp_json_traces_and_prometheus_metrics(svc):
+    _, key, pid = project(svc, "otel")
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    now = time.time_ns()
+    payload = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
+                                  "scopeSpans": [{"spans": [{"traceId": trace_id, "spanId": span_id, "name": "GET /",
+                                                             "kind": 2, "startTimeUnixNano": str(now - 5_000_000),
+                                                             "endTimeUnixNano": str(now)}]}]}]}
+    body = json.dumps(payload).encode()
+    assert request(svc.hport, "POST", "/v1/traces", body, {"Content-Type": "application/json"})[0] == 401
+    st, hdrs, resp = request(svc.hport, "POST", "/v1/traces", gzip.compress(body),
+                             {"Content-Type": "application/json", "Content-Encoding": "gzip",
+                              "Authorization": f"Bearer {key}"})
+    assert st == 200, resp
+    assert json.loads(resp) == {"partialSuccess": {}}
+    with svc.connect("ingest") as c:
+        assert c.execute("SELECT service_name FROM monitoring.traces WHERE trace_id = %s", [trace_id]).fetchone() == ("shop",)
+        c.execute("SELECT fraiseql_metric_increment('orders_total', '{\"shop\": \"eu\"}')")
+    assert request(svc.hport, "GET", "/metrics")[0] == 401
+    st, hdrs, text = request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert st == 200
+    assert hdrs["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert b"orders_total" in text
+
+
+def test_dsn_needs_an_address(svc):
+    """A database no listener serves gets a clear error, not a DSN to nowhere."""
+    with svc.connect() as c:
+        c.execute("CREATE DATABASE nolistener")
+    try:
+        with svc.connect("nolistener") as c:
+            c.execute("CREATE EXTENSION fraiseql_obs")
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                c.execute("SELECT fraiseql_create_project('p')")
+    finally:
+        with svc.connect() as c:
+            c.execute("DROP DATABASE nolistener")
+
+
+def test_only_the_owner_manages_projects(svc):
+    with svc.connect("ingest") as c:
+        c.execute("DROP ROLE IF EXISTS app_http")
+        c.execute("CREATE ROLE app_http LOGIN")
+        c.execute("GRANT USAGE ON SCHEMA public TO app_http")
+    with psycopg.connect(svc.dsn("ingest", "app_http"), autocommit=True) as c:
+        for sql in ["SELECT fraiseql_create_project('mine')", "SELECT * FROM v_projects",
+                    "SELECT * FROM tb_project_key", "SELECT fraiseql_revoke_project_key('x')"]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(sql)
+
+
+def test_drop_database_is_not_blocked_by_the_listener(svc):
+    """The listener leaves its database for DROP DATABASE, and comes back
+    when it exists again."""
+    with svc.connect() as c:
+        c.execute("DROP DATABASE ingest")
+        c.execute("CREATE DATABASE ingest")
+    with svc.connect("ingest") as c:
+        c.execute("CREATE EXTENSION fraiseql_obs")
+    _, key, pid = project(svc, "again")
+    wait_for(lambda: request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": "back"}), auth(key))[0] == 200,
+             timeout=30, what="the listener back in the new database")
