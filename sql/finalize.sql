@@ -155,6 +155,7 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project_project_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_project_key', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_ingest_event', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_otlp_cumulative', '');
 
 -- Privileges: nothing is callable by PUBLIC. An application role needs only
 --   GRANT EXECUTE ON FUNCTION fraiseql_capture_error(text, text, text, jsonb, text, text, text, text, text, text, timestamptz, boolean),

@@ -267,3 +267,162 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- ---------------------------------------------------------------------------
+-- OTLP metrics. A delta point adds to the series; a cumulative one is turned
+-- into what came since the last point of the same series and start time
+-- (a new start time, or a value that went down, is a restart of the
+-- exporter: the whole value is new). The last cumulative values are kept
+-- here, so a restart of the service loses nothing and counts nothing twice.
+-- ---------------------------------------------------------------------------
+CREATE TABLE tb_otlp_cumulative (
+    metric_name text NOT NULL,
+    environment text NOT NULL,
+    labels      jsonb NOT NULL,
+    start_ns    numeric NOT NULL,
+    value       double precision,
+    counts      bigint[],
+    obs_sum     double precision,
+    obs_count   bigint,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (metric_name, environment, labels)
+);
+
+-- A sum point: monotonic sums are counters, the others gauges.
+CREATE FUNCTION _fraiseql_otlp_sum(p_name text, p_labels jsonb, p_env text, p_start_ns numeric,
+                                   p_value double precision, p_delta boolean, p_monotonic boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_env    text := coalesce(p_env, current_setting('fraiseql_obs.environment'));
+    v_last   @extschema@.tb_otlp_cumulative;
+    v_change double precision;
+    v_old    text := current_setting('fraiseql_obs.environment');
+BEGIN
+    PERFORM set_config('fraiseql_obs.environment', v_env, true);
+    IF p_delta AND p_monotonic THEN
+        v_change := p_value;
+    ELSE
+        SELECT * INTO v_last FROM @extschema@.tb_otlp_cumulative c
+         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = p_labels FOR UPDATE;
+        IF p_delta THEN
+            -- an up-down counter sent as deltas: the running value is ours
+            v_change := coalesce(v_last.value, 0) + p_value;
+        ELSIF p_monotonic THEN
+            v_change := CASE WHEN v_last.start_ns = p_start_ns AND p_value >= v_last.value
+                             THEN p_value - v_last.value ELSE p_value END;
+        ELSE
+            v_change := p_value;
+        END IF;
+        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, start_ns, value)
+        VALUES (p_name, v_env, p_labels, p_start_ns, CASE WHEN p_delta THEN v_change ELSE p_value END)
+        ON CONFLICT (metric_name, environment, labels) DO UPDATE
+           SET start_ns = excluded.start_ns, value = excluded.value, updated_at = now();
+    END IF;
+    IF p_monotonic THEN
+        IF v_change > 0 OR NOT EXISTS (SELECT FROM @extschema@.tb_metric_series m
+                                        WHERE m.metric_name = p_name AND m.environment = v_env AND m.labels = p_labels) THEN
+            PERFORM @extschema@._fraiseql_metric_record(p_name, 'counter', v_change, p_labels);
+        END IF;
+    ELSE
+        PERFORM @extschema@._fraiseql_metric_record(p_name, 'gauge', v_change, p_labels);
+    END IF;
+    PERFORM set_config('fraiseql_obs.environment', v_old, true);
+END
+$$;
+
+CREATE FUNCTION _fraiseql_otlp_gauge(p_name text, p_labels jsonb, p_env text, p_value double precision)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old text := current_setting('fraiseql_obs.environment');
+BEGIN
+    PERFORM set_config('fraiseql_obs.environment', coalesce(p_env, v_old), true);
+    PERFORM @extschema@._fraiseql_metric_record(p_name, 'gauge', p_value, p_labels);
+    PERFORM set_config('fraiseql_obs.environment', v_old, true);
+END
+$$;
+
+-- A histogram point (explicit bounds; p_counts has one more entry, +Inf).
+-- The series gets these bounds when it is new (unless fraiseql_metric_define
+-- gave the name others); against other bounds, each bucket's count goes to
+-- the series bucket that holds its upper bound.
+CREATE FUNCTION _fraiseql_otlp_histogram(p_name text, p_labels jsonb, p_env text, p_start_ns numeric,
+                                         p_bounds double precision[], p_counts bigint[],
+                                         p_sum double precision, p_count bigint, p_delta boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_env     text := coalesce(p_env, current_setting('fraiseql_obs.environment'));
+    v_labels  jsonb;
+    v_last    @extschema@.tb_otlp_cumulative;
+    v_counts  bigint[] := p_counts;
+    v_sum     double precision := p_sum;
+    v_count   bigint := p_count;
+    v_series  record;
+    v_add     bigint[];
+    v_stripe  integer := @extschema@._fraiseql_stripe();
+    i         integer;
+    j         integer;
+BEGIN
+    v_labels := @extschema@._fraiseql_check_metric(p_name, 'histogram', 0, p_labels);
+    IF NOT p_delta THEN
+        SELECT * INTO v_last FROM @extschema@.tb_otlp_cumulative c
+         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = v_labels FOR UPDATE;
+        IF v_last.start_ns = p_start_ns AND cardinality(v_last.counts) = cardinality(p_counts)
+           AND p_count >= v_last.obs_count THEN
+            SELECT array_agg(greatest(n.c - o.c, 0) ORDER BY n.i) INTO v_counts
+              FROM unnest(p_counts) WITH ORDINALITY n(c, i)
+              JOIN unnest(v_last.counts) WITH ORDINALITY o(c, i) USING (i);
+            v_sum := p_sum - v_last.obs_sum;
+            v_count := p_count - v_last.obs_count;
+        END IF;
+        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, start_ns, counts, obs_sum, obs_count)
+        VALUES (p_name, v_env, v_labels, p_start_ns, p_counts, p_sum, p_count)
+        ON CONFLICT (metric_name, environment, labels) DO UPDATE
+           SET start_ns = excluded.start_ns, counts = excluded.counts, obs_sum = excluded.obs_sum,
+               obs_count = excluded.obs_count, updated_at = now();
+    END IF;
+    INSERT INTO @extschema@.tb_metric_series AS m (metric_name, metric_type, labels, environment, buckets)
+    VALUES (p_name, 'histogram', v_labels, v_env,
+            coalesce((SELECT d.buckets FROM @extschema@.tb_metric_definition d WHERE d.metric_name = p_name), p_bounds))
+    ON CONFLICT (metric_name, environment, labels) DO NOTHING;
+    SELECT m.series_id, m.metric_type, m.buckets INTO v_series
+      FROM @extschema@.tb_metric_series m
+     WHERE m.metric_name = p_name AND m.environment = v_env AND m.labels = v_labels;
+    IF v_series.metric_type <> 'histogram' THEN
+        RAISE EXCEPTION 'fraiseql_obs: metric "%" is a %, not a histogram', p_name, v_series.metric_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    -- per series bucket (not cumulative); the +Inf bucket is only counted
+    v_add := array_fill(0::bigint, ARRAY[cardinality(v_series.buckets)]);
+    FOR i IN 1 .. cardinality(v_counts) LOOP
+        CONTINUE WHEN v_counts[i] = 0;
+        IF i > cardinality(p_bounds) THEN
+            CONTINUE;
+        END IF;
+        j := 1;
+        WHILE j <= cardinality(v_series.buckets) AND v_series.buckets[j] < p_bounds[i] LOOP
+            j := j + 1;
+        END LOOP;
+        IF j <= cardinality(v_series.buckets) THEN
+            v_add[j] := v_add[j] + v_counts[i];
+        END IF;
+    END LOOP;
+    INSERT INTO @extschema@.tb_metric_stripe AS s (series_id, stripe, value, updated_at, obs_count, obs_sum, bucket_counts)
+    VALUES (v_series.series_id, v_stripe, 0, clock_timestamp(), v_count, v_sum, v_add)
+    ON CONFLICT (series_id, stripe) DO UPDATE
+       SET updated_at = clock_timestamp(),
+           obs_count = s.obs_count + excluded.obs_count,
+           obs_sum = s.obs_sum + excluded.obs_sum,
+           bucket_counts = (SELECT array_agg(coalesce(a.c, 0) + coalesce(b.c, 0) ORDER BY coalesce(a.i, b.i))
+                              FROM unnest(s.bucket_counts) WITH ORDINALITY a(c, i)
+                              FULL JOIN unnest(excluded.bucket_counts) WITH ORDINALITY b(c, i) USING (i));
+END
+$$;

@@ -23,7 +23,7 @@
 use crate::guc;
 use crate::worker::{in_subtransaction, in_transaction};
 use fraiseql_ingest::http::{self, Request, Response};
-use fraiseql_ingest::{encoding, sentry};
+use fraiseql_ingest::{encoding, otlp, sentry};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
 use serde_json::{json, Value};
@@ -102,13 +102,22 @@ enum Work {
         event_id: Option<String>,
         items: Vec<Result<sentry::Item, String>>,
     },
-    OtlpTraces {
+    /// an OTLP request; the reply in its encoding
+    Otlp {
         key: Option<String>,
-        payload: Value,
+        protobuf: bool,
+        data: OtlpData,
     },
     Metrics {
         key: Option<String>,
     },
+}
+
+enum OtlpData {
+    /// an OTLP/JSON ExportTraceServiceRequest
+    Traces(Value),
+    Logs(otlp::Logs),
+    Metrics(Vec<otlp::Point>, Vec<String>),
 }
 
 struct Job {
@@ -349,24 +358,52 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
             }
             Response::json(200, &json!({ "id": id }))
         }
-        Work::OtlpTraces { key, payload } => {
+        Work::Otlp { key, protobuf, data } => {
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (Bearer <project key>)");
             };
-            if project(schema, key, None).is_none() {
+            let Some((pid, default_env, limit)) = project(schema, key, None) else {
                 return Response::error(403, "invalid key");
-            }
-            match in_subtransaction(|| store_spans(schema, payload)) {
-                Ok(r) => {
-                    let rejected = r.get("rejected").and_then(Value::as_i64).unwrap_or(0);
-                    let body = if rejected > 0 {
-                        json!({ "partialSuccess": r.get("partialSuccess").cloned().unwrap_or(json!({})) })
-                    } else {
-                        json!({ "partialSuccess": {} })
-                    };
-                    Response::json(200, &body)
+            };
+            let (kind, rejected, message) = match data {
+                OtlpData::Traces(payload) => match in_subtransaction(|| store_spans(schema, payload)) {
+                    Ok(r) => (
+                        "rejectedSpans",
+                        r.get("rejected").and_then(Value::as_i64).unwrap_or(0),
+                        r.pointer("/partialSuccess/errorMessage").and_then(Value::as_str).unwrap_or("").to_string(),
+                    ),
+                    Err(e) => return Response::error(400, &e),
+                },
+                OtlpData::Logs(logs) => {
+                    if let Some(secs) = limiter.check(pid, limit, logs.captures.len() as u64) {
+                        return Response::error(429, "project rate limit exceeded")
+                            .with_header("Retry-After", &secs.to_string());
+                    }
+                    let mut errors = Vec::new();
+                    for c in &logs.captures {
+                        if let Err(e) = in_subtransaction(|| store_event(schema, pid, default_env.as_deref(), c)) {
+                            errors.push(e);
+                        }
+                    }
+                    ("rejectedLogRecords", errors.len() as i64, errors.join("; "))
                 }
-                Err(e) => Response::error(400, &e),
+                OtlpData::Metrics(points, rejected) => {
+                    let mut errors = rejected.clone();
+                    for p in points {
+                        if let Err(e) = in_subtransaction(|| store_point(schema, p)) {
+                            errors.push(e);
+                        }
+                    }
+                    errors.truncate(20);
+                    ("rejectedDataPoints", errors.len() as i64, errors.join("; "))
+                }
+            };
+            if *protobuf {
+                Response::new(200, "application/x-protobuf", otlp::response(rejected, &message))
+            } else if rejected > 0 {
+                Response::json(200, &json!({ "partialSuccess": { kind: rejected, "errorMessage": message } }))
+            } else {
+                Response::json(200, &json!({ "partialSuccess": {} }))
             }
         }
         Work::Metrics { key } => {
@@ -409,6 +446,45 @@ fn store_event(schema: &str, project_id: i32, default_env: Option<&str>, c: &sen
     )
     .unwrap_or_else(|e| error!("fraiseql_obs http: storing an event failed: {e}"))
     .unwrap_or(false)
+}
+
+fn store_point(schema: &str, p: &otlp::Point) {
+    let labels = |l: &serde_json::Map<String, Value>| pgrx::JsonB(Value::Object(l.clone()));
+    let r = match p {
+        otlp::Point::Sum { name, labels: l, environment, start_ns, value, delta, monotonic } => Spi::run_with_args(
+            &format!("SELECT {schema}._fraiseql_otlp_sum($1, $2, $3, $4::numeric, $5, $6, $7)"),
+            &[
+                name.as_str().into(),
+                labels(l).into(),
+                environment.as_deref().into(),
+                start_ns.to_string().as_str().into(),
+                (*value).into(),
+                (*delta).into(),
+                (*monotonic).into(),
+            ],
+        ),
+        otlp::Point::Gauge { name, labels: l, environment, value } => Spi::run_with_args(
+            &format!("SELECT {schema}._fraiseql_otlp_gauge($1, $2, $3, $4)"),
+            &[name.as_str().into(), labels(l).into(), environment.as_deref().into(), (*value).into()],
+        ),
+        otlp::Point::Histogram { name, labels: l, environment, start_ns, bounds, counts, sum, count, delta } => {
+            Spi::run_with_args(
+                &format!("SELECT {schema}._fraiseql_otlp_histogram($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9)"),
+                &[
+                    name.as_str().into(),
+                    labels(l).into(),
+                    environment.as_deref().into(),
+                    start_ns.to_string().as_str().into(),
+                    bounds.clone().into(),
+                    counts.iter().map(|c| (*c).min(i64::MAX as u64) as i64).collect::<Vec<i64>>().into(),
+                    (*sum).into(),
+                    ((*count).min(i64::MAX as u64) as i64).into(),
+                    (*delta).into(),
+                ],
+            )
+        }
+    };
+    r.unwrap_or_else(|e| error!("fraiseql_obs http: storing a metric point failed: {e}"));
 }
 
 fn store_spans(schema: &str, payload: &Value) -> Value {
@@ -463,16 +539,17 @@ fn route(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
         });
     }
     match (req.method.as_str(), path.as_str()) {
-        ("POST", "/v1/traces") => otlp_traces(req, tx, sizes),
-        ("POST", "/v1/metrics") | ("POST", "/v1/logs") => {
-            Response::error(501, "OTLP metrics and logs are not served yet")
-        }
+        ("POST", "/v1/traces") => otlp_request(req, otlp::Signal::Traces, tx, sizes),
+        ("POST", "/v1/metrics") => otlp_request(req, otlp::Signal::Metrics, tx, sizes),
+        ("POST", "/v1/logs") => otlp_request(req, otlp::Signal::Logs, tx, sizes),
         ("GET", "/metrics") | ("HEAD", "/metrics") => {
             let key = bearer(&req);
             submit(tx, Work::Metrics { key })
         }
         ("GET", "/health") | ("HEAD", "/health") => Response::new(200, "text/plain", "ok\n"),
-        (_, "/v1/traces") | (_, "/metrics") => Response::error(405, "method not allowed"),
+        (_, "/v1/traces") | (_, "/v1/metrics") | (_, "/v1/logs") | (_, "/metrics") => {
+            Response::error(405, "method not allowed")
+        }
         _ => Response::error(404, "not found"),
     }
 }
@@ -546,20 +623,37 @@ fn sentry_store(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Siz
     submit(tx, Work::Sentry { project_id, key, event_id: None, items: vec![item] })
 }
 
-fn otlp_traces(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+/// OTLP/HTTP: protobuf (the Collector, the Python and Go exporters) or JSON
+/// (the JS exporter), decoded here into one form; the key as a bearer token.
+fn otlp_request(req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
     let ctype = req.header("content-type").unwrap_or("").to_ascii_lowercase();
-    if !ctype.starts_with("application/json") {
-        return Response::error(415, "only application/json is served on /v1/traces for now");
+    let protobuf = ctype.starts_with("application/x-protobuf") || ctype.starts_with("application/protobuf");
+    if !protobuf && !ctype.starts_with("application/json") {
+        return Response::error(415, "OTLP/HTTP takes application/x-protobuf or application/json");
     }
     let body = match decode(&req, sizes.envelope.load(Ordering::Relaxed)) {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let payload: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return Response::error(400, &format!("invalid JSON: {e}")),
+    let payload = if protobuf {
+        otlp::decode(signal, &body).map_err(|e| format!("invalid protobuf: {e}"))
+    } else {
+        serde_json::from_slice::<Value>(&body).map_err(|e| format!("invalid JSON: {e}"))
     };
-    submit(tx, Work::OtlpTraces { key: bearer(&req), payload })
+    let payload = match payload {
+        Ok(v) if v.is_object() => v,
+        Ok(_) => return Response::error(400, "the request is not an object"),
+        Err(why) => return Response::error(400, &why),
+    };
+    let data = match signal {
+        otlp::Signal::Traces => OtlpData::Traces(payload),
+        otlp::Signal::Logs => OtlpData::Logs(otlp::logs(&payload)),
+        otlp::Signal::Metrics => {
+            let (points, rejected) = otlp::metrics(&payload);
+            OtlpData::Metrics(points, rejected)
+        }
+    };
+    submit(tx, Work::Otlp { key: bearer(&req), protobuf, data })
 }
 
 #[cfg(any(test, feature = "pg_test"))]

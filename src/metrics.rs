@@ -195,6 +195,66 @@ fn label_block(labels: &[(String, String)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
+/// A series' labels as exposed: sanitized names, its environment, sorted.
+fn exposed_labels(s: &Series) -> Vec<(String, String)> {
+    let mut labels: Vec<(String, String)> = s
+        .labels
+        .iter()
+        .map(|(k, v)| {
+            (
+                sanitize_label(k),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
+        .filter(|(k, _)| k != "le" && k != "environment")
+        .collect();
+    labels.push(("environment".into(), s.environment.clone()));
+    labels.sort();
+    labels.dedup_by(|a, b| a.0 == b.0);
+    labels
+}
+
+/// Series that are one once exposed (names or label names that differ only
+/// in characters Prometheus does not allow, as `http.requests` and
+/// `http_requests`) become one series: a scrape with the same series twice
+/// is refused by Prometheus. Counters and histograms of the same buckets
+/// add up; of two gauges, or histograms of other buckets, the first (by
+/// recorded name) is kept. `series` is sorted by exposed name.
+fn merge_same_series(series: Vec<Series>, exposed: impl Fn(&Series) -> String) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::with_capacity(series.len());
+    let mut index: std::collections::HashMap<(String, String, Vec<(String, String)>), usize> =
+        std::collections::HashMap::new();
+    for s in series {
+        let key = (exposed(&s), s.kind.clone(), exposed_labels(&s));
+        match index.get(&key) {
+            Some(&i) => {
+                let t = &mut out[i];
+                match s.kind.as_str() {
+                    "counter" => t.value = Some(t.value.unwrap_or(0.0) + s.value.unwrap_or(0.0)),
+                    "histogram" if t.buckets == s.buckets => {
+                        t.bucket_counts.resize(t.buckets.len(), 0);
+                        for (i, c) in s.bucket_counts.iter().enumerate() {
+                            if let Some(x) = t.bucket_counts.get_mut(i) {
+                                *x += c;
+                            }
+                        }
+                        t.obs_count += s.obs_count;
+                        t.obs_sum += s.obs_sum;
+                    }
+                    _ => {}
+                }
+            }
+            None => {
+                index.insert(key, out.len());
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
 /// The text exposition format (version 0.0.4) of all series.
 pub fn exposition(mut series: Vec<Series>) -> String {
     // counters are exposed as <name>_total
@@ -210,7 +270,9 @@ pub fn exposition(mut series: Vec<Series>) -> String {
         exposed(a)
             .cmp(&exposed(b))
             .then(a.environment.cmp(&b.environment))
+            .then(a.name.cmp(&b.name))
     });
+    let series = merge_same_series(series, exposed);
     let mut out = String::new();
     let mut current: Option<(String, String)> = None;
     for s in &series {
@@ -228,22 +290,7 @@ pub fn exposition(mut series: Vec<Series>) -> String {
                 current = Some((family.clone(), s.kind.clone()));
             }
         }
-        let mut labels: Vec<(String, String)> = s
-            .labels
-            .iter()
-            .map(|(k, v)| {
-                (
-                    sanitize_label(k),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
-            .filter(|(k, _)| k != "le" && k != "environment")
-            .collect();
-        labels.push(("environment".into(), s.environment.clone()));
-        labels.sort();
-        labels.dedup_by(|a, b| a.0 == b.0);
+        let labels = exposed_labels(s);
         match s.kind.as_str() {
             "histogram" => {
                 let mut cumulative = 0i64;

@@ -601,4 +601,24 @@ mod tests {
         let left: i64 = one("SELECT count(*) FROM monitoring.traces");
         assert_eq!(left, 0, "30 days of retention: {}", r.0);
     }
+
+    /// Names that differ only in characters Prometheus does not allow make
+    /// one series, not two (promtool refuses a scrape with duplicates).
+    #[pg_test]
+    fn prometheus_names_that_sanitize_alike_are_one_series() {
+        run("SELECT fraiseql_metric_increment('http.requests', '{\"code\": \"200\"}', 2)");
+        run("SELECT fraiseql_metric_increment('http_requests', '{\"code\": \"200\"}', 3)");
+        run("SELECT fraiseql_metric_increment('http_requests', '{\"code\": \"500\"}', 1)");
+        run("SELECT fraiseql_metric_set_gauge('queue.depth', 4)");
+        run("SELECT fraiseql_metric_set_gauge('queue_depth', 9)");
+        let text: String = one("SELECT fraiseql_metrics_prometheus()");
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        let mut keys: Vec<&str> = samples.iter().map(|l| l.rsplit_once(' ').unwrap().0).collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "duplicate series in:\n{text}");
+        assert!(text.contains("http_requests_total{code=\"200\",environment=\"production\"} 5"), "{text}");
+        assert_eq!(text.matches("# TYPE queue_depth gauge").count(), 1, "{text}");
+    }
 }

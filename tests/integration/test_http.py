@@ -344,3 +344,182 @@ def test_drop_database_is_not_blocked_by_the_listener(svc):
     _, key, pid = project(svc, "again")
     wait_for(lambda: request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": "back"}), auth(key))[0] == 200,
              timeout=30, what="the listener back in the new database")
+
+
+JS = ROOT / "tests/js"
+
+OTEL_SCRIPT = textwrap.dedent('''
+    import sys, logging
+    from opentelemetry import trace, metrics
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+
+    endpoint, key, compression, tag = sys.argv[1:5]
+    comp = Compression.Gzip if compression == "gzip" else Compression.NoCompression
+    headers = {"Authorization": "Bearer " + key}
+    res = Resource.create({"service.name": "py-shop", "service.version": "2.0.0",
+                           "deployment.environment": "otel-" + tag})
+    tp = TracerProvider(resource=res)
+    tp.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint + "/v1/traces", headers=headers, compression=comp)))
+    tracer = tp.get_tracer("test")
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint + "/v1/metrics", headers=headers, compression=comp),
+                                           export_interval_millis=3_600_000)
+    mp = MeterProvider(resource=res, metric_readers=[reader])
+    meter = mp.get_meter("test")
+    orders = meter.create_counter("orders." + tag)
+    latency = meter.create_histogram("latency_" + tag, unit="s")
+    lp = LoggerProvider(resource=res)
+    lp.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter(endpoint=endpoint + "/v1/logs", headers=headers, compression=comp)))
+    log = logging.getLogger("shop")
+    log.addHandler(LoggingHandler(logger_provider=lp))
+    log.setLevel(logging.INFO)
+
+    def charge(amount):
+        raise ValueError("card declined for amount %d" % amount)
+
+    with tracer.start_as_current_span("checkout " + tag):
+        orders.add(2, {"region": "eu"})
+        orders.add(3, {"region": "eu"})
+        for v in (0.02, 0.2, 2.0):
+            latency.record(v)
+        log.info("all fine")
+        try:
+            charge(42)
+        except ValueError:
+            log.exception("payment failed")
+    reader.force_flush()
+    orders.add(1, {"region": "eu"})
+    reader.force_flush()
+    tp.shutdown(); lp.shutdown(); mp.shutdown()
+''')
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_the_official_python_opentelemetry_exporters(svc, compression):
+    """opentelemetry-sdk with the OTLP/HTTP protobuf exporters: spans, a
+    counter sent cumulatively twice (counted once), a histogram, and an
+    error log with its exception captured and joined to its trace."""
+    _, key, _ = project(svc, f"otel-py-{compression}")
+    tag = compression
+    out = subprocess.run([sys.executable, "-c", OTEL_SCRIPT, f"http://127.0.0.1:{svc.hport}", key, compression, tag],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Failed to export" not in out.stderr, out.stderr
+    with svc.connect("ingest") as c:
+        span = c.execute("SELECT trace_id, service_name, environment FROM monitoring.traces WHERE operation_name = %s",
+                         [f"checkout {tag}"]).fetchone()
+        assert span[1:] == ("py-shop", f"otel-{tag}")
+        err = c.execute("SELECT error_type, message, trace_id, environment, release_version, stack_trace "
+                        "FROM tb_error_occurrence WHERE trace_id = %s", [span[0]]).fetchall()
+        assert len(err) == 1, err
+        assert err[0][0] == "ValueError" and "card declined" in err[0][1]
+        assert err[0][3:5] == (f"otel-{tag}", "2.0.0")
+        assert "in charge" in err[0][5]
+        # cumulative 5, then 6: the counter holds 6, not 11
+        total = c.execute("SELECT value FROM v_metric_series WHERE metric_name = %s AND environment = %s",
+                          [f"orders.{tag}", f"otel-{tag}"]).fetchone()[0]
+        assert total == 6
+        h = c.execute("SELECT obs_count, obs_sum FROM v_metric_series WHERE metric_name = %s",
+                      [f"latency_{tag}"]).fetchone()
+        assert h[0] == 3 and abs(h[1] - 2.22) < 1e-9
+
+
+def test_the_official_js_clients(svc):
+    """@sentry/node (an event over 32 KiB is gzipped) and the OpenTelemetry
+    JS OTLP/HTTP exporter (JSON)."""
+    dsn, key, pid = project(svc, "node")
+    out = subprocess.run(["node", str(JS / "send.mjs"), "sentry", dsn, "node@3.1.0"],
+                         capture_output=True, text=True, timeout=60, cwd=JS)
+    assert out.returncode == 0, out.stderr
+    with svc.connect("ingest") as c:
+        rows = c.execute("SELECT error_type, error_id, environment, release_version, stack_trace, context "
+                         "FROM tb_error_occurrence WHERE context #>> '{sentry,project_id}' = %s ORDER BY error_type",
+                         [str(pid)]).fetchall()
+        assert [r[0] for r in rows] == ["Message", "SyntaxError", "SyntaxError"], [r[:4] for r in rows]
+        assert rows[1][1] == rows[2][1]  # two parse errors, one group
+        assert rows[1][2:4] == ("node-test", "node@3.1.0")
+        assert "parseOrder" in rows[1][4]
+        assert rows[1][5]["user"]["id"] == "node-user"
+        assert rows[0][5]["sentry"]["sdk"]["name"] == "sentry.javascript.node"
+    out = subprocess.run(["node", str(JS / "send.mjs"), "otel", f"http://127.0.0.1:{svc.hport}", key, "js-span"],
+                         capture_output=True, text=True, timeout=60, cwd=JS)
+    assert out.returncode == 0, out.stderr
+    with svc.connect("ingest") as c:
+        assert c.execute("SELECT service_name, environment FROM monitoring.traces WHERE operation_name = 'js-span'"
+                         ).fetchone() == ("js-shop", "js-test")
+
+
+def test_bad_otlp_is_refused(svc):
+    _, key, _ = project(svc, "otel-bad")
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-protobuf"}
+    assert request(svc.hport, "POST", "/v1/traces", b"\x0a\x05\x01", h)[0] == 400
+    assert request(svc.hport, "POST", "/v1/metrics", b"\xff" * 20, h)[0] == 400
+    assert request(svc.hport, "POST", "/v1/logs", b"{", {**h, "Content-Type": "application/json"})[0] == 400
+    assert request(svc.hport, "POST", "/v1/logs", b"{}", {**h, "Content-Type": "text/plain"})[0] == 415
+    assert request(svc.hport, "POST", "/v1/traces", b"", {**h, "Authorization": "Bearer nope"})[0] == 403
+    # an empty request is valid and stores nothing
+    st, hdrs, body = request(svc.hport, "POST", "/v1/traces", b"", h)
+    assert st == 200 and hdrs["Content-Type"] == "application/x-protobuf" and body == b""
+
+
+def test_prometheus_scrapes_and_promtool_accepts(svc):
+    _, key, _ = project(svc, "prom")
+    with svc.connect("ingest") as c:
+        c.execute("SELECT fraiseql_metric_increment('scrape.hits', '{\"a\": \"1\"}', 2)")
+        c.execute("SELECT fraiseql_metric_increment('scrape_hits', '{\"a\": \"1\"}', 3)")
+        c.execute("SELECT fraiseql_metric_record_histogram('scrape_latency', 0.3)")
+    st, _, text = request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert st == 200
+    assert b'scrape_hits_total{a="1",environment="production"} 5' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs it)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    # promtool's lint warns about help texts and units; errors fail the check
+    assert check.returncode in (0, 3) and b"error" not in check.stderr.lower(), check.stderr
+
+
+def test_a_real_prometheus_server_scrapes_the_endpoint(svc, tmp_path):
+    """Debian's prometheus, configured with the project key as its bearer
+    token, scrapes /metrics; the series reach its query API."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (make test installs it)")
+    _, key, _ = project(svc, "scraper")
+    with svc.connect("ingest") as c:
+        c.execute("SELECT fraiseql_metric_increment('scraped_orders', '{\"shop\": \"eu\"}', 7)")
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(textwrap.dedent(f"""
+        global: {{scrape_interval: 1s}}
+        scrape_configs:
+          - job_name: fraiseql
+            authorization: {{type: Bearer, credentials: {key}}}
+            static_configs: [{{targets: ['127.0.0.1:{svc.hport}']}}]
+    """))
+    proc = subprocess.Popen([prometheus, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def value():
+            st, _, body = request(port, "GET", "/api/v1/query?query=scraped_orders_total", timeout=5)
+            if st != 200:
+                return None
+            res = json.loads(body)["data"]["result"]
+            return res[0]["value"][1] if res else None
+        assert wait_for(value, timeout=30, what="prometheus to scrape") == "7"
+        st, _, body = request(port, "GET", "/api/v1/targets", timeout=5)
+        health = json.loads(body)["data"]["activeTargets"][0]["health"]
+        assert health == "up"
+    finally:
+        proc.terminate()
+        proc.wait(10)

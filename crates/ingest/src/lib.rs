@@ -11,4 +11,5 @@
 //!   the capture the SQL functions make (grouping from the structured frames).
 pub mod encoding;
 pub mod http;
+pub mod otlp;
 pub mod sentry;

@@ -404,7 +404,10 @@ pub fn event(e: &Value) -> Result<Capture, String> {
     let mut context = Map::new();
     let (is_message, exception_type, message, stack_trace, default_fp) = match thrown {
         Some(x) => {
-            let ty = clean(text(x, "type").unwrap_or("Error"));
+            // a message the SDK gave a stack trace (attachStacktrace): its
+            // "exception" is synthetic, and it reads as the message it is
+            let synthetic = x.pointer("/mechanism/synthetic").and_then(Value::as_bool) == Some(true);
+            let ty = if synthetic { "Message".to_string() } else { clean(text(x, "type").unwrap_or("Error")) };
             let value = clean(text(x, "value").or(shown.as_deref()).unwrap_or(""));
             let frames: Vec<FrameView> = frames_of(x, e).into_iter().map(frame_view).collect();
             let fp = frames_fingerprint(
@@ -702,6 +705,17 @@ mod tests {
         assert_ne!(ca.event_id, cb.event_id);
         let plain = event(&json!({"message": "cache miss storm"})).unwrap();
         assert_eq!(plain.message, "cache miss storm");
+    }
+
+    #[test]
+    fn a_message_with_a_synthetic_stack_trace_reads_as_a_message() {
+        let e = json!({"message": "disk almost full", "exception": {"values": [{"value": "disk almost full",
+            "mechanism": {"type": "generic", "synthetic": true},
+            "stacktrace": {"frames": [{"function": "check", "filename": "/srv/app/disk.js", "lineno": 3, "in_app": true}]}}]}});
+        let c = event(&e).unwrap();
+        assert_eq!(c.exception_type, "Message");
+        assert_eq!(c.message, "disk almost full");
+        assert!(c.stack_trace.unwrap().contains("at check"));
     }
 
     #[test]
