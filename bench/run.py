@@ -695,6 +695,7 @@ def main():
              "operations": lambda b: print("\n".join(__import__("operations").section(
                  __import__("operations").bench_cost(), __import__("operations").bench_many_databases(),
                  __import__("operations").bench_hung_destination()))),
+             "http": lambda b: print("\n".join(__import__("http_ingest").section(__import__("http_ingest").bench_http()))),
              "retention": bench_retention, "panels": bench_panels, "notifications": bench_notifications}[only](b)
         finally:
             b.stop()
@@ -704,6 +705,8 @@ def main():
     import operations
     ops = operations.section(operations.bench_cost(), operations.bench_many_databases(),
                              operations.bench_hung_destination())
+    import http_ingest
+    http_lines = http_ingest.section(http_ingest.bench_http())
     b = Bench()
     try:
         capture = bench_capture(b)
@@ -788,6 +791,7 @@ def main():
         *[f"| {d} | {t} | {a:,.0f} ms{' ⚠' if a > 200 else ''} | {b_:,.0f} ms{' ⚠' if b_ > 200 else ''} |" for d, t, a, b_ in panels],
         "",
         *ops,
+        *http_lines,
         "## Fingerprinting (issue: grouping)",
         "",
         "Microseconds per fingerprint of a 30-frame trace (a third of them library frames), beside",

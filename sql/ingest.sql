@@ -14,8 +14,12 @@ CREATE TABLE tb_project (
     created_at            timestamptz NOT NULL DEFAULT now()
 );
 
+-- A key has two parts. The public key is the DSN's: Sentry SDKs send it,
+-- and browser code ships it, so it opens Sentry ingest only. The secret key
+-- opens OTLP/HTTP and the Prometheus scrape (Authorization: Bearer <secret>).
 CREATE TABLE tb_project_key (
     public_key  text PRIMARY KEY CHECK (public_key ~ '^[0-9a-f]{32}$'),
+    secret_key  text NOT NULL UNIQUE CHECK (secret_key ~ '^[0-9a-f]{32}$'),
     project_id  integer NOT NULL REFERENCES tb_project ON DELETE CASCADE,
     created_at  timestamptz NOT NULL DEFAULT now(),
     -- a revoked key is refused (403) from the next request on
@@ -27,9 +31,11 @@ CREATE INDEX idx_project_key_project ON tb_project_key (project_id);
 -- after we stored the event) is answered 200 and stores nothing twice.
 -- Kept a day (fraiseql_run_maintenance prunes it).
 CREATE TABLE tb_ingest_event (
-    event_id    uuid PRIMARY KEY,
     project_id  integer NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now()
+    event_id    uuid NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    -- a project's ids: another project cannot suppress them
+    PRIMARY KEY (project_id, event_id)
 );
 CREATE INDEX idx_ingest_event_received ON tb_ingest_event (received_at);
 
@@ -93,8 +99,8 @@ CREATE FUNCTION _fraiseql_new_project_key(p_project_id integer) RETURNS text
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO @extschema@.tb_project_key (public_key, project_id)
-    VALUES (replace(gen_random_uuid()::text, '-', ''), p_project_id)
+    INSERT INTO @extschema@.tb_project_key (public_key, secret_key, project_id)
+    VALUES (replace(gen_random_uuid()::text, '-', ''), replace(gen_random_uuid()::text, '-', ''), p_project_id)
     RETURNING public_key
 $$;
 
@@ -178,14 +184,14 @@ $$;
 -- known, see _fraiseql_http_base_url).
 CREATE VIEW v_projects AS
 SELECT p.project_id, p.name, p.default_environment, p.rate_limit_per_minute,
-       k.public_key, k.created_at AS key_created_at, k.revoked_at,
+       k.public_key, k.secret_key, k.created_at AS key_created_at, k.revoked_at,
        CASE WHEN k.revoked_at IS NULL THEN _fraiseql_dsn(k.public_key, p.project_id) END AS dsn
   FROM tb_project p
   LEFT JOIN tb_project_key k ON k.project_id = p.project_id;
 
 -- What the HTTP service asks of a request's key: the project, if the key
--- is valid for it.
-CREATE FUNCTION _fraiseql_http_project(p_public_key text, p_project_id integer,
+-- is valid for it. p_secret: the key is a secret key (OTLP, /metrics).
+CREATE FUNCTION _fraiseql_http_project(p_key text, p_project_id integer, p_secret boolean,
     OUT project_id integer, OUT default_environment text, OUT rate_limit_per_minute integer)
 RETURNS record
 LANGUAGE sql STABLE
@@ -194,7 +200,7 @@ AS $$
     SELECT p.project_id, p.default_environment, p.rate_limit_per_minute
       FROM @extschema@.tb_project_key k
       JOIN @extschema@.tb_project p ON p.project_id = k.project_id
-     WHERE k.public_key = p_public_key
+     WHERE (CASE WHEN p_secret THEN k.secret_key ELSE k.public_key END) = p_key
        AND k.revoked_at IS NULL
        AND (p_project_id IS NULL OR p.project_id = p_project_id)
 $$;
@@ -224,8 +230,8 @@ AS $$
 DECLARE
     v_at timestamptz := coalesce(p_occurred_at, now());
 BEGIN
-    INSERT INTO @extschema@.tb_ingest_event (event_id, project_id)
-    VALUES (p_event_id, p_project_id)
+    INSERT INTO @extschema@.tb_ingest_event (project_id, event_id)
+    VALUES (p_project_id, p_event_id)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RETURN false;
@@ -236,6 +242,9 @@ BEGIN
         v_at := now();
     END IF;
     p_context := jsonb_set(p_context, '{sentry,project_id}', to_jsonb(p_project_id), true);
+    -- groups are a project's own, as in Sentry: one project's events (a
+    -- public key ships in browser code) never land in another's groups
+    p_fingerprint := 'p' || p_project_id || ':' || p_fingerprint;
     IF p_is_message THEN
         PERFORM @extschema@.fraiseql_capture_message(
             message => p_message, severity => p_severity, context => p_context,

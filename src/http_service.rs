@@ -21,7 +21,7 @@
 //! calls the capture functions: validation, scrubbing, clipping and spike
 //! protection are those of SQL captures, and an event id is stored once.
 use crate::guc;
-use crate::worker::{in_subtransaction, in_transaction};
+use crate::worker::{in_subtransaction, in_subtransaction_or_transient, in_transaction};
 use fraiseql_ingest::http::{self, Request, Response};
 use fraiseql_ingest::{encoding, otlp, sentry};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -36,10 +36,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WORKER_TYPE: &str = "fraiseql_obs http";
-/// Requests waiting for the main thread; more are refused with 429.
-const QUEUE: usize = 512;
-/// Requests stored in one transaction at most.
-const BATCH: usize = 64;
+/// Requests waiting for the main thread; more are refused with 429 (fewer
+/// than the connections, so that backpressure is felt).
+const QUEUE: usize = 128;
+/// Requests stored in one transaction at most: each is a subtransaction,
+/// and a transaction with more than 64 subtransaction ids makes every other
+/// session's snapshots slower (PGPROC_MAX_CACHED_SUBXIDS).
+const BATCH: usize = 32;
 /// How long a network thread waits for its request's commit before it
 /// answers 503 (the request may still be stored: a retry is then a duplicate
 /// event id, stored once).
@@ -150,6 +153,16 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
     unsafe { crate::worker::install_signal_handlers() };
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     crate::worker::force_settings();
+    // a reply says the data is stored: the commit before it must be durable
+    // whatever the database's owner set for its sessions
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"on".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     if held_for_drop() {
         unsafe { pg_sys::proc_exit(1) };
     }
@@ -168,12 +181,29 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
     let (tx, rx) = sync_channel::<Job>(QUEUE);
     let limits = http::Limits {
         max_connections: guc::int_value(&guc::HTTP_MAX_CONNECTIONS).max(1),
-        max_body_bytes: 256 * 1024 * 1024,
+        // as sent; decompressed sizes are checked by the handlers
+        max_body_bytes: guc::int_value(&guc::HTTP_MAX_ENVELOPE_KB) * 1024,
+        large_body_bytes: LARGE,
+        max_large_bodies: 8,
         ..http::Limits::default()
     };
     let s2 = sizes.clone();
     let handler: Arc<http::Handler> = Arc::new(move |req: Request| route(req, &tx, &s2));
-    let server = match http::Server::start(listener, limits, handler) {
+    // The network threads must never run PostgreSQL's signal handlers (die,
+    // SetLatch...): they inherit a mask that blocks every signal, and the
+    // main thread's mask is restored after they are started.
+    let server = {
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
+        let started = http::Server::start(listener, limits, handler);
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        started
+    };
+    let server = match server {
         Ok(s) => s,
         Err(e) => {
             log!("fraiseql_obs http: cannot start serving {addr}: {e}");
@@ -241,33 +271,83 @@ fn held_for_drop() -> bool {
     })
 }
 
-/// One transaction for the batch, a subtransaction for each request.
+/// One transaction for the batch, a subtransaction for each request. A
+/// request that failed there is tried again alone, in a transaction of its
+/// own with each item in its own subtransaction, so that its good items
+/// are stored and its bad ones answered for.
 fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
-    let limiter = AssertUnwindSafe(limiter);
+    let failed: Vec<usize>;
+    let lim = AssertUnwindSafe(&mut *limiter);
     let result = in_transaction(AssertUnwindSafe(|| {
-        let limiter = limiter;
-        let Some(schema) = crate::worker::extension_schema() else {
-            let db = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
-            let why = format!("the fraiseql_obs extension is not installed in database {}", db.to_string_lossy());
-            return batch.iter().map(|_| unavailable(&why)).collect::<Vec<_>>();
+        let lim = lim;
+        let Some(schema) = begin_batch() else {
+            return Err(not_installed());
         };
         let mut out = Vec::with_capacity(batch.len());
-        for job in batch {
-            let l = AssertUnwindSafe(&mut *limiter.0);
-            let r = in_subtransaction(AssertUnwindSafe(|| {
+        let mut failed_here = Vec::new();
+        for (i, job) in batch.iter().enumerate() {
+            let l = AssertUnwindSafe(&mut *lim.0);
+            match in_subtransaction_or_transient(AssertUnwindSafe(|| {
                 let l = l;
-                handle(&schema, &job.work, l.0)
-            }));
-            out.push(r.unwrap_or_else(|e| {
-                Response::error(500, &format!("not stored: {e}")).with_header("Retry-After", "10")
-            }));
+                handle(&schema, &job.work, l.0, false)
+            })) {
+                Ok(r) => out.push(r),
+                // a lock or statement timeout: not now (the client retries)
+                Err((true, _)) => out.push(unavailable("the database is busy, try again")),
+                Err((false, _)) => {
+                    failed_here.push(i);
+                    out.push(unavailable("not stored, try again"));
+                }
+            }
         }
-        out
+        Ok((out, failed_here))
     }));
-    result.unwrap_or_else(|e| {
-        log!("fraiseql_obs http: a batch of {} requests was not stored: {e}", batch.len());
-        batch.iter().map(|_| unavailable("not stored, try again")).collect()
-    })
+    let mut replies = match result {
+        Ok(Ok((out, f))) => {
+            failed = f;
+            out
+        }
+        Ok(Err(r)) => return batch.iter().map(|_| r.clone()).collect(),
+        Err(e) => {
+            log!("fraiseql_obs http: a batch of {} requests was not stored: {e}", batch.len());
+            failed = (0..batch.len()).collect();
+            batch.iter().map(|_| unavailable("not stored, try again")).collect()
+        }
+    };
+    for i in failed {
+        let lim = AssertUnwindSafe(&mut *limiter);
+        let job = &batch[i];
+        let r = in_transaction(AssertUnwindSafe(|| {
+            let lim = lim;
+            match begin_batch() {
+                Some(schema) => handle(&schema, &job.work, lim.0, true),
+                None => not_installed(),
+            }
+        }));
+        replies[i] = r.unwrap_or_else(|e| {
+            log!("fraiseql_obs http: a request was not stored: {e}");
+            unavailable("not stored, try again")
+        });
+    }
+    replies
+}
+
+/// The extension's schema, with this transaction's limits set: a lock
+/// held elsewhere fails the batch (answered 503, retried by the client)
+/// instead of holding every request behind it past REPLY_WAIT.
+fn begin_batch() -> Option<String> {
+    let schema = crate::worker::extension_schema()?;
+    Spi::run("SELECT set_config('lock_timeout', '5s', true), set_config('statement_timeout', '20s', true)")
+        .unwrap_or_else(|e| error!("fraiseql_obs http: {e}"));
+    Some(schema)
+}
+
+fn not_installed() -> Response {
+    let db = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
+    unavailable(&format!(
+        "the fraiseql_obs extension is not installed in database {}",
+        db.to_string_lossy()
+    ))
 }
 
 fn unavailable(why: &str) -> Response {
@@ -298,15 +378,15 @@ impl RateLimiter {
 }
 
 /// The project a key opens (None: unknown or revoked key, or another project's).
-fn project(schema: &str, key: &str, project_id: Option<i32>) -> Option<(i32, Option<String>, Option<i32>)> {
+fn project(schema: &str, key: &str, project_id: Option<i32>, secret: bool) -> Option<(i32, Option<String>, Option<i32>)> {
     let row = Spi::connect(|c| {
         c.select(
             &format!(
                 "SELECT p.project_id, p.default_environment, p.rate_limit_per_minute \
-                   FROM (SELECT 1) one LEFT JOIN LATERAL {schema}._fraiseql_http_project($1, $2) p ON true"
+                   FROM (SELECT 1) one LEFT JOIN LATERAL {schema}._fraiseql_http_project($1, $2, $3) p ON true"
             ),
             Some(1),
-            &[key.into(), project_id.into()],
+            &[key.into(), project_id.into(), secret.into()],
         )?
         .first()
         .get_three::<i32, String, i32>()
@@ -315,42 +395,83 @@ fn project(schema: &str, key: &str, project_id: Option<i32>) -> Option<(i32, Opt
     row.0.map(|id| (id, row.1, row.2))
 }
 
-fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
+/// One request. `careful`: each item in a subtransaction of its own (the
+/// second pass, for a request whose first pass failed); else the request's
+/// items share the request's subtransaction, and an error fails it whole.
+fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter, careful: bool) -> Response {
+    // an item's own subtransaction in the careful pass; else as it is. A
+    // transient error (a lock or statement timeout) makes the whole request
+    // one to try again later, not a bad one.
+    let transient = std::cell::Cell::new(false);
+    let item = |f: &dyn Fn() -> Result<(), String>| -> Result<(), String> {
+        if careful {
+            match in_subtransaction_or_transient(std::panic::AssertUnwindSafe(|| f())) {
+                Ok(r) => r,
+                Err((t, m)) => {
+                    transient.set(transient.get() || t);
+                    Err(m)
+                }
+            }
+        } else {
+            f()
+        }
+    };
+    let r = handle_items(schema, work, limiter, careful, &item);
+    if transient.get() {
+        return unavailable("the database is busy, try again");
+    }
+    r
+}
+
+fn handle_items(
+    schema: &str,
+    work: &Work,
+    limiter: &mut RateLimiter,
+    careful: bool,
+    item: &dyn Fn(&dyn Fn() -> Result<(), String>) -> Result<(), String>,
+) -> Response {
     match work {
         Work::Sentry { project_id, key, event_id, items } => {
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (sentry_key)");
             };
-            let Some((pid, default_env, limit)) = project(schema, key, Some(*project_id)) else {
+            let Some((pid, default_env, limit)) = project(schema, key, Some(*project_id), false) else {
                 return Response::error(403, "invalid key for this project");
             };
             let events = items.iter().filter(|i| matches!(i, Ok(sentry::Item::Event(_)) | Ok(sentry::Item::Spans(_)))).count();
-            if let Some(secs) = limiter.check(pid, limit, events as u64) {
+            if let Some(secs) = limiter.check(pid, limit, if careful { 0 } else { events as u64 }) {
                 return Response::error(429, "project rate limit exceeded")
                     .with_header("Retry-After", &secs.to_string())
                     .with_header("X-Sentry-Rate-Limits", &format!("{secs}::project:project_quota"));
             }
             let mut errors = Vec::new();
             let mut first_id = None;
-            for item in items {
-                match item {
+            let mut stored = 0;
+            for it in items {
+                match it {
                     Ok(sentry::Item::Event(c)) => {
                         first_id.get_or_insert_with(|| c.event_id.clone());
-                        if let Err(e) = in_subtransaction(|| store_event(schema, pid, default_env.as_deref(), c)) {
-                            errors.push(format!("event {}: {e}", c.event_id));
+                        match item(&|| {
+                            store_event(schema, pid, default_env.as_deref(), c);
+                            Ok(())
+                        }) {
+                            Ok(()) => stored += 1,
+                            Err(e) => errors.push(format!("event {}: {e}", c.event_id)),
                         }
                     }
-                    Ok(sentry::Item::Spans(v)) => {
-                        if let Err(e) = in_subtransaction(|| store_spans(schema, v)) {
-                            errors.push(format!("transaction: {e}"));
-                        }
-                    }
+                    Ok(sentry::Item::Spans(v)) => match item(&|| {
+                        store_spans(schema, v);
+                        Ok(())
+                    }) {
+                        Ok(()) => stored += 1,
+                        Err(e) => errors.push(format!("transaction: {e}")),
+                    },
                     Ok(sentry::Item::Skipped(_)) => {}
                     Err(e) => errors.push(e.clone()),
                 }
             }
             let id = event_id.clone().or(first_id);
-            if !errors.is_empty() && errors.len() == items.len() {
+            if !errors.is_empty() && stored == 0 {
                 return Response::error(400, &errors.join("; "));
             }
             if !errors.is_empty() {
@@ -362,11 +483,11 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (Bearer <project key>)");
             };
-            let Some((pid, default_env, limit)) = project(schema, key, None) else {
-                return Response::error(403, "invalid key");
+            let Some((pid, default_env, limit)) = project(schema, key, None, true) else {
+                return Response::error(403, "invalid key (OTLP takes a project's secret key)");
             };
             let (kind, rejected, message) = match data {
-                OtlpData::Traces(payload) => match in_subtransaction(|| store_spans(schema, payload)) {
+                OtlpData::Traces(payload) => match in_subtransaction(AssertUnwindSafe(|| store_spans(schema, payload))) {
                     Ok(r) => (
                         "rejectedSpans",
                         r.get("rejected").and_then(Value::as_i64).unwrap_or(0),
@@ -375,27 +496,36 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
                     Err(e) => return Response::error(400, &e),
                 },
                 OtlpData::Logs(logs) => {
-                    if let Some(secs) = limiter.check(pid, limit, logs.captures.len() as u64) {
+                    if let Some(secs) = limiter.check(pid, limit, if careful { 0 } else { logs.captures.len() as u64 }) {
                         return Response::error(429, "project rate limit exceeded")
                             .with_header("Retry-After", &secs.to_string());
                     }
                     let mut errors = Vec::new();
                     for c in &logs.captures {
-                        if let Err(e) = in_subtransaction(|| store_event(schema, pid, default_env.as_deref(), c)) {
+                        if let Err(e) = item(&|| {
+                            store_event(schema, pid, default_env.as_deref(), c);
+                            Ok(())
+                        }) {
                             errors.push(e);
                         }
                     }
-                    ("rejectedLogRecords", errors.len() as i64, errors.join("; "))
+                    let n = errors.len() as i64;
+                    errors.truncate(20);
+                    ("rejectedLogRecords", n, errors.join("; "))
                 }
                 OtlpData::Metrics(points, rejected) => {
                     let mut errors = rejected.clone();
                     for p in points {
-                        if let Err(e) = in_subtransaction(|| store_point(schema, p)) {
+                        if let Err(e) = item(&|| {
+                            store_point(schema, p);
+                            Ok(())
+                        }) {
                             errors.push(e);
                         }
                     }
+                    let n = errors.len() as i64;
                     errors.truncate(20);
-                    ("rejectedDataPoints", errors.len() as i64, errors.join("; "))
+                    ("rejectedDataPoints", n, errors.join("; "))
                 }
             };
             if *protobuf {
@@ -410,8 +540,8 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter) -> Response {
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (Bearer <project key>)");
             };
-            if project(schema, key, None).is_none() {
-                return Response::error(403, "invalid key");
+            if project(schema, key, None, true).is_none() {
+                return Response::error(403, "invalid key (the scrape takes a project's secret key)");
             }
             let text = crate::sql::one::<String>(&format!("SELECT {schema}.fraiseql_metrics_prometheus()"), &[])
                 .unwrap_or_else(|e| error!("fraiseql_obs http: metrics: {e}"))
@@ -542,10 +672,10 @@ fn route(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
         ("POST", "/v1/traces") => otlp_request(req, otlp::Signal::Traces, tx, sizes),
         ("POST", "/v1/metrics") => otlp_request(req, otlp::Signal::Metrics, tx, sizes),
         ("POST", "/v1/logs") => otlp_request(req, otlp::Signal::Logs, tx, sizes),
-        ("GET", "/metrics") | ("HEAD", "/metrics") => {
-            let key = bearer(&req);
-            submit(tx, Work::Metrics { key })
-        }
+        ("GET", "/metrics") | ("HEAD", "/metrics") => match bearer(&req) {
+            Some(key) => submit(tx, Work::Metrics { key: Some(key) }),
+            None => Response::error(401, "missing authorization (Bearer <project secret key>)"),
+        },
         ("GET", "/health") | ("HEAD", "/health") => Response::new(200, "text/plain", "ok\n"),
         (_, "/v1/traces") | (_, "/v1/metrics") | (_, "/v1/logs") | (_, "/metrics") => {
             Response::error(405, "method not allowed")
@@ -570,13 +700,42 @@ fn submit(tx: &SyncSender<Job>, work: Work) -> Response {
     answer.recv_timeout(REPLY_WAIT).unwrap_or_else(|_| unavailable("not stored in time, try again"))
 }
 
-fn decode(req: &Request, max: usize) -> Result<Vec<u8>, Response> {
-    encoding::decode(req.header("content-encoding"), req.body.clone(), max).map_err(|e| match e {
+/// The body, decompressed. Past LARGE bytes it needs one of the server's
+/// large-body permits (held until the reply), so that however many clients
+/// send at once, only a few large bodies are in memory.
+fn decode(req: &mut Request, max: usize) -> Result<(Vec<u8>, Option<http::Permit>), Response> {
+    let err = |e: encoding::DecodeError| match e {
         encoding::DecodeError::TooLarge => Response::error(413, &e.to_string()),
         encoding::DecodeError::Unsupported(_) => Response::error(415, &e.to_string()),
         encoding::DecodeError::Bad(_) => Response::error(400, &e.to_string()),
-    })
+    };
+    let busy = || Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2");
+    let enc = req.header("content-encoding").map(str::to_string);
+    let body = std::mem::take(&mut req.body);
+    let identity = enc.as_deref().is_none_or(|e| e.trim().is_empty() || e.trim().eq_ignore_ascii_case("identity"));
+    if identity {
+        // (the HTTP layer gave a body over LARGE a permit already)
+        if body.len() > max {
+            return Err(Response::error(413, "body too large"));
+        }
+        return Ok((body, None));
+    }
+    if req.large {
+        return encoding::decode(enc.as_deref(), &body, max).map(|b| (b, None)).map_err(err);
+    }
+    match encoding::decode(enc.as_deref(), &body, LARGE.min(max)) {
+        Ok(b) => Ok((b, None)),
+        Err(encoding::DecodeError::TooLarge) if max > LARGE => {
+            let permit = req.permits.as_ref().and_then(|p| p.try_acquire()).ok_or_else(busy)?;
+            encoding::decode(enc.as_deref(), &body, max).map(|b| (b, Some(permit))).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
+
+/// Bodies up to this size (decompressed) need no permit: with every
+/// connection sending one, their parsed forms stay within a few hundred MB.
+const LARGE: usize = 64 * 1024;
 
 fn sentry_key(req: &Request) -> Option<String> {
     req.header("x-sentry-auth")
@@ -585,19 +744,17 @@ fn sentry_key(req: &Request) -> Option<String> {
         .or_else(|| req.header("authorization").and_then(sentry::key_from_auth_header))
 }
 
-fn sentry_envelope(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
-    let body = match decode(&req, sizes.envelope.load(Ordering::Relaxed)) {
+fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed)) {
         Ok(b) => b,
         Err(r) => return r,
     };
+    // framing and item headers only: the payloads are parsed once the
+    // request has shown a key
     let env = match sentry::parse_envelope(&body) {
         Ok(e) => e,
         Err(why) => return Response::error(400, &format!("invalid envelope: {why}")),
     };
-    let event_max = sizes.event.load(Ordering::Relaxed);
-    if env.items.iter().any(|(ty, _, p)| (ty == "event" || ty == "transaction") && p.len() > event_max) {
-        return Response::error(413, "event too large");
-    }
     let key = sentry_key(&req).or_else(|| {
         env.header
             .get("dsn")
@@ -605,40 +762,54 @@ fn sentry_envelope(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &
             .and_then(sentry::key_from_dsn)
             .map(|(k, _)| k)
     });
+    let Some(key) = key else {
+        return Response::error(401, "missing authorization (sentry_key)");
+    };
+    let event_max = sizes.event.load(Ordering::Relaxed);
+    if env.items.iter().any(|(ty, _, p)| (ty == "event" || ty == "transaction") && p.len() > event_max) {
+        return Response::error(413, "event too large");
+    }
     let event_id = env.header.get("event_id").and_then(Value::as_str).and_then(|i| sentry::event_id(Some(i)).ok());
     let items = sentry::envelope_items(&env);
-    submit(tx, Work::Sentry { project_id, key, event_id, items })
+    drop(env);
+    drop(body);
+    submit(tx, Work::Sentry { project_id, key: Some(key), event_id, items })
 }
 
-fn sentry_store(req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
-    let body = match decode(&req, sizes.event.load(Ordering::Relaxed)) {
+fn sentry_store(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let Some(key) = sentry_key(&req) else {
+        return Response::error(401, "missing authorization (sentry_key)");
+    };
+    let (body, _permit) = match decode(&mut req, sizes.event.load(Ordering::Relaxed)) {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let key = sentry_key(&req);
     let item = sentry::store_item(&body);
     if let Err(why) = &item {
         return Response::error(400, why);
     }
-    submit(tx, Work::Sentry { project_id, key, event_id: None, items: vec![item] })
+    submit(tx, Work::Sentry { project_id, key: Some(key), event_id: None, items: vec![item] })
 }
 
 /// OTLP/HTTP: protobuf (the Collector, the Python and Go exporters) or JSON
 /// (the JS exporter), decoded here into one form; the key as a bearer token.
-fn otlp_request(req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+fn otlp_request(mut req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+    let Some(key) = bearer(&req) else {
+        return Response::error(401, "missing authorization (Bearer <project secret key>)");
+    };
     let ctype = req.header("content-type").unwrap_or("").to_ascii_lowercase();
     let protobuf = ctype.starts_with("application/x-protobuf") || ctype.starts_with("application/protobuf");
     if !protobuf && !ctype.starts_with("application/json") {
         return Response::error(415, "OTLP/HTTP takes application/x-protobuf or application/json");
     }
-    let body = match decode(&req, sizes.envelope.load(Ordering::Relaxed)) {
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed)) {
         Ok(b) => b,
         Err(r) => return r,
     };
     let payload = if protobuf {
         otlp::decode(signal, &body).map_err(|e| format!("invalid protobuf: {e}"))
     } else {
-        serde_json::from_slice::<Value>(&body).map_err(|e| format!("invalid JSON: {e}"))
+        sentry::parse_json(&body).map_err(|e| format!("invalid JSON: {e}"))
     };
     let payload = match payload {
         Ok(v) if v.is_object() => v,
@@ -653,7 +824,8 @@ fn otlp_request(req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes:
             OtlpData::Metrics(points, rejected)
         }
     };
-    submit(tx, Work::Otlp { key: bearer(&req), protobuf, data })
+    drop(body);
+    submit(tx, Work::Otlp { key: Some(key), protobuf, data })
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -171,18 +171,35 @@ pub(crate) fn in_transaction<R>(
     result
 }
 
-/// Runs `f` in a subtransaction of the current transaction (a session's,
-/// not the worker's loop): an error is caught, the subtransaction rolled
-/// back, and the error returned as text; the transaction goes on.
-pub(crate) fn in_subtransaction<R>(
+/// SQLSTATEs of errors that say "not now" rather than "never": a lock or
+/// statement timeout, a serialization failure or deadlock, a shutdown.
+pub(crate) fn is_transient(e: &pg_sys::panic::CaughtError) -> bool {
+    use pg_sys::errcodes::PgSqlErrorCode::*;
+    match e {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r)
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => matches!(
+            r.sql_error_code(),
+            ERRCODE_LOCK_NOT_AVAILABLE
+                | ERRCODE_QUERY_CANCELED
+                | ERRCODE_T_R_SERIALIZATION_FAILURE
+                | ERRCODE_T_R_DEADLOCK_DETECTED
+                | ERRCODE_ADMIN_SHUTDOWN
+                | ERRCODE_CANNOT_CONNECT_NOW
+        ),
+    }
+}
+
+/// As in_subtransaction, and whether the error was transient (is_transient).
+pub(crate) fn in_subtransaction_or_transient<R>(
     f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, String> {
+) -> Result<R, (bool, String)> {
     unsafe {
         let (context, owner) = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
         let result = PgTryBuilder::new(|| Ok(f()))
-            .catch_others(|e| Err(caught_message(e)))
+            .catch_others(|e| Err((is_transient(&e), caught_message(e))))
             .execute();
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
@@ -192,6 +209,15 @@ pub(crate) fn in_subtransaction<R>(
         pg_sys::CurrentResourceOwner = owner;
         result
     }
+}
+
+/// Runs `f` in a subtransaction of the current transaction (a session's,
+/// not the worker's loop): an error is caught, the subtransaction rolled
+/// back, and the error returned as text; the transaction goes on.
+pub(crate) fn in_subtransaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    in_subtransaction_or_transient(f).map_err(|(_, m)| m)
 }
 
 // ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def request(port, method, path, body=b"", headers=None, timeout=30):
 
 
 def project(svc, name, **kw):
+    """A new project: its DSN, public key and id."""
     args = ", ".join(f"{k} => %s" for k in kw)
     with svc.connect("ingest") as c:
         dsn = c.execute(f"SELECT fraiseql_create_project(%s{', ' + args if args else ''})",
@@ -73,6 +74,12 @@ def project(svc, name, **kw):
     key = dsn.split("//")[1].split("@")[0]
     pid = int(dsn.rsplit("/", 1)[1])
     return dsn, key, pid
+
+
+def secret(svc, public_key):
+    """The secret key that goes with a public key (OTLP, /metrics)."""
+    with svc.connect("ingest") as c:
+        return c.execute("SELECT secret_key FROM v_projects WHERE public_key = %s", [public_key]).fetchone()[0]
 
 
 def envelope(event, dsn=None, event_id=None):
@@ -145,14 +152,14 @@ def test_the_official_python_sdk(svc, algo):
         assert e[4]["tags"]["algo"] == algo
         assert e[4]["sentry"]["sdk"]["name"] == "sentry.python"
         assert "in load_cart" in e[5] and "in checkout" in e[5]
-        # groups are the database's, across projects: the same code sent
-        # by the earlier runs of this test is the same group
+        # groups are the project's own
         total, users = c.execute(
             "SELECT count(*), count(DISTINCT context #>> '{user,id}') FROM tb_error_occurrence WHERE error_id = %s",
             [e[6]]).fetchone()
         group = wait_for(lambda: (lambda g: g if g and g[0] == total else None)(c.execute(
             "SELECT occurrence_count, culprit, users_affected FROM v_error_groups WHERE error_id = %s",
             [e[6]]).fetchone()), what="the group's count")
+        assert total == 2 and users == 1
         assert "load_cart" in (group[1] or "")
         assert group[2] == users
         # the transaction, as spans of the same trace as the errors
@@ -283,7 +290,10 @@ def test_slow_clients_and_a_connection_flood_leave_the_service_serving(svc):
 
 
 def test_otlp_json_traces_and_prometheus_metrics(svc):
-    _, key, pid = project(svc, "otel")
+    _, public, pid = project(svc, "otel")
+    key = secret(svc, public)
+    # the public key (it ships in browser code) opens Sentry ingest only
+    assert request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {public}"})[0] == 403
     trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     now = time.time_ns()
     payload = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
@@ -331,6 +341,66 @@ def test_only_the_owner_manages_projects(svc):
                     "SELECT * FROM tb_project_key", "SELECT fraiseql_revoke_project_key('x')"]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute(sql)
+
+
+def test_hostile_events_never_take_the_service_down(svc):
+    """Deep nesting, timestamps built to overflow or cut a character, sent
+    without a key and with one: answered, and the service goes on."""
+    _, key, pid = project(svc, "hostile")
+    deep = '{"message":"x","extra":{"a":' + "[" * 5000 + "1" + "]" * 5000 + "}}"
+    for hdrs in ({}, auth(key)):
+        st, _, _ = request(svc.hport, "POST", f"/api/{pid}/store/", deep.encode(), hdrs)
+        assert st in (400, 401), st
+    bad_times = ["2026-01-01T10:00:00+1\u00e9", "999999999999999999-01-01T00:00:00Z", "2026-01-01T00:00:00+99999999999999999:00"]
+    for _ in range(3 * MAX_CONNECTIONS):
+        for t in bad_times:
+            ev = {"message": "bad time", "timestamp": t, "event_id": uuid.uuid4().hex}
+            assert request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope(ev), auth(key))[0] == 200
+    assert request(svc.hport, "GET", "/health")[0] == 200
+    with svc.connect("ingest") as c:
+        # the server never restarted: this session lived through it all
+        assert c.execute("SELECT count(*) FROM tb_error_occurrence WHERE message = 'bad time'").fetchone()[0] == 9 * MAX_CONNECTIONS
+
+
+def test_one_project_cannot_reach_anothers_groups(svc):
+    """A public key ships in browser code: with it, one project's events
+    never land in another project's group, nor suppress its event ids."""
+    _, key_a, pid_a = project(svc, "tenant-a")
+    _, key_b, pid_b = project(svc, "tenant-b")
+    shared_id = uuid.uuid4().hex
+    ev_b = {"exception": {"values": [{"type": "PaymentError", "value": "declined"}]}, "event_id": shared_id,
+            "fingerprint": ["payments"]}
+    assert request(svc.hport, "POST", f"/api/{pid_b}/envelope/", envelope(ev_b), auth(key_b))[0] == 200
+    with svc.connect("ingest") as c:
+        fp_b = c.execute("SELECT fingerprint FROM tb_error_occurrence WHERE context #>> '{sentry,project_id}' = %s",
+                         [str(pid_b)]).fetchone()[0]
+    # project A aims at B's group by its fingerprint, with B's event id
+    for fp in (["payments"], [fp_b]):
+        ev_a = {"exception": {"values": [{"type": "PaymentError", "value": "declined"}]}, "level": "fatal",
+                "event_id": shared_id if fp == ["payments"] else uuid.uuid4().hex, "fingerprint": fp}
+        assert request(svc.hport, "POST", f"/api/{pid_a}/envelope/", envelope(ev_a), auth(key_a))[0] == 200
+    with svc.connect("ingest") as c:
+        rows = c.execute("SELECT context #>> '{sentry,project_id}', error_id FROM tb_error_occurrence "
+                         "WHERE error_type = 'PaymentError'").fetchall()
+        assert len(rows) == 3  # A's event with B's id was stored: ids are per project
+        b_group = [r[1] for r in rows if r[0] == str(pid_b)]
+        a_groups = {r[1] for r in rows if r[0] == str(pid_a)}
+        assert len(b_group) == 1 and b_group[0] not in a_groups
+
+
+def test_a_lock_held_elsewhere_is_answered_not_waited_for(svc):
+    """A table the batch needs, locked by another session: the request is
+    answered 503 (the client retries) within the batch's lock_timeout, and
+    the next one is stored once the lock is gone."""
+    _, key, pid = project(svc, "locked")
+    with svc.connect("ingest", autocommit=False) as locker:
+        locker.execute("LOCK tb_ingest_event IN ACCESS EXCLUSIVE MODE")
+        t = time.monotonic()
+        st, hdrs, _ = request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": "while locked"}), auth(key))
+        assert st == 503 and "Retry-After" in hdrs
+        assert time.monotonic() - t < 15
+        locker.rollback()
+    assert request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": "after the lock"}), auth(key))[0] == 200
 
 
 def test_drop_database_is_not_blocked_by_the_listener(svc):
@@ -408,7 +478,8 @@ def test_the_official_python_opentelemetry_exporters(svc, compression):
     """opentelemetry-sdk with the OTLP/HTTP protobuf exporters: spans, a
     counter sent cumulatively twice (counted once), a histogram, and an
     error log with its exception captured and joined to its trace."""
-    _, key, _ = project(svc, f"otel-py-{compression}")
+    _, public, _ = project(svc, f"otel-py-{compression}")
+    key = secret(svc, public)
     tag = compression
     out = subprocess.run([sys.executable, "-c", OTEL_SCRIPT, f"http://127.0.0.1:{svc.hport}", key, compression, tag],
                          capture_output=True, text=True, timeout=60)
@@ -450,7 +521,7 @@ def test_the_official_js_clients(svc):
         assert "parseOrder" in rows[1][4]
         assert rows[1][5]["user"]["id"] == "node-user"
         assert rows[0][5]["sentry"]["sdk"]["name"] == "sentry.javascript.node"
-    out = subprocess.run(["node", str(JS / "send.mjs"), "otel", f"http://127.0.0.1:{svc.hport}", key, "js-span"],
+    out = subprocess.run(["node", str(JS / "send.mjs"), "otel", f"http://127.0.0.1:{svc.hport}", secret(svc, key), "js-span"],
                          capture_output=True, text=True, timeout=60, cwd=JS)
     assert out.returncode == 0, out.stderr
     with svc.connect("ingest") as c:
@@ -459,7 +530,8 @@ def test_the_official_js_clients(svc):
 
 
 def test_bad_otlp_is_refused(svc):
-    _, key, _ = project(svc, "otel-bad")
+    _, public, _ = project(svc, "otel-bad")
+    key = secret(svc, public)
     h = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-protobuf"}
     assert request(svc.hport, "POST", "/v1/traces", b"\x0a\x05\x01", h)[0] == 400
     assert request(svc.hport, "POST", "/v1/metrics", b"\xff" * 20, h)[0] == 400
@@ -472,7 +544,8 @@ def test_bad_otlp_is_refused(svc):
 
 
 def test_prometheus_scrapes_and_promtool_accepts(svc):
-    _, key, _ = project(svc, "prom")
+    _, public, _ = project(svc, "prom")
+    key = secret(svc, public)
     with svc.connect("ingest") as c:
         c.execute("SELECT fraiseql_metric_increment('scrape.hits', '{\"a\": \"1\"}', 2)")
         c.execute("SELECT fraiseql_metric_increment('scrape_hits', '{\"a\": \"1\"}', 3)")
@@ -494,7 +567,8 @@ def test_a_real_prometheus_server_scrapes_the_endpoint(svc, tmp_path):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (make test installs it)")
-    _, key, _ = project(svc, "scraper")
+    _, public, _ = project(svc, "scraper")
+    key = secret(svc, public)
     with svc.connect("ingest") as c:
         c.execute("SELECT fraiseql_metric_increment('scraped_orders', '{\"shop\": \"eu\"}', 7)")
     port = free_port()

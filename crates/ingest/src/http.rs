@@ -30,6 +30,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// writing a response
     pub write_timeout: Duration,
+    /// a body larger than this (as sent) needs one of `max_large_bodies`
+    /// permits, shared with handlers that decompress past it: memory stays
+    /// bounded however many connections send at once
+    pub large_body_bytes: usize,
+    pub max_large_bodies: usize,
 }
 
 impl Default for Limits {
@@ -42,7 +47,45 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 20 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            large_body_bytes: 1024 * 1024,
+            max_large_bodies: 4,
         }
+    }
+}
+
+/// Permits for large bodies (see `Limits::large_body_bytes`).
+#[derive(Debug)]
+pub struct Permits {
+    used: AtomicUsize,
+    max: usize,
+}
+
+/// A permit, given back when dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<Permits>);
+
+impl Permits {
+    pub fn new(max: usize) -> Arc<Permits> {
+        Arc::new(Permits { used: AtomicUsize::new(0), max })
+    }
+    /// A permit if one is free (never waits).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut n = self.used.load(Ordering::SeqCst);
+        loop {
+            if n >= self.max {
+                return None;
+            }
+            match self.used.compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Some(Permit(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -57,6 +100,11 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub peer: Option<std::net::SocketAddr>,
+    /// whether the connection holds a large-body permit for this request
+    pub large: bool,
+    /// the server's large-body permits, for a handler whose decompressed
+    /// body grows past `large_body_bytes`
+    pub permits: Option<Arc<Permits>>,
 }
 
 impl Request {
@@ -182,9 +230,10 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let local = listener.local_addr()?;
         let (st, sp) = (stats.clone(), stop.clone());
+        let permits = Permits::new(limits.max_large_bodies);
         std::thread::Builder::new()
             .name("fraiseql_obs http accept".into())
-            .spawn(move || accept_loop(listener, limits, handler, st, sp))?;
+            .spawn(move || accept_loop(listener, limits, handler, st, sp, permits))?;
         Ok(Server { stats, stop, local })
     }
 
@@ -212,6 +261,7 @@ fn accept_loop(
     handler: Arc<Handler>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    permits: Arc<Permits>,
 ) {
     let limits = Arc::new(limits);
     loop {
@@ -233,18 +283,31 @@ fn accept_loop(
             continue;
         }
         stats.open.fetch_add(1, Ordering::SeqCst);
-        let (l, h, s) = (limits.clone(), handler.clone(), stats.clone());
+        let (l, h, s, p) = (limits.clone(), handler.clone(), stats.clone(), permits.clone());
+        let guard = Open(stats.clone());
         let spawned = std::thread::Builder::new()
             .name("fraiseql_obs http conn".into())
-            .stack_size(256 * 1024)
+            // (virtual: only the pages a request touches are resident)
+            .stack_size(8 * 1024 * 1024)
             .spawn(move || {
-                let _ = serve_connection(stream, Some(peer), &l, &*h, &s);
-                s.open.fetch_sub(1, Ordering::SeqCst);
+                let _guard = guard;
+                // a bug reached by some input ends this connection only
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve_connection(stream, Some(peer), &l, &*h, &s, &p)
+                }));
             });
         if spawned.is_err() {
-            stats.open.fetch_sub(1, Ordering::SeqCst);
             stats.refused.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// One open connection, counted until dropped (a panic included).
+struct Open(Arc<Stats>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -288,6 +351,8 @@ impl Conn {
             self.buf.clear();
             self.pos = 0;
         }
+        // the head and chunk lines are bounded; a body is read into its own
+        // reservation (take)
         let mut chunk = [0u8; 16 * 1024];
         match self.stream.read(&mut chunk) {
             Ok(0) => Err(ReadError::Closed),
@@ -333,16 +398,28 @@ impl Conn {
     }
 
     fn take(&mut self, n: usize, deadline: Instant) -> Result<Vec<u8>, ReadError> {
-        while self.buf.len() - self.pos < n {
+        // what came before is consumed: the body is moved out, not copied
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        self.buf.reserve(n.saturating_sub(self.buf.len()).min(1 << 20));
+        while self.buf.len() < n {
             match self.fill(deadline) {
                 Ok(_) => {}
                 Err(ReadError::Closed) => return Err(ReadError::Bad("body shorter than its length")),
                 Err(e) => return Err(e),
             }
         }
-        let out = self.buf[self.pos..self.pos + n].to_vec();
-        self.pos += n;
-        Ok(out)
+        let rest = self.buf.split_off(n);
+        Ok(std::mem::replace(&mut self.buf, rest))
+    }
+
+    /// Between requests: a buffer grown by a large request is not kept.
+    fn shrink(&mut self) {
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        if self.buf.capacity() > 64 * 1024 {
+            self.buf.shrink_to(64 * 1024);
+        }
     }
 
     fn line(&mut self, deadline: Instant, max: usize) -> Result<Vec<u8>, ReadError> {
@@ -370,6 +447,9 @@ impl Conn {
             let l = self.line(deadline, 1024)?;
             let l = String::from_utf8_lossy(&l);
             let size = l.split(';').next().unwrap_or("").trim();
+            if size.is_empty() || size.len() > 15 || !size.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ReadError::Bad("bad chunk size"));
+            }
             let n = usize::from_str_radix(size, 16).map_err(|_| ReadError::Bad("bad chunk size"))?;
             if n == 0 {
                 // trailers, up to the blank line
@@ -379,7 +459,7 @@ impl Conn {
                     }
                 }
             }
-            if body.len() + n > max {
+            if n > max.saturating_sub(body.len()) {
                 return Err(ReadError::TooLarge);
             }
             let chunk = self.take(n, deadline)?;
@@ -437,6 +517,10 @@ fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
     };
     let mut headers = Vec::new();
     for l in lines {
+        // a bare CR or LF inside a line is how requests are smuggled past proxies
+        if l.contains(['\r', '\n']) {
+            return Err("bare CR or LF in a header");
+        }
         let (n, v) = l.split_once(':').ok_or("malformed header line")?;
         if n.is_empty() || n.bytes().any(|c| c == b' ' || c == b'\t') {
             return Err("malformed header name");
@@ -455,6 +539,7 @@ fn serve_connection(
     limits: &Limits,
     handler: &Handler,
     stats: &Stats,
+    permits: &Arc<Permits>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
@@ -485,13 +570,25 @@ fn serve_connection(
             }
         };
         let hv = |name: &str| h.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        // one length, said once: anything else is how requests are smuggled
+        let count = |name: &str| h.headers.iter().filter(|(n, _)| n == name).count();
+        if count("content-length") > 1 || count("transfer-encoding") > 1 {
+            let _ = write_response(&mut out, &Response::error(400, "repeated Content-Length or Transfer-Encoding"), false, false);
+            break;
+        }
+        if let Some(te) = hv("transfer-encoding") {
+            if !te.trim().eq_ignore_ascii_case("chunked") {
+                let _ = write_response(&mut out, &Response::error(501, "only Transfer-Encoding: chunked is served"), false, false);
+                break;
+            }
+        }
         let conn_hdr = hv("connection").unwrap_or("").to_ascii_lowercase();
         let mut keep_alive = if h.http10 { conn_hdr.contains("keep-alive") } else { !conn_hdr.contains("close") };
-        let chunked = hv("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
+        let chunked = hv("transfer-encoding").is_some();
         let length = match hv("content-length") {
-            Some(l) => match l.trim().parse::<usize>() {
-                Ok(n) => Some(n),
-                Err(_) => {
+            Some(l) => match l.trim().parse::<usize>().ok().filter(|_| l.trim().bytes().all(|c| c.is_ascii_digit())) {
+                Some(n) => Some(n),
+                None => {
                     let _ = write_response(&mut out, &Response::error(400, "bad Content-Length"), false, false);
                     break;
                 }
@@ -511,9 +608,21 @@ fn serve_connection(
         {
             out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
+        // a large body (or one of unknown length) needs a permit first
+        let mut permit = None;
+        if chunked || length.unwrap_or(0) > limits.large_body_bytes {
+            permit = permits.try_acquire();
+            if permit.is_none() && !chunked {
+                let r = Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2");
+                let _ = write_response(&mut out, &r, false, false);
+                break;
+            }
+        }
         let deadline = Instant::now() + limits.body_timeout;
         let body = if chunked {
-            conn.chunked(deadline, limits.max_body_bytes)
+            // without a permit, a chunked body may not grow past the large size
+            let max = if permit.is_some() { limits.max_body_bytes } else { limits.large_body_bytes };
+            conn.chunked(deadline, max)
         } else {
             conn.take(length.unwrap_or(0), deadline)
         };
@@ -521,6 +630,9 @@ fn serve_connection(
             Ok(b) => b,
             Err(e) => {
                 let r = match e {
+                    ReadError::TooLarge if permit.is_none() => {
+                        Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2")
+                    }
                     ReadError::TooLarge => Response::error(413, "body too large"),
                     ReadError::Timeout => {
                         stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -539,7 +651,16 @@ fn serve_connection(
         };
         let head_only = h.method == "HEAD";
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let req = Request { method: h.method, path, query, headers: h.headers, body, peer };
+        let req = Request {
+            method: h.method,
+            path,
+            query,
+            headers: h.headers,
+            body,
+            peer,
+            large: permit.is_some(),
+            permits: Some(permits.clone()),
+        };
         let resp = handler(req);
         if resp.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
             keep_alive = false;
@@ -549,6 +670,8 @@ fn serve_connection(
             ..resp
         };
         write_response(&mut out, &resp, keep_alive, head_only)?;
+        drop(permit);
+        conn.shrink();
         if !keep_alive {
             break;
         }
@@ -606,6 +729,14 @@ mod tests {
         assert!(roundtrip(&s, b"NOT A REQUEST\r\n\r\n").starts_with("HTTP/1.1 400"));
         assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").starts_with("HTTP/1.1 400"));
         assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").starts_with("HTTP/1.1 400"));
+        // smuggling shapes
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n").starts_with("HTTP/1.1 501"));
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\nab").starts_with("HTTP/1.1 400"));
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nX: a\nContent-Length: 2\r\n\r\nab").starts_with("HTTP/1.1 400"));
+        // a chunk size that would overflow
+        assert!(roundtrip(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\n").starts_with("HTTP/1.1 400"));
         // the server still serves
         assert!(roundtrip(&s, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 200"));
     }
@@ -661,6 +792,55 @@ mod tests {
     }
 
     #[test]
+    fn large_bodies_need_a_permit() {
+        let s = start(Limits { large_body_bytes: 10, max_large_bodies: 1, ..Limits::default() });
+        // one large body in flight (its sender stalls) holds the only permit
+        let mut c = TcpStream::connect(s.local_addr()).unwrap();
+        c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let r = roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        // small ones go on
+        let r = roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n01234");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        // a chunked body without a permit stops at the large size
+        let r = roundtrip(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n01234567890123456789\r\n0\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        drop(c);
+        let t = Instant::now();
+        loop {
+            let r = roundtrip(&s, b"POST / HTTP/1.1\r\nContent-Length: 20\r\nConnection: close\r\n\r\n01234567890123456789");
+            if r.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_gives_its_connection_slot_back() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let h: Arc<Handler> = Arc::new(|r: Request| {
+            if r.path == "/boom" {
+                panic!("a bug");
+            }
+            Response::new(200, "text/plain", "ok")
+        });
+        let s = Server::start(l, Limits { max_connections: 2, ..Limits::default() }, h).unwrap();
+        for _ in 0..10 {
+            let _ = roundtrip(&s, b"GET /boom HTTP/1.1\r\n\r\n");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(roundtrip(&s, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 200"));
+        let t = Instant::now();
+        while s.stats.open.load(Ordering::SeqCst) != 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "slots not given back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
     fn query_params_decode() {
         let r = Request {
             method: "GET".into(),
@@ -669,6 +849,8 @@ mod tests {
             headers: vec![],
             body: vec![],
             peer: None,
+            large: false,
+            permits: None,
         };
         assert_eq!(r.query_param("sentry_key").as_deref(), Some("ab c"));
         assert_eq!(r.query_param("x").as_deref(), Some("1 2"));

@@ -74,7 +74,10 @@ pub struct Envelope {
 /// it has none.
 pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
     let (first, mut rest) = split_line(body);
-    let header: Value = serde_json::from_slice(first).map_err(|e| format!("envelope header: {e}"))?;
+    if first.len() > 64 * 1024 {
+        return Err("envelope header line over 64 kB".into());
+    }
+    let header: Value = parse_json(first).map_err(|e| format!("envelope header: {e}"))?;
     if !header.is_object() {
         return Err("envelope header is not an object".into());
     }
@@ -85,7 +88,10 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
             rest = after;
             continue;
         }
-        let ih: Value = serde_json::from_slice(line).map_err(|e| format!("item header {}: {e}", items.len() + 1))?;
+        if line.len() > 64 * 1024 {
+            return Err("item header line over 64 kB".into());
+        }
+        let ih: Value = parse_json(line).map_err(|e| format!("item header {}: {e}", items.len() + 1))?;
         let ty = ih
             .get("type")
             .and_then(Value::as_str)
@@ -121,14 +127,23 @@ fn split_line(b: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// What an envelope holds, item by item.
+/// Events and transactions one envelope may carry (an SDK sends one).
+pub const MAX_EVENTS_PER_ENVELOPE: usize = 100;
+
+/// What an envelope holds, item by item (each parsed, mapped and its
+/// parsed form dropped before the next).
 pub fn envelope_items(env: &Envelope) -> Vec<Result<Item, String>> {
-    let event_id = env.header.get("event_id").and_then(Value::as_str);
+    let events = env.items.iter().filter(|(ty, _, _)| ty == "event" || ty == "transaction").count();
+    if events > MAX_EVENTS_PER_ENVELOPE {
+        return vec![Err(format!("more than {MAX_EVENTS_PER_ENVELOPE} events in one envelope"))];
+    }
+    // the header's event id is the event's only when there is one event
+    let event_id = env.header.get("event_id").and_then(Value::as_str).filter(|_| events == 1);
     env.items
         .iter()
         .map(|(ty, _, payload)| match ty.as_str() {
             "event" | "transaction" => {
-                let mut v: Value = serde_json::from_slice(payload).map_err(|e| format!("{ty} item: {e}"))?;
+                let mut v: Value = parse_json(payload).map_err(|e| format!("{ty} item: {e}"))?;
                 if let (Some(id), Some(o)) = (event_id, v.as_object_mut()) {
                     o.entry("event_id").or_insert_with(|| json!(id));
                 }
@@ -145,7 +160,7 @@ pub fn envelope_items(env: &Envelope) -> Vec<Result<Item, String>> {
 
 /// A store request's body: one event (or transaction).
 pub fn store_item(body: &[u8]) -> Result<Item, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("event: {e}"))?;
+    let v: Value = parse_json(body).map_err(|e| format!("event: {e}"))?;
     if v.get("type").and_then(Value::as_str) == Some("transaction") {
         return transaction(&v).map(Item::Spans);
     }
@@ -225,29 +240,44 @@ pub fn timestamp(v: Option<&Value>) -> Option<f64> {
 }
 
 /// "2026-12-07T10:11:12.345Z" / "+01:00" / no zone (UTC) -> seconds.
+/// Anything else (or a year beyond 9999) is None: never a panic or an overflow.
 fn rfc3339(s: &str) -> Option<f64> {
     let s = s.trim();
-    let (date, time) = s.split_once(['T', ' '])?;
+    if !s.is_ascii() {
+        return None;
+    }
+    let (date, time) = s.split_once(['T', 't', ' '])?;
     let mut d = date.split('-');
     let (y, m, day): (i64, i64, i64) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    if d.next().is_some() || !(1..=9999).contains(&y) {
+        return None;
+    }
     let (clock, offset) = if let Some(c) = time.strip_suffix('Z').or_else(|| time.strip_suffix('z')) {
         (c, 0i64)
     } else if let Some(i) = time.rfind(['+', '-']) {
         let (c, o) = time.split_at(i);
         let sign = if o.starts_with('-') { -1 } else { 1 };
         let o = &o[1..];
-        let (oh, om) = o.split_once(':').unwrap_or((&o[..o.len().min(2)], if o.len() > 2 { &o[2..] } else { "0" }));
-        (c, sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60))
+        let (oh, om) = match o.split_once(':') {
+            Some(p) => p,
+            None if o.len() == 4 => o.split_at(2),
+            None => (o, "0"),
+        };
+        let (oh, om): (i64, i64) = (oh.parse().ok()?, om.parse().ok()?);
+        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
+            return None;
+        }
+        (c, sign * (oh * 3600 + om * 60))
     } else {
         (time, 0)
     };
     let mut c = clock.split(':');
     let (hh, mm): (i64, i64) = (c.next()?.parse().ok()?, c.next()?.parse().ok()?);
     let ss: f64 = c.next().unwrap_or("0").parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || !(0.0..61.0).contains(&ss) {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || !(0..=23).contains(&hh) || !(0..=59).contains(&mm) || !(0.0..61.0).contains(&ss) {
         return None;
     }
-    // days from civil (Howard Hinnant)
+    // days from civil (Howard Hinnant); every value is small here
     let y2 = if m <= 2 { y - 1 } else { y };
     let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
     let yoe = y2 - era * 400;
@@ -256,6 +286,48 @@ fn rfc3339(s: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146097 + doe - 719468;
     Some((days * 86400 + hh * 3600 + mm * 60 - offset) as f64 + ss)
+}
+
+/// JSON nested deeper than this is refused before it is parsed: parsing,
+/// scrubbing and storing nested values recurse.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether JSON text nests deeper than `max` (a scan of its brackets,
+/// strings skipped): no parse, no allocation.
+pub fn too_deep(b: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for &c in b {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses JSON within MAX_JSON_DEPTH.
+pub fn parse_json(b: &[u8]) -> Result<Value, String> {
+    if too_deep(b, MAX_JSON_DEPTH) {
+        return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
+    }
+    serde_json::from_slice(b).map_err(|e| e.to_string())
 }
 
 fn severity(level: Option<&str>) -> &'static str {
@@ -796,6 +868,33 @@ mod tests {
         assert_eq!(spans[1]["parentSpanId"], "b7ad6b7169203331");
         assert_eq!(spans[1]["status"]["code"], 2);
         assert!(transaction(&json!({"contexts": {}})).is_err());
+    }
+
+    #[test]
+    fn hostile_timestamps_and_nesting() {
+        for t in ["2026-01-01T10:00:00+1é", "999999999999999999-01-01T00:00:00Z", "2026-01-01T00:00:00+99999999999999999:00",
+                  "2026-01-01T99:00:00Z", "é", "2026-01-01T00:00:00+", "2026-01-01T00:00:00+0530"] {
+            let _ = rfc3339(t);
+        }
+        assert_eq!(rfc3339("2026-01-01T00:00:00+0530"), rfc3339("2025-12-31T18:30:00Z"));
+        let deep = format!("{{\"message\":\"x\",\"extra\":{{\"a\":{}1{}}}}}", "[".repeat(200), "]".repeat(200));
+        assert!(store_item(deep.as_bytes()).unwrap_err().contains("nested deeper"));
+        // brackets inside strings do not count
+        let s = format!("{{\"message\":\"{}\"}}", "[".repeat(200));
+        assert!(store_item(s.as_bytes()).is_ok());
+        assert!(!too_deep(br#"{"a":"\\\"[[[["}"#, 2));
+    }
+
+    #[test]
+    fn several_events_keep_their_own_ids() {
+        let e = r#"{"message":"a"}"#;
+        let body = format!("{{\"event_id\":\"9ec79c33ec9942ab8353589fcb2e04dc\"}}\n{{\"type\":\"event\"}}\n{e}\n{{\"type\":\"event\"}}\n{e}\n");
+        let items = envelope_items(&parse_envelope(body.as_bytes()).unwrap());
+        let ids: Vec<String> = items.iter().map(|i| match i { Ok(Item::Event(c)) => c.event_id.clone(), _ => panic!() }).collect();
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[0], "9ec79c33ec9942ab8353589fcb2e04dc");
+        let many = format!("{{}}\n{}", format!("{{\"type\":\"event\"}}\n{e}\n").repeat(101));
+        assert!(envelope_items(&parse_envelope(many.as_bytes()).unwrap())[0].is_err());
     }
 
     #[test]

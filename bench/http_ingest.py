@@ -1,0 +1,261 @@
+"""make bench, the HTTP service (issue 14): Sentry events through the envelope
+endpoint beside fraiseql_capture_error over SQL at the same concurrency;
+OTLP protobuf spans beside COPY of the same rows; request latency.
+
+A cluster of its own with a listener on a loopback port. Clients are
+processes (not threads: Python's own cost must not be the measure), each
+with one kept-alive connection, as an SDK's transport has."""
+import http.client
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
+DURATION = float(os.environ.get("BENCH_HTTP_SECONDS", "10"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FRAMES = [
+    {"filename": "django/core/handlers/base.py", "abs_path": "/usr/lib/python3/site-packages/django/core/handlers/base.py",
+     "module": "django.core.handlers.base", "function": "_get_response", "lineno": 197, "in_app": False},
+    {"filename": "app/views.py", "abs_path": "/srv/app/views.py", "module": "app.views", "function": "checkout", "lineno": 42, "in_app": True},
+    {"filename": "app/cart.py", "abs_path": "/srv/app/cart.py", "module": "app.cart", "function": "total", "lineno": 7, "in_app": True},
+]
+TRACE_TEXT = ("Traceback (most recent call last):\n"
+              '  File "/usr/lib/python3/site-packages/django/core/handlers/base.py", line 197, in _get_response\n'
+              '  File "/srv/app/views.py", line 42, in checkout\n'
+              '  File "/srv/app/cart.py", line 7, in total\n'
+              "KeyError: 'cart'")
+
+
+def event(i: int, group: int) -> dict:
+    frames = [dict(f) for f in FRAMES]
+    frames[2]["function"] = f"total_{group}"
+    return {
+        "event_id": uuid.uuid4().hex, "platform": "python", "level": "error", "release": "shop@1.4.2",
+        "environment": "production", "user": {"id": f"u-{i % 500}"}, "tags": {"region": "eu"},
+        "contexts": {"trace": {"trace_id": uuid.uuid4().hex, "span_id": uuid.uuid4().hex[:16]}},
+        "breadcrumbs": {"values": [{"message": f"step {k}", "category": "app"} for k in range(5)]},
+        "exception": {"values": [{"type": "KeyError", "value": f"'cart-{i}'", "stacktrace": {"frames": frames}}]},
+    }
+
+
+def envelope(ev: dict) -> bytes:
+    payload = json.dumps(ev).encode()
+    return (json.dumps({"event_id": ev["event_id"]}) + "\n" + json.dumps({"type": "event", "length": len(payload)})
+            + "\n").encode() + payload + b"\n"
+
+
+def sentry_client(args):
+    hport, pid, key, seconds, seed = args
+    conn = http.client.HTTPConnection("127.0.0.1", hport, timeout=30)
+    headers = {"X-Sentry-Auth": f"Sentry sentry_key={key}, sentry_version=7",
+               "Content-Type": "application/x-sentry-envelope"}
+    lat, n, i = [], 0, seed * 1_000_000
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        body = envelope(event(i, i % 1000))
+        t = time.perf_counter()
+        conn.request("POST", f"/api/{pid}/envelope/", body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        lat.append(time.perf_counter() - t)
+        assert r.status == 200, r.status
+        n += 1
+        i += 1
+    conn.close()
+    return n, lat
+
+
+def otlp_client(args):
+    hport, key, bodies = args
+    conn = http.client.HTTPConnection("127.0.0.1", hport, timeout=60)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-protobuf"}
+    for b in bodies:
+        conn.request("POST", "/v1/traces", body=b, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200, r.status
+    conn.close()
+    return len(bodies)
+
+
+def otlp_protobuf(batch_no: int, size: int = 512) -> bytes:
+    """An ExportTraceServiceRequest of `size` spans, serialized by the
+    official opentelemetry-proto classes."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value="bench")))
+    ss = rs.scope_spans.add()
+    now = time.time_ns()
+    for i in range(size):
+        s = ss.spans.add()
+        s.trace_id = (batch_no + 1).to_bytes(8, "big") + (i // 8 + 1).to_bytes(8, "big")
+        s.span_id = (batch_no + 1).to_bytes(4, "big") + (i + 1).to_bytes(4, "big")
+        if i % 8:
+            s.parent_span_id = (batch_no + 1).to_bytes(4, "big") + (i - i % 8 + 1).to_bytes(4, "big")
+        s.name = ["POST /orders", "GET /users/{id}", "db.query", "cache.get"][i % 4]
+        s.kind = 1 + i % 3
+        s.start_time_unix_nano = now - (i * 1_000_000)
+        s.end_time_unix_nano = now - (i * 1_000_000) + 500_000
+        s.attributes.append(KeyValue(key="http.method", value=AnyValue(string_value="POST")))
+        s.attributes.append(KeyValue(key="http.status_code", value=AnyValue(int_value=200)))
+    return req.SerializeToString()
+
+
+class Cluster:
+    def __init__(self):
+        self.dir = pathlib.Path(tempfile.gettempdir()) / "fraiseql_obs_bench_http"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.port, self.hport = free_port(), free_port()
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "start", str(self.dir), str(self.port),
+                        "shared_buffers = 512MB", "max_wal_size = 4GB",
+                        f"fraiseql_obs.http_listen = 'bench@127.0.0.1:{self.hport}'"], check=True,
+                       stdout=subprocess.DEVNULL)
+        with self.connect("postgres") as c:
+            c.execute("CREATE DATABASE bench")
+        with self.connect() as c:
+            c.execute("CREATE EXTENSION fraiseql_obs")
+            dsn = c.execute("SELECT fraiseql_create_project('bench')").fetchone()[0]
+        self.key = dsn.split("//")[1].split("@")[0]
+        self.pid = int(dsn.rsplit("/", 1)[1])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.hport, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.3)
+
+    def connect(self, db="bench"):
+        return psycopg.connect(host=str(self.dir), port=self.port, dbname=db, user="postgres", autocommit=True)
+
+    def stop(self):
+        subprocess.run([str(ROOT / "scripts/pgcluster.sh"), "stop", str(self.dir)], check=False,
+                       stdout=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pgbench(self, script: str, clients: int, seconds: float) -> float:
+        import re
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write(script)
+            path = f.name
+        os.chmod(path, 0o644)
+        out = subprocess.run([f"{BIN}/pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(clients),
+                              "-T", str(int(seconds)), "-f", path, "-h", str(self.dir), "-p", str(self.port),
+                              "-U", "postgres", "bench"], check=True, capture_output=True, text=True).stdout
+        os.unlink(path)
+        return float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+
+
+# The same occurrence over SQL: the application formats its stack trace and
+# context itself (what an SDK event carries, as SQL arguments).
+SQL_CAPTURE = """\\set i random(1, 1000000000)
+\\set g random(1, 1000)
+SELECT fraiseql_capture_error('KeyError', 'cart-' || :i,
+  replace(%s, 'in total', 'in total_' || :g),
+  ('{"user": {"id": "u-' || (:i %% 500) || '"}, "tags": {"region": "eu"}, "breadcrumbs": [{"message": "step 0"}, {"message": "step 1"}, {"message": "step 2"}, {"message": "step 3"}, {"message": "step 4"}]}')::jsonb,
+  'production', 'error', 'shop@1.4.2');
+"""
+
+
+def bench_http() -> dict:
+    c = Cluster()
+    out = {}
+    try:
+        script = SQL_CAPTURE % ("'" + TRACE_TEXT.replace("'", "''") + "'")
+        for clients in (1, 8):
+            with mp.Pool(clients) as pool:
+                res = pool.map(sentry_client, [(c.hport, c.pid, c.key, DURATION, k) for k in range(clients)])
+            n = sum(r[0] for r in res)
+            lat = sorted(x for r in res for x in r[1])
+            http_rate = n / DURATION
+            sql_rate = c.pgbench(script, clients, DURATION)
+            out[clients] = {"http": http_rate, "sql": sql_rate,
+                            "p50": statistics.median(lat) * 1000, "p99": lat[int(len(lat) * 0.99) - 1] * 1000}
+            print(f"HTTP ingest, {clients} client(s): envelope {http_rate:.0f} events/s "
+                  f"(p50 {out[clients]['p50']:.1f} ms, p99 {out[clients]['p99']:.1f} ms), "
+                  f"SQL {sql_rate:.0f} captures/s ({http_rate / sql_rate:.2f}×)", flush=True)
+        with c.connect() as conn:
+            stored = conn.execute("SELECT count(*) FROM tb_error_occurrence WHERE error_type = 'KeyError'").fetchone()[0]
+        out["stored_checked"] = stored
+        # OTLP protobuf spans beside COPY of the same rows
+        batches = [otlp_protobuf(n) for n in range(40)]
+        t = time.perf_counter()
+        with mp.Pool(2) as pool:
+            sent = sum(pool.map(otlp_client, [(c.hport, c.key, batches[k::2]) for k in range(2)]))
+        otlp_s = time.perf_counter() - t
+        spans = sent * 512
+        with c.connect() as conn:
+            assert conn.execute("SELECT count(*) FROM monitoring.traces").fetchone()[0] == spans
+            cols = ("trace_id, span_id, parent_span_id, operation_name, start_time, end_time, duration_ms, status_code,"
+                    " attributes, events, links, resource, environment, service_name, span_kind")
+            rows = conn.execute(f"SELECT {cols} FROM monitoring.traces").fetchall()
+            conn.execute("TRUNCATE monitoring.traces")
+            t = time.perf_counter()
+            for k in range(0, len(rows), 512):
+                with conn.cursor().copy(f"COPY monitoring.traces ({cols}) FROM STDIN") as cp:
+                    for r in rows[k:k + 512]:
+                        cp.write_row([*r[:8], json.dumps(r[8]), json.dumps(r[9]), json.dumps(r[10]),
+                                      json.dumps(r[11]), *r[12:]])
+            copy_s = time.perf_counter() - t
+        out["otlp"] = spans / otlp_s
+        out["copy"] = spans / copy_s
+        print(f"OTLP protobuf: {out['otlp']:.0f} spans/s, COPY {out['copy']:.0f} spans/s "
+              f"({out['otlp'] / out['copy']:.2f}×)", flush=True)
+    finally:
+        c.stop()
+    return out
+
+
+def section(r: dict) -> list:
+    lines = [
+        "## HTTP ingest (issue 14)",
+        "",
+        f"A cluster of its own with a listener on 127.0.0.1. Sentry events (a Python exception of 3 frames,",
+        "user, tags, 5 breadcrumbs, trace context; one of 1,000 groups) POSTed as envelopes by client",
+        "processes over kept-alive connections, beside `fraiseql_capture_error` over SQL (pgbench, prepared)",
+        f"with the same occurrence at the same concurrency; {DURATION:.0f} s each. Target: HTTP at least as fast per event.",
+        "",
+        "| clients | envelope events/s | p50 | p99 | SQL captures/s | HTTP ÷ SQL |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clients in (1, 8):
+        x = r[clients]
+        lines.append(f"| {clients} | {x['http']:,.0f} | {x['p50']:.1f} ms | {x['p99']:.1f} ms | {x['sql']:,.0f} | "
+                     f"{x['http'] / x['sql']:.2f} |")
+    lines += [
+        "",
+        "The clients run on the same 2 cores as the server; an HTTP request also pays for the client's",
+        "JSON encoding and the server's parsing, which the SQL call does not.",
+        "",
+        f"OTLP/HTTP protobuf (batches of 512 spans serialized by opentelemetry-proto, 2 clients):",
+        f"{r['otlp']:,.0f} spans/s; COPY of the same rows into the same table: {r['copy']:,.0f} spans/s;",
+        f"ratio {r['otlp'] / r['copy']:.2f} (target ≥ 0.7).",
+        "",
+    ]
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(section(bench_http())))
