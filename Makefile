@@ -44,7 +44,7 @@ run: install-release
 	@echo "Connect:  $(PSQL) -d $(RUN_DB)"
 	@echo "Workers:  SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE backend_type LIKE 'fraiseql_obs%';"
 	@echo "Stop:     make stop"
-	@KEY=$$($(PSQL) -d $(RUN_DB) -qAtc "SELECT public_key FROM v_projects WHERE name = 'demo' AND revoked_at IS NULL LIMIT 1" 2>/dev/null); \
+	@KEY=$$($(PSQL) -d $(RUN_DB) -qAtc "SELECT secret_key FROM v_projects WHERE name = 'demo' AND revoked_at IS NULL LIMIT 1" 2>/dev/null); \
 	DSN=$$($(PSQL) -d $(RUN_DB) -qAtc "SELECT dsn FROM v_projects WHERE name = 'demo' AND revoked_at IS NULL LIMIT 1" 2>/dev/null); \
 	if [ -n "$$DSN" ]; then \
 		echo; \

@@ -26,7 +26,7 @@ def test_the_worker_reports_its_table_statistics(cluster, db):
             ).fetchall())
             return all(rows.get(t, 0) > 0 for t in ("tb_error_log", "tb_error_count_pending",
                                                     "tb_rollup_error_minute", "tb_rollup_state")) and rows
-        rows = wait_for(seen, timeout=10, what="the worker's writes in pg_stat_user_tables")
+        rows = wait_for(seen, timeout=30, what="the worker's writes in pg_stat_user_tables")
         # the group rows were inserted by captures, then updated only by the worker's folds
         upd = c.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tb_error_log'").fetchone()[0]
         assert upd >= 1, rows

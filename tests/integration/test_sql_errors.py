@@ -17,7 +17,7 @@ def wait_for_worker(c):
     c.execute("SELECT fraiseql_capture_error('Warmup', 'start the worker')")
     wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'fraiseql_obs worker%%'"
                                " AND datname = current_database()").fetchone()[0] == 1,
-             timeout=20, what="the database's worker")
+             timeout=40, what="the database's worker")
     wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log WHERE error_type = 'Warmup'").fetchone(),
              timeout=20, what="the worker's first fold")
 
