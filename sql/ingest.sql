@@ -1,6 +1,7 @@
 -- fraiseql_obs: projects and what the HTTP service (src/http_service.rs)
--- stores. A project is what a Sentry DSN names: its public key is the
--- credential an SDK sends, its id the number at the end of the DSN.
+-- keeps (its statements are in src/http_service.rs, prepared once). A
+-- project is what a Sentry DSN names: its public key is the credential an
+-- SDK sends, its id the number at the end of the DSN.
 -- Everything here is the owner's: nothing is granted to PUBLIC (the keys
 -- are secrets).
 
@@ -188,80 +189,6 @@ SELECT p.project_id, p.name, p.default_environment, p.rate_limit_per_minute,
        CASE WHEN k.revoked_at IS NULL THEN _fraiseql_dsn(k.public_key, p.project_id) END AS dsn
   FROM tb_project p
   LEFT JOIN tb_project_key k ON k.project_id = p.project_id;
-
--- What the HTTP service asks of a request's key: the project, if the key
--- is valid for it. p_secret: the key is a secret key (OTLP, /metrics).
-CREATE FUNCTION _fraiseql_http_project(p_key text, p_project_id integer, p_secret boolean,
-    OUT project_id integer, OUT default_environment text, OUT rate_limit_per_minute integer)
-RETURNS record
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT p.project_id, p.default_environment, p.rate_limit_per_minute
-      FROM @extschema@.tb_project_key k
-      JOIN @extschema@.tb_project p ON p.project_id = k.project_id
-     WHERE (CASE WHEN p_secret THEN k.secret_key ELSE k.public_key END) = p_key
-       AND k.revoked_at IS NULL
-       AND (p_project_id IS NULL OR p.project_id = p_project_id)
-$$;
-
--- One event received over HTTP: stored through the capture functions (so
--- validation, scrubbing, clipping and spike protection are the same as for
--- SQL captures), once per event id. Returns false for an event stored before.
-CREATE FUNCTION _fraiseql_http_event(
-    p_project_id     integer,
-    p_event_id       uuid,
-    p_is_message     boolean,
-    p_exception_type text,
-    p_message        text,
-    p_stack_trace    text,
-    p_fingerprint    text,
-    p_context        jsonb,
-    p_environment    text,
-    p_severity       text,
-    p_release        text,
-    p_trace_id       text,
-    p_span_id        text,
-    p_occurred_at    timestamptz)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_at timestamptz := coalesce(p_occurred_at, now());
-BEGIN
-    INSERT INTO @extschema@.tb_ingest_event (project_id, event_id)
-    VALUES (p_project_id, p_event_id)
-    ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    -- a client whose clock is off (or an event sent long after it
-    -- happened) is stored as received now, as Sentry does
-    IF v_at > now() + interval '1 minute' OR v_at < now() - interval '30 days' THEN
-        v_at := now();
-    END IF;
-    p_context := jsonb_set(p_context, '{sentry,project_id}', to_jsonb(p_project_id), true);
-    -- groups are a project's own, as in Sentry: one project's events (a
-    -- public key ships in browser code) never land in another's groups
-    p_fingerprint := 'p' || p_project_id || ':' || p_fingerprint;
-    IF p_is_message THEN
-        PERFORM @extschema@.fraiseql_capture_message(
-            message => p_message, severity => p_severity, context => p_context,
-            environment => p_environment, release_version => p_release,
-            trace_id => p_trace_id, span_id => p_span_id,
-            fingerprint => p_fingerprint, occurred_at => v_at);
-    ELSE
-        PERFORM @extschema@.fraiseql_capture_error(
-            exception_type => p_exception_type, message => p_message,
-            stack_trace => p_stack_trace, context => p_context,
-            environment => p_environment, severity => p_severity,
-            release_version => p_release, trace_id => p_trace_id, span_id => p_span_id,
-            fingerprint => p_fingerprint, occurred_at => v_at);
-    END IF;
-    RETURN true;
-END
-$$;
 
 -- Forgets the day-old event ids (called by fraiseql_run_maintenance).
 CREATE FUNCTION _fraiseql_prune_ingest_events() RETURNS bigint

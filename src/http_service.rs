@@ -17,11 +17,10 @@
 //!   alone), commits, and only then lets the threads reply.
 //!
 //! Keys are checked in that transaction, so a revoked key is refused from
-//! the next request on. Events go through `_fraiseql_http_event`, which
-//! calls the capture functions: validation, scrubbing, clipping and spike
+//! the next request on. Events go through the capture functions: validation, scrubbing, clipping and spike
 //! protection are those of SQL captures, and an event id is stored once.
 use crate::guc;
-use crate::worker::{in_subtransaction, in_subtransaction_or_transient, in_transaction};
+use crate::worker::{in_subtransaction, in_subtransaction_or_transient, in_transaction, in_transaction_or_transient};
 use fraiseql_ingest::http::{self, Request, Response};
 use fraiseql_ingest::{encoding, otlp, sentry};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -271,16 +270,41 @@ fn held_for_drop() -> bool {
     })
 }
 
-/// One transaction for the batch, a subtransaction for each request. A
-/// request that failed there is tried again alone, in a transaction of its
-/// own with each item in its own subtransaction, so that its good items
-/// are stored and its bad ones answered for.
+/// One transaction for the batch. First without subtransactions (the
+/// common case: every request stores); if that fails, the batch is stored
+/// again with each request in a subtransaction of its own, and a request
+/// that fails there is tried once more alone, each item in its own
+/// subtransaction, so that its good items are stored and its bad ones
+/// answered for.
 fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
+    // the rate limiter counts what a rolled-back attempt accepted: put back
+    let before = limiter.windows.clone();
+    let lim = AssertUnwindSafe(&mut *limiter);
+    let fast = in_transaction_or_transient(AssertUnwindSafe(|| {
+        let lim = lim;
+        let Some(plans) = begin_batch() else {
+            return Err(not_installed());
+        };
+        Ok(batch.iter().map(|job| handle(&plans, &job.work, &mut *lim.0, false)).collect::<Vec<_>>())
+    }));
+    match fast {
+        Ok(Ok(replies)) => return replies,
+        Ok(Err(r)) => return batch.iter().map(|_| r.clone()).collect(),
+        Err((true, _)) => {
+            limiter.windows = before;
+            return batch.iter().map(|_| unavailable("the database is busy, try again")).collect();
+        }
+        Err((false, _)) => {
+            limiter.windows = before;
+            // (a dropped or moved extension fails every statement: find it again)
+            forget_plans();
+        }
+    }
     let failed: Vec<usize>;
     let lim = AssertUnwindSafe(&mut *limiter);
     let result = in_transaction(AssertUnwindSafe(|| {
         let lim = lim;
-        let Some(schema) = begin_batch() else {
+        let Some(plans) = begin_batch() else {
             return Err(not_installed());
         };
         let mut out = Vec::with_capacity(batch.len());
@@ -289,7 +313,7 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
             let l = AssertUnwindSafe(&mut *lim.0);
             match in_subtransaction_or_transient(AssertUnwindSafe(|| {
                 let l = l;
-                handle(&schema, &job.work, l.0, false)
+                handle(&plans, &job.work, l.0, false)
             })) {
                 Ok(r) => out.push(r),
                 // a lock or statement timeout: not now (the client retries)
@@ -320,7 +344,7 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         let r = in_transaction(AssertUnwindSafe(|| {
             let lim = lim;
             match begin_batch() {
-                Some(schema) => handle(&schema, &job.work, lim.0, true),
+                Some(plans) => handle(&plans, &job.work, lim.0, true),
                 None => not_installed(),
             }
         }));
@@ -332,14 +356,101 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
     replies
 }
 
-/// The extension's schema, with this transaction's limits set: a lock
+/// The statements every request runs, prepared once (not parsed and
+/// planned per request), for the extension's schema as it was found; they
+/// are forgotten when a batch fails, and so found again after DROP or
+/// CREATE EXTENSION.
+struct Plans {
+    schema: String,
+    limits: pgrx::spi::OwnedPreparedStatement,
+    project: pgrx::spi::OwnedPreparedStatement,
+    event: pgrx::spi::OwnedPreparedStatement,
+}
+
+thread_local! {
+    static PLANS: std::cell::RefCell<Option<std::rc::Rc<Plans>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn forget_plans() {
+    PLANS.with(|p| *p.borrow_mut() = None);
+}
+
+fn prepare_plans() -> Option<std::rc::Rc<Plans>> {
+    if let Some(p) = PLANS.with(|p| p.borrow().clone()) {
+        return Some(p);
+    }
+    let schema = crate::worker::extension_schema()?;
+    use pgrx::pg_sys::BuiltinOid::*;
+    use pgrx::PgOid::BuiltIn;
+    let plans = Spi::connect(|c| -> Result<Plans, pgrx::spi::Error> {
+        Ok(Plans {
+            limits: c
+                .prepare("SELECT set_config('lock_timeout', '5s', true), set_config('statement_timeout', '20s', true)", &[])?
+                .keep(),
+            project: c
+                .prepare(
+                    &format!(
+                        "SELECT p.project_id, p.default_environment, p.rate_limit_per_minute \
+                           FROM (SELECT 1) one \
+                           LEFT JOIN ({schema}.tb_project_key k JOIN {schema}.tb_project p ON p.project_id = k.project_id) \
+                                  ON (CASE WHEN $3 THEN k.secret_key ELSE k.public_key END) = $1 \
+                                 AND k.revoked_at IS NULL AND ($2 IS NULL OR p.project_id = $2)"
+                    ),
+                    &[BuiltIn(TEXTOID), BuiltIn(INT4OID), BuiltIn(BOOLOID)],
+                )?
+                .keep(),
+            // the event id is recorded and the occurrence captured in one
+            // statement; an id stored before captures nothing
+            event: c
+                .prepare_mut(
+                    &format!(
+                        "WITH first AS (INSERT INTO {schema}.tb_ingest_event (project_id, event_id) VALUES ($1, $2::uuid) \
+                                        ON CONFLICT DO NOTHING RETURNING 1) \
+                         SELECT coalesce((SELECT CASE WHEN $3 \
+                                THEN {schema}.fraiseql_capture_message(message => $5, severity => $10, context => $8, \
+                                       environment => $9, release_version => $11, trace_id => $12, span_id => $13, \
+                                       fingerprint => $7, occurred_at => coalesce(to_timestamp($14), now())) \
+                                ELSE {schema}.fraiseql_capture_error(exception_type => $4, message => $5, stack_trace => $6, \
+                                       context => $8, environment => $9, severity => $10, release_version => $11, \
+                                       trace_id => $12, span_id => $13, fingerprint => $7, \
+                                       occurred_at => coalesce(to_timestamp($14), now())) END IS NOT NULL \
+                           FROM first), false)"
+                    ),
+                    &[
+                        BuiltIn(INT4OID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(BOOLOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(JSONBOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(TEXTOID),
+                        BuiltIn(FLOAT8OID),
+                    ],
+                )?
+                .keep(),
+            schema,
+        })
+    })
+    .unwrap_or_else(|e| error!("fraiseql_obs http: preparing statements failed: {e}"));
+    let plans = std::rc::Rc::new(plans);
+    PLANS.with(|p| *p.borrow_mut() = Some(plans.clone()));
+    Some(plans)
+}
+
+/// The prepared statements, with this transaction's limits set: a lock
 /// held elsewhere fails the batch (answered 503, retried by the client)
 /// instead of holding every request behind it past REPLY_WAIT.
-fn begin_batch() -> Option<String> {
-    let schema = crate::worker::extension_schema()?;
-    Spi::run("SELECT set_config('lock_timeout', '5s', true), set_config('statement_timeout', '20s', true)")
+fn begin_batch() -> Option<std::rc::Rc<Plans>> {
+    let plans = prepare_plans()?;
+    Spi::connect(|c| c.select(&plans.limits, None, &[]).map(|_| ()))
         .unwrap_or_else(|e| error!("fraiseql_obs http: {e}"));
-    Some(schema)
+    Some(plans)
 }
 
 fn not_installed() -> Response {
@@ -378,18 +489,11 @@ impl RateLimiter {
 }
 
 /// The project a key opens (None: unknown or revoked key, or another project's).
-fn project(schema: &str, key: &str, project_id: Option<i32>, secret: bool) -> Option<(i32, Option<String>, Option<i32>)> {
+fn project(plans: &Plans, key: &str, project_id: Option<i32>, secret: bool) -> Option<(i32, Option<String>, Option<i32>)> {
     let row = Spi::connect(|c| {
-        c.select(
-            &format!(
-                "SELECT p.project_id, p.default_environment, p.rate_limit_per_minute \
-                   FROM (SELECT 1) one LEFT JOIN LATERAL {schema}._fraiseql_http_project($1, $2, $3) p ON true"
-            ),
-            Some(1),
-            &[key.into(), project_id.into(), secret.into()],
-        )?
-        .first()
-        .get_three::<i32, String, i32>()
+        c.select(&plans.project, Some(1), &[key.into(), project_id.into(), secret.into()])?
+            .first()
+            .get_three::<i32, String, i32>()
     })
     .unwrap_or_else(|e| error!("fraiseql_obs http: reading the project failed: {e}"));
     row.0.map(|id| (id, row.1, row.2))
@@ -398,7 +502,7 @@ fn project(schema: &str, key: &str, project_id: Option<i32>, secret: bool) -> Op
 /// One request. `careful`: each item in a subtransaction of its own (the
 /// second pass, for a request whose first pass failed); else the request's
 /// items share the request's subtransaction, and an error fails it whole.
-fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter, careful: bool) -> Response {
+fn handle(plans: &Plans, work: &Work, limiter: &mut RateLimiter, careful: bool) -> Response {
     // an item's own subtransaction in the careful pass; else as it is. A
     // transient error (a lock or statement timeout) makes the whole request
     // one to try again later, not a bad one.
@@ -416,7 +520,7 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter, careful: bool) -
             f()
         }
     };
-    let r = handle_items(schema, work, limiter, careful, &item);
+    let r = handle_items(plans, work, limiter, careful, &item);
     if transient.get() {
         return unavailable("the database is busy, try again");
     }
@@ -424,18 +528,19 @@ fn handle(schema: &str, work: &Work, limiter: &mut RateLimiter, careful: bool) -
 }
 
 fn handle_items(
-    schema: &str,
+    plans: &Plans,
     work: &Work,
     limiter: &mut RateLimiter,
     careful: bool,
     item: &dyn Fn(&dyn Fn() -> Result<(), String>) -> Result<(), String>,
 ) -> Response {
+    let schema = plans.schema.as_str();
     match work {
         Work::Sentry { project_id, key, event_id, items } => {
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (sentry_key)");
             };
-            let Some((pid, default_env, limit)) = project(schema, key, Some(*project_id), false) else {
+            let Some((pid, default_env, limit)) = project(plans, key, Some(*project_id), false) else {
                 return Response::error(403, "invalid key for this project");
             };
             let events = items.iter().filter(|i| matches!(i, Ok(sentry::Item::Event(_)) | Ok(sentry::Item::Spans(_)))).count();
@@ -452,7 +557,7 @@ fn handle_items(
                     Ok(sentry::Item::Event(c)) => {
                         first_id.get_or_insert_with(|| c.event_id.clone());
                         match item(&|| {
-                            store_event(schema, pid, default_env.as_deref(), c);
+                            store_event(plans, pid, default_env.as_deref(), c);
                             Ok(())
                         }) {
                             Ok(()) => stored += 1,
@@ -483,7 +588,7 @@ fn handle_items(
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (Bearer <project key>)");
             };
-            let Some((pid, default_env, limit)) = project(schema, key, None, true) else {
+            let Some((pid, default_env, limit)) = project(plans, key, None, true) else {
                 return Response::error(403, "invalid key (OTLP takes a project's secret key)");
             };
             let (kind, rejected, message) = match data {
@@ -503,7 +608,7 @@ fn handle_items(
                     let mut errors = Vec::new();
                     for c in &logs.captures {
                         if let Err(e) = item(&|| {
-                            store_event(schema, pid, default_env.as_deref(), c);
+                            store_event(plans, pid, default_env.as_deref(), c);
                             Ok(())
                         }) {
                             errors.push(e);
@@ -540,7 +645,7 @@ fn handle_items(
             let Some(key) = key else {
                 return Response::error(401, "missing authorization (Bearer <project key>)");
             };
-            if project(schema, key, None, true).is_none() {
+            if project(plans, key, None, true).is_none() {
                 return Response::error(403, "invalid key (the scrape takes a project's secret key)");
             }
             let text = crate::sql::one::<String>(&format!("SELECT {schema}.fraiseql_metrics_prometheus()"), &[])
@@ -551,29 +656,52 @@ fn handle_items(
     }
 }
 
-fn store_event(schema: &str, project_id: i32, default_env: Option<&str>, c: &sentry::Capture) -> bool {
+/// One event: its id recorded for the project, its occurrence captured
+/// (through the capture functions: validation, scrubbing, clipping and spike
+/// protection are those of SQL captures). False: an id stored before.
+fn store_event(plans: &Plans, project_id: i32, default_env: Option<&str>, c: &sentry::Capture) -> bool {
     let environment = c.environment.clone().or_else(|| default_env.map(str::to_string));
-    Spi::get_one_with_args::<bool>(
-        &format!(
-            "SELECT {schema}._fraiseql_http_event($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, to_timestamp($14))"
-        ),
-        &[
-            project_id.into(),
-            c.event_id.as_str().into(),
-            c.is_message.into(),
-            c.exception_type.as_str().into(),
-            c.message.as_str().into(),
-            c.stack_trace.as_deref().into(),
-            c.fingerprint.as_str().into(),
-            pgrx::JsonB(c.context.clone()).into(),
-            environment.as_deref().into(),
-            c.severity.as_str().into(),
-            c.release.as_deref().into(),
-            c.trace_id.as_deref().into(),
-            c.span_id.as_deref().into(),
-            c.timestamp.into(),
-        ],
-    )
+    // groups are a project's own, as in Sentry: one project's events (a
+    // public key ships in browser code) never land in another's groups
+    let fingerprint = format!("p{project_id}:{}", c.fingerprint);
+    let mut context = c.context.clone();
+    if let Some(sentry) = context.get_mut("sentry").and_then(Value::as_object_mut) {
+        sentry.insert("project_id".into(), json!(project_id));
+    } else if let Some(o) = context.as_object_mut() {
+        o.insert("sentry".into(), json!({ "project_id": project_id }));
+    }
+    // a client whose clock is off (or an event sent long after it
+    // happened) is stored as received now, as Sentry does
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let timestamp = c.timestamp.filter(|t| t.is_finite() && *t <= now + 60.0 && *t >= now - 30.0 * 86400.0);
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                &plans.event,
+                Some(1),
+                &[
+                    project_id.into(),
+                    c.event_id.as_str().into(),
+                    c.is_message.into(),
+                    c.exception_type.as_str().into(),
+                    c.message.as_str().into(),
+                    c.stack_trace.as_deref().into(),
+                    fingerprint.as_str().into(),
+                    pgrx::JsonB(context).into(),
+                    environment.as_deref().into(),
+                    c.severity.as_str().into(),
+                    c.release.as_deref().into(),
+                    c.trace_id.as_deref().into(),
+                    c.span_id.as_deref().into(),
+                    timestamp.into(),
+                ],
+            )?
+            .first()
+            .get_one::<bool>()
+    })
     .unwrap_or_else(|e| error!("fraiseql_obs http: storing an event failed: {e}"))
     .unwrap_or(false)
 }

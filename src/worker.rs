@@ -141,18 +141,17 @@ pub(crate) fn caught_message(e: pg_sys::panic::CaughtError) -> String {
     }
 }
 
-/// Runs `f` in its own transaction. A PostgreSQL error is caught, the
-/// transaction rolled back, and the error returned as text.
-pub(crate) fn in_transaction<R>(
+/// As in_transaction, and whether the error was transient (is_transient).
+pub(crate) fn in_transaction_or_transient<R>(
     f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, String> {
+) -> Result<R, (bool, String)> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let result = PgTryBuilder::new(|| Ok(f()))
-        .catch_others(|e| Err(caught_message(e)))
+        .catch_others(|e| Err((is_transient(&e), caught_message(e))))
         .execute();
     unsafe {
         match result {
@@ -169,6 +168,14 @@ pub(crate) fn in_transaction<R>(
         pg_sys::pgstat_report_stat(false);
     }
     result
+}
+
+/// Runs `f` in its own transaction. A PostgreSQL error is caught, the
+/// transaction rolled back, and the error returned as text.
+pub(crate) fn in_transaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    in_transaction_or_transient(f).map_err(|(_, m)| m)
 }
 
 /// SQLSTATEs of errors that say "not now" rather than "never": a lock or
