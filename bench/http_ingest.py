@@ -2,9 +2,9 @@
 endpoint beside fraiseql_capture_error over SQL at the same concurrency;
 OTLP protobuf spans beside COPY of the same rows; request latency.
 
-A cluster of its own with a listener on a loopback port. Clients are
-processes (not threads: Python's own cost must not be the measure), each
-with one kept-alive connection, as an SDK's transport has."""
+A cluster of its own with a listener on a loopback port. Sentry events are
+sent by wrk (bench/sentry_envelope.lua) over kept-alive connections, as an
+SDK's transport keeps one; OTLP batches by client processes."""
 import http.client
 import json
 import multiprocessing as mp
@@ -12,11 +12,9 @@ import os
 import pathlib
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
-import uuid
 
 import psycopg
 
@@ -31,56 +29,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-FRAMES = [
-    {"filename": "django/core/handlers/base.py", "abs_path": "/usr/lib/python3/site-packages/django/core/handlers/base.py",
-     "module": "django.core.handlers.base", "function": "_get_response", "lineno": 197, "in_app": False},
-    {"filename": "app/views.py", "abs_path": "/srv/app/views.py", "module": "app.views", "function": "checkout", "lineno": 42, "in_app": True},
-    {"filename": "app/cart.py", "abs_path": "/srv/app/cart.py", "module": "app.cart", "function": "total", "lineno": 7, "in_app": True},
-]
 TRACE_TEXT = ("Traceback (most recent call last):\n"
               '  File "/usr/lib/python3/site-packages/django/core/handlers/base.py", line 197, in _get_response\n'
               '  File "/srv/app/views.py", line 42, in checkout\n'
               '  File "/srv/app/cart.py", line 7, in total\n'
               "KeyError: 'cart'")
-
-
-def event(i: int, group: int) -> dict:
-    frames = [dict(f) for f in FRAMES]
-    frames[2]["function"] = f"total_{group}"
-    return {
-        "event_id": uuid.uuid4().hex, "platform": "python", "level": "error", "release": "shop@1.4.2",
-        "environment": "production", "user": {"id": f"u-{i % 500}"}, "tags": {"region": "eu"},
-        "contexts": {"trace": {"trace_id": uuid.uuid4().hex, "span_id": uuid.uuid4().hex[:16]}},
-        "breadcrumbs": {"values": [{"message": f"step {k}", "category": "app"} for k in range(5)]},
-        "exception": {"values": [{"type": "KeyError", "value": f"'cart-{i}'", "stacktrace": {"frames": frames}}]},
-    }
-
-
-def envelope(ev: dict) -> bytes:
-    payload = json.dumps(ev).encode()
-    return (json.dumps({"event_id": ev["event_id"]}) + "\n" + json.dumps({"type": "event", "length": len(payload)})
-            + "\n").encode() + payload + b"\n"
-
-
-def sentry_client(args):
-    hport, pid, key, seconds, seed = args
-    conn = http.client.HTTPConnection("127.0.0.1", hport, timeout=30)
-    headers = {"X-Sentry-Auth": f"Sentry sentry_key={key}, sentry_version=7",
-               "Content-Type": "application/x-sentry-envelope"}
-    lat, n, i = [], 0, seed * 1_000_000
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        body = envelope(event(i, i % 1000))
-        t = time.perf_counter()
-        conn.request("POST", f"/api/{pid}/envelope/", body=body, headers=headers)
-        r = conn.getresponse()
-        r.read()
-        lat.append(time.perf_counter() - t)
-        assert r.status == 200, r.status
-        n += 1
-        i += 1
-    conn.close()
-    return n, lat
 
 
 def otlp_client(args):

@@ -215,18 +215,23 @@ CREATE TABLE tb_otlp_cumulative (
     metric_name text NOT NULL,
     environment text NOT NULL,
     labels      jsonb NOT NULL,
+    -- who sends it: the project and the sending process's resource (so two
+    -- replicas of a service, or two projects, are counted apart and summed)
+    stream      text NOT NULL,
     start_ns    numeric NOT NULL,
+    -- the last point's time: an older point arriving late changes nothing
+    time_ns     numeric NOT NULL DEFAULT 0,
     value       double precision,
     counts      bigint[],
     obs_sum     double precision,
     obs_count   bigint,
     updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (metric_name, environment, labels)
+    PRIMARY KEY (metric_name, environment, labels, stream)
 );
 
 -- A sum point: monotonic sums are counters, the others gauges.
-CREATE FUNCTION _fraiseql_otlp_sum(p_name text, p_labels jsonb, p_env text, p_start_ns numeric,
-                                   p_value double precision, p_delta boolean, p_monotonic boolean)
+CREATE FUNCTION _fraiseql_otlp_sum(p_name text, p_labels jsonb, p_env text, p_stream text, p_start_ns numeric,
+                                   p_time_ns numeric, p_value double precision, p_delta boolean, p_monotonic boolean)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -242,20 +247,32 @@ BEGIN
         v_change := p_value;
     ELSE
         SELECT * INTO v_last FROM @extschema@.tb_otlp_cumulative c
-         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = p_labels FOR UPDATE;
+         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = p_labels AND c.stream = p_stream
+           FOR UPDATE;
+        -- a point older than the last one of its stream (sent again, or late)
+        IF v_last.start_ns = p_start_ns AND p_time_ns > 0 AND p_time_ns <= v_last.time_ns THEN
+            PERFORM set_config('fraiseql_obs.environment', v_old, true);
+            RETURN;
+        END IF;
         IF p_delta THEN
             -- an up-down counter sent as deltas: the running value is ours
             v_change := coalesce(v_last.value, 0) + p_value;
         ELSIF p_monotonic THEN
-            v_change := CASE WHEN v_last.start_ns = p_start_ns AND p_value >= v_last.value
-                             THEN p_value - v_last.value ELSE p_value END;
+            -- a new start time (or none known and a lower value) is a
+            -- restart of the exporter: all of the value is new
+            v_change := CASE WHEN v_last.start_ns = p_start_ns AND p_start_ns > 0 THEN greatest(p_value - v_last.value, 0)
+                             WHEN v_last.start_ns = p_start_ns AND p_value >= v_last.value THEN p_value - v_last.value
+                             ELSE p_value END;
         ELSE
             v_change := p_value;
         END IF;
-        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, start_ns, value)
-        VALUES (p_name, v_env, p_labels, p_start_ns, CASE WHEN p_delta THEN v_change ELSE p_value END)
-        ON CONFLICT (metric_name, environment, labels) DO UPDATE
-           SET start_ns = excluded.start_ns, value = excluded.value, updated_at = now();
+        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, stream, start_ns, time_ns, value)
+        VALUES (p_name, v_env, p_labels, p_stream, p_start_ns, p_time_ns,
+                CASE WHEN p_delta THEN v_change
+                     WHEN p_monotonic AND v_last.start_ns = p_start_ns AND p_start_ns > 0 THEN greatest(p_value, v_last.value)
+                     ELSE p_value END)
+        ON CONFLICT (metric_name, environment, labels, stream) DO UPDATE
+           SET start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value, updated_at = now();
     END IF;
     IF p_monotonic THEN
         IF v_change > 0 OR NOT EXISTS (SELECT FROM @extschema@.tb_metric_series m
@@ -287,8 +304,8 @@ $$;
 -- The series gets these bounds when it is new (unless fraiseql_metric_define
 -- gave the name others); against other bounds, each bucket's count goes to
 -- the series bucket that holds its upper bound.
-CREATE FUNCTION _fraiseql_otlp_histogram(p_name text, p_labels jsonb, p_env text, p_start_ns numeric,
-                                         p_bounds double precision[], p_counts bigint[],
+CREATE FUNCTION _fraiseql_otlp_histogram(p_name text, p_labels jsonb, p_env text, p_stream text, p_start_ns numeric,
+                                         p_time_ns numeric, p_bounds double precision[], p_counts bigint[],
                                          p_sum double precision, p_count bigint, p_delta boolean)
 RETURNS void
 LANGUAGE plpgsql
@@ -310,7 +327,14 @@ BEGIN
     v_labels := @extschema@._fraiseql_check_metric(p_name, 'histogram', 0, p_labels);
     IF NOT p_delta THEN
         SELECT * INTO v_last FROM @extschema@.tb_otlp_cumulative c
-         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = v_labels FOR UPDATE;
+         WHERE c.metric_name = p_name AND c.environment = v_env AND c.labels = v_labels AND c.stream = p_stream
+           FOR UPDATE;
+        IF v_last.start_ns = p_start_ns AND p_time_ns > 0 AND p_time_ns <= v_last.time_ns THEN
+            RETURN;  -- older than the stream's last point
+        END IF;
+        IF v_last.start_ns = p_start_ns AND p_start_ns > 0 AND p_count < v_last.obs_count THEN
+            RETURN;  -- went down without a restart: an older point
+        END IF;
         IF v_last.start_ns = p_start_ns AND cardinality(v_last.counts) = cardinality(p_counts)
            AND p_count >= v_last.obs_count THEN
             SELECT array_agg(greatest(n.c - o.c, 0) ORDER BY n.i) INTO v_counts
@@ -319,10 +343,10 @@ BEGIN
             v_sum := p_sum - v_last.obs_sum;
             v_count := p_count - v_last.obs_count;
         END IF;
-        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, start_ns, counts, obs_sum, obs_count)
-        VALUES (p_name, v_env, v_labels, p_start_ns, p_counts, p_sum, p_count)
-        ON CONFLICT (metric_name, environment, labels) DO UPDATE
-           SET start_ns = excluded.start_ns, counts = excluded.counts, obs_sum = excluded.obs_sum,
+        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, stream, start_ns, time_ns, counts, obs_sum, obs_count)
+        VALUES (p_name, v_env, v_labels, p_stream, p_start_ns, p_time_ns, p_counts, p_sum, p_count)
+        ON CONFLICT (metric_name, environment, labels, stream) DO UPDATE
+           SET start_ns = excluded.start_ns, time_ns = excluded.time_ns, counts = excluded.counts, obs_sum = excluded.obs_sum,
                obs_count = excluded.obs_count, updated_at = now();
     END IF;
     INSERT INTO @extschema@.tb_metric_series AS m (metric_name, metric_type, labels, environment, buckets)

@@ -42,10 +42,6 @@ const QUEUE: usize = 128;
 /// and a transaction with more than 64 subtransaction ids makes every other
 /// session's snapshots slower (PGPROC_MAX_CACHED_SUBXIDS).
 const BATCH: usize = 32;
-/// How long a network thread waits for its request's commit before it
-/// answers 503 (the request may still be stored: a retry is then a duplicate
-/// event id, stored once).
-const REPLY_WAIT: Duration = Duration::from_secs(30);
 
 /// One `database@address:port` entry of fraiseql_obs.http_listen.
 fn parse_entry(entry: &str) -> Result<(String, SocketAddr), String> {
@@ -127,14 +123,79 @@ struct Job {
     reply: SyncSender<Response>,
 }
 
-/// Limits the network threads read; the main thread sets them (at start
-/// and after a reload).
-struct Sizes {
+/// What the network threads read and the main thread sets: the size limits
+/// (at start and after a reload), and the projects' keys (so that a large
+/// body with a key no project has is refused before it is decompressed or
+/// parsed; the main thread checks every key again in its transaction).
+struct Shared {
     event: AtomicUsize,
     envelope: AtomicUsize,
+    keys: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// when the keys were last read
+    keys_read: std::sync::Mutex<Option<Instant>>,
+    /// a network thread met a key it does not know: read them again
+    keys_wanted: std::sync::atomic::AtomicBool,
 }
 
-impl Sizes {
+impl Shared {
+    /// Whether a large body may be read for this key: Ok if a project has
+    /// it. A key not known here is looked up again (the main thread reads
+    /// the keys at its next turn, so a key made a moment ago works): 403 if
+    /// it is still unknown, 503 if the main thread did not get to it in time.
+    fn known_for_large(&self, key: &str) -> Result<(), Response> {
+        let known = || self.keys.read().map(|k| k.contains(key)).unwrap_or(false);
+        if known() {
+            return Ok(());
+        }
+        let read_at = || self.keys_read.lock().ok().and_then(|t| *t);
+        let before = read_at();
+        self.keys_wanted.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            if read_at() != before {
+                return if known() { Ok(()) } else { Err(Response::error(403, "invalid key")) };
+            }
+        }
+        Err(Response::error(503, "try again").with_header("Retry-After", "1"))
+    }
+}
+
+/// Reads every valid key (public and secret) for the network threads.
+fn read_keys(shared: &Shared) {
+    let keys = in_transaction(|| {
+        let Some(schema) = crate::worker::extension_schema() else {
+            return Vec::new();
+        };
+        Spi::connect(|c| {
+            let t = c.select(
+                &format!(
+                    "SELECT k.public_key FROM {schema}.tb_project_key k WHERE k.revoked_at IS NULL \
+                     UNION ALL SELECT k.secret_key FROM {schema}.tb_project_key k WHERE k.revoked_at IS NULL"
+                ),
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                if let Some(k) = r.get::<String>(1)? {
+                    out.push(k);
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_default()
+    })
+    .unwrap_or_default();
+    if let Ok(mut k) = shared.keys.write() {
+        *k = keys.into_iter().collect();
+    }
+    if let Ok(mut t) = shared.keys_read.lock() {
+        *t = Some(Instant::now());
+    }
+}
+
+impl Shared {
     fn load(&self) {
         self.event.store(guc::int_value(&guc::HTTP_MAX_EVENT_KB) * 1024, Ordering::Relaxed);
         self.envelope.store(guc::int_value(&guc::HTTP_MAX_ENVELOPE_KB) * 1024, Ordering::Relaxed);
@@ -175,7 +236,13 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::proc_exit(1) };
         }
     };
-    let sizes = Arc::new(Sizes { event: AtomicUsize::new(0), envelope: AtomicUsize::new(0) });
+    let sizes = Arc::new(Shared {
+        event: AtomicUsize::new(0),
+        envelope: AtomicUsize::new(0),
+        keys: Default::default(),
+        keys_read: Default::default(),
+        keys_wanted: Default::default(),
+    });
     sizes.load();
     let (tx, rx) = sync_channel::<Job>(QUEUE);
     let limits = http::Limits {
@@ -213,8 +280,9 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
     main_loop(&rx, &sizes);
 }
 
-fn main_loop(rx: &Receiver<Job>, sizes: &Sizes) {
+fn main_loop(rx: &Receiver<Job>, sizes: &Shared) {
     let mut limiter = RateLimiter::default();
+    read_keys(sizes);
     loop {
         unsafe {
             // no wait: only to leave at once when the postmaster has died
@@ -236,6 +304,9 @@ fn main_loop(rx: &Receiver<Job>, sizes: &Sizes) {
         if unsafe { pg_sys::ConfigReloadPending } != 0 {
             crate::worker::reload_config_if_asked();
             sizes.load();
+        }
+        if sizes.keys_wanted.swap(false, Ordering::SeqCst) {
+            read_keys(sizes);
         }
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(j) => j,
@@ -287,6 +358,7 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         };
         Ok(batch.iter().map(|job| handle(&plans, &job.work, &mut *lim.0, false)).collect::<Vec<_>>())
     }));
+    end_batch();
     match fast {
         Ok(Ok(replies)) => return replies,
         Ok(Err(r)) => return batch.iter().map(|_| r.clone()).collect(),
@@ -326,6 +398,7 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         }
         Ok((out, failed_here))
     }));
+    end_batch();
     let mut replies = match result {
         Ok(Ok((out, f))) => {
             failed = f;
@@ -348,10 +421,14 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
                 None => not_installed(),
             }
         }));
+        end_batch();
         replies[i] = r.unwrap_or_else(|e| {
             log!("fraiseql_obs http: a request was not stored: {e}");
             unavailable("not stored, try again")
         });
+        if held_for_drop() {
+            break;
+        }
     }
     replies
 }
@@ -450,7 +527,20 @@ fn begin_batch() -> Option<std::rc::Rc<Plans>> {
     let plans = prepare_plans()?;
     Spi::connect(|c| c.select(&plans.limits, None, &[]).map(|_| ()))
         .unwrap_or_else(|e| error!("fraiseql_obs http: {e}"));
+    // statement_timeout is armed by a client session's statement loop, which
+    // a background worker has not: the batch's own deadline is armed here
+    // (it cancels the transaction, which is then answered 503)
+    crate::timeout::arm_statement_timeout(BATCH_DEADLINE_MS);
     Some(plans)
+}
+
+/// How long one transaction of the service may take (then it is cancelled
+/// and its requests answered 503).
+const BATCH_DEADLINE_MS: i32 = 20_000;
+
+/// After a transaction: its deadline no longer applies.
+fn end_batch() {
+    crate::timeout::disarm_statement_timeout();
 }
 
 fn not_installed() -> Response {
@@ -507,8 +597,20 @@ fn handle(plans: &Plans, work: &Work, limiter: &mut RateLimiter, careful: bool) 
     // transient error (a lock or statement timeout) makes the whole request
     // one to try again later, not a bad one.
     let transient = std::cell::Cell::new(false);
+    // (at most this many subtransactions in one transaction: more make
+    // every other session's snapshots slower)
+    let subtransactions = std::cell::Cell::new(0usize);
     let item = |f: &dyn Fn() -> Result<(), String>| -> Result<(), String> {
-        if careful {
+        // DROP DATABASE is waiting for this database: leave now
+        if held_for_drop() {
+            pgrx::ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                "fraiseql_obs http: leaving the database for DROP DATABASE"
+            );
+        }
+        if careful && subtransactions.get() < 60 {
+            subtransactions.set(subtransactions.get() + 1);
             match in_subtransaction_or_transient(std::panic::AssertUnwindSafe(|| f())) {
                 Ok(r) => r,
                 Err((t, m)) => {
@@ -522,7 +624,13 @@ fn handle(plans: &Plans, work: &Work, limiter: &mut RateLimiter, careful: bool) 
     };
     let r = handle_items(plans, work, limiter, careful, &item);
     if transient.get() {
-        return unavailable("the database is busy, try again");
+        // nothing of a request that is answered "try again" may stay: the
+        // whole request is rolled back (its transaction is its own here)
+        pgrx::ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            "fraiseql_obs http: the database is busy, try again"
+        );
     }
     r
 }
@@ -565,7 +673,22 @@ fn handle_items(
                         }
                     }
                     Ok(sentry::Item::Spans(v)) => match item(&|| {
-                        store_spans(schema, v);
+                        // which project sent them, in the resource (a public key may be anyone's)
+                        let mut v = v.clone();
+                        for rs in v.get_mut("resourceSpans").and_then(Value::as_array_mut).into_iter().flatten() {
+                            if let Some(a) = rs.pointer_mut("/resource/attributes").and_then(Value::as_array_mut) {
+                                a.push(json!({"key": "fraiseql.project_id", "value": {"intValue": pid.to_string()}}));
+                            }
+                        }
+                        let r = store_spans(schema, &v);
+                        let stored = r.get("stored").and_then(Value::as_i64).unwrap_or(0)
+                            + r.get("duplicates").and_then(Value::as_i64).unwrap_or(0);
+                        if stored == 0 {
+                            return Err(format!(
+                                "no span stored: {}",
+                                r.pointer("/partialSuccess/errorMessage").and_then(Value::as_str).unwrap_or("")
+                            ));
+                        }
                         Ok(())
                     }) {
                         Ok(()) => stored += 1,
@@ -622,7 +745,7 @@ fn handle_items(
                     let mut errors = rejected.clone();
                     for p in points {
                         if let Err(e) = item(&|| {
-                            store_point(schema, p);
+                            store_point(schema, pid, p);
                             Ok(())
                         }) {
                             errors.push(e);
@@ -706,33 +829,41 @@ fn store_event(plans: &Plans, project_id: i32, default_env: Option<&str>, c: &se
     .unwrap_or(false)
 }
 
-fn store_point(schema: &str, p: &otlp::Point) {
+fn store_point(schema: &str, project_id: i32, p: &otlp::Point) {
     let labels = |l: &serde_json::Map<String, Value>| pgrx::JsonB(Value::Object(l.clone()));
     let r = match p {
-        otlp::Point::Sum { name, labels: l, environment, start_ns, value, delta, monotonic } => Spi::run_with_args(
-            &format!("SELECT {schema}._fraiseql_otlp_sum($1, $2, $3, $4::numeric, $5, $6, $7)"),
-            &[
-                name.as_str().into(),
-                labels(l).into(),
-                environment.as_deref().into(),
-                start_ns.to_string().as_str().into(),
-                (*value).into(),
-                (*delta).into(),
-                (*monotonic).into(),
-            ],
-        ),
-        otlp::Point::Gauge { name, labels: l, environment, value } => Spi::run_with_args(
-            &format!("SELECT {schema}._fraiseql_otlp_gauge($1, $2, $3, $4)"),
-            &[name.as_str().into(), labels(l).into(), environment.as_deref().into(), (*value).into()],
-        ),
-        otlp::Point::Histogram { name, labels: l, environment, start_ns, bounds, counts, sum, count, delta } => {
+        otlp::Point::Sum { name, labels: l, environment, stream, start_ns, time_ns, value, delta, monotonic } => {
             Spi::run_with_args(
-                &format!("SELECT {schema}._fraiseql_otlp_histogram($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9)"),
+                &format!("SELECT {schema}._fraiseql_otlp_sum($1, $2, $3, $4, $5::numeric, $6::numeric, $7, $8, $9)"),
                 &[
                     name.as_str().into(),
                     labels(l).into(),
                     environment.as_deref().into(),
+                    format!("{project_id}:{stream}").as_str().into(),
                     start_ns.to_string().as_str().into(),
+                    time_ns.to_string().as_str().into(),
+                    (*value).into(),
+                    (*delta).into(),
+                    (*monotonic).into(),
+                ],
+            )
+        }
+        otlp::Point::Gauge { name, labels: l, environment, value } => Spi::run_with_args(
+            &format!("SELECT {schema}._fraiseql_otlp_gauge($1, $2, $3, $4)"),
+            &[name.as_str().into(), labels(l).into(), environment.as_deref().into(), (*value).into()],
+        ),
+        otlp::Point::Histogram { name, labels: l, environment, stream, start_ns, time_ns, bounds, counts, sum, count, delta } => {
+            Spi::run_with_args(
+                &format!(
+                    "SELECT {schema}._fraiseql_otlp_histogram($1, $2, $3, $4, $5::numeric, $6::numeric, $7, $8, $9, $10, $11)"
+                ),
+                &[
+                    name.as_str().into(),
+                    labels(l).into(),
+                    environment.as_deref().into(),
+                    format!("{project_id}:{stream}").as_str().into(),
+                    start_ns.to_string().as_str().into(),
+                    time_ns.to_string().as_str().into(),
                     bounds.clone().into(),
                     counts.iter().map(|c| (*c).min(i64::MAX as u64) as i64).collect::<Vec<i64>>().into(),
                     (*sum).into(),
@@ -779,7 +910,7 @@ fn cors(r: Response) -> Response {
         .with_header("Access-Control-Expose-Headers", "x-sentry-error, x-sentry-rate-limits, retry-after")
 }
 
-fn route(req: Request, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+fn route(req: Request, tx: &SyncSender<Job>, sizes: &Shared) -> Response {
     let path = req.path.clone();
     if let Some((project_id, endpoint)) = sentry_route(&path) {
         if req.method == "OPTIONS" {
@@ -825,19 +956,28 @@ fn submit(tx: &SyncSender<Job>, work: Work) -> Response {
         }
         Err(TrySendError::Disconnected(_)) => return unavailable("the service is stopping"),
     }
-    answer.recv_timeout(REPLY_WAIT).unwrap_or_else(|_| unavailable("not stored in time, try again"))
+    // Until the main thread answers: its transactions have deadlines
+    // (BATCH_DEADLINE_MS), and an answer never contradicts what was
+    // committed. A worker that is gone answers 503 (the queue is dropped).
+    answer.recv().unwrap_or_else(|_| unavailable("the service is stopping, try again"))
 }
 
 /// The body, decompressed. Past LARGE bytes it needs one of the server's
 /// large-body permits (held until the reply), so that however many clients
 /// send at once, only a few large bodies are in memory.
-fn decode(req: &mut Request, max: usize) -> Result<(Vec<u8>, Option<http::Permit>), Response> {
+fn decode(req: &mut Request, max: usize, shared: &Shared, key: Option<&str>) -> Result<(Vec<u8>, Option<http::Permit>), Response> {
     let err = |e: encoding::DecodeError| match e {
         encoding::DecodeError::TooLarge => Response::error(413, &e.to_string()),
         encoding::DecodeError::Unsupported(_) => Response::error(415, &e.to_string()),
         encoding::DecodeError::Bad(_) => Response::error(400, &e.to_string()),
     };
     let busy = || Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2");
+    // a large body is decompressed and parsed only for a key some project
+    // has (parsing multiplies its size in memory)
+    let known = |key: Option<&str>| match key {
+        Some(k) => shared.known_for_large(k),
+        None => Err(Response::error(401, "a large body needs its key in a header or the query string")),
+    };
     let enc = req.header("content-encoding").map(str::to_string);
     let body = std::mem::take(&mut req.body);
     let identity = enc.as_deref().is_none_or(|e| e.trim().is_empty() || e.trim().eq_ignore_ascii_case("identity"));
@@ -846,14 +986,19 @@ fn decode(req: &mut Request, max: usize) -> Result<(Vec<u8>, Option<http::Permit
         if body.len() > max {
             return Err(Response::error(413, "body too large"));
         }
+        if req.large {
+            known(key)?;
+        }
         return Ok((body, None));
     }
     if req.large {
+        known(key)?;
         return encoding::decode(enc.as_deref(), &body, max).map(|b| (b, None)).map_err(err);
     }
     match encoding::decode(enc.as_deref(), &body, LARGE.min(max)) {
         Ok(b) => Ok((b, None)),
         Err(encoding::DecodeError::TooLarge) if max > LARGE => {
+            known(key)?;
             let permit = req.permits.as_ref().and_then(|p| p.try_acquire()).ok_or_else(busy)?;
             encoding::decode(enc.as_deref(), &body, max).map(|b| (b, Some(permit))).map_err(err)
         }
@@ -872,8 +1017,9 @@ fn sentry_key(req: &Request) -> Option<String> {
         .or_else(|| req.header("authorization").and_then(sentry::key_from_auth_header))
 }
 
-fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
-    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed)) {
+fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Shared) -> Response {
+    let header_key = sentry_key(&req);
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, header_key.as_deref()) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -883,7 +1029,7 @@ fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, size
         Ok(e) => e,
         Err(why) => return Response::error(400, &format!("invalid envelope: {why}")),
     };
-    let key = sentry_key(&req).or_else(|| {
+    let key = header_key.or_else(|| {
         env.header
             .get("dsn")
             .and_then(Value::as_str)
@@ -904,11 +1050,11 @@ fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, size
     submit(tx, Work::Sentry { project_id, key: Some(key), event_id, items })
 }
 
-fn sentry_store(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+fn sentry_store(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Shared) -> Response {
     let Some(key) = sentry_key(&req) else {
         return Response::error(401, "missing authorization (sentry_key)");
     };
-    let (body, _permit) = match decode(&mut req, sizes.event.load(Ordering::Relaxed)) {
+    let (body, _permit) = match decode(&mut req, sizes.event.load(Ordering::Relaxed), sizes, Some(&key)) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -921,7 +1067,7 @@ fn sentry_store(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: 
 
 /// OTLP/HTTP: protobuf (the Collector, the Python and Go exporters) or JSON
 /// (the JS exporter), decoded here into one form; the key as a bearer token.
-fn otlp_request(mut req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes: &Sizes) -> Response {
+fn otlp_request(mut req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, sizes: &Shared) -> Response {
     let Some(key) = bearer(&req) else {
         return Response::error(401, "missing authorization (Bearer <project secret key>)");
     };
@@ -930,7 +1076,7 @@ fn otlp_request(mut req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, si
     if !protobuf && !ctype.starts_with("application/json") {
         return Response::error(415, "OTLP/HTTP takes application/x-protobuf or application/json");
     }
-    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed)) {
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, Some(&key)) {
         Ok(b) => b,
         Err(r) => return r,
     };

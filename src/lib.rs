@@ -25,6 +25,7 @@ mod sql;
 mod sql_errors;
 mod sqlstate_table;
 mod time_window;
+mod timeout;
 mod trace_context;
 mod traces;
 mod worker;

@@ -222,7 +222,7 @@ fn exposed_labels(s: &Series) -> Vec<(String, String)> {
 /// is refused by Prometheus. Counters and histograms of the same buckets
 /// add up; of two gauges, or histograms of other buckets, the first (by
 /// recorded name) is kept. `series` is sorted by exposed name.
-fn merge_same_series(series: Vec<Series>, exposed: impl Fn(&Series) -> String) -> Vec<Series> {
+fn merge_same_series(series: Vec<Series>, exposed: &impl Fn(&Series) -> String) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::with_capacity(series.len());
     let mut index: std::collections::HashMap<(String, String, Vec<(String, String)>), usize> =
         std::collections::HashMap::new();
@@ -237,10 +237,10 @@ fn merge_same_series(series: Vec<Series>, exposed: impl Fn(&Series) -> String) -
                         t.bucket_counts.resize(t.buckets.len(), 0);
                         for (i, c) in s.bucket_counts.iter().enumerate() {
                             if let Some(x) = t.bucket_counts.get_mut(i) {
-                                *x += c;
+                                *x = x.saturating_add(*c);
                             }
                         }
-                        t.obs_count += s.obs_count;
+                        t.obs_count = t.obs_count.saturating_add(s.obs_count);
                         t.obs_sum += s.obs_sum;
                     }
                     _ => {}
@@ -272,7 +272,21 @@ pub fn exposition(mut series: Vec<Series>) -> String {
             .then(a.environment.cmp(&b.environment))
             .then(a.name.cmp(&b.name))
     });
-    let series = merge_same_series(series, exposed);
+    let series = merge_same_series(series, &exposed);
+    // a histogram's samples are <name>_bucket, _sum and _count: a series of
+    // another family exposed under one of those names would be a second
+    // series of the same name (promtool refuses the scrape), so it is left out
+    let histograms: std::collections::HashSet<String> =
+        series.iter().filter(|s| s.kind == "histogram").map(&exposed).collect();
+    let taken = |name: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .any(|suffix| name.strip_suffix(suffix).is_some_and(|h| histograms.contains(h)))
+    };
+    let series: Vec<Series> = series
+        .into_iter()
+        .filter(|s| s.kind == "histogram" || !taken(&exposed(s)))
+        .collect();
     let mut out = String::new();
     let mut current: Option<(String, String)> = None;
     for s in &series {
@@ -295,16 +309,19 @@ pub fn exposition(mut series: Vec<Series>) -> String {
             "histogram" => {
                 let mut cumulative = 0i64;
                 for (i, b) in s.buckets.iter().enumerate() {
-                    cumulative += s.bucket_counts.get(i).copied().unwrap_or(0);
+                    cumulative = cumulative.saturating_add(s.bucket_counts.get(i).copied().unwrap_or(0).max(0));
                     let mut l = labels.clone();
                     l.push(("le".into(), num(*b)));
                     let _ = writeln!(out, "{name}_bucket{} {cumulative}", label_block(&l));
                 }
+                // the +Inf bucket holds every observation: never fewer than
+                // the finite buckets, whatever a sender claimed
+                let count = s.obs_count.max(cumulative);
                 let mut l = labels.clone();
                 l.push(("le".into(), "+Inf".into()));
-                let _ = writeln!(out, "{name}_bucket{} {}", label_block(&l), s.obs_count);
+                let _ = writeln!(out, "{name}_bucket{} {count}", label_block(&l));
                 let _ = writeln!(out, "{name}_sum{} {}", label_block(&labels), num(s.obs_sum));
-                let _ = writeln!(out, "{name}_count{} {}", label_block(&labels), s.obs_count);
+                let _ = writeln!(out, "{name}_count{} {count}", label_block(&labels));
             }
             _ => {
                 let _ = writeln!(

@@ -9,14 +9,7 @@ use pgrx::prelude::*;
 use serde_json::Value;
 use std::ffi::{c_int, CString};
 
-// utils/timeout.h (not in pgrx's bindings); TimeoutId is a C enum
-const STATEMENT_TIMEOUT: c_int = 3;
-const USER_TIMEOUT: c_int = 12;
-unsafe extern "C-unwind" {
-    fn enable_timeout_after(id: c_int, delay_ms: c_int);
-    fn disable_timeout(id: c_int, keep_indicator: bool);
-    fn RegisterTimeout(id: c_int, handler: Option<unsafe extern "C-unwind" fn()>) -> c_int;
-}
+use crate::timeout::{disable_timeout, enable_timeout_after, RegisterTimeout, STATEMENT_TIMEOUT, USER_TIMEOUT};
 
 /// The hard deadline. PL/pgSQL can catch the statement timeout's cancel
 /// (`EXCEPTION WHEN query_canceled`) and go on; a handler that does is not

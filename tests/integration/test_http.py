@@ -403,6 +403,74 @@ def test_a_lock_held_elsewhere_is_answered_not_waited_for(svc):
     assert request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope({"message": "after the lock"}), auth(key))[0] == 200
 
 
+def test_otlp_hostile_metrics_and_exact_cumulative_counts(svc):
+    """A NUL in a metric name is refused (it made PostgreSQL's unique check
+    and equality disagree: an endless insert loop); two replicas of one
+    service sending the same cumulative counter count apart; a point sent
+    again or late changes nothing; a histogram whose buckets overflow is
+    refused and the scrape stays valid."""
+    _, public, _ = project(svc, "otel-metrics")
+    key = secret(svc, public)
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def send(metrics, instance="a"):
+        body = {"resourceMetrics": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "shop"}},
+            {"key": "service.instance.id", "value": {"stringValue": instance}}]},
+            "scopeMetrics": [{"metrics": metrics}]}]}
+        st, _, resp = request(svc.hport, "POST", "/v1/metrics", json.dumps(body).encode(), h)
+        assert st == 200, resp
+        return json.loads(resp)
+
+    r = send([{"name": "bad\u0000name", "gauge": {"dataPoints": [{"asDouble": 1}]}}])
+    assert r["partialSuccess"]["rejectedDataPoints"] == 1
+    cum = lambda v, t: [{"name": "replica_orders", "sum": {"aggregationTemporality": 2, "isMonotonic": True,
+                         "dataPoints": [{"asInt": str(v), "startTimeUnixNano": "1000", "timeUnixNano": str(t)}]}}]
+    for v, t in [(100, 1), (101, 2), (102, 3)]:
+        send(cum(v, t), "a")
+        send(cum(v, t), "b")
+    send(cum(101, 2), "a")   # sent again, late
+    send(cum(100, 1), "b")
+    with svc.connect("ingest") as c:
+        total = c.execute("SELECT value FROM v_metric_series WHERE metric_name = 'replica_orders'").fetchone()[0]
+    assert total == 204, total  # 102 from each replica
+    big = str(2 ** 63 - 1)
+    r = send([{"name": "overflowing", "histogram": {"aggregationTemporality": 1, "dataPoints": [
+        {"bucketCounts": [big, big, "0"], "explicitBounds": [0.1, 0.5]}]}}])
+    assert r["partialSuccess"]["rejectedDataPoints"] == 1
+    st, _, text = request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert st == 200 and b"replica_orders_total" in text
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+        assert check.returncode in (0, 3) and b"error" not in check.stderr.lower(), check.stderr
+
+
+def test_exceptions_without_a_message_are_stored(svc):
+    """`raise ValueError()` and a bare `assert` have no message: stored,
+    reading as their type, not refused."""
+    _, key, pid = project(svc, "no-message")
+    ev = {"exception": {"values": [{"type": "AssertionError", "value": ""}]}}
+    assert request(svc.hport, "POST", f"/api/{pid}/envelope/", envelope(ev), auth(key))[0] == 200
+    assert occurrences(svc, "error_type = 'AssertionError' AND message = 'AssertionError'") == 1
+
+
+def test_a_large_body_with_an_unknown_key_is_not_parsed(svc):
+    """Decompressing and parsing multiply a body's size in memory: a large
+    one is read only for a key some project has."""
+    big = gzip.compress(json.dumps({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+        {"name": f"m{i}", "gauge": {"dataPoints": [{"asDouble": i}]}} for i in range(5000)]}]}]}).encode())
+    h = {"Content-Type": "application/json", "Content-Encoding": "gzip", "Authorization": "Bearer " + "0" * 32}
+    statuses = {request(svc.hport, "POST", "/v1/metrics", big, h)[0] for _ in range(3)}
+    assert statuses <= {403, 503} and 403 in wait_for(
+        lambda: {request(svc.hport, "POST", "/v1/metrics", big, h)[0]} & {403}, timeout=10, what="a 403"), statuses
+    _, public, _ = project(svc, "large-ok")
+    h["Authorization"] = "Bearer " + secret(svc, public)
+    # a key made a moment ago: refused at most until the keys are read again
+    assert wait_for(lambda: request(svc.hport, "POST", "/v1/metrics", big, h)[0] == 200, timeout=10,
+                    what="the new key's large request")
+
+
 def test_drop_database_is_not_blocked_by_the_listener(svc):
     """The listener leaves its database for DROP DATABASE, and comes back
     when it exists again."""

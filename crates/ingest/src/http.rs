@@ -335,7 +335,20 @@ enum ReadError {
     Timeout,
     Io,
     TooLarge,
+    /// a large body, and no permit free
+    Busy,
+    /// a large body sent too slowly to keep its permit
+    TooSlow,
     Bad(&'static str),
+}
+
+/// A large body holds one of few permits: it must come at least this fast
+/// (after its first two seconds), or a slow sender could hold them all.
+const MIN_LARGE_RATE: f64 = 32.0 * 1024.0;
+
+fn too_slow(started: Instant, received: usize) -> bool {
+    let t = started.elapsed().as_secs_f64();
+    t > 2.0 && (received as f64) < MIN_LARGE_RATE * t
 }
 
 impl Conn {
@@ -397,12 +410,16 @@ impl Conn {
         }
     }
 
-    fn take(&mut self, n: usize, deadline: Instant) -> Result<Vec<u8>, ReadError> {
+    fn take(&mut self, n: usize, deadline: Instant, min_rate: bool) -> Result<Vec<u8>, ReadError> {
         // what came before is consumed: the body is moved out, not copied
         self.buf.drain(..self.pos);
         self.pos = 0;
         self.buf.reserve(n.saturating_sub(self.buf.len()).min(1 << 20));
+        let started = Instant::now();
         while self.buf.len() < n {
+            if min_rate && too_slow(started, self.buf.len()) {
+                return Err(ReadError::TooSlow);
+            }
             match self.fill(deadline) {
                 Ok(_) => {}
                 Err(ReadError::Closed) => return Err(ReadError::Bad("body shorter than its length")),
@@ -411,6 +428,20 @@ impl Conn {
         }
         let rest = self.buf.split_off(n);
         Ok(std::mem::replace(&mut self.buf, rest))
+    }
+
+    /// One chunk's data (copied: chunks are small pieces of the body).
+    fn take_chunk(&mut self, n: usize, deadline: Instant) -> Result<Vec<u8>, ReadError> {
+        while self.buf.len() - self.pos < n {
+            match self.fill(deadline) {
+                Ok(_) => {}
+                Err(ReadError::Closed) => return Err(ReadError::Bad("chunked body cut short")),
+                Err(e) => return Err(e),
+            }
+        }
+        let out = self.buf[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        Ok(out)
     }
 
     /// Between requests: a buffer grown by a large request is not kept.
@@ -441,9 +472,24 @@ impl Conn {
         }
     }
 
-    fn chunked(&mut self, deadline: Instant, max: usize) -> Result<Vec<u8>, ReadError> {
+    /// A chunked body. Past `large` bytes it needs a permit (taken then, not
+    /// before: a chunked request that stays small never holds one).
+    fn chunked(
+        &mut self,
+        deadline: Instant,
+        large: usize,
+        max: usize,
+        permits: &Arc<Permits>,
+        permit: &mut Option<Permit>,
+    ) -> Result<Vec<u8>, ReadError> {
         let mut body = Vec::new();
+        let mut large_since: Option<Instant> = None;
         loop {
+            if let Some(t) = large_since {
+                if too_slow(t, body.len().saturating_sub(large)) {
+                    return Err(ReadError::TooSlow);
+                }
+            }
             let l = self.line(deadline, 1024)?;
             let l = String::from_utf8_lossy(&l);
             let size = l.split(';').next().unwrap_or("").trim();
@@ -462,7 +508,11 @@ impl Conn {
             if n > max.saturating_sub(body.len()) {
                 return Err(ReadError::TooLarge);
             }
-            let chunk = self.take(n, deadline)?;
+            if permit.is_none() && body.len() + n > large {
+                *permit = Some(permits.try_acquire().ok_or(ReadError::Busy)?);
+                large_since = Some(Instant::now());
+            }
+            let chunk = self.take_chunk(n, deadline)?;
             body.extend_from_slice(&chunk);
             if !self.line(deadline, 2)?.is_empty() {
                 return Err(ReadError::Bad("chunk not followed by CRLF"));
@@ -608,11 +658,11 @@ fn serve_connection(
         {
             out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
-        // a large body (or one of unknown length) needs a permit first
+        // a large body needs a permit (a chunked one when it grows large)
         let mut permit = None;
-        if chunked || length.unwrap_or(0) > limits.large_body_bytes {
+        if !chunked && length.unwrap_or(0) > limits.large_body_bytes {
             permit = permits.try_acquire();
-            if permit.is_none() && !chunked {
+            if permit.is_none() {
                 let r = Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2");
                 let _ = write_response(&mut out, &r, false, false);
                 break;
@@ -620,19 +670,18 @@ fn serve_connection(
         }
         let deadline = Instant::now() + limits.body_timeout;
         let body = if chunked {
-            // without a permit, a chunked body may not grow past the large size
-            let max = if permit.is_some() { limits.max_body_bytes } else { limits.large_body_bytes };
-            conn.chunked(deadline, max)
+            conn.chunked(deadline, limits.large_body_bytes, limits.max_body_bytes, permits, &mut permit)
         } else {
-            conn.take(length.unwrap_or(0), deadline)
+            conn.take(length.unwrap_or(0), deadline, permit.is_some())
         };
         let body = match body {
             Ok(b) => b,
             Err(e) => {
                 let r = match e {
-                    ReadError::TooLarge if permit.is_none() => {
+                    ReadError::Busy => {
                         Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2")
                     }
+                    ReadError::TooSlow => Response::error(408, "a large body sent too slowly"),
                     ReadError::TooLarge => Response::error(413, "body too large"),
                     ReadError::Timeout => {
                         stats.timed_out.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,8 @@ use serde_json::{json, Map, Value};
 
 /// AnyValue can nest (arrays, key-value lists): a request nesting deeper is refused.
 const MAX_DEPTH: usize = 32;
+/// Values in one packed repeated field (bucket counts, bounds).
+const MAX_PACKED: usize = 1024;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -386,6 +388,11 @@ fn message(b: &[u8], schema: &'static [Field], depth: usize) -> Result<Value, St
                 let n = rd.varint()? as usize;
                 let mut inner = Reader { b: rd.take(n)?, pos: 0 };
                 while inner.pos < inner.b.len() {
+                    // each value is a JSON value (tens of bytes) decoded from
+                    // as little as one byte: a long packed list is refused
+                    if values.len() >= MAX_PACKED {
+                        return Err(format!("field {} has more than {MAX_PACKED} values", field.name));
+                    }
                     values.push(scalar(&mut inner, k, wire_of(k))?);
                 }
             }
@@ -648,8 +655,17 @@ pub fn logs(req: &Value) -> Logs {
                     Value::Null => None,
                     other => Some(other.to_string()),
                 });
+                if out.captures.len() >= MAX_LOG_RECORDS {
+                    out.not_errors += 1;
+                    continue;
+                }
                 let exception_type = ty.unwrap_or_else(|| "Error".into());
-                let message = msg.or(body.clone()).unwrap_or_default().replace('\u{0}', "");
+                // an exception without a message reads as its type (as Sentry shows it)
+                let message = msg
+                    .or(body.clone())
+                    .map(|m| m.replace('\u{0}', ""))
+                    .filter(|m| !m.trim().is_empty())
+                    .unwrap_or_else(|| exception_type.clone());
                 let stack = text_of(&attrs, "exception.stacktrace");
                 let fingerprint = fraiseql_fingerprint::default_fingerprint(&exception_type, &message, stack.as_deref());
                 let ns = u64_of(rec.get("timeUnixNano")).filter(|n| *n > 0).or_else(|| u64_of(rec.get("observedTimeUnixNano")));
@@ -706,10 +722,47 @@ pub fn logs(req: &Value) -> Logs {
 pub enum Point {
     /// a sum: monotonic ones are counters, the others gauges; a delta is
     /// added to what came before, a cumulative value replaces it
-    Sum { name: String, labels: Map<String, Value>, environment: Option<String>, start_ns: u64, value: f64, delta: bool, monotonic: bool },
+    Sum { name: String, labels: Map<String, Value>, environment: Option<String>, stream: String, start_ns: u64, time_ns: u64, value: f64, delta: bool, monotonic: bool },
     Gauge { name: String, labels: Map<String, Value>, environment: Option<String>, value: f64 },
     /// explicit bounds (the last bucket is +Inf); counts per bucket
-    Histogram { name: String, labels: Map<String, Value>, environment: Option<String>, start_ns: u64, bounds: Vec<f64>, counts: Vec<u64>, sum: f64, count: u64, delta: bool },
+    Histogram { name: String, labels: Map<String, Value>, environment: Option<String>, stream: String, start_ns: u64, time_ns: u64, bounds: Vec<f64>, counts: Vec<u64>, sum: f64, count: u64, delta: bool },
+}
+
+/// Data points one request may carry (more are rejected).
+pub const MAX_POINTS: usize = 10_000;
+/// Log records one request may carry (more are rejected).
+pub const MAX_LOG_RECORDS: usize = 5_000;
+
+/// A metric or label name: printable, no NUL or control character (a NUL
+/// in a text value makes PostgreSQL's unique checks and equality disagree),
+/// at most 200 bytes.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 200 && !n.chars().any(char::is_control)
+}
+
+/// A label value as stored: text without NUL or control characters, at
+/// most 1 kB.
+fn label_value(v: &Value) -> Option<Value> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    let s: String = s.chars().filter(|c| !c.is_control()).collect();
+    if s.len() > 1024 {
+        return None;
+    }
+    Some(Value::String(s))
+}
+
+/// The identity of the process that sent a point: its resource's attributes
+/// (service.instance.id included), hashed. Cumulative points are turned into
+/// deltas per stream, so two replicas of a service count apart.
+fn stream_of(resource: &Map<String, Value>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(resource).unwrap_or_default());
+    hex(&h.finalize()[..12])
 }
 
 /// The data points of a metrics request, and what was rejected.
@@ -718,16 +771,26 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
     let mut rejected = Vec::new();
     for rm in req.get("resourceMetrics").and_then(Value::as_array).into_iter().flatten() {
         let resource = attributes(rm.get("resource").and_then(|r| r.get("attributes")));
-        let env = environment_of(&resource);
-        let job = text_of(&resource, "service.name");
+        let env = environment_of(&resource).filter(|e| valid_name(e) && e.len() <= 64);
+        let job = text_of(&resource, "service.name").filter(|j| valid_name(j));
+        let stream = stream_of(&resource);
         for sm in rm.get("scopeMetrics").and_then(Value::as_array).into_iter().flatten() {
             for m in sm.get("metrics").and_then(Value::as_array).into_iter().flatten() {
-                let Some(name) = m.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
-                    rejected.push("a metric without a name".into());
+                if points.len() + rejected.len() >= MAX_POINTS {
+                    rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                    return (points, rejected);
+                }
+                let Some(name) = m.get("name").and_then(Value::as_str).filter(|n| valid_name(n)) else {
+                    rejected.push("a metric without a valid name (1 to 200 printable bytes)".into());
                     continue;
                 };
                 let labels_of = |p: &Value| {
-                    let mut l = attributes(p.get("attributes"));
+                    let mut l = Map::new();
+                    for (k, v) in attributes(p.get("attributes")) {
+                        if let (true, Some(v)) = (valid_name(&k), label_value(&v)) {
+                            l.insert(k, v);
+                        }
+                    }
                     if let Some(j) = &job {
                         l.entry("job").or_insert_with(|| json!(j));
                     }
@@ -754,7 +817,9 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                                 name: name.into(),
                                 labels: labels_of(p),
                                 environment: env.clone(),
+                                stream: stream.clone(),
                                 start_ns: u64_of(p.get("startTimeUnixNano")).unwrap_or(0),
+                                time_ns: u64_of(p.get("timeUnixNano")).unwrap_or(0),
                                 value: v,
                                 delta,
                                 monotonic,
@@ -767,16 +832,22 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                     for p in dps("histogram") {
                         let bounds: Vec<f64> = p.get("explicitBounds").and_then(Value::as_array).into_iter().flatten().filter_map(|b| f64_of(Some(b))).collect();
                         let counts: Vec<u64> = p.get("bucketCounts").and_then(Value::as_array).into_iter().flatten().filter_map(|c| u64_of(Some(c))).collect();
-                        if counts.len() != bounds.len() + 1 || bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
+                        if counts.len() != bounds.len() + 1 || bounds.len() > 160 || bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
                             rejected.push(format!("{name}: bucket counts do not match the bounds"));
                             continue;
                         }
+                        let Some(total) = checked_total(&counts, u64_of(p.get("count"))) else {
+                            rejected.push(format!("{name}: a count that is not the sum of its buckets, or too large"));
+                            continue;
+                        };
                         points.push(Point::Histogram {
                             name: name.into(),
                             labels: labels_of(p),
                             environment: env.clone(),
+                            stream: stream.clone(),
                             start_ns: u64_of(p.get("startTimeUnixNano")).unwrap_or(0),
-                            count: u64_of(p.get("count")).unwrap_or_else(|| counts.iter().sum()),
+                            time_ns: u64_of(p.get("timeUnixNano")).unwrap_or(0),
+                            count: total,
                             sum: f64_of(p.get("sum")).filter(|s| s.is_finite()).unwrap_or(0.0),
                             bounds,
                             counts,
@@ -786,13 +857,15 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                 } else if m.get("exponentialHistogram").is_some() {
                     let delta = delta_of("exponentialHistogram");
                     for p in dps("exponentialHistogram") {
-                        match exponential_to_explicit(p) {
-                            Some((bounds, counts)) => points.push(Point::Histogram {
+                        match exponential_to_explicit(p).and_then(|(b, c)| checked_total(&c, u64_of(p.get("count"))).map(|t| (b, c, t))) {
+                            Some((bounds, counts, total)) => points.push(Point::Histogram {
                                 name: name.into(),
                                 labels: labels_of(p),
                                 environment: env.clone(),
+                                stream: stream.clone(),
                                 start_ns: u64_of(p.get("startTimeUnixNano")).unwrap_or(0),
-                                count: u64_of(p.get("count")).unwrap_or_else(|| counts.iter().sum()),
+                                time_ns: u64_of(p.get("timeUnixNano")).unwrap_or(0),
+                                count: total,
                                 sum: f64_of(p.get("sum")).filter(|s| s.is_finite()).unwrap_or(0.0),
                                 bounds,
                                 counts,
@@ -827,6 +900,16 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
     (points, rejected)
 }
 
+/// The total of a histogram's buckets, which must equal its count (when
+/// given) and stay far from overflowing the exported counters.
+fn checked_total(counts: &[u64], count: Option<u64>) -> Option<u64> {
+    let total = counts.iter().try_fold(0u64, |a, c| a.checked_add(*c))?;
+    if total > i64::MAX as u64 / 1024 || count.is_some_and(|c| c != total) {
+        return None;
+    }
+    Some(total)
+}
+
 /// An exponential histogram's positive buckets as explicit upper bounds
 /// (base = 2^(2^-scale); bucket i holds (base^i, base^(i+1)]), with the zero
 /// bucket and the negative values counted in the first one. At most 160
@@ -840,7 +923,13 @@ fn exponential_to_explicit(p: &Value) -> Option<(Vec<f64>, Vec<u64>)> {
     let pos = p.get("positive");
     let offset = pos.and_then(|b| b.get("offset")).and_then(Value::as_i64).unwrap_or(0);
     let counts: Vec<u64> = pos.and_then(|b| b.get("bucketCounts")).and_then(Value::as_array).into_iter().flatten().filter_map(|c| u64_of(Some(c))).collect();
-    let negative: u64 = p.get("negative").and_then(|b| b.get("bucketCounts")).and_then(Value::as_array).into_iter().flatten().filter_map(|c| u64_of(Some(c))).sum();
+    let negative = p
+        .get("negative")
+        .and_then(|b| b.get("bucketCounts"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .try_fold(0u64, |a, c| a.checked_add(u64_of(Some(c))?))?;
     let zero = u64_of(p.get("zeroCount")).unwrap_or(0);
     if counts.len() > 160 {
         return None;
@@ -848,14 +937,18 @@ fn exponential_to_explicit(p: &Value) -> Option<(Vec<f64>, Vec<u64>)> {
     let mut bounds = Vec::with_capacity(counts.len() + 1);
     let mut out = Vec::with_capacity(counts.len() + 2);
     // (.., base^offset]: zero and negative values
+    if offset.abs() >= 100_000 {
+        return None;
+    }
     let lowest = base.powi(offset as i32);
     if !lowest.is_finite() {
         return None;
     }
     bounds.push(lowest);
-    out.push(zero + negative);
+    out.push(zero.checked_add(negative)?);
     for (i, c) in counts.iter().enumerate() {
-        let ub = base.powi((offset + i as i64 + 1) as i32);
+        let exp = offset.checked_add(i as i64 + 1).filter(|e| e.abs() < 100_000)?;
+        let ub = base.powi(exp as i32);
         if !ub.is_finite() || ub <= *bounds.last()? {
             return None;
         }
@@ -903,6 +996,33 @@ mod mapping_tests {
     }
 
     #[test]
+    fn hostile_metrics_are_rejected() {
+        let req = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "a\u{0}b", "gauge": {"dataPoints": [{"asDouble": 1.0}]}},
+            {"name": "h", "histogram": {"aggregationTemporality": 1, "dataPoints": [
+                {"bucketCounts": [i64::MAX.to_string(), i64::MAX.to_string(), "0"], "explicitBounds": [0.1, 0.5]},
+                {"bucketCounts": ["1", "1", "0"], "explicitBounds": [0.1, 0.5], "count": "1"}]}},
+            {"name": "e", "exponentialHistogram": {"aggregationTemporality": 1, "dataPoints": [
+                {"scale": 0, "zeroCount": u64::MAX.to_string(), "negative": {"bucketCounts": ["1"]}, "positive": {"offset": 2147483647, "bucketCounts": ["1"]}}]}},
+            {"name": "ok", "gauge": {"dataPoints": [{"asDouble": 1.0, "attributes": [{"key": "k\u{0}", "value": {"stringValue": "v"}}, {"key": "good", "value": {"stringValue": "v\u{0}w"}}]}]}}
+        ]}]}]});
+        let (points, rejected) = metrics(&req);
+        assert_eq!(rejected.len(), 4, "{rejected:?}");
+        assert!(matches!(&points[..], [Point::Gauge { labels, .. }] if labels.len() == 1 && labels["good"] == json!("vw")));
+    }
+
+    #[test]
+    fn streams_tell_replicas_apart() {
+        let one = |instance: &str| json!({"resourceMetrics": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "shop"}},
+            {"key": "service.instance.id", "value": {"stringValue": instance}}]},
+            "scopeMetrics": [{"metrics": [{"name": "c", "sum": {"aggregationTemporality": 2, "isMonotonic": true, "dataPoints": [{"asInt": "1"}]}}]}]}]});
+        let s = |p: &Point| match p { Point::Sum { stream, .. } => stream.clone(), _ => panic!() };
+        assert_ne!(s(&metrics(&one("a")).0[0]), s(&metrics(&one("b")).0[0]));
+        assert_eq!(s(&metrics(&one("a")).0[0]), s(&metrics(&one("a")).0[0]));
+    }
+
+    #[test]
     fn metric_kinds() {
         let req = json!({"resourceMetrics": [{
             "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
@@ -920,9 +1040,10 @@ mod mapping_tests {
         let (points, rejected) = metrics(&req);
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert!(matches!(&points[0], Point::Sum { value, monotonic: true, delta: false, labels, start_ns: 5, .. }
-            if *value == 7.0 && labels["code"] == json!(200) && labels["job"] == json!("shop")));
+            if *value == 7.0 && labels["code"] == json!("200") && labels["job"] == json!("shop")));
         assert!(matches!(&points[1], Point::Gauge { value, .. } if *value == 21.5));
         assert!(matches!(&points[2], Point::Histogram { counts, count: 3, delta: true, .. } if counts == &vec![1, 2, 0]));
+        // (the second histogram point, whose counts do not match its bounds, is the rejected one)
         // exponential, scale 0: bounds 1, 2, 4
         assert!(matches!(&points[3], Point::Histogram { bounds, counts, .. } if bounds == &vec![1.0, 2.0, 4.0] && counts == &vec![1, 2, 3, 0]));
         assert_eq!(points.len(), 7);

@@ -480,7 +480,11 @@ pub fn event(e: &Value) -> Result<Capture, String> {
             // "exception" is synthetic, and it reads as the message it is
             let synthetic = x.pointer("/mechanism/synthetic").and_then(Value::as_bool) == Some(true);
             let ty = if synthetic { "Message".to_string() } else { clean(text(x, "type").unwrap_or("Error")) };
+            let ty = if ty.trim().is_empty() { "Error".to_string() } else { ty };
+            // `raise ValueError()`, a bare `assert`: no message; it reads as
+            // its type, as Sentry shows it
             let value = clean(text(x, "value").or(shown.as_deref()).unwrap_or(""));
+            let value = if value.trim().is_empty() { ty.clone() } else { value };
             let frames: Vec<FrameView> = frames_of(x, e).into_iter().map(frame_view).collect();
             let fp = frames_fingerprint(
                 &ty,
@@ -633,6 +637,9 @@ fn otlp_span(
     s
 }
 
+/// Child spans kept from one transaction (Sentry's SDKs keep 1,000).
+pub const MAX_SPANS_PER_TRANSACTION: usize = 1000;
+
 /// A transaction event as an OTLP/JSON ExportTraceServiceRequest: the
 /// transaction is the root span (kind server), its spans its children.
 pub fn transaction(e: &Value) -> Result<Value, String> {
@@ -664,7 +671,7 @@ pub fn transaction(e: &Value) -> Result<Value, String> {
         text(trace, "op"),
     )];
     if let Some(children) = e.get("spans").and_then(Value::as_array) {
-        for s in children {
+        for s in children.iter().take(MAX_SPANS_PER_TRANSACTION) {
             let (Some(id), Some(st), Some(en)) = (
                 hex_id(text(s, "span_id"), 16),
                 timestamp(s.get("start_timestamp")),
@@ -788,6 +795,14 @@ mod tests {
         assert_eq!(c.exception_type, "Message");
         assert_eq!(c.message, "disk almost full");
         assert!(c.stack_trace.unwrap().contains("at check"));
+    }
+
+    #[test]
+    fn exceptions_without_a_message_read_as_their_type() {
+        let c = event(&json!({"exception": {"values": [{"type": "AssertionError", "value": ""}]}})).unwrap();
+        assert_eq!(c.message, "AssertionError");
+        let c = event(&json!({"exception": {"values": [{"type": " "}]}})).unwrap();
+        assert_eq!((c.exception_type.as_str(), c.message.as_str()), ("Error", "Error"));
     }
 
     #[test]
