@@ -190,7 +190,8 @@ SELECT p.project_id, p.name, p.default_environment, p.rate_limit_per_minute,
   FROM tb_project p
   LEFT JOIN tb_project_key k ON k.project_id = p.project_id;
 
--- Forgets the day-old event ids (called by fraiseql_run_maintenance).
+-- Forgets the day-old event ids and the week-silent OTLP streams (called
+-- by fraiseql_run_maintenance).
 CREATE FUNCTION _fraiseql_prune_ingest_events() RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -200,6 +201,9 @@ DECLARE
 BEGIN
     DELETE FROM @extschema@.tb_ingest_event e WHERE e.received_at < now() - interval '1 day';
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- the last points of streams silent for a week (a process that ended:
+    -- every restart of a replica is a new stream)
+    DELETE FROM @extschema@.tb_otlp_cumulative c WHERE c.updated_at < now() - interval '7 days';
     RETURN n;
 END
 $$;
@@ -222,6 +226,8 @@ CREATE TABLE tb_otlp_cumulative (
     -- the last point's time: an older point arriving late changes nothing
     time_ns     numeric NOT NULL DEFAULT 0,
     value       double precision,
+    -- a histogram's bounds (with counts): a layout that changes is seen
+    bounds      double precision[],
     counts      bigint[],
     obs_sum     double precision,
     obs_count   bigint,
@@ -258,21 +264,29 @@ BEGIN
             -- an up-down counter sent as deltas: the running value is ours
             v_change := coalesce(v_last.value, 0) + p_value;
         ELSIF p_monotonic THEN
-            -- a new start time (or none known and a lower value) is a
-            -- restart of the exporter: all of the value is new
-            v_change := CASE WHEN v_last.start_ns = p_start_ns AND p_start_ns > 0 THEN greatest(p_value - v_last.value, 0)
-                             WHEN v_last.start_ns = p_start_ns AND p_value >= v_last.value THEN p_value - v_last.value
-                             ELSE p_value END;
+            -- a new start time is a restart of the exporter: all of the
+            -- value is new; so is a lower value at a later time (a sender
+            -- that keeps its start time across restarts). A lower value
+            -- whose time is not known changes nothing.
+            v_change := CASE WHEN v_last.start_ns IS DISTINCT FROM p_start_ns THEN p_value
+                             WHEN p_value >= v_last.value THEN p_value - v_last.value
+                             WHEN p_time_ns > 0 THEN p_value
+                             ELSE 0 END;
         ELSE
             v_change := p_value;
         END IF;
         INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, stream, start_ns, time_ns, value)
         VALUES (p_name, v_env, p_labels, p_stream, p_start_ns, p_time_ns,
                 CASE WHEN p_delta THEN v_change
-                     WHEN p_monotonic AND v_last.start_ns = p_start_ns AND p_start_ns > 0 THEN greatest(p_value, v_last.value)
+                     WHEN p_monotonic AND v_last.start_ns = p_start_ns AND p_value < v_last.value AND p_time_ns = 0
+                          THEN v_last.value
                      ELSE p_value END)
         ON CONFLICT (metric_name, environment, labels, stream) DO UPDATE
-           SET start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value, updated_at = now();
+           SET start_ns = excluded.start_ns,
+               -- (never back: a point without a time keeps the last one's)
+               time_ns = CASE WHEN excluded.start_ns = c.start_ns THEN greatest(c.time_ns, excluded.time_ns)
+                              ELSE excluded.time_ns END,
+               value = excluded.value, updated_at = now();
     END IF;
     IF p_monotonic THEN
         IF v_change > 0 OR NOT EXISTS (SELECT FROM @extschema@.tb_metric_series m
@@ -335,7 +349,15 @@ BEGIN
         IF v_last.start_ns = p_start_ns AND p_start_ns > 0 AND p_count < v_last.obs_count THEN
             RETURN;  -- went down without a restart: an older point
         END IF;
-        IF v_last.start_ns = p_start_ns AND cardinality(v_last.counts) = cardinality(p_counts)
+        IF v_last.start_ns = p_start_ns AND v_last.bounds IS DISTINCT FROM p_bounds THEN
+            -- the same stream with other bounds (an exponential histogram
+            -- whose scale or range moved): what came since counts, in the
+            -- +Inf bucket only, since the old counts cannot be laid on the
+            -- new bounds
+            v_counts := array_fill(0::bigint, ARRAY[cardinality(p_counts)]);
+            v_sum := p_sum - v_last.obs_sum;
+            v_count := greatest(p_count - v_last.obs_count, 0);
+        ELSIF v_last.start_ns = p_start_ns AND cardinality(v_last.counts) = cardinality(p_counts)
            AND p_count >= v_last.obs_count THEN
             SELECT array_agg(greatest(n.c - o.c, 0) ORDER BY n.i) INTO v_counts
               FROM unnest(p_counts) WITH ORDINALITY n(c, i)
@@ -343,10 +365,13 @@ BEGIN
             v_sum := p_sum - v_last.obs_sum;
             v_count := p_count - v_last.obs_count;
         END IF;
-        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, stream, start_ns, time_ns, counts, obs_sum, obs_count)
-        VALUES (p_name, v_env, v_labels, p_stream, p_start_ns, p_time_ns, p_counts, p_sum, p_count)
+        INSERT INTO @extschema@.tb_otlp_cumulative AS c (metric_name, environment, labels, stream, start_ns, time_ns, bounds, counts, obs_sum, obs_count)
+        VALUES (p_name, v_env, v_labels, p_stream, p_start_ns, p_time_ns, p_bounds, p_counts, p_sum, p_count)
         ON CONFLICT (metric_name, environment, labels, stream) DO UPDATE
-           SET start_ns = excluded.start_ns, time_ns = excluded.time_ns, counts = excluded.counts, obs_sum = excluded.obs_sum,
+           SET start_ns = excluded.start_ns,
+               time_ns = CASE WHEN excluded.start_ns = c.start_ns THEN greatest(c.time_ns, excluded.time_ns)
+                              ELSE excluded.time_ns END,
+               bounds = excluded.bounds, counts = excluded.counts, obs_sum = excluded.obs_sum,
                obs_count = excluded.obs_count, updated_at = now();
     END IF;
     INSERT INTO @extschema@.tb_metric_series AS m (metric_name, metric_type, labels, environment, buckets)

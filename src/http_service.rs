@@ -20,7 +20,7 @@
 //! the next request on. Events go through the capture functions: validation, scrubbing, clipping and spike
 //! protection are those of SQL captures, and an event id is stored once.
 use crate::guc;
-use crate::worker::{in_subtransaction, in_subtransaction_or_transient, in_transaction, in_transaction_or_transient};
+use crate::worker::{in_subtransaction_or_transient, in_transaction, in_transaction_or_transient, Fault};
 use fraiseql_ingest::http::{self, Request, Response};
 use fraiseql_ingest::{encoding, otlp, sentry};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -130,7 +130,8 @@ struct Job {
 struct Shared {
     event: AtomicUsize,
     envelope: AtomicUsize,
-    keys: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// the public keys, and the secret keys
+    keys: std::sync::RwLock<(std::collections::HashSet<String>, std::collections::HashSet<String>)>,
     /// when the keys were last read
     keys_read: std::sync::Mutex<Option<Instant>>,
     /// a network thread met a key it does not know: read them again
@@ -142,8 +143,13 @@ impl Shared {
     /// it. A key not known here is looked up again (the main thread reads
     /// the keys at its next turn, so a key made a moment ago works): 403 if
     /// it is still unknown, 503 if the main thread did not get to it in time.
-    fn known_for_large(&self, key: &str) -> Result<(), Response> {
-        let known = || self.keys.read().map(|k| k.contains(key)).unwrap_or(false);
+    fn known_for_large(&self, key: &str, secret: bool) -> Result<(), Response> {
+        let known = || {
+            self.keys
+                .read()
+                .map(|k| if secret { k.1.contains(key) } else { k.0.contains(key) })
+                .unwrap_or(false)
+        };
         if known() {
             return Ok(());
         }
@@ -161,6 +167,10 @@ impl Shared {
     }
 }
 
+/// Set when the main thread refused a key: the network threads' copy of the
+/// keys is read again (a revoked key stops passing their check).
+static KEYS_STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Reads every valid key (public and secret) for the network threads.
 fn read_keys(shared: &Shared) {
     let keys = in_transaction(|| {
@@ -169,17 +179,14 @@ fn read_keys(shared: &Shared) {
         };
         Spi::connect(|c| {
             let t = c.select(
-                &format!(
-                    "SELECT k.public_key FROM {schema}.tb_project_key k WHERE k.revoked_at IS NULL \
-                     UNION ALL SELECT k.secret_key FROM {schema}.tb_project_key k WHERE k.revoked_at IS NULL"
-                ),
+                &format!("SELECT k.public_key, k.secret_key FROM {schema}.tb_project_key k WHERE k.revoked_at IS NULL"),
                 None,
                 &[],
             )?;
             let mut out = Vec::new();
             for r in t {
-                if let Some(k) = r.get::<String>(1)? {
-                    out.push(k);
+                if let (Some(p), Some(s)) = (r.get::<String>(1)?, r.get::<String>(2)?) {
+                    out.push((p, s));
                 }
             }
             Ok::<_, pgrx::spi::Error>(out)
@@ -188,7 +195,7 @@ fn read_keys(shared: &Shared) {
     })
     .unwrap_or_default();
     if let Ok(mut k) = shared.keys.write() {
-        *k = keys.into_iter().collect();
+        *k = (keys.iter().map(|(p, _)| p.clone()).collect(), keys.into_iter().map(|(_, s)| s).collect());
     }
     if let Ok(mut t) = shared.keys_read.lock() {
         *t = Some(Instant::now());
@@ -283,6 +290,7 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
 fn main_loop(rx: &Receiver<Job>, sizes: &Shared) {
     let mut limiter = RateLimiter::default();
     read_keys(sizes);
+    let mut served_since_read = false;
     loop {
         unsafe {
             // no wait: only to leave at once when the postmaster has died
@@ -294,6 +302,9 @@ fn main_loop(rx: &Receiver<Job>, sizes: &Shared) {
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
+        // (only SIGTERM ends this worker: a cancel with no statement running,
+        // one that arrived between requests, has nothing to cancel)
+        unsafe { pg_sys::QueryCancelPending = 0 };
         pg_sys::check_for_interrupts!();
         if held_for_drop() {
             // DROP DATABASE (or RENAME, or its use as a template) is waiting
@@ -305,8 +316,15 @@ fn main_loop(rx: &Receiver<Job>, sizes: &Shared) {
             crate::worker::reload_config_if_asked();
             sizes.load();
         }
-        if sizes.keys_wanted.swap(false, Ordering::SeqCst) {
+        // the network threads' copy of the keys: read again when a thread met
+        // an unknown key, when a key was refused here (at most once a
+        // second), and every 30 s while requests come
+        let since_read = sizes.keys_read.lock().ok().and_then(|t| *t).map(|t| t.elapsed());
+        let stale = since_read.is_none_or(|d| d > Duration::from_secs(1)) && KEYS_STALE.swap(false, Ordering::SeqCst);
+        let due = served_since_read && since_read.is_none_or(|d| d > Duration::from_secs(30));
+        if sizes.keys_wanted.swap(false, Ordering::SeqCst) || stale || due {
             read_keys(sizes);
+            served_since_read = false;
         }
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(j) => j,
@@ -321,6 +339,7 @@ fn main_loop(rx: &Receiver<Job>, sizes: &Shared) {
             }
         }
         crate::worker::report_activity(Some("fraiseql_obs http: storing requests"));
+        served_since_read = true;
         let replies = store_batch(&batch, &mut limiter);
         crate::worker::report_activity(None);
         // after the commit: a reply never promises what a rollback took back
@@ -342,11 +361,12 @@ fn held_for_drop() -> bool {
 }
 
 /// One transaction for the batch. First without subtransactions (the
-/// common case: every request stores); if that fails, the batch is stored
-/// again with each request in a subtransaction of its own, and a request
-/// that fails there is tried once more alone, each item in its own
+/// common case: every request stores). If that fails, the batch is stored
+/// again with each request in a subtransaction of its own (a lock held
+/// elsewhere is not waited for again: that batch is answered 503); and a
+/// request that fails there is tried once more alone, each item in its own
 /// subtransaction, so that its good items are stored and its bad ones
-/// answered for.
+/// answered for. Each request has its own deadline (REQUEST_DEADLINE_MS).
 fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
     // the rate limiter counts what a rolled-back attempt accepted: put back
     let before = limiter.windows.clone();
@@ -356,17 +376,26 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         let Some(plans) = begin_batch() else {
             return Err(not_installed());
         };
-        Ok(batch.iter().map(|job| handle(&plans, &job.work, &mut *lim.0, false)).collect::<Vec<_>>())
+        let replies = batch
+            .iter()
+            .map(|job| {
+                arm_deadline();
+                handle(&plans, &job.work, &mut *lim.0, false)
+            })
+            .collect::<Vec<_>>();
+        end_batch();
+        Ok(replies)
     }));
-    end_batch();
+    after_batch();
     match fast {
         Ok(Ok(replies)) => return replies,
         Ok(Err(r)) => return batch.iter().map(|_| r.clone()).collect(),
-        Err((true, _)) => {
+        Err((Fault::Transient, _)) => {
             limiter.windows = before;
             return batch.iter().map(|_| unavailable("the database is busy, try again")).collect();
         }
-        Err((false, _)) => {
+        // a request over its deadline, or one that fails: find which
+        Err((Fault::Timeout | Fault::Permanent, _)) => {
             limiter.windows = before;
             // (a dropped or moved extension fails every statement: find it again)
             forget_plans();
@@ -382,23 +411,30 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         let mut out = Vec::with_capacity(batch.len());
         let mut failed_here = Vec::new();
         for (i, job) in batch.iter().enumerate() {
+            let saved = lim.0.windows.clone();
             let l = AssertUnwindSafe(&mut *lim.0);
+            arm_deadline();
             match in_subtransaction_or_transient(AssertUnwindSafe(|| {
                 let l = l;
                 handle(&plans, &job.work, l.0, false)
             })) {
                 Ok(r) => out.push(r),
-                // a lock or statement timeout: not now (the client retries)
-                Err((true, _)) => out.push(unavailable("the database is busy, try again")),
-                Err((false, _)) => {
+                // a lock, a timeout: not now (the client retries)
+                Err((f, _)) if f.transient() => {
+                    lim.0.windows = saved;
+                    out.push(unavailable("the database is busy, try again"));
+                }
+                Err(_) => {
+                    lim.0.windows = saved;
                     failed_here.push(i);
                     out.push(unavailable("not stored, try again"));
                 }
             }
         }
+        end_batch();
         Ok((out, failed_here))
     }));
-    end_batch();
+    after_batch();
     let mut replies = match result {
         Ok(Ok((out, f))) => {
             failed = f;
@@ -412,17 +448,24 @@ fn store_batch(batch: &[Job], limiter: &mut RateLimiter) -> Vec<Response> {
         }
     };
     for i in failed {
+        let saved = limiter.windows.clone();
         let lim = AssertUnwindSafe(&mut *limiter);
         let job = &batch[i];
         let r = in_transaction(AssertUnwindSafe(|| {
             let lim = lim;
-            match begin_batch() {
-                Some(plans) => handle(&plans, &job.work, lim.0, true),
+            let r = match begin_batch() {
+                Some(plans) => {
+                    arm_deadline();
+                    handle(&plans, &job.work, lim.0, true)
+                }
                 None => not_installed(),
-            }
+            };
+            end_batch();
+            r
         }));
-        end_batch();
+        after_batch();
         replies[i] = r.unwrap_or_else(|e| {
+            limiter.windows = saved;
             log!("fraiseql_obs http: a request was not stored: {e}");
             unavailable("not stored, try again")
         });
@@ -462,7 +505,7 @@ fn prepare_plans() -> Option<std::rc::Rc<Plans>> {
     let plans = Spi::connect(|c| -> Result<Plans, pgrx::spi::Error> {
         Ok(Plans {
             limits: c
-                .prepare("SELECT set_config('lock_timeout', '5s', true), set_config('statement_timeout', '20s', true)", &[])?
+                .prepare("SELECT set_config('lock_timeout', '5s', true)", &[])?
                 .keep(),
             project: c
                 .prepare(
@@ -520,27 +563,38 @@ fn prepare_plans() -> Option<std::rc::Rc<Plans>> {
     Some(plans)
 }
 
-/// The prepared statements, with this transaction's limits set: a lock
-/// held elsewhere fails the batch (answered 503, retried by the client)
-/// instead of holding every request behind it past REPLY_WAIT.
+/// The prepared statements, with this transaction's lock timeout set: a
+/// lock held elsewhere fails the batch (answered 503, retried by the
+/// client) instead of holding every request behind it.
 fn begin_batch() -> Option<std::rc::Rc<Plans>> {
     let plans = prepare_plans()?;
     Spi::connect(|c| c.select(&plans.limits, None, &[]).map(|_| ()))
         .unwrap_or_else(|e| error!("fraiseql_obs http: {e}"));
-    // statement_timeout is armed by a client session's statement loop, which
-    // a background worker has not: the batch's own deadline is armed here
-    // (it cancels the transaction, which is then answered 503)
-    crate::timeout::arm_statement_timeout(BATCH_DEADLINE_MS);
     Some(plans)
 }
 
-/// How long one transaction of the service may take (then it is cancelled
-/// and its requests answered 503).
-const BATCH_DEADLINE_MS: i32 = 20_000;
+/// How long one request may take to store (then it is cancelled and
+/// answered 503). statement_timeout is armed by a client session's
+/// statement loop, which a background worker has not: the deadline is
+/// armed here, before each request.
+const REQUEST_DEADLINE_MS: i32 = 10_000;
 
-/// After a transaction: its deadline no longer applies.
+fn arm_deadline() {
+    crate::timeout::arm_statement_timeout(REQUEST_DEADLINE_MS);
+}
+
+/// At the end of a transaction's work, before its commit: the commit is
+/// never cancelled by a deadline.
 fn end_batch() {
     crate::timeout::disarm_statement_timeout();
+}
+
+/// After a transaction: a deadline that fired while interrupts were held
+/// (in the commit) leaves a cancel pending that no statement is there to
+/// take; it must not end the worker at its next interrupt check.
+fn after_batch() {
+    crate::timeout::disarm_statement_timeout();
+    unsafe { pg_sys::QueryCancelPending = 0 };
 }
 
 fn not_installed() -> Response {
@@ -586,8 +640,15 @@ fn project(plans: &Plans, key: &str, project_id: Option<i32>, secret: bool) -> O
             .get_three::<i32, String, i32>()
     })
     .unwrap_or_else(|e| error!("fraiseql_obs http: reading the project failed: {e}"));
+    if row.0.is_none() {
+        KEYS_STALE.store(true, Ordering::SeqCst);
+    }
     row.0.map(|id| (id, row.1, row.2))
 }
+
+/// Items of a request stored one by one (the careful pass), each in its own
+/// subtransaction; past them, the request's other items are not stored.
+const MAX_CAREFUL_ITEMS: usize = 60;
 
 /// One request. `careful`: each item in a subtransaction of its own (the
 /// second pass, for a request whose first pass failed); else the request's
@@ -609,17 +670,23 @@ fn handle(plans: &Plans, work: &Work, limiter: &mut RateLimiter, careful: bool) 
                 "fraiseql_obs http: leaving the database for DROP DATABASE"
             );
         }
-        if careful && subtransactions.get() < 60 {
-            subtransactions.set(subtransactions.get() + 1);
-            match in_subtransaction_or_transient(std::panic::AssertUnwindSafe(|| f())) {
-                Ok(r) => r,
-                Err((t, m)) => {
-                    transient.set(transient.get() || t);
-                    Err(m)
-                }
+        if !careful {
+            return f();
+        }
+        // the request will be answered "try again": nothing more of it
+        if transient.get() {
+            return Err("not stored: try again".into());
+        }
+        if subtransactions.get() >= MAX_CAREFUL_ITEMS {
+            return Err(format!("not stored: a request with failing items stores its first {MAX_CAREFUL_ITEMS} only"));
+        }
+        subtransactions.set(subtransactions.get() + 1);
+        match in_subtransaction_or_transient(std::panic::AssertUnwindSafe(|| f())) {
+            Ok(r) => r,
+            Err((fault, m)) => {
+                transient.set(transient.get() || fault.transient());
+                Err(m)
             }
-        } else {
-            f()
         }
     };
     let r = handle_items(plans, work, limiter, careful, &item);
@@ -715,14 +782,18 @@ fn handle_items(
                 return Response::error(403, "invalid key (OTLP takes a project's secret key)");
             };
             let (kind, rejected, message) = match data {
-                OtlpData::Traces(payload) => match in_subtransaction(AssertUnwindSafe(|| store_spans(schema, payload))) {
-                    Ok(r) => (
-                        "rejectedSpans",
-                        r.get("rejected").and_then(Value::as_i64).unwrap_or(0),
-                        r.pointer("/partialSuccess/errorMessage").and_then(Value::as_str).unwrap_or("").to_string(),
-                    ),
-                    Err(e) => return Response::error(400, &e),
-                },
+                OtlpData::Traces(payload) => {
+                    match in_subtransaction_or_transient(AssertUnwindSafe(|| store_spans(schema, payload))) {
+                        Ok(r) => (
+                            "rejectedSpans",
+                            r.get("rejected").and_then(Value::as_i64).unwrap_or(0),
+                            r.pointer("/partialSuccess/errorMessage").and_then(Value::as_str).unwrap_or("").to_string(),
+                        ),
+                        // not now: answered 503, and retried by the exporter
+                        Err((f, _)) if f.transient() => return unavailable("the database is busy, try again"),
+                        Err((_, e)) => return Response::error(400, &e),
+                    }
+                }
                 OtlpData::Logs(logs) => {
                     if let Some(secs) = limiter.check(pid, limit, if careful { 0 } else { logs.captures.len() as u64 }) {
                         return Response::error(429, "project rate limit exceeded")
@@ -957,7 +1028,7 @@ fn submit(tx: &SyncSender<Job>, work: Work) -> Response {
         Err(TrySendError::Disconnected(_)) => return unavailable("the service is stopping"),
     }
     // Until the main thread answers: its transactions have deadlines
-    // (BATCH_DEADLINE_MS), and an answer never contradicts what was
+    // (REQUEST_DEADLINE_MS), and an answer never contradicts what was
     // committed. A worker that is gone answers 503 (the queue is dropped).
     answer.recv().unwrap_or_else(|_| unavailable("the service is stopping, try again"))
 }
@@ -965,7 +1036,7 @@ fn submit(tx: &SyncSender<Job>, work: Work) -> Response {
 /// The body, decompressed. Past LARGE bytes it needs one of the server's
 /// large-body permits (held until the reply), so that however many clients
 /// send at once, only a few large bodies are in memory.
-fn decode(req: &mut Request, max: usize, shared: &Shared, key: Option<&str>) -> Result<(Vec<u8>, Option<http::Permit>), Response> {
+fn decode(req: &mut Request, max: usize, shared: &Shared, key: Option<&str>, secret: bool) -> Result<(Vec<u8>, Option<http::Permit>), Response> {
     let err = |e: encoding::DecodeError| match e {
         encoding::DecodeError::TooLarge => Response::error(413, &e.to_string()),
         encoding::DecodeError::Unsupported(_) => Response::error(415, &e.to_string()),
@@ -975,7 +1046,7 @@ fn decode(req: &mut Request, max: usize, shared: &Shared, key: Option<&str>) -> 
     // a large body is decompressed and parsed only for a key some project
     // has (parsing multiplies its size in memory)
     let known = |key: Option<&str>| match key {
-        Some(k) => shared.known_for_large(k),
+        Some(k) => shared.known_for_large(k, secret),
         None => Err(Response::error(401, "a large body needs its key in a header or the query string")),
     };
     let enc = req.header("content-encoding").map(str::to_string);
@@ -1019,7 +1090,7 @@ fn sentry_key(req: &Request) -> Option<String> {
 
 fn sentry_envelope(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: &Shared) -> Response {
     let header_key = sentry_key(&req);
-    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, header_key.as_deref()) {
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, header_key.as_deref(), false) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -1054,7 +1125,7 @@ fn sentry_store(mut req: Request, project_id: i32, tx: &SyncSender<Job>, sizes: 
     let Some(key) = sentry_key(&req) else {
         return Response::error(401, "missing authorization (sentry_key)");
     };
-    let (body, _permit) = match decode(&mut req, sizes.event.load(Ordering::Relaxed), sizes, Some(&key)) {
+    let (body, _permit) = match decode(&mut req, sizes.event.load(Ordering::Relaxed), sizes, Some(&key), false) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -1076,7 +1147,7 @@ fn otlp_request(mut req: Request, signal: otlp::Signal, tx: &SyncSender<Job>, si
     if !protobuf && !ctype.starts_with("application/json") {
         return Response::error(415, "OTLP/HTTP takes application/x-protobuf or application/json");
     }
-    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, Some(&key)) {
+    let (body, _permit) = match decode(&mut req, sizes.envelope.load(Ordering::Relaxed), sizes, Some(&key), true) {
         Ok(b) => b,
         Err(r) => return r,
     };

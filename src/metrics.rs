@@ -273,11 +273,21 @@ pub fn exposition(mut series: Vec<Series>) -> String {
             .then(a.name.cmp(&b.name))
     });
     let series = merge_same_series(series, &exposed);
-    // a histogram's samples are <name>_bucket, _sum and _count: a series of
-    // another family exposed under one of those names would be a second
-    // series of the same name (promtool refuses the scrape), so it is left out
-    let histograms: std::collections::HashSet<String> =
-        series.iter().filter(|s| s.kind == "histogram").map(&exposed).collect();
+    // One family per exposed name: the first series' type (series are
+    // sorted) wins, and a series of another type under the same name is
+    // left out (not expressible). A histogram's samples are <name>_bucket,
+    // _sum and _count: any series exposed under one of those names (of
+    // another histogram too) would be a second series of the same name,
+    // which promtool refuses, so it is left out as well.
+    let mut family_kind: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for s in &series {
+        family_kind.entry(exposed(s)).or_insert_with(|| s.kind.clone());
+    }
+    let histograms: std::collections::HashSet<&str> = family_kind
+        .iter()
+        .filter(|(_, k)| k.as_str() == "histogram")
+        .map(|(n, _)| n.as_str())
+        .collect();
     let taken = |name: &str| {
         ["_bucket", "_sum", "_count"]
             .iter()
@@ -285,7 +295,10 @@ pub fn exposition(mut series: Vec<Series>) -> String {
     };
     let series: Vec<Series> = series
         .into_iter()
-        .filter(|s| s.kind == "histogram" || !taken(&exposed(s)))
+        .filter(|s| {
+            let n = exposed(s);
+            family_kind.get(&n) == Some(&s.kind) && !taken(&n)
+        })
         .collect();
     let mut out = String::new();
     let mut current: Option<(String, String)> = None;

@@ -141,17 +141,17 @@ pub(crate) fn caught_message(e: pg_sys::panic::CaughtError) -> String {
     }
 }
 
-/// As in_transaction, and whether the error was transient (is_transient).
+/// As in_transaction, and what kind of error it was (fault_of).
 pub(crate) fn in_transaction_or_transient<R>(
     f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, (bool, String)> {
+) -> Result<R, (Fault, String)> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let result = PgTryBuilder::new(|| Ok(f()))
-        .catch_others(|e| Err((is_transient(&e), caught_message(e))))
+        .catch_others(|e| Err((fault_of(&e), caught_message(e))))
         .execute();
     unsafe {
         match result {
@@ -178,35 +178,50 @@ pub(crate) fn in_transaction<R>(
     in_transaction_or_transient(f).map_err(|(_, m)| m)
 }
 
-/// SQLSTATEs of errors that say "not now" rather than "never": a lock or
-/// statement timeout, a serialization failure or deadlock, a shutdown.
-pub(crate) fn is_transient(e: &pg_sys::panic::CaughtError) -> bool {
+/// What kind of error was caught: one that will happen again (Permanent),
+/// one that says "not now" (Transient: a lock timeout, a serialization
+/// failure or deadlock, a shutdown), or a cancel (Timeout: a statement
+/// timeout, or a cancel request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault {
+    Permanent,
+    Transient,
+    Timeout,
+}
+
+impl Fault {
+    pub(crate) fn transient(self) -> bool {
+        self != Fault::Permanent
+    }
+}
+
+pub(crate) fn fault_of(e: &pg_sys::panic::CaughtError) -> Fault {
     use pg_sys::errcodes::PgSqlErrorCode::*;
     match e {
         pg_sys::panic::CaughtError::PostgresError(r)
         | pg_sys::panic::CaughtError::ErrorReport(r)
-        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => matches!(
-            r.sql_error_code(),
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => match r.sql_error_code() {
+            ERRCODE_QUERY_CANCELED => Fault::Timeout,
             ERRCODE_LOCK_NOT_AVAILABLE
-                | ERRCODE_QUERY_CANCELED
-                | ERRCODE_T_R_SERIALIZATION_FAILURE
-                | ERRCODE_T_R_DEADLOCK_DETECTED
-                | ERRCODE_ADMIN_SHUTDOWN
-                | ERRCODE_CANNOT_CONNECT_NOW
-        ),
+            | ERRCODE_T_R_SERIALIZATION_FAILURE
+            | ERRCODE_T_R_DEADLOCK_DETECTED
+            | ERRCODE_ADMIN_SHUTDOWN
+            | ERRCODE_CANNOT_CONNECT_NOW => Fault::Transient,
+            _ => Fault::Permanent,
+        },
     }
 }
 
-/// As in_subtransaction, and whether the error was transient (is_transient).
+/// As in_subtransaction, and what kind of error it was (fault_of).
 pub(crate) fn in_subtransaction_or_transient<R>(
     f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, (bool, String)> {
+) -> Result<R, (Fault, String)> {
     unsafe {
         let (context, owner) = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
         let result = PgTryBuilder::new(|| Ok(f()))
-            .catch_others(|e| Err((is_transient(&e), caught_message(e))))
+            .catch_others(|e| Err((fault_of(&e), caught_message(e))))
             .execute();
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),

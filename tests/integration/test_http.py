@@ -434,6 +434,16 @@ def test_otlp_hostile_metrics_and_exact_cumulative_counts(svc):
     with svc.connect("ingest") as c:
         total = c.execute("SELECT value FROM v_metric_series WHERE metric_name = 'replica_orders'").fetchone()[0]
     assert total == 204, total  # 102 from each replica
+    send(cum(5, 4), "a")  # lower, at a later time, same start: a restart that kept its start time
+    with svc.connect("ingest") as c:
+        total = c.execute("SELECT value FROM v_metric_series WHERE metric_name = 'replica_orders'").fetchone()[0]
+    assert total == 209, total
+    # a histogram and a summary of one name: the summary's _sum/_count gauges
+    # would be the histogram's samples a second time
+    send([{"name": "collide", "histogram": {"aggregationTemporality": 1, "dataPoints": [
+              {"bucketCounts": ["1", "0"], "explicitBounds": [1.0], "count": "1", "sum": 0.5}]}},
+          {"name": "collide", "summary": {"dataPoints": [{"sum": 3.0, "count": "2",
+              "quantileValues": [{"quantile": 0.5, "value": 1.0}]}]}}])
     big = str(2 ** 63 - 1)
     r = send([{"name": "overflowing", "histogram": {"aggregationTemporality": 1, "dataPoints": [
         {"bucketCounts": [big, big, "0"], "explicitBounds": [0.1, 0.5]}]}}])

@@ -344,7 +344,7 @@ enum ReadError {
 
 /// A large body holds one of few permits: it must come at least this fast
 /// (after its first two seconds), or a slow sender could hold them all.
-const MIN_LARGE_RATE: f64 = 32.0 * 1024.0;
+const MIN_LARGE_RATE: f64 = 8.0 * 1024.0;
 
 fn too_slow(started: Instant, received: usize) -> bool {
     let t = started.elapsed().as_secs_f64();
@@ -357,8 +357,10 @@ impl Conn {
         if now >= deadline {
             return Err(ReadError::Timeout);
         }
+        // short waits, so that the callers check their deadline and a
+        // large body's rate while a sender stalls
         self.stream
-            .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))
+            .set_read_timeout(Some((deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(500))))
             .map_err(|_| ReadError::Io)?;
         if self.pos > 0 && self.pos == self.buf.len() {
             self.buf.clear();
@@ -374,7 +376,11 @@ impl Conn {
                 Ok(n)
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                Err(ReadError::Timeout)
+                if Instant::now() >= deadline {
+                    Err(ReadError::Timeout)
+                } else {
+                    Ok(0)
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
             Err(_) => Err(ReadError::Io),
@@ -431,8 +437,14 @@ impl Conn {
     }
 
     /// One chunk's data (copied: chunks are small pieces of the body).
-    fn take_chunk(&mut self, n: usize, deadline: Instant) -> Result<Vec<u8>, ReadError> {
+    /// `rate`: since when, and how much before this chunk, a large body came.
+    fn take_chunk(&mut self, n: usize, deadline: Instant, rate: Option<(Instant, usize)>) -> Result<Vec<u8>, ReadError> {
         while self.buf.len() - self.pos < n {
+            if let Some((since, before)) = rate {
+                if too_slow(since, before + (self.buf.len() - self.pos)) {
+                    return Err(ReadError::TooSlow);
+                }
+            }
             match self.fill(deadline) {
                 Ok(_) => {}
                 Err(ReadError::Closed) => return Err(ReadError::Bad("chunked body cut short")),
@@ -512,7 +524,8 @@ impl Conn {
                 *permit = Some(permits.try_acquire().ok_or(ReadError::Busy)?);
                 large_since = Some(Instant::now());
             }
-            let chunk = self.take_chunk(n, deadline)?;
+            let rate = large_since.map(|t| (t, body.len().saturating_sub(large)));
+            let chunk = self.take_chunk(n, deadline, rate)?;
             body.extend_from_slice(&chunk);
             if !self.line(deadline, 2)?.is_empty() {
                 return Err(ReadError::Bad("chunk not followed by CRLF"));

@@ -228,9 +228,14 @@ impl Signal {
     }
 }
 
+/// Values (fields, list items) one request may decode into: each becomes a
+/// JSON value of tens of bytes, from as little as one byte of input.
+const MAX_VALUES: usize = 400_000;
+
 /// A protobuf request in its OTLP/JSON form.
 pub fn decode(signal: Signal, bytes: &[u8]) -> Result<Value, String> {
-    message(bytes, signal.schema(), 0)
+    let mut budget = MAX_VALUES;
+    message(bytes, signal.schema(), 0, &mut budget)
 }
 
 struct Reader<'a> {
@@ -332,7 +337,7 @@ fn wire_of(kind: Kind) -> u64 {
     }
 }
 
-fn message(b: &[u8], schema: &'static [Field], depth: usize) -> Result<Value, String> {
+fn message(b: &[u8], schema: &'static [Field], depth: usize, budget: &mut usize) -> Result<Value, String> {
     if depth > MAX_DEPTH {
         return Err("message nested too deeply".into());
     }
@@ -381,7 +386,7 @@ fn message(b: &[u8], schema: &'static [Field], depth: usize) -> Result<Value, St
             }
             (Msg(sub), 2) => {
                 let n = rd.varint()? as usize;
-                values.push(message(rd.take(n)?, sub, depth + 1)?);
+                values.push(message(rd.take(n)?, sub, depth + 1, budget)?);
             }
             // a packed repeated scalar
             (k, 2) if field.repeated => {
@@ -398,6 +403,9 @@ fn message(b: &[u8], schema: &'static [Field], depth: usize) -> Result<Value, St
             }
             (k, w) => values.push(scalar(&mut rd, k, w)?),
         }
+        *budget = budget
+            .checked_sub(values.len())
+            .ok_or_else(|| format!("the request decodes into more than {MAX_VALUES} values"))?;
         if field.repeated {
             let e = out.entry(field.name).or_insert_with(|| Value::Array(Vec::new()));
             if let Value::Array(a) = e {
@@ -511,7 +519,7 @@ mod tests {
         assert_eq!(p["explicitBounds"], json!([0.5, 1.0]));
         // sint32 zigzag: -3 is 5
         let buckets = [vec![key(1, 0), 5]].concat();
-        let v = message(&buckets, &EXP_BUCKETS, 0).unwrap();
+        let v = message(&buckets, &EXP_BUCKETS, 0, &mut 100).unwrap();
         assert_eq!(v["offset"], -3);
     }
 
@@ -527,7 +535,7 @@ mod tests {
         for _ in 0..100 {
             v = ld(5, &ld(1, &v));
         }
-        assert!(message(&v, &ANY_VALUE, 0).is_err());
+        assert!(message(&v, &ANY_VALUE, 0, &mut 1_000_000).is_err());
         // a string that is not UTF-8
         let span = ld(5, &[0xff, 0xfe]);
         assert!(decode(Signal::Traces, &ld(1, &ld(2, &ld(2, &span)))).is_err());
@@ -803,6 +811,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                 let delta_of = |kind: &str| m.get(kind).and_then(|k| k.get("aggregationTemporality")).and_then(Value::as_i64) == Some(1);
                 if m.get("gauge").is_some() {
                     for p in dps("gauge") {
+                        if points.len() + rejected.len() >= MAX_POINTS {
+                            rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                            return (points, rejected);
+                        }
                         match number(p) {
                             Some(v) if v.is_finite() => points.push(Point::Gauge { name: name.into(), labels: labels_of(p), environment: env.clone(), value: v }),
                             _ => rejected.push(format!("{name}: a point without a finite value")),
@@ -812,6 +824,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                     let monotonic = sum.get("isMonotonic").and_then(Value::as_bool).unwrap_or(false);
                     let delta = delta_of("sum");
                     for p in dps("sum") {
+                        if points.len() + rejected.len() >= MAX_POINTS {
+                            rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                            return (points, rejected);
+                        }
                         match number(p) {
                             Some(v) if v.is_finite() && !(monotonic && v < 0.0) => points.push(Point::Sum {
                                 name: name.into(),
@@ -830,6 +846,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                 } else if m.get("histogram").is_some() {
                     let delta = delta_of("histogram");
                     for p in dps("histogram") {
+                        if points.len() + rejected.len() >= MAX_POINTS {
+                            rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                            return (points, rejected);
+                        }
                         let bounds: Vec<f64> = p.get("explicitBounds").and_then(Value::as_array).into_iter().flatten().filter_map(|b| f64_of(Some(b))).collect();
                         let counts: Vec<u64> = p.get("bucketCounts").and_then(Value::as_array).into_iter().flatten().filter_map(|c| u64_of(Some(c))).collect();
                         if counts.len() != bounds.len() + 1 || bounds.len() > 160 || bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
@@ -857,6 +877,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                 } else if m.get("exponentialHistogram").is_some() {
                     let delta = delta_of("exponentialHistogram");
                     for p in dps("exponentialHistogram") {
+                        if points.len() + rejected.len() >= MAX_POINTS {
+                            rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                            return (points, rejected);
+                        }
                         match exponential_to_explicit(p).and_then(|(b, c)| checked_total(&c, u64_of(p.get("count"))).map(|t| (b, c, t))) {
                             Some((bounds, counts, total)) => points.push(Point::Histogram {
                                 name: name.into(),
@@ -877,6 +901,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                 } else if m.get("summary").is_some() {
                     // a summary has no Prometheus state here: its parts as gauges
                     for p in dps("summary") {
+                        if points.len() + rejected.len() >= MAX_POINTS {
+                            rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                            return (points, rejected);
+                        }
                         let labels = labels_of(p);
                         for (suffix, v) in [("_sum", f64_of(p.get("sum"))), ("_count", u64_of(p.get("count")).map(|c| c as f64))] {
                             if let Some(v) = v.filter(|v| v.is_finite()) {
@@ -884,6 +912,10 @@ pub fn metrics(req: &Value) -> (Vec<Point>, Vec<String>) {
                             }
                         }
                         for q in p.get("quantileValues").and_then(Value::as_array).into_iter().flatten() {
+                            if points.len() + rejected.len() >= MAX_POINTS {
+                                rejected.push(format!("more than {MAX_POINTS} points in one request"));
+                                return (points, rejected);
+                            }
                             if let (Some(qq), Some(v)) = (f64_of(q.get("quantile")), f64_of(q.get("value")).filter(|v| v.is_finite())) {
                                 let mut l = labels.clone();
                                 l.insert("quantile".into(), json!(qq.to_string()));
