@@ -143,6 +143,40 @@ AS $$
                           AND r.first_seen OPERATOR(pg_catalog.<=) p_resolved_at)
 $$;
 
+-- The user an occurrence affected: context.user_id, or user.id of a
+-- Sentry-shaped context. (Inlined: no SET clause.)
+CREATE FUNCTION _fraiseql_user_of(context jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT coalesce(context OPERATOR(pg_catalog.->>) 'user_id',
+                      (context OPERATOR(pg_catalog.->) 'user') OPERATOR(pg_catalog.->>) 'id') $$;
+
+-- Whether an archived group (fraiseql_archive_error) met one of its
+-- conditions now that its count is p_count: that many more occurrences,
+-- that many within the rate window, or that many distinct users since it
+-- was archived (or within the users window). Each probe reads the group's
+-- occurrences since the archive through its index, at most as many rows as
+-- the condition needs for the rate.
+CREATE FUNCTION _fraiseql_archive_condition_met(g tb_error_log, p_count bigint) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT (g.archive_until_occurrences IS NOT NULL
+            AND (p_count OPERATOR(pg_catalog.-) g.archive_base_count) OPERATOR(pg_catalog.>=) g.archive_until_occurrences)
+        OR (g.archive_until_rate IS NOT NULL
+            AND (SELECT count(*) FROM (
+                    SELECT 1 FROM @extschema@.tb_error_occurrence o
+                     WHERE o.error_id OPERATOR(pg_catalog.=) g.error_id
+                       AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
+                       AND o.occurred_at OPERATOR(pg_catalog.>) (now() OPERATOR(pg_catalog.-) g.archive_rate_window)
+                     LIMIT g.archive_until_rate) x) OPERATOR(pg_catalog.>=) g.archive_until_rate)
+        OR (g.archive_until_users IS NOT NULL
+            AND (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
+                  WHERE o.error_id OPERATOR(pg_catalog.=) g.error_id
+                    AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
+                    AND o.occurred_at OPERATOR(pg_catalog.>)
+                        coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity'))
+                OPERATOR(pg_catalog.>=) g.archive_until_users)
+$$;
+
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -161,6 +195,7 @@ DECLARE
     v_gone      uuid[];
     v_created   uuid[];
     v_regressed uuid[];
+    v_escalated uuid[];
     v_free      uuid[];
     v_orphans   uuid[];
     v_recounted bigint;
@@ -181,6 +216,17 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 0;  -- a restore in progress has not brought the state yet
     END IF;
+
+    -- Groups archived for an interval that has passed are unresolved again
+    -- (an index probe; writes, and takes a transaction id, only when one is
+    -- due; a row another transaction holds is done next time).
+    UPDATE @extschema@.tb_error_log g
+       SET status = 'unresolved', archived_at = NULL, archived_by = NULL, archive_until = NULL,
+           archive_base_count = NULL, archive_until_occurrences = NULL, archive_until_rate = NULL,
+           archive_rate_window = NULL, archive_until_users = NULL, archive_users_window = NULL
+     WHERE g.error_id IN (SELECT e.error_id FROM @extschema@.tb_error_log e
+                           WHERE e.archive_until <= now() AND e.status = 'ignored'
+                             FOR NO KEY UPDATE SKIP LOCKED);
 
     -- Rows restored from a logical dump of another cluster carry that
     -- cluster's transaction ids. Those not yet reached by this cluster's
@@ -377,10 +423,15 @@ BEGIN
                              AND CASE WHEN g.resolved_in_next_release
                                       THEN @extschema@._fraiseql_release_is_next(o.release_version, g.resolved_at)
                                       ELSE @extschema@._fraiseql_release_at_least(o.release_version, g.resolved_in_release, g.resolved_at)
-                                 END))), '{}')
-      INTO v_free, v_regressed
+                                 END))), '{}'),
+           -- an archived group that met one of its conditions escalates
+           coalesce(array_agg(p.error_id) FILTER (
+               WHERE g.status = 'ignored' AND p.occurrence_count > 0
+                 AND @extschema@._fraiseql_archive_condition_met(g.g, g.occurrence_count + p.occurrence_count)), '{}')
+      INTO v_free, v_regressed, v_escalated
       FROM @extschema@.tb_error_count_pending p
-     CROSS JOIN LATERAL (SELECT g.status, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release
+     CROSS JOIN LATERAL (SELECT g.status, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release,
+                                g.occurrence_count, g
                            FROM @extschema@.tb_error_log g
                           WHERE g.error_id = p.error_id
                             FOR NO KEY UPDATE SKIP LOCKED) g;
@@ -396,7 +447,18 @@ BEGIN
                last_seen = greatest(g.last_seen, d.last_seen),
                severity = CASE WHEN d.severity_rank > @extschema@._fraiseql_severity_rank(g.severity)
                                THEN @extschema@._fraiseql_severity_name(d.severity_rank) ELSE g.severity END,
-               status = CASE WHEN d.regressed THEN 'unresolved' ELSE g.status END,
+               status = CASE WHEN d.regressed OR d.escalated THEN 'unresolved' ELSE g.status END,
+               is_escalating = g.is_escalating OR d.escalated,
+               escalated_at = CASE WHEN d.escalated THEN now() ELSE g.escalated_at END,
+               archived_at = CASE WHEN d.escalated THEN NULL ELSE g.archived_at END,
+               archived_by = CASE WHEN d.escalated THEN NULL ELSE g.archived_by END,
+               archive_until = CASE WHEN d.escalated THEN NULL ELSE g.archive_until END,
+               archive_base_count = CASE WHEN d.escalated THEN NULL ELSE g.archive_base_count END,
+               archive_until_occurrences = CASE WHEN d.escalated THEN NULL ELSE g.archive_until_occurrences END,
+               archive_until_rate = CASE WHEN d.escalated THEN NULL ELSE g.archive_until_rate END,
+               archive_rate_window = CASE WHEN d.escalated THEN NULL ELSE g.archive_rate_window END,
+               archive_until_users = CASE WHEN d.escalated THEN NULL ELSE g.archive_until_users END,
+               archive_users_window = CASE WHEN d.escalated THEN NULL ELSE g.archive_users_window END,
                is_regression = g.is_regression OR d.regressed,
                regressed_at = CASE WHEN d.regressed THEN now() ELSE g.regressed_at END,
                regression_count = g.regression_count + d.regressed::integer,
@@ -405,7 +467,8 @@ BEGIN
                resolved_in_release = CASE WHEN d.regressed THEN NULL ELSE g.resolved_in_release END,
                resolved_in_next_release = g.resolved_in_next_release AND NOT d.regressed,
                regressed_in_release = CASE WHEN d.regressed THEN d.regress_release ELSE g.regressed_in_release END
-          FROM (SELECT d.*, d.error_id = ANY (v_regressed) AS regressed FROM drained d) d
+          FROM (SELECT d.*, d.error_id = ANY (v_regressed) AS regressed,
+                       d.error_id = ANY (v_escalated) AS escalated FROM drained d) d
          WHERE g.error_id = d.error_id
         RETURNING g.error_id, g.occurrence_count AS new_count, d.occurrence_count AS added,
                   CASE WHEN d.regressed THEN d.regress_release END AS regress_release
@@ -506,8 +569,8 @@ BEGIN
         PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
     END IF;
     -- The other rules, on each occurrence counted now.
-    IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0) THEN
-        PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed);
+    IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0 OR cardinality(v_escalated) > 0) THEN
+        PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated);
     END IF;
     RETURN n;
 END
@@ -587,9 +650,23 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
        -- rights, a function it calls with the caller's). Occurrences stored
        -- light (spike protection) carry no context; rows dropped by
        -- retention are forgotten with their users.
-       (SELECT count(DISTINCT coalesce(o.context->>'user_id', o.context->'user'->>'id'))
+       (SELECT count(DISTINCT _fraiseql_user_of(o.context))
           FROM tb_error_occurrence o WHERE o.error_id = g.error_id) AS users_affected,
-       g.resolved_in_release, g.resolved_in_next_release, g.regressed_in_release
+       g.resolved_in_release, g.resolved_in_next_release, g.regressed_in_release,
+       -- Sentry's substatus
+       CASE g.status
+           WHEN 'ignored' THEN CASE WHEN g.archived_at IS NOT NULL THEN 'archived_until_condition_met'
+                                    ELSE 'archived_forever' END
+           WHEN 'unresolved' THEN CASE WHEN g.is_escalating THEN 'escalating'
+                                       WHEN g.is_regression THEN 'regressed'
+                                       WHEN least(g.first_seen, p.first_seen, l.fs) > now() - interval '7 days' THEN 'new'
+                                       ELSE 'ongoing' END
+       END AS substatus,
+       g.is_escalating, g.escalated_at, g.archived_at, g.archived_by,
+       jsonb_strip_nulls(jsonb_build_object(
+           'until', g.archive_until, 'occurrences', g.archive_until_occurrences,
+           'rate', g.archive_until_rate, 'rate_window', g.archive_rate_window,
+           'users', g.archive_until_users, 'users_window', g.archive_users_window)) AS archive_conditions
   FROM tb_error_log g
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
   LEFT JOIN (SELECT u.error_id, sum(u.cnt) AS cnt, sum(u.light) AS light,
@@ -612,9 +689,10 @@ SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
        m.meta->>'title', m.meta->>'culprit',
        _fraiseql_severity_name(a.rank), f.environment, f.release_version, 'unresolved'::text, NULL::text,
        a.cnt, a.fs, a.ls, NULL::timestamptz, NULL::text, false, NULL::timestamptz, 0, a.light,
-       (SELECT count(DISTINCT coalesce(o.context->>'user_id', o.context->'user'->>'id'))
+       (SELECT count(DISTINCT _fraiseql_user_of(o.context))
           FROM tb_error_occurrence o WHERE o.error_id = a.error_id),
-       NULL::text, false, NULL::text
+       NULL::text, false, NULL::text,
+       'new'::text, false, NULL::timestamptz, NULL::timestamptz, NULL::text, '{}'::jsonb
   FROM (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
                min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
                max(_fraiseql_severity_rank(o.severity)) AS rank
@@ -649,7 +727,7 @@ SELECT r.release, fraiseql_release_key(r.release) IS NOT NULL AS is_semver,
 -- a little longer than the worker needs. The fold is not run from here: a
 -- fold in the caller's transaction would hold the fold's lock until that
 -- transaction ends, and every count, milestone and rule with it.
-CREATE FUNCTION _fraiseql_require_group(p_error_id uuid) RETURNS void
+CREATE FUNCTION _fraiseql_require_group(p_error_id uuid) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -661,7 +739,7 @@ BEGIN
     END IF;
     PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
     IF FOUND THEN
-        RETURN;
+        RETURN p_error_id;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_error_id) THEN
         RAISE EXCEPTION 'fraiseql_obs: no error group with error_id %', p_error_id
@@ -681,7 +759,7 @@ BEGIN
             PERFORM pg_sleep(0.02);
             PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
             IF FOUND THEN
-                RETURN;
+                RETURN p_error_id;
             END IF;
         END LOOP;
     END IF;
@@ -689,6 +767,23 @@ BEGIN
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'Try again in a moment; without the background worker, CALL fraiseql_deliver_notifications() or SELECT fraiseql_flush_counts() folds.';
 END
+$$;
+
+-- A triage action: the new status, and what the previous one left ends
+-- (an archive's conditions, escalation, a release condition).
+CREATE FUNCTION _fraiseql_set_status(p_error_id uuid, p_status text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE @extschema@.tb_error_log g
+       SET status = p_status, is_escalating = false,
+           archived_at = NULL, archived_by = NULL, archive_until = NULL, archive_base_count = NULL,
+           archive_until_occurrences = NULL, archive_until_rate = NULL, archive_rate_window = NULL,
+           archive_until_users = NULL, archive_users_window = NULL,
+           resolved_in_release = NULL, resolved_in_next_release = false,
+           resolved_at = CASE WHEN p_status = 'resolved' THEN now() END,
+           resolved_by = CASE WHEN p_status = 'resolved' THEN g.resolved_by END
+     WHERE g.error_id = p_error_id
 $$;
 
 -- in_release: only an occurrence of that release or a later one reopens
@@ -701,6 +796,8 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_id uuid;
 BEGIN
     IF nullif(btrim($4), '') IS NOT NULL AND $5 THEN
         RAISE EXCEPTION 'fraiseql_obs: in_release and in_next_release exclude each other'
@@ -710,12 +807,13 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: in_release must name a release'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM @extschema@._fraiseql_require_group($1);
+    v_id := @extschema@._fraiseql_require_group($1);
+    PERFORM @extschema@._fraiseql_set_status(v_id, 'resolved');
     UPDATE @extschema@.tb_error_log g
-       SET status = 'resolved', resolved_at = now(), resolved_by = $2, resolution_notes = $3,
+       SET resolved_by = $2, resolution_notes = $3,
            is_regression = false, resolved_in_release = btrim($4),
            resolved_in_next_release = coalesce($5, false)
-     WHERE g.error_id = $1;
+     WHERE g.error_id = v_id;
 END
 $$;
 
@@ -725,24 +823,71 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM @extschema@._fraiseql_require_group($1);
-    UPDATE @extschema@.tb_error_log g
-       SET status = 'unresolved', resolved_at = NULL, resolved_by = NULL,
-           resolved_in_release = NULL, resolved_in_next_release = false
-     WHERE g.error_id = $1;
+    PERFORM @extschema@._fraiseql_set_status(@extschema@._fraiseql_require_group($1), 'unresolved');
 END
 $$;
 
+-- Ignore for good (Sentry's "archive forever"): no rule notifies about the
+-- group, and no occurrence reopens it.
 CREATE FUNCTION fraiseql_ignore_error(error_id uuid) RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM @extschema@._fraiseql_require_group($1);
+    PERFORM @extschema@._fraiseql_set_status(@extschema@._fraiseql_require_group($1), 'ignored');
+END
+$$;
+
+-- Archive until a condition (Sentry's "ignore until"), any combination,
+-- the first met wins: until_occurrences more occurrences; until_users
+-- distinct users (since now, or within users_window); until_rate
+-- occurrences within rate_window; for_interval (then it is simply
+-- unresolved again). Meanwhile the group is 'ignored' and no rule notifies
+-- about it; a count, user or rate condition met reopens it as escalating
+-- (rules with notify_on_escalation hear of it). Without a condition this
+-- is fraiseql_ignore_error.
+CREATE FUNCTION fraiseql_archive_error(error_id uuid, until_occurrences bigint DEFAULT NULL,
+                                       until_users integer DEFAULT NULL, for_interval interval DEFAULT NULL,
+                                       until_rate integer DEFAULT NULL, rate_window interval DEFAULT interval '1 hour',
+                                       users_window interval DEFAULT NULL, archived_by text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id uuid;
+    v_count bigint;
+BEGIN
+    IF until_occurrences < 1 OR until_users < 1 OR until_rate < 1 THEN
+        RAISE EXCEPTION 'fraiseql_obs: until_occurrences, until_users and until_rate must be at least 1'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF for_interval <= interval '0' OR rate_window <= interval '0' OR users_window <= interval '0' THEN
+        RAISE EXCEPTION 'fraiseql_obs: for_interval, rate_window and users_window must be positive'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF until_rate IS NOT NULL AND rate_window IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: until_rate needs rate_window' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF now() + for_interval = 'infinity' THEN
+        RAISE EXCEPTION 'fraiseql_obs: for_interval must be finite' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_id := @extschema@._fraiseql_require_group($1);
+    PERFORM @extschema@._fraiseql_set_status(v_id, 'ignored');
+    IF num_nonnulls(until_occurrences, until_users, for_interval, until_rate) = 0 THEN
+        RETURN;
+    END IF;
+    -- the live count (v_error_groups'), so that "N more" counts from now
+    SELECT v.occurrence_count INTO v_count FROM @extschema@.v_error_groups v WHERE v.error_id = v_id;
     UPDATE @extschema@.tb_error_log g
-       SET status = 'ignored', resolved_in_release = NULL, resolved_in_next_release = false
-     WHERE g.error_id = $1;
+       SET archived_at = now(), archived_by = $8, archive_until = now() + for_interval,
+           archive_base_count = coalesce(v_count, g.occurrence_count),
+           archive_until_occurrences = until_occurrences,
+           archive_until_rate = until_rate, archive_rate_window = CASE WHEN until_rate IS NOT NULL THEN rate_window END,
+           archive_until_users = until_users, archive_users_window = CASE WHEN until_users IS NOT NULL THEN users_window END
+     WHERE g.error_id = v_id;
 END
 $$;
 
@@ -751,9 +896,10 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_id uuid := @extschema@._fraiseql_require_group($1);
 BEGIN
-    PERFORM @extschema@._fraiseql_require_group($1);
-    UPDATE @extschema@.tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = $1;
+    UPDATE @extschema@.tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = v_id;
 END
 $$;
 

@@ -184,6 +184,18 @@ BEGIN
     IF NEW.digest AND NEW.rate_limit_minutes = 0 THEN
         RAISE EXCEPTION 'fraiseql_obs: a digest rule needs rate_limit_minutes > 0 (its window)' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF (NEW.frequency_threshold IS NOT NULL OR NEW.users_threshold IS NOT NULL) <> (NEW.frequency_window IS NOT NULL) THEN
+        RAISE EXCEPTION 'fraiseql_obs: frequency_threshold and users_threshold need frequency_window, and frequency_window needs one of them'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'frequency_threshold => 100, frequency_window => ''1 hour'' fires when more than 100 occur within an hour.';
+    END IF;
+    IF NEW.frequency_window <= interval '0' OR NEW.frequency_window > interval '30 days' THEN
+        RAISE EXCEPTION 'fraiseql_obs: frequency_window must be positive and at most 30 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.frequency_window IS NOT NULL AND NEW.notify_on_occurrence IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: a rule is either a milestone rule (notify_on_occurrence) or a frequency rule, not both'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF NEW.severity = '{}' THEN NEW.severity := NULL; END IF;
     IF NEW.environment = '{}' THEN NEW.environment := NULL; END IF;
     RETURN NEW;
@@ -232,7 +244,8 @@ CREATE VIEW v_notification_rules AS
 SELECT config_id, error_fingerprint, error_type, severity, environment, channel_type,
        @extschema@._fraiseql_redact(channel_config) AS channel_config,
        rate_limit_minutes, min_occurrence_count, notify_on_new, notify_on_regression,
-       notify_on_occurrence, condition, digest, enabled, created_at, last_triggered
+       notify_on_occurrence, condition, digest, enabled, created_at, last_triggered,
+       frequency_threshold, users_threshold, frequency_window, notify_on_escalation, skip_if_assigned
   FROM tb_error_notification_config;
 
 -- ---------------------------------------------------------------------------
@@ -340,16 +353,45 @@ AS $$
        AND (r.environment IS NULL OR p_environment = ANY (r.environment))
 $$;
 
+-- Whether the group's occurrences in (p_from, p_to) -- p_to itself too when
+-- p_inclusive -- are more than p_count (when given) and come from more than
+-- p_users distinct users (when given). Reads the group's index range, at
+-- most p_count + 1 rows for the count.
+CREATE FUNCTION _fraiseql_window_exceeds(p_error_id uuid, p_from timestamptz, p_to timestamptz,
+                                         p_inclusive boolean, p_count integer, p_users integer) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT (p_count IS NULL
+            OR (SELECT count(*) FROM (SELECT 1 FROM @extschema@.tb_error_occurrence o
+                                       WHERE o.error_id OPERATOR(pg_catalog.=) p_error_id
+                                         AND o.occurred_at OPERATOR(pg_catalog.>) p_from
+                                         AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
+                                              OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))
+                                       LIMIT (p_count OPERATOR(pg_catalog.+) 1)) x) OPERATOR(pg_catalog.>) p_count)
+       AND (p_users IS NULL
+            OR (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
+                 WHERE o.error_id OPERATOR(pg_catalog.=) p_error_id
+                   AND o.occurred_at OPERATOR(pg_catalog.>) p_from
+                   AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
+                        OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))) OPERATOR(pg_catalog.>) p_users)
+$$;
+
 -- The notification rules (all but milestones), on the occurrences one fold
 -- counted (p_batch, ordered by group and time): the first occurrence of a
 -- group the fold created is "new", the first of a group it reopened a
--- "regression". Set-based first: an occurrence a rule's rate limit or
--- digest already covers costs no payload, and of a rule with a window only
--- the first occurrence of a group in the batch is looked at (unless a
--- condition or a minimum count may refuse it). A group reopened without an
--- occurrence in the batch (its row was busy at the fold that counted them)
--- is announced with its latest occurrence.
-CREATE FUNCTION _fraiseql_notify_batch(p_batch _fraiseql_occurrence_ref[], p_created uuid[], p_regressed uuid[])
+-- "regression", of one an archive condition reopened "escalating". No rule
+-- notifies about an ignored (archived) group, nor, with skip_if_assigned,
+-- about an assigned one. A rule with a frequency or users threshold fires
+-- when this batch takes the group across it: not over it just before the
+-- batch's first occurrence, over it at its last. Set-based first: an
+-- occurrence a rule's rate limit or digest already covers costs no payload,
+-- and of a rule with a window or a threshold only the first occurrence of a
+-- group in the batch is looked at (unless a condition or a minimum count
+-- may refuse it). A group reopened without an occurrence in the batch (its
+-- row was busy at the fold that counted them) is announced with its latest
+-- occurrence.
+CREATE FUNCTION _fraiseql_notify_batch(p_batch _fraiseql_occurrence_ref[], p_created uuid[], p_regressed uuid[],
+                                       p_escalated uuid[])
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -363,9 +405,9 @@ DECLARE
 BEGIN
     FOR c IN
         WITH late AS (
-            -- regressions without an occurrence in this batch
+            -- regressions and escalations without an occurrence in this batch
             SELECT l.occurrence_id, l.occurred_at, l.error_id, l.error_type, l.severity, l.environment
-              FROM unnest(p_regressed) AS r(id)
+              FROM unnest(p_regressed || p_escalated) AS r(id)
              CROSS JOIN LATERAL (SELECT lo.* FROM @extschema@.tb_error_occurrence lo
                                   WHERE lo.error_id = r.id ORDER BY lo.occurred_at DESC LIMIT 1) l
              WHERE NOT EXISTS (SELECT 1 FROM unnest(p_batch) b WHERE b.error_id = r.id)
@@ -381,11 +423,13 @@ BEGIN
         ), groups AS MATERIALIZED (
             -- each group of the batch probed once, by key (see the fold),
             -- however many of its occurrences the batch holds
-            SELECT x.error_id, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
-                   g.error_fingerprint
-              FROM (SELECT DISTINCT b.error_id FROM batch b) x
-             CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint FROM @extschema@.tb_error_log g
-                                  WHERE g.error_id = x.error_id LIMIT 1) g
+            SELECT x.error_id, x.t1, x.tl, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
+                   g.error_fingerprint, g.assigned_to
+              FROM (SELECT b.error_id, min(b.occurred_at) AS t1, max(b.occurred_at) AS tl
+                      FROM batch b GROUP BY b.error_id) x
+             CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint, g.assigned_to
+                                   FROM @extschema@.tb_error_log g
+                                  WHERE g.error_id = x.error_id AND g.status <> 'ignored' LIMIT 1) g
               LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
                                   WHERE p.error_id = x.error_id LIMIT 1) p ON true
         ), open_pairs AS MATERIALIZED (
@@ -393,12 +437,13 @@ BEGIN
             -- probed once; a rule of this kind (first_only) is only
             -- interested in the first occurrence it admits
             SELECT r.config_id, r AS rule, gr.error_id, gr.counted,
-                   (r.rate_limit_minutes > 0 OR r.digest) AND r.condition IS NULL
-                       AND r.min_occurrence_count <= 1 AS first_only
+                   (r.rate_limit_minutes > 0 OR r.digest OR r.frequency_window IS NOT NULL)
+                       AND r.condition IS NULL AND r.min_occurrence_count <= 1 AS first_only
               FROM groups gr
               JOIN @extschema@.tb_error_notification_config r
                 ON r.enabled AND r.notify_on_occurrence IS NULL
                AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint)
+               AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
              WHERE NOT (r.digest AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_digest d
                         WHERE d.config_id = r.config_id AND d.error_id = gr.error_id))
@@ -406,6 +451,12 @@ BEGIN
                        SELECT 1 FROM @extschema@.tb_notification_state s
                         WHERE s.config_id = r.config_id AND s.error_id = gr.error_id
                           AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute'))
+               -- a threshold: crossed by this batch
+               AND (r.frequency_window IS NULL
+                    OR (NOT @extschema@._fraiseql_window_exceeds(gr.error_id, gr.t1 - r.frequency_window, gr.t1, false,
+                                                                 r.frequency_threshold, r.users_threshold)
+                        AND @extschema@._fraiseql_window_exceeds(gr.error_id, gr.tl - r.frequency_window, gr.tl, true,
+                                                                 r.frequency_threshold, r.users_threshold)))
         ), firsts AS (
             -- what a first_only rule can admit: each group's first occurrence
             -- of each kind (type, severity, environment), and its regression
@@ -416,6 +467,7 @@ BEGIN
             SELECT o.config_id, o.rule, e.occurrence_id, e.occurred_at, e.error_id,
                    (e.pos = 1 AND e.error_id = ANY (p_created)) AS is_new,
                    (e.pos = 1 AND e.error_id = ANY (p_regressed)) AS is_regression,
+                   (e.pos = 1 AND e.error_id = ANY (p_escalated)) AS is_escalation,
                    e.late, o.counted - (e.in_batch - e.pos) AS count_at, o.first_only
               FROM open_pairs o
               JOIN (SELECT f.*, true AS of_firsts FROM firsts f
@@ -428,9 +480,12 @@ BEGIN
         ), wanted AS (
             SELECT x.*, row_number() OVER (PARTITION BY x.config_id, x.error_id ORDER BY x.occurred_at, x.occurrence_id) AS nth
               FROM candidates x
-             WHERE (NOT (x.rule).notify_on_new OR x.is_new OR ((x.rule).notify_on_regression AND x.is_regression))
-               AND (NOT (x.rule).notify_on_regression OR x.is_regression OR ((x.rule).notify_on_new AND x.is_new))
-               AND (NOT x.late OR x.is_regression)
+             -- the kinds a rule asks for (any of them), or every occurrence
+             WHERE (NOT ((x.rule).notify_on_new OR (x.rule).notify_on_regression OR (x.rule).notify_on_escalation)
+                    OR ((x.rule).notify_on_new AND x.is_new)
+                    OR ((x.rule).notify_on_regression AND x.is_regression)
+                    OR ((x.rule).notify_on_escalation AND x.is_escalation))
+               AND (NOT x.late OR ((x.is_regression OR x.is_escalation) AND (x.rule).frequency_window IS NULL))
                AND x.count_at >= (x.rule).min_occurrence_count
         )
         SELECT w.*, pl.payload FROM wanted w
@@ -447,16 +502,24 @@ BEGIN
                 OR coalesce(jsonb_path_match(pl.payload, (w.rule).condition, silent => true), false))
          ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
     LOOP
-        IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest)
+        IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL)
            AND @extschema@._fraiseql_pair_id(c.config_id, c.error_id) = ANY (v_done) THEN
             CONTINUE;
         END IF;
         v_payload := c.payload;
-        v_reason := CASE WHEN c.is_new THEN 'new' WHEN c.is_regression THEN 'regression' ELSE 'occurrence' END;
+        v_reason := CASE WHEN c.is_new THEN 'new' WHEN c.is_regression THEN 'regression'
+                         WHEN c.is_escalation THEN 'escalating'
+                         WHEN (c.rule).frequency_window IS NOT NULL THEN 'frequency'
+                         ELSE 'occurrence' END;
+        IF (c.rule).frequency_window IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('frequency', jsonb_strip_nulls(jsonb_build_object(
+                'window', (c.rule).frequency_window, 'more_than_occurrences', (c.rule).frequency_threshold,
+                'more_than_users', (c.rule).users_threshold)));
+        END IF;
         IF @extschema@._fraiseql_enqueue(c.rule, c.error_id, v_reason, v_payload) THEN
             n := n + 1;
         END IF;
-        IF (c.rule).rate_limit_minutes > 0 OR (c.rule).digest THEN
+        IF (c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL THEN
             v_done := v_done || @extschema@._fraiseql_pair_id(c.config_id, c.error_id);
         END IF;
     END LOOP;
@@ -502,9 +565,11 @@ BEGIN
         SELECT r.config_id, r.digest, r.condition, f.error_id, m.m,
                @extschema@._fraiseql_group_payload(g.g) AS payload
           FROM unnest(p_folds) f
-         CROSS JOIN LATERAL (SELECT g FROM @extschema@.tb_error_log g WHERE g.error_id = f.error_id LIMIT 1) g
+         CROSS JOIN LATERAL (SELECT g FROM @extschema@.tb_error_log g
+                              WHERE g.error_id = f.error_id AND g.status <> 'ignored' LIMIT 1) g
           JOIN @extschema@.tb_error_notification_config r
             ON r.enabled AND r.notify_on_occurrence IS NOT NULL
+           AND NOT (r.skip_if_assigned AND (g.g).assigned_to IS NOT NULL)
            AND @extschema@._fraiseql_rule_admits(r, (g.g).error_fingerprint, (g.g).error_type,
                                                  (g.g).severity, (g.g).environment)
          CROSS JOIN LATERAL (SELECT DISTINCT x AS m FROM unnest(r.notify_on_occurrence) x
@@ -704,7 +769,8 @@ END
 $$;
 
 -- When this database next needs its worker if nothing wakes it before: a
--- retry, a lease that runs out, a digest window that closes, maintenance.
+-- retry, a lease that runs out, a digest window that closes, an archive
+-- that ends, maintenance.
 CREATE FUNCTION _fraiseql_next_due(p_maintenance_every interval) RETURNS timestamptz
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -716,7 +782,9 @@ AS $$
            FROM @extschema@.tb_notification_queue q),
         (SELECT min(d.window_start + c.rate_limit_minutes * interval '1 minute')
            FROM @extschema@.tb_notification_digest d
-           JOIN @extschema@.tb_error_notification_config c ON c.config_id = d.config_id))
+           JOIN @extschema@.tb_error_notification_config c ON c.config_id = d.config_id),
+        -- an archive for an interval that ends (the fold unresolves it)
+        (SELECT min(g.archive_until) FROM @extschema@.tb_error_log g WHERE g.archive_until IS NOT NULL))
 $$;
 
 -- Notifications waiting or being retried.

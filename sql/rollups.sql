@@ -464,7 +464,7 @@ END
 $$;
 
 -- The most frequent error groups of the range, with the distinct users
--- (context->>'user_id') they affected. Candidates are ranked by the buckets
+-- (context.user_id, or user.id of a Sentry event) they affected. Candidates are ranked by the buckets
 -- overlapping the range (days for ranges of three days or more, hours below)
 -- plus the rows not rolled up yet; the figures returned are then counted
 -- exactly over the range from the candidates' own occurrences.
@@ -502,7 +502,7 @@ BEGIN
     -- one index range scan per candidate (never a scan of the whole range)
     SELECT c.error_id, x.n, x.users, x.last_seen
       FROM candidates c,
-           LATERAL (SELECT count(*) AS n, count(DISTINCT o.context->>'user_id') AS users, max(o.occurred_at) AS last_seen
+           LATERAL (SELECT count(*) AS n, count(DISTINCT @extschema@._fraiseql_user_of(o.context)) AS users, max(o.occurred_at) AS last_seen
                       FROM @extschema@.tb_error_occurrence o
                      WHERE o.error_id = c.error_id AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                        AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x

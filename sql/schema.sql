@@ -78,11 +78,30 @@ CREATE TABLE tb_error_log (
     -- ...or only one of a release first seen after resolved_at
     resolved_in_next_release boolean NOT NULL DEFAULT false,
     -- the release of the occurrence that last reopened it
-    regressed_in_release text
+    regressed_in_release text,
+    -- archived until a condition (fraiseql_archive_error, Sentry's "ignore
+    -- until"): status 'ignored' with any of these set. The fold checks them
+    -- when the group's occurrences are counted; the first met reopens the
+    -- group as escalating. archive_until (for an interval) only ends the
+    -- archive: the group is unresolved again, as in Sentry.
+    archived_at               timestamptz,
+    archived_by               text,
+    archive_until             timestamptz,
+    archive_base_count        bigint,      -- the count when archived
+    archive_until_occurrences bigint,      -- this many more occurrences
+    archive_until_rate        integer,     -- this many within archive_rate_window
+    archive_rate_window       interval,
+    archive_until_users       integer,     -- this many distinct users since archived
+    archive_users_window      interval,    -- (or within this window, since archived)
+    -- reopened by an archive condition (cleared by any triage action)
+    is_escalating             boolean NOT NULL DEFAULT false,
+    escalated_at              timestamptz
 ) WITH (fillfactor = 70);
 -- No index on occurrence_count, first_seen or last_seen: folding the counters
 -- (every second) then stays a HOT update that touches no index.
 CREATE INDEX idx_error_log_status ON tb_error_log (status);
+-- archives that end at a time: found by the fold without a scan
+CREATE INDEX idx_error_log_archive_until ON tb_error_log (archive_until) WHERE archive_until IS NOT NULL;
 
 COMMENT ON TABLE tb_error_log IS
   'One row per error group (fingerprint). occurrence_count and last_seen are '
@@ -251,7 +270,16 @@ CREATE TABLE tb_error_notification_config (
     notify_on_regression boolean NOT NULL DEFAULT false,   -- only a resolved group recurring
     notify_on_occurrence integer[],                        -- exactly when the count reaches each
     condition            jsonpath,                         -- jsonb_path_match() on the error
-    digest               boolean NOT NULL DEFAULT false    -- one message per rate-limit window
+    digest               boolean NOT NULL DEFAULT false,   -- one message per rate-limit window
+    -- Sentry's alert conditions: "more than frequency_threshold occurrences
+    -- and/or more than users_threshold distinct users within
+    -- frequency_window" fires once as the group crosses it (again only after
+    -- it fell back below); decided by the fold, never on the capture path
+    frequency_threshold  integer CHECK (frequency_threshold >= 0),
+    users_threshold      integer CHECK (users_threshold >= 0),
+    frequency_window     interval,
+    notify_on_escalation boolean NOT NULL DEFAULT false,   -- an archived group escalating
+    skip_if_assigned     boolean NOT NULL DEFAULT false    -- not for a group someone owns
 );
 
 CREATE TABLE tb_error_notification_log (

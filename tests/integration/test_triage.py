@@ -1,4 +1,6 @@
 """Triage like Sentry (issue 16): release-aware resolution."""
+import time
+
 import psycopg
 import pytest
 
@@ -85,3 +87,209 @@ def test_bad_arguments_are_refused_and_change_nothing(cluster, db):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="must name a release"):
             c.execute("SELECT fraiseql_resolve_error(%s, in_release => '  ')", (gid,))
         assert c.execute("SELECT status FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone()[0] == "unresolved"
+
+
+# ---------------------------------------------------------------------------
+# Archive until a condition, escalation, and the alert conditions.
+# ---------------------------------------------------------------------------
+import json  # noqa: E402
+
+from receivers import HttpReceiver  # noqa: E402
+
+
+@pytest.fixture
+def http():
+    r = HttpReceiver().start()
+    yield r
+    r.stop()
+
+
+def rule(c, url, **cols):
+    names = ["channel_type", "channel_config", *cols]
+    values = ["webhook", json.dumps({"url": url}), *cols.values()]
+    return c.execute(f"INSERT INTO tb_error_notification_config ({', '.join(names)})"
+                     f" VALUES ({', '.join(['%s'] * len(names))}) RETURNING config_id", values).fetchone()[0]
+
+
+def err(c, user=None, context=None, message="payment declined"):
+    ctx = context if context is not None else ({"user_id": user} if user else {})
+    return c.execute("SELECT fraiseql_capture_error('PaymentError', %s, context => %s)",
+                     (message, json.dumps(ctx))).fetchone()[0]
+
+
+def settled(c, gid, count):
+    """Folded to `count`, and every notification that fold queued delivered."""
+    folded(c, gid, count)
+    wait_for(lambda: c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 0,
+             timeout=10, interval=0.05, what="queue drained")
+
+
+def state(c, gid):
+    return c.execute("SELECT status, substatus, is_escalating FROM v_error_groups WHERE error_id = %s",
+                     (gid,)).fetchone()
+
+
+def paths(http):
+    return sorted(r["path"] for r in http.requests)
+
+
+def test_archive_until_more_occurrences_escalates_once(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/escalating", notify_on_escalation=True)
+        rule(c, http.url + "/every")
+        gid = err(c)
+        err(c)
+        settled(c, gid, 2)
+        assert paths(http) == ["/every", "/every"]
+        c.execute("SELECT fraiseql_archive_error(%s, until_occurrences => 3, archived_by => 'bob')", (gid,))
+        assert state(c, gid) == ("ignored", "archived_until_condition_met", False)
+        assert c.execute("SELECT archive_conditions->>'occurrences', archived_by FROM v_error_groups"
+                         " WHERE error_id = %s", (gid,)).fetchone() == ("3", "bob")
+        err(c)
+        err(c)
+        settled(c, gid, 4)
+        # archived: nobody hears of it
+        assert state(c, gid)[0] == "ignored" and paths(http) == ["/every", "/every"]
+        err(c)
+        settled(c, gid, 5)
+        assert state(c, gid) == ("unresolved", "escalating", True)
+        assert paths(http) == ["/escalating", "/every", "/every", "/every"]
+        esc = next(json.loads(r["body"]) for r in http.requests if r["path"] == "/escalating")
+        assert esc["reason"] == "escalating" and esc["error_id"] == str(gid)
+        # escalation is said once; a triage action ends it
+        err(c)
+        settled(c, gid, 6)
+        assert paths(http).count("/escalating") == 1
+        c.execute("SELECT fraiseql_resolve_error(%s)", (gid,))
+        assert state(c, gid)[:3] == ("resolved", None, False)
+
+
+def test_archive_until_users_counts_sentry_and_sql_users(cluster, db):
+    with cluster.connect(db) as c:
+        gid = err(c, "u1")
+        folded(c, gid, 1)
+        c.execute("SELECT fraiseql_archive_error(%s, until_users => 2)", (gid,))
+        for _ in range(3):
+            err(c, "u1")
+        err(c)  # no user
+        err(c, "u9", message="another group")
+        assert folded(c, gid, 5)[0] == "ignored"
+        err(c, context={"user": {"id": "u2", "email": "x@example.com"}})
+        assert folded(c, gid, 6)[:2] == ("unresolved", False)
+        assert state(c, gid)[1:] == ("escalating", True)
+        assert c.execute("SELECT users_affected FROM v_error_groups WHERE error_id = %s", (gid,)).fetchone()[0] == 2
+
+
+def test_archive_until_a_rate(cluster, db):
+    with cluster.connect(db) as c:
+        gid = err(c)
+        folded(c, gid, 1)
+        c.execute("SELECT fraiseql_archive_error(%s, until_rate => 2, rate_window => '3 seconds')", (gid,))
+        err(c)
+        folded(c, gid, 2)
+        time.sleep(4)
+        err(c)  # one within the window: still archived
+        assert folded(c, gid, 3)[0] == "ignored"
+        err(c)  # two within it
+        assert folded(c, gid, 4)[0] == "unresolved"
+        assert state(c, gid)[1] == "escalating"
+
+
+def test_archive_for_an_interval_ends_without_escalating(cluster, db):
+    with cluster.connect(db) as c:
+        gid = err(c)
+        folded(c, gid, 1)
+        c.execute("SELECT fraiseql_archive_error(%s, for_interval => '1 second', until_occurrences => 100)", (gid,))
+        assert state(c, gid)[0] == "ignored"
+        # the worker comes back for it, with no occurrence to wake it
+        wait_for(lambda: state(c, gid)[0] == "unresolved", timeout=15, what="archive ended")
+        assert state(c, gid)[1:] == ("ongoing", False) or state(c, gid)[1:] == ("new", False)
+        assert c.execute("SELECT archive_conditions FROM v_error_groups WHERE error_id = %s", (gid,)).fetchone()[0] == {}
+
+
+def test_plain_ignore_stays_silent_and_never_reopens(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/every")
+        rule(c, http.url + "/milestone", notify_on_occurrence=[3])
+        gid = err(c)
+        settled(c, gid, 1)
+        c.execute("SELECT fraiseql_ignore_error(%s)", (gid,))
+        c.execute("SELECT fraiseql_archive_error(%s)", (gid,))  # no condition: the same
+        for _ in range(4):
+            err(c)
+        settled(c, gid, 5)
+        assert state(c, gid) == ("ignored", "archived_forever", False)
+        assert paths(http) == ["/every"]
+
+
+def test_archive_arguments_are_checked(cluster, db):
+    with cluster.connect(db) as c:
+        gid = err(c)
+        folded(c, gid, 1)
+        for args in ("until_occurrences => 0", "until_users => -1", "for_interval => '-1 hour'",
+                     "until_rate => 5, rate_window => '0'", "for_interval => 'infinity'::timestamptz - now()"):
+            with pytest.raises(psycopg.errors.Error):
+                c.execute(f"SELECT fraiseql_archive_error(%s, {args})", (gid,))
+        assert state(c, gid)[0] == "unresolved"
+        with pytest.raises(psycopg.errors.NoDataFound):
+            c.execute("SELECT fraiseql_archive_error(gen_random_uuid(), until_occurrences => 1)")
+
+
+def test_frequency_rule_fires_once_per_crossing(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/freq", frequency_threshold=3, frequency_window="2 seconds")
+        gid = err(c)
+        for n in range(2, 4):
+            err(c)
+        settled(c, gid, 3)
+        assert paths(http) == []  # three is not more than three
+        err(c)
+        settled(c, gid, 4)
+        assert paths(http) == ["/freq"]
+        body = http.json(0)
+        assert body["reason"] == "frequency" and body["frequency"]["more_than_occurrences"] == 3
+        for _ in range(4):
+            err(c)
+            c.execute("SELECT fraiseql_flush_counts()")
+        settled(c, gid, 8)
+        assert paths(http) == ["/freq"]  # still over it: no second message
+        time.sleep(2.5)  # the window empties
+        for _ in range(4):
+            err(c)
+        settled(c, gid, 12)
+        assert paths(http) == ["/freq", "/freq"]
+
+
+def test_users_threshold_and_skip_if_assigned(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/users", users_threshold=1, frequency_window="1 hour")
+        rule(c, http.url + "/unowned", skip_if_assigned=True)
+        gid = err(c, "u1")
+        for _ in range(2):
+            err(c, "u1")
+        settled(c, gid, 3)
+        assert paths(http) == ["/unowned"] * 3
+        c.execute("SELECT fraiseql_assign_error(%s, 'carol')", (gid,))
+        err(c, context={"user": {"id": "u2"}})
+        settled(c, gid, 4)
+        assert paths(http) == ["/unowned"] * 3 + ["/users"]
+        err(c, "u3")  # already over it
+        settled(c, gid, 5)
+        assert paths(http).count("/users") == 1
+        c.execute("SELECT fraiseql_assign_error(%s, NULL)", (gid,))
+        err(c, "u3")
+        settled(c, gid, 6)
+        assert paths(http).count("/unowned") == 4
+
+
+def test_alert_condition_columns_are_checked(cluster, db):
+    with cluster.connect(db) as c:
+        for cols, match in (({"frequency_threshold": 10}, "need frequency_window"),
+                            ({"frequency_window": "1 hour"}, "need frequency_window"),
+                            ({"frequency_threshold": 10, "frequency_window": "0"}, "positive"),
+                            ({"users_threshold": 10, "frequency_window": "60 days"}, "at most 30 days"),
+                            ({"frequency_threshold": 1, "frequency_window": "1 hour", "notify_on_occurrence": [5]},
+                             "milestone")):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=match):
+                rule(c, "http://127.0.0.1:9/x", **cols)
+        assert c.execute("SELECT count(*) FROM tb_error_notification_config").fetchone()[0] == 0
