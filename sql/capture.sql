@@ -143,6 +143,16 @@ AS $$
                           AND r.first_seen OPERATOR(pg_catalog.<=) p_resolved_at)
 $$;
 
+-- The error_ids whose occurrences are the group's: its own, and those of
+-- the fingerprints merged into it (tb_error_merge). For reads through the
+-- occurrences' index: o.error_id = ANY (_fraiseql_group_ids(g)).
+CREATE FUNCTION _fraiseql_group_ids(p_error_id uuid) RETURNS uuid[]
+LANGUAGE sql STABLE
+AS $$
+    SELECT ARRAY(SELECT m.source_id FROM @extschema@.tb_error_merge m
+                  WHERE m.target_id OPERATOR(pg_catalog.=) p_error_id) OPERATOR(pg_catalog.||) p_error_id
+$$;
+
 -- The user an occurrence affected: context.user_id, or user.id of a
 -- Sentry-shaped context. (Inlined: no SET clause.)
 CREATE FUNCTION _fraiseql_user_of(context jsonb) RETURNS text
@@ -164,13 +174,13 @@ AS $$
         OR (g.archive_until_rate IS NOT NULL
             AND (SELECT count(*) FROM (
                     SELECT 1 FROM @extschema@.tb_error_occurrence o
-                     WHERE o.error_id OPERATOR(pg_catalog.=) g.error_id
+                     WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(g.error_id))
                        AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
                        AND o.occurred_at OPERATOR(pg_catalog.>) (now() OPERATOR(pg_catalog.-) g.archive_rate_window)
                      LIMIT g.archive_until_rate) x) OPERATOR(pg_catalog.>=) g.archive_until_rate)
         OR (g.archive_until_users IS NOT NULL
             AND (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
-                  WHERE o.error_id OPERATOR(pg_catalog.=) g.error_id
+                  WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(g.error_id))
                     AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
                     AND o.occurred_at OPERATOR(pg_catalog.>)
                         coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity'))
@@ -259,13 +269,23 @@ BEGIN
         SELECT EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                         WHERE c.enabled AND c.notify_on_occurrence IS NULL) AS present
     ), new AS MATERIALIZED (
-        SELECT o.occurrence_id, o.occurred_at, o.error_id, o.error_type, o.severity, o.environment,
+        -- (a merged fingerprint's occurrences count for the group it was
+        -- merged into)
+        SELECT o.occurrence_id, o.occurred_at, coalesce(m.target_id, o.error_id) AS error_id,
+               o.error_type, o.severity, o.environment,
                o.sampled_out, o.release_version, o.created_at
-          FROM @extschema@.tb_error_occurrence o, cur
+          FROM @extschema@.tb_error_occurrence o
+         CROSS JOIN cur
+          LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
-    ), gone AS (
+    ), gone_rows AS (
         DELETE FROM @extschema@.tb_error_tombstone t RETURNING t.*
+    ), gone AS (
+        SELECT t.capture_xid, t.occurred_at, t.sampled_out, t.n,
+               coalesce(m.target_id, t.error_id) AS error_id
+          FROM gone_rows t
+          LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = t.error_id
     ), fresh AS (
         SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
                min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
@@ -512,8 +532,10 @@ BEGIN
     IF v_gone IS NOT NULL THEN
         UPDATE @extschema@.tb_error_log g
            SET first_seen = r.fs, last_seen = r.ls
-          FROM (SELECT x.id, (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o WHERE o.error_id = x.id) AS fs,
-                             (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o WHERE o.error_id = x.id) AS ls
+          FROM (SELECT x.id, (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o
+                               WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(x.id))) AS fs,
+                             (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o
+                               WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(x.id))) AS ls
                   FROM unnest(v_gone) AS x(id)) r
          WHERE g.error_id = r.id AND r.fs IS NOT NULL
            AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls);
@@ -530,16 +552,22 @@ BEGIN
         ), st AS (
             SELECT s.above, s.in_progress FROM @extschema@.tb_error_fold_state s
         ), rows_ AS (
-            SELECT o.error_id, count(*) AS n, count(*) FILTER (WHERE o.sampled_out) AS light,
+            SELECT coalesce(m.target_id, o.error_id) AS error_id, count(*) AS n,
+                   count(*) FILTER (WHERE o.sampled_out) AS light,
                    min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
-              FROM @extschema@.tb_error_occurrence o, st
+              FROM @extschema@.tb_error_occurrence o
+             CROSS JOIN st
+              LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
              WHERE o.capture_xid < st.above AND NOT o.capture_xid = ANY (st.in_progress)
-             GROUP BY o.error_id
+             GROUP BY 1
         ), graves AS (
-            SELECT t.error_id, sum(t.n) AS n, coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
-              FROM @extschema@.tb_error_tombstone t, st
+            SELECT coalesce(m.target_id, t.error_id) AS error_id, sum(t.n) AS n,
+                   coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
+              FROM @extschema@.tb_error_tombstone t
+             CROSS JOIN st
+              LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = t.error_id
              WHERE t.capture_xid < st.above AND NOT t.capture_xid = ANY (st.in_progress)
-             GROUP BY t.error_id
+             GROUP BY 1
         ), free AS (
             SELECT g.error_id FROM @extschema@.tb_error_log g FOR NO KEY UPDATE SKIP LOCKED
         ), recounted AS (
@@ -626,8 +654,9 @@ CREATE TRIGGER tb_error_occurrence_deleted
 
 -- The occurrences not counted yet (the fold's own condition).
 CREATE VIEW _fraiseql_unfolded AS
-SELECT o.*
+SELECT o.*, coalesce(m.target_id, o.error_id) AS group_id
   FROM tb_error_occurrence o
+  LEFT JOIN tb_error_merge m ON m.source_id = o.error_id
  WHERE o.capture_xid >= (SELECT s.above FROM tb_error_fold_state s)
     OR o.capture_xid = ANY ((SELECT s.in_progress FROM tb_error_fold_state s)::xid8[]);
 
@@ -651,7 +680,9 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
        -- light (spike protection) carry no context; rows dropped by
        -- retention are forgotten with their users.
        (SELECT count(DISTINCT _fraiseql_user_of(o.context))
-          FROM tb_error_occurrence o WHERE o.error_id = g.error_id) AS users_affected,
+          FROM tb_error_occurrence o
+         WHERE o.error_id = ANY (ARRAY(SELECT m.source_id FROM tb_error_merge m WHERE m.target_id = g.error_id)
+                                 || g.error_id)) AS users_affected,
        g.resolved_in_release, g.resolved_in_next_release, g.regressed_in_release,
        -- Sentry's substatus
        CASE g.status
@@ -671,18 +702,20 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
   LEFT JOIN (SELECT u.error_id, sum(u.cnt) AS cnt, sum(u.light) AS light,
                     min(u.fs) AS fs, max(u.ls) AS ls, max(u.rank) AS rank
-               FROM (SELECT o.error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
+               FROM (SELECT o.group_id AS error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
                             min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
                             max(_fraiseql_severity_rank(o.severity)) AS rank
                        FROM _fraiseql_unfolded o
-                      GROUP BY o.error_id
+                      GROUP BY o.group_id
                      UNION ALL
                      -- counted rows deleted since: taken back
-                     SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
+                     SELECT coalesce(m.target_id, t.error_id), -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
                             NULL, NULL, 0
-                       FROM tb_error_tombstone t, tb_error_fold_state s
+                       FROM tb_error_tombstone t
+                      CROSS JOIN tb_error_fold_state s
+                       LEFT JOIN tb_error_merge m ON m.source_id = t.error_id
                       WHERE t.capture_xid < s.above AND NOT t.capture_xid = ANY (s.in_progress)
-                      GROUP BY t.error_id) u
+                      GROUP BY 1) u
               GROUP BY u.error_id) l ON l.error_id = g.error_id
 UNION ALL
 SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
@@ -697,7 +730,7 @@ SELECT a.error_id, f.fingerprint, f.error_type, f.message, f.stack_trace,
                min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,
                max(_fraiseql_severity_rank(o.severity)) AS rank
           FROM _fraiseql_unfolded o
-         WHERE NOT EXISTS (SELECT 1 FROM tb_error_log e WHERE e.error_id = o.error_id)
+         WHERE NOT EXISTS (SELECT 1 FROM tb_error_log e WHERE e.error_id = o.group_id)
          GROUP BY o.error_id) a
  CROSS JOIN LATERAL (SELECT o.fingerprint, o.error_type, o.message, o.stack_trace, o.environment, o.release_version
                        FROM _fraiseql_unfolded o WHERE o.error_id = a.error_id
@@ -737,6 +770,10 @@ BEGIN
     IF p_error_id IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: error_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- a group merged into another is that other one now (the id a capture
+    -- of its fingerprint returns still leads there)
+    SELECT coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m WHERE m.source_id = p_error_id), p_error_id)
+      INTO p_error_id;
     PERFORM 1 FROM @extschema@.tb_error_log WHERE error_id = p_error_id;
     IF FOUND THEN
         RETURN p_error_id;
@@ -904,6 +941,185 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
+-- Merge and unmerge (see tb_error_merge). Both move counts between group
+-- rows, so they take the fold's lock, until the caller's transaction ends:
+-- commit promptly (folds wait meanwhile; captures never do).
+-- ---------------------------------------------------------------------------
+-- A group deleted (by hand, or pruned) takes its merges with it: the
+-- fingerprints merged into it are their own again.
+CREATE FUNCTION _fraiseql_groups_deleted() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM @extschema@.tb_error_merge m WHERE m.target_id IN (SELECT d.error_id FROM gone d);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tb_error_log_deleted
+    AFTER DELETE ON tb_error_log REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_groups_deleted();
+
+-- Merge the groups `sources` into `target`: their counts, first and last
+-- seen and highest severity go to the target, their rows go, and their
+-- fingerprints' occurrences, past and future, count for the target (a
+-- source that was itself a merge target brings its own sources). The
+-- target keeps its status, assignee and history. Returns how many groups
+-- were merged in.
+CREATE FUNCTION fraiseql_merge_errors(target uuid, sources uuid[], merged_by text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_target  uuid;
+    v_sources uuid[];
+    n         integer;
+BEGIN
+    IF sources IS NULL OR cardinality(sources) = 0 OR array_position(sources, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: sources must list the error_ids to merge' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- (groups are waited for before the lock: the fold makes them)
+    v_target := @extschema@._fraiseql_require_group(target);
+    SELECT array_agg(DISTINCT r.id) INTO v_sources
+      FROM unnest(sources) s(id), LATERAL (SELECT @extschema@._fraiseql_require_group(s.id) AS id) r
+     WHERE r.id <> v_target;
+    IF v_sources IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: nothing to merge: every source is the target already'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE;
+    -- (the groups again, under the lock: a concurrent merge may have moved them)
+    v_target := coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m WHERE m.source_id = v_target), v_target);
+    SELECT array_agg(DISTINCT coalesce(m.target_id, s.id)) INTO v_sources
+      FROM unnest(v_sources) s(id) LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = s.id
+     WHERE coalesce(m.target_id, s.id) <> v_target;
+    IF v_sources IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM @extschema@.tb_error_log g
+     WHERE g.error_id = ANY (v_sources || v_target) ORDER BY g.error_id FOR UPDATE;
+    -- the fingerprints merged into a source now count for the target
+    UPDATE @extschema@.tb_error_merge m SET target_id = v_target WHERE m.target_id = ANY (v_sources);
+    WITH pend AS (
+        DELETE FROM @extschema@.tb_error_count_pending p WHERE p.error_id = ANY (v_sources) RETURNING p.*
+    ), gone AS (
+        DELETE FROM @extschema@.tb_error_log g WHERE g.error_id = ANY (v_sources) RETURNING g.*
+    ), merges AS (
+        INSERT INTO @extschema@.tb_error_merge (source_id, fingerprint, target_id, merged_by)
+        SELECT g.error_id, g.error_fingerprint, v_target, merged_by FROM gone g
+    ), sums AS (
+        SELECT sum(x.n) AS n, sum(x.light) AS light, min(x.fs) AS fs, max(x.ls) AS ls, max(x.rank) AS rank
+          FROM (SELECT g.occurrence_count AS n, g.occurrences_not_stored AS light, g.first_seen AS fs,
+                       g.last_seen AS ls, @extschema@._fraiseql_severity_rank(g.severity) AS rank FROM gone g
+                UNION ALL
+                SELECT p.occurrence_count, p.not_stored, p.first_seen, p.last_seen, p.severity_rank FROM pend p) x
+    ), merged AS (
+        UPDATE @extschema@.tb_error_log t
+           SET occurrence_count = greatest(t.occurrence_count + coalesce(x.n, 0), 0),
+               occurrences_not_stored = greatest(t.occurrences_not_stored + coalesce(x.light, 0), 0),
+               first_seen = least(t.first_seen, x.fs), last_seen = greatest(t.last_seen, x.ls),
+               severity = CASE WHEN x.rank > @extschema@._fraiseql_severity_rank(t.severity)
+                               THEN @extschema@._fraiseql_severity_name(x.rank) ELSE t.severity END
+          FROM sums x
+         WHERE t.error_id = v_target
+    )
+    SELECT count(*) INTO n FROM gone;
+    -- rate-limit windows and digests of the groups merged in end with them
+    DELETE FROM @extschema@.tb_notification_state s WHERE s.error_id = ANY (v_sources);
+    DELETE FROM @extschema@.tb_notification_digest d WHERE d.error_id = ANY (v_sources);
+    RETURN n;
+END
+$$;
+
+-- Give a fingerprint merged into `target` its own group again, with the
+-- occurrences of it that remain (their count leaves the target). It stays
+-- separate: only another merge joins them again. Returns the fingerprint's
+-- error_id; NULL when no occurrence of it remains (it only stops counting
+-- for the target then).
+CREATE FUNCTION fraiseql_unmerge_error(target uuid, fingerprint text) RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_target uuid;
+    v_source uuid := @extschema@.fraiseql_error_id(fingerprint);
+    v_state  record;
+    v_rows   record;
+    v_graves record;
+BEGIN
+    IF fingerprint IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: fingerprint must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    v_target := @extschema@._fraiseql_require_group(target);
+    LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE;
+    PERFORM 1 FROM @extschema@.tb_error_merge m
+     WHERE m.source_id = v_source AND m.target_id = v_target FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fraiseql_obs: the fingerprint % is not merged into the group %', fingerprint, target
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'v_error_merges lists what is merged where.';
+    END IF;
+    PERFORM 1 FROM @extschema@.tb_error_log g WHERE g.error_id = v_target FOR UPDATE;
+    SELECT s.above, s.in_progress INTO v_state FROM @extschema@.tb_error_fold_state s;
+    -- What the target counted for the fingerprint: its counted rows, and
+    -- its counted rows deleted whose tombstones the next fold takes back
+    -- (from the fingerprint's own group, from now on).
+    SELECT count(*) AS n, count(*) FILTER (WHERE o.sampled_out) AS light
+      INTO v_rows
+      FROM @extschema@.tb_error_occurrence o
+     WHERE o.error_id = v_source AND o.capture_xid < v_state.above AND NOT o.capture_xid = ANY (v_state.in_progress);
+    SELECT coalesce(sum(t.n), 0) AS n, coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
+      INTO v_graves
+      FROM @extschema@.tb_error_tombstone t
+     WHERE t.error_id = v_source AND t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress);
+    DELETE FROM @extschema@.tb_error_merge m WHERE m.source_id = v_source;
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = v_source) THEN
+        -- nothing left to make a group of: the target keeps the count of
+        -- what went (as it did), and takes back the rows deleted meanwhile
+        UPDATE @extschema@.tb_error_tombstone t SET error_id = v_target WHERE t.error_id = v_source;
+        RETURN NULL;
+    END IF;
+    INSERT INTO @extschema@.tb_error_log
+        (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
+         title, culprit, severity, environment, release_version,
+         occurrence_count, occurrences_not_stored, first_seen, last_seen)
+    SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
+           m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
+           v_rows.n + v_graves.n, v_rows.light + v_graves.light, r.fs, r.ls
+      FROM (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = v_source
+             ORDER BY o.sampled_out, o.occurred_at LIMIT 1) o
+     CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
+     CROSS JOIN LATERAL (SELECT min(x.occurred_at) AS fs, max(x.occurred_at) AS ls
+                           FROM @extschema@.tb_error_occurrence x WHERE x.error_id = v_source) r;
+    -- the target gives that count back (through its pending count, which
+    -- the fold adds to what it holds)
+    INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, not_stored, first_seen, last_seen)
+    VALUES (v_target, -(v_rows.n + v_graves.n), -(v_rows.light + v_graves.light), 'infinity', '-infinity')
+    ON CONFLICT (error_id) DO UPDATE
+       SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
+           not_stored = p.not_stored + excluded.not_stored;
+    UPDATE @extschema@.tb_error_log g
+       SET first_seen = coalesce(r.fs, g.first_seen), last_seen = coalesce(r.ls, g.last_seen)
+      FROM (SELECT min(o.occurred_at) AS fs, max(o.occurred_at) AS ls FROM @extschema@.tb_error_occurrence o
+             WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(v_target))) r
+     WHERE g.error_id = v_target;
+    RETURN v_source;
+END
+$$;
+
+-- What is merged where.
+CREATE VIEW v_error_merges AS
+SELECT m.target_id, g.title AS target_title, m.fingerprint, m.source_id, m.merged_at, m.merged_by,
+       (SELECT count(*) FROM tb_error_occurrence o WHERE o.error_id = m.source_id) AS occurrences_stored
+  FROM tb_error_merge m
+  LEFT JOIN tb_error_log g ON g.error_id = m.target_id;
+
+-- ---------------------------------------------------------------------------
 -- The seed's per-occurrence shape, monitoring.errors.
 -- ---------------------------------------------------------------------------
 CREATE VIEW monitoring.errors AS
@@ -920,12 +1136,13 @@ SELECT o.occurrence_id          AS id,
        g.resolved_at,
        (g.status = 'ignored')   AS ignored,
        g.assigned_to            AS assignee,
-       o.error_id,
+       coalesce(m.target_id, o.error_id) AS error_id,
        o.severity,
        o.release_version
   FROM @extschema@.tb_error_occurrence o
+  LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
   -- a new fingerprint's group exists once the fold has run (milliseconds)
-  LEFT JOIN @extschema@.tb_error_log g ON g.error_id = o.error_id;
+  LEFT JOIN @extschema@.tb_error_log g ON g.error_id = coalesce(m.target_id, o.error_id);
 
 -- The seed's retention statement, DELETE FROM monitoring.errors WHERE ...,
 -- deletes the occurrences (the groups stay; maintenance prunes empty groups).

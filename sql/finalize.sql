@@ -133,6 +133,7 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_metric_series_series_
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_release', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_merge', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_tombstone', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_rollup_tombstone', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_recount_request', '');
@@ -185,6 +186,13 @@ GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_fingerprint(text, text, text) TO 
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_error_id(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_release_key(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC;
+-- views (v_error_groups) and panels call them with the reader's rights;
+-- they read no data
+GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_user_of(jsonb),
+                          @extschema@._fraiseql_severity_rank(text),
+                          @extschema@._fraiseql_severity_name(integer),
+                          @extschema@._fraiseql_group_meta(text, text, text)
+   TO PUBLIC;
 -- v_notification_rules calls it with the reader's rights
 GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_redact(jsonb) TO PUBLIC;
 GRANT USAGE ON SCHEMA monitoring TO PUBLIC;

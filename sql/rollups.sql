@@ -483,7 +483,8 @@ DECLARE
 BEGIN
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.error_id
+        -- (by group: a merged fingerprint's rows count for its target)
+        SELECT coalesce(m.target_id, c.error_id) AS error_id
           FROM (SELECT r.error_id, r.occurrences FROM @extschema@.tb_rollup_error_day r
                  WHERE v_daily AND r.bucket >= date_trunc('day', p_from, 'UTC') AND r.bucket <= p_to
                    AND (p_environments IS NULL OR r.environment = ANY (p_environments))
@@ -495,7 +496,8 @@ BEGIN
                 SELECT o.error_id, 1 FROM @extschema@.tb_error_occurrence o
                  WHERE (o.capture_xid >= v_h OR o.capture_xid = ANY (v_hp)) AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                    AND (p_environments IS NULL OR o.environment = ANY (p_environments))) c
-         GROUP BY c.error_id
+          LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = c.error_id
+         GROUP BY 1
          ORDER BY sum(c.occurrences) DESC
          LIMIT p_limit + 3
     )
@@ -504,7 +506,9 @@ BEGIN
       FROM candidates c,
            LATERAL (SELECT count(*) AS n, count(DISTINCT @extschema@._fraiseql_user_of(o.context)) AS users, max(o.occurred_at) AS last_seen
                       FROM @extschema@.tb_error_occurrence o
-                     WHERE o.error_id = c.error_id AND o.occurred_at >= p_from AND o.occurred_at <= p_to
+                     WHERE o.error_id = ANY (ARRAY(SELECT m.source_id FROM @extschema@.tb_error_merge m
+                                                    WHERE m.target_id = c.error_id) || c.error_id)
+                       AND o.occurred_at >= p_from AND o.occurred_at <= p_to
                        AND (p_environments IS NULL OR o.environment = ANY (p_environments))) x
      WHERE x.n > 0
      ORDER BY 2 DESC, 1

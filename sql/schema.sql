@@ -108,6 +108,22 @@ COMMENT ON TABLE tb_error_log IS
   'folded in from tb_error_occurrence by fraiseql_flush_counts() (the worker runs '
   'it every second); v_error_groups shows live values.';
 
+-- Merged groups (fraiseql_merge_errors): the occurrences of a fingerprint
+-- whose group was merged keep their own error_id (derived from the
+-- fingerprint, so capture still reads nothing); the fold counts them into
+-- the target, and every read of a group's occurrences takes its sources
+-- with it. Unmerging is deleting the row: the fingerprint's occurrences are
+-- its own again, and they stay so.
+CREATE TABLE tb_error_merge (
+    source_id   uuid PRIMARY KEY,      -- fraiseql_error_id(fingerprint)
+    fingerprint text NOT NULL,
+    target_id   uuid NOT NULL,
+    merged_at   timestamptz NOT NULL DEFAULT now(),
+    merged_by   text,
+    CHECK (source_id <> target_id)
+);
+CREATE INDEX idx_error_merge_target ON tb_error_merge (target_id);
+
 -- ---------------------------------------------------------------------------
 -- Counting (see fraiseql_flush_counts in capture.sql). Updating the group row
 -- on every capture makes a hot fingerprint a lock convoy, so captures only

@@ -293,3 +293,138 @@ def test_alert_condition_columns_are_checked(cluster, db):
             with pytest.raises(psycopg.errors.InvalidParameterValue, match=match):
                 rule(c, "http://127.0.0.1:9/x", **cols)
         assert c.execute("SELECT count(*) FROM tb_error_notification_config").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# Merge and unmerge.
+# ---------------------------------------------------------------------------
+import threading  # noqa: E402
+
+
+def grp(c, kind, n=1, user=None):
+    gid = None
+    for _ in range(n):
+        gid = c.execute("SELECT fraiseql_capture_error(%s, 'broken ' || %s, context => %s)",
+                        (kind, kind, json.dumps({"user_id": user} if user else {}))).fetchone()[0]
+    return gid
+
+
+def exact(c):
+    """Every group's stored count is the number of its occurrences (its own and its merged fingerprints')."""
+    c.execute("SELECT fraiseql_flush_counts()")
+    return c.execute("""
+        SELECT g.error_type, g.occurrence_count,
+               (SELECT count(*) FROM tb_error_occurrence o WHERE o.error_id = ANY (_fraiseql_group_ids(g.error_id)))
+          FROM tb_error_log g ORDER BY 1""").fetchall()
+
+
+def test_merge_moves_counts_and_later_captures(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A", 3, "u1")
+        b = grp(c, "B", 2, "u2")
+        cc = grp(c, "C", 1, "u1")
+        folded(c, cc, 1)
+        assert c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s, %s, %s]::uuid[], 'dana')", (a, b, cc, a)).fetchone()[0] == 2
+        rows = c.execute("SELECT error_id, occurrence_count, users_affected FROM v_error_groups").fetchall()
+        assert rows == [(a, 6, 2)]
+        # the merged fingerprints' new occurrences land in the target
+        assert grp(c, "B") == b  # (a capture still returns its fingerprint's id)
+        assert c.execute("SELECT occurrence_count FROM v_error_groups WHERE error_id = %s", (a,)).fetchone()[0] == 7
+        folded(c, a, 7)
+        assert exact(c) == [("A", 7, 7)]
+        # the old id leads to the target
+        c.execute("SELECT fraiseql_resolve_error(%s, 'dana')", (b,))
+        assert c.execute("SELECT status FROM tb_error_log WHERE error_id = %s", (a,)).fetchone()[0] == "resolved"
+        assert {r[0] for r in c.execute("SELECT error_id FROM monitoring.errors").fetchall()} == {a}
+        assert c.execute("SELECT error_id, occurrences FROM fraiseql_panel_top_errors(now() - interval '1 hour', now() + interval '1 hour')"
+                         ).fetchall() == [(a, 7)]
+        merges = c.execute("SELECT source_id, merged_by, occurrences_stored FROM v_error_merges ORDER BY occurrences_stored").fetchall()
+        assert merges == [(cc, "dana", 1), (b, "dana", 3)]
+        # a regression of the merged fingerprint reopens the target
+        grp(c, "C")
+        assert folded(c, a, 8)[:2] == ("unresolved", True)
+
+
+def test_unmerge_gives_the_fingerprint_its_own_group_for_good(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A", 3)
+        b = grp(c, "B", 4)
+        folded(c, b, 4)
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+        grp(c, "B", 2)
+        folded(c, a, 9)
+        # one of B's occurrences deleted while merged, not folded yet
+        c.execute("DELETE FROM monitoring.errors WHERE id = (SELECT id FROM monitoring.errors"
+                  " WHERE exception_type = 'B' ORDER BY occurred_at LIMIT 1)")
+        fp = c.execute("SELECT error_fingerprint FROM v_error_groups WHERE error_id = %s", (a,)).fetchone()[0]
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not merged into"):
+            c.execute("SELECT fraiseql_unmerge_error(%s, %s)", (a, fp))
+        fpb = c.execute("SELECT fingerprint FROM v_error_merges").fetchone()[0]
+        assert c.execute("SELECT fraiseql_unmerge_error(%s, %s)", (a, fpb)).fetchone()[0] == b
+        assert exact(c) == [("A", 3, 3), ("B", 5, 5)]
+        assert sorted(c.execute("SELECT error_type, occurrence_count FROM v_error_groups").fetchall()) == [("A", 3), ("B", 5)]
+        # it stays separate
+        grp(c, "B", 3)
+        folded(c, b, 8)
+        assert exact(c) == [("A", 3, 3), ("B", 8, 8)]
+        assert c.execute("SELECT count(*) FROM v_error_merges").fetchone()[0] == 0
+
+
+def test_merge_chains_and_bad_arguments(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A")
+        b = grp(c, "B", 2)
+        d = grp(c, "D", 3)
+        folded(c, d, 3)
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (d, a))
+        assert exact(c) == [("D", 6, 6)]
+        assert sorted(r[0] for r in c.execute("SELECT target_id FROM v_error_merges").fetchall()) == [d, d]
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="nothing to merge"):
+            c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (d, b))  # b is d already
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            c.execute("SELECT fraiseql_merge_errors(%s, '{}')", (d,))
+        with pytest.raises(psycopg.errors.NoDataFound):
+            c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[gen_random_uuid()])", (d,))
+        fpb = c.execute("SELECT fingerprint FROM v_error_merges WHERE source_id = %s", (b,)).fetchone()[0]
+        c.execute("SELECT fraiseql_unmerge_error(%s, %s)", (d, fpb))
+        assert exact(c) == [("B", 2, 2), ("D", 4, 4)]
+        # a target deleted by hand frees what was merged into it
+        c.execute("DELETE FROM tb_error_log WHERE error_id = %s", (d,))
+        assert c.execute("SELECT count(*) FROM v_error_merges").fetchone()[0] == 0
+
+
+def test_merge_and_unmerge_under_concurrent_captures_stay_exact(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A")
+        b = grp(c, "B")
+        folded(c, b, 1)
+        stop = threading.Event()
+        done = []
+
+        def capture_loop(kind):
+            with cluster.connect(db) as w:
+                n = 0
+                while not stop.is_set():
+                    with w.transaction():
+                        w.execute("SELECT fraiseql_capture_error(%s, 'broken ' || %s)", (kind, kind))
+                        w.execute("SELECT fraiseql_capture_error(%s, 'broken ' || %s)", (kind, kind))
+                    n += 2
+                done.append(n)
+
+        threads = [threading.Thread(target=capture_loop, args=(k,)) for k in ("A", "B", "B")]
+        for t in threads:
+            t.start()
+        fpb = c.execute("SELECT error_fingerprint FROM tb_error_log WHERE error_id = %s", (b,)).fetchone()[0]
+        for _ in range(5):
+            time.sleep(0.3)
+            c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+            time.sleep(0.3)
+            c.execute("SELECT fraiseql_unmerge_error(%s, %s)", (a, fpb))
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        total = 2 + sum(done)
+        wait_for(lambda: sum(r[1] for r in exact(c)) == total, timeout=10, what="all folded")
+        assert [r[1] == r[2] for r in exact(c)] == [True, True]
