@@ -187,6 +187,35 @@ AS $$
                 OPERATOR(pg_catalog.>=) g.archive_until_users)
 $$;
 
+-- The owner of a new group by the ownership rules (tb_ownership_rule):
+-- the assignee of the last matching rule, or NULL. Stack frames are parsed
+-- only when a path or module rule exists.
+CREATE FUNCTION _fraiseql_owner_of(p_type text, p_stack text, p_context jsonb) RETURNS text
+LANGUAGE sql STABLE
+AS $$
+    WITH frames AS MATERIALIZED (
+        SELECT x.f FROM pg_catalog.jsonb_array_elements(
+            CASE WHEN EXISTS (SELECT 1 FROM @extschema@.tb_ownership_rule r
+                               WHERE r.enabled AND r.match_kind OPERATOR(pg_catalog.=) ANY ('{path,module}'))
+                 THEN @extschema@.fraiseql_parse_stack_trace(p_stack) OPERATOR(pg_catalog.->) 'frames' END) x(f)
+    )
+    SELECT r.assignee FROM @extschema@.tb_ownership_rule r
+     WHERE r.enabled AND CASE r.match_kind
+         WHEN 'type' THEN p_type OPERATOR(pg_catalog.~) r.regex
+         WHEN 'path' THEN EXISTS (SELECT 1 FROM frames x
+                                   WHERE (x.f OPERATOR(pg_catalog.->>) 'file') OPERATOR(pg_catalog.~)
+                                         ('(^|/)' OPERATOR(pg_catalog.||) pg_catalog.substr(r.regex, 2)))
+         WHEN 'module' THEN EXISTS (SELECT 1 FROM frames x
+                                     WHERE (x.f OPERATOR(pg_catalog.->>) 'module') OPERATOR(pg_catalog.~) r.regex)
+         WHEN 'tag' THEN coalesce((p_context OPERATOR(pg_catalog.->) 'tags') OPERATOR(pg_catalog.->>) r.tag_key,
+                                  p_context OPERATOR(pg_catalog.->>) r.tag_key) OPERATOR(pg_catalog.~) r.regex
+         WHEN 'url' THEN coalesce((p_context OPERATOR(pg_catalog.->) 'request') OPERATOR(pg_catalog.->>) 'url',
+                                  p_context OPERATOR(pg_catalog.->>) 'url') OPERATOR(pg_catalog.~) r.regex
+     END
+     ORDER BY r.position DESC, r.rule_id DESC
+     LIMIT 1
+$$;
+
 CREATE FUNCTION fraiseql_flush_counts() RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -268,6 +297,8 @@ BEGIN
         -- rule was is evaluated against it
         SELECT EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                         WHERE c.enabled AND c.notify_on_occurrence IS NULL) AS present
+    ), owners AS (
+        SELECT EXISTS (SELECT 1 FROM @extschema@.tb_ownership_rule r WHERE r.enabled) AS present
     ), new AS MATERIALIZED (
         -- (a merged fingerprint's occurrences count for the group it was
         -- merged into)
@@ -331,11 +362,14 @@ BEGIN
         INSERT INTO @extschema@.tb_error_log AS g
             (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
              title, culprit, severity, environment, release_version,
-             occurrence_count, occurrences_not_stored, first_seen, last_seen)
+             occurrence_count, occurrences_not_stored, first_seen, last_seen, assigned_to)
         SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
                m.meta->>'title', m.meta->>'culprit', @extschema@._fraiseql_severity_name(fr.rank),
                o.environment, o.release_version,
-               k.cnt + fr.cnt, k.light + fr.light, least(fr.fs, k.fs), greatest(fr.ls, k.ls)
+               k.cnt + fr.cnt, k.light + fr.light, least(fr.fs, k.fs), greatest(fr.ls, k.ls),
+               -- (the ownership rules, when there are any)
+               CASE WHEN (SELECT r.present FROM owners r)
+                    THEN @extschema@._fraiseql_owner_of(o.error_type, o.stack_trace, o.context) END
           FROM (SELECT DISTINCT ON (n.error_id) n.error_id, n.occurrence_id, n.occurred_at
                   FROM new n
                  -- (a probe by key for each, whatever the estimates)
@@ -937,6 +971,42 @@ DECLARE
     v_id uuid := @extschema@._fraiseql_require_group($1);
 BEGIN
     UPDATE @extschema@.tb_error_log g SET assigned_to = nullif($2, '') WHERE g.error_id = v_id;
+END
+$$;
+
+-- An ownership rule, written as in Sentry: "path:src/payments/*",
+-- "module:billing*", "type:PaymentError", "tags.customer:acme*",
+-- "url:*/checkout*". It goes after the existing ones (and so wins over
+-- them). With the caller's rights: it needs INSERT on tb_ownership_rule.
+CREATE FUNCTION fraiseql_add_ownership_rule(rule text, assignee text) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind text;
+    v_key  text;
+    v_pattern text;
+    v_id   bigint;
+    m      text[];
+BEGIN
+    m := regexp_match(btrim(rule), '^(path|module|type|url|tags\.([^:\s]+)):\s*(\S.*)$');
+    IF m IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: an ownership rule is path:, module:, type:, url: or tags.<key>: and a pattern, got %', rule
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'For example: path:src/payments/*';
+    END IF;
+    IF nullif(btrim($2), '') IS NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: an ownership rule needs an assignee' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_kind := CASE WHEN m[2] IS NOT NULL THEN 'tag' ELSE m[1] END;
+    v_key := m[2];
+    v_pattern := btrim(m[3]);
+    LOCK TABLE @extschema@.tb_ownership_rule IN SHARE ROW EXCLUSIVE MODE;  -- (positions in order)
+    INSERT INTO @extschema@.tb_ownership_rule (position, match_kind, tag_key, pattern, assignee)
+    SELECT coalesce(max(r.position), 0) + 1, v_kind, v_key, v_pattern, btrim($2)
+      FROM @extschema@.tb_ownership_rule r
+    RETURNING tb_ownership_rule.rule_id INTO v_id;
+    RETURN v_id;
 END
 $$;
 

@@ -108,6 +108,33 @@ COMMENT ON TABLE tb_error_log IS
   'folded in from tb_error_occurrence by fraiseql_flush_counts() (the worker runs '
   'it every second); v_error_groups shows live values.';
 
+-- Ownership rules (Sentry's "issue owners"): a new group whose error
+-- matches a rule is assigned to its owner; of several matching, the last
+-- (highest position) wins, as in Sentry and CODEOWNERS. Patterns are globs
+-- (* any characters, ? one); a path matches a stack frame's file, whole or
+-- from a '/' on (src/payments/* matches /app/src/payments/charge.py).
+CREATE FUNCTION _fraiseql_glob_regex(p_glob text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT '^' OPERATOR(pg_catalog.||)
+           pg_catalog.replace(pg_catalog.replace(
+               pg_catalog.regexp_replace(p_glob, '([.+^$(){}\[\]|\\])', '\\\1', 'g'),
+               '*', '.*'), '?', '.') OPERATOR(pg_catalog.||) '$'
+$$;
+
+CREATE TABLE tb_ownership_rule (
+    rule_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    position   integer NOT NULL,
+    match_kind text NOT NULL CHECK (match_kind IN ('path', 'module', 'type', 'tag', 'url')),
+    tag_key    text CHECK ((match_kind = 'tag') = (tag_key IS NOT NULL)),
+    pattern    text NOT NULL CHECK (pattern <> '' AND length(pattern) <= 1000),
+    assignee   text NOT NULL CHECK (assignee <> ''),
+    enabled    boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- (derived, never written: no rule can carry a regular expression of its own)
+    regex      text GENERATED ALWAYS AS (_fraiseql_glob_regex(pattern)) STORED
+);
+
 -- Merged groups (fraiseql_merge_errors): the occurrences of a fingerprint
 -- whose group was merged keep their own error_id (derived from the
 -- fingerprint, so capture still reads nothing); the fold counts them into

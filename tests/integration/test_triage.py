@@ -428,3 +428,56 @@ def test_merge_and_unmerge_under_concurrent_captures_stay_exact(cluster, db):
         total = 2 + sum(done)
         wait_for(lambda: sum(r[1] for r in exact(c)) == total, timeout=10, what="all folded")
         assert [r[1] == r[2] for r in exact(c)] == [True, True]
+
+
+# ---------------------------------------------------------------------------
+# Ownership rules.
+# ---------------------------------------------------------------------------
+PAY = 'Traceback (most recent call last):\n  File "/app/src/payments/charge.py", line 42, in charge\n    x()\nValueError: declined'
+
+
+def test_ownership_rules_assign_new_groups(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/new-unowned", notify_on_new=True, skip_if_assigned=True)
+        c.execute("SELECT fraiseql_add_ownership_rule('path:src/payments/*', 'payments')")
+        c.execute("SELECT fraiseql_add_ownership_rule('type:Timeout*', 'infra')")
+        c.execute("SELECT fraiseql_add_ownership_rule('tags.customer:acme*', 'acme-team')")
+        c.execute("SELECT fraiseql_add_ownership_rule('url:*/checkout*', 'checkout')")
+        cases = {
+            "payments": ("ValueError", "declined", PAY, {}),
+            "infra": ("TimeoutError", "db slow", None, {}),
+            "acme-team": ("KeyError", "sku", None, {"tags": {"customer": "acme-eu"}}),
+            "checkout": ("KeyError", "cart", None, {"request": {"url": "https://shop.example/checkout/pay"}}),
+            None: ("KeyError", "nobody's", None, {"tags": {"customer": "globex"}}),
+        }
+        ids = {}
+        for owner, (t, m, st, ctx) in cases.items():
+            ids[owner] = c.execute("SELECT fraiseql_capture_error(%s, %s, %s, %s)", (t, m, st, json.dumps(ctx))).fetchone()[0]
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_log").fetchone()[0] == 5, what="groups made")
+        for owner, gid in ids.items():
+            assert c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone()[0] == owner
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_notification_queue").fetchone()[0] == 0, what="delivered")
+        assert paths(http) == ["/new-unowned"]  # only the group nobody owns
+        # the last matching rule wins; existing groups keep their assignee
+        c.execute("SELECT fraiseql_add_ownership_rule('path:*/charge.py', 'billing')")
+        assert c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (ids["payments"],)).fetchone()[0] == "payments"
+        gid = c.execute("SELECT fraiseql_capture_error('ValueError', 'refund', %s)", (PAY.replace("in charge", "in refund"),)).fetchone()[0]
+        wait_for(lambda: c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone(), what="group")
+        assert c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone()[0] == "billing"
+        # patterns are globs, never regular expressions
+        c.execute("SELECT fraiseql_add_ownership_rule('type:Bad(Error', 'x')")
+        assert c.execute("SELECT regex FROM tb_ownership_rule ORDER BY position DESC LIMIT 1").fetchone()[0] == r"^Bad\(Error$"
+        for bad in ("paths:x", "tags.:x", "type:", "nonsense"):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                c.execute("SELECT fraiseql_add_ownership_rule(%s, 'x')", (bad,))
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            c.execute("SELECT fraiseql_add_ownership_rule('type:A', ' ')")
+        c.execute("DROP ROLE IF EXISTS owner_rule_intruder")
+        c.execute("CREATE ROLE owner_rule_intruder LOGIN")
+    try:
+        with cluster.connect(db, user="owner_rule_intruder") as c2:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c2.execute("SELECT fraiseql_add_ownership_rule('type:*', 'intruder')")
+    finally:
+        with cluster.connect(db) as c:
+            c.execute("DROP ROLE owner_rule_intruder")
