@@ -46,15 +46,32 @@ def panel(title, kind, sql, w=12, h=8, fmt=None, unit=None, description=None):
     return p
 
 
+DETAIL_UID = "fraiseql-error-detail"
+
+
+def issue_link(p):
+    """The title links to the issue drill-down (error_id column hidden)."""
+    p["fieldConfig"]["overrides"] = [
+        {"matcher": {"id": "byName", "options": "title"},
+         "properties": [{"id": "links", "value": [{
+             "title": "Issue details",
+             "url": f"/d/{DETAIL_UID}/issue?var-error_id=${{__data.fields.error_id}}&${{__url_time_range}}"}]}]},
+        {"matcher": {"id": "byName", "options": "error_id"},
+         "properties": [{"id": "custom.hidden", "value": True}]},
+    ]
+    return p
+
+
 ERRORS = [
     panel("Error rate", "timeseries", """
 SELECT "time", errors
   FROM fraiseql_panel_error_rate($__timeFrom(), $__timeTo(), $__interval_ms, ARRAY[$environment])""", w=24, unit="short"),
-    panel("Top 10 errors", "table", """
-SELECT g.title, g.culprit, t.occurrences, t.users_affected, t.last_seen, g.status, g.error_fingerprint AS fingerprint
+    issue_link(panel("Top 10 errors", "table", """
+SELECT g.title, g.culprit, t.occurrences, t.users_affected, t.last_seen, g.status, g.error_fingerprint AS fingerprint,
+       t.error_id
   FROM fraiseql_panel_top_errors($__timeFrom(), $__timeTo(), ARRAY[$environment], 10) t
   JOIN tb_error_log g ON g.error_id = t.error_id
- ORDER BY t.occurrences DESC""", w=16, h=9),
+ ORDER BY t.occurrences DESC""", w=16, h=9, description="click a title for the issue's details")),
     panel("Errors by environment", "piechart", """
 SELECT environment AS metric, errors
   FROM fraiseql_panel_errors_by_environment($__timeFrom(), $__timeTo())""", w=8, h=9),
@@ -76,6 +93,70 @@ SELECT regressed_at AS "time", title, culprit, regression_count, status, assigne
  WHERE is_regression AND regressed_at BETWEEN $__timeFrom() AND $__timeTo() AND environment IN ($environment)
  ORDER BY regressed_at DESC LIMIT 50""", w=16),
 ]
+
+# One issue (the group $error_id leads to: a merged fingerprint's id leads
+# to its target). Everything through the occurrences' (error_id, occurred_at)
+# index; only what the dashboard role reads (README's grant).
+GROUP_IDS = "fraiseql_error_group_ids('$error_id')"
+ISSUE = [
+    panel("Issue", "table", """
+SELECT title, culprit, status, substatus, assigned_to, occurrence_count, users_affected,
+       first_seen, last_seen, release_version, regressed_in_release, error_fingerprint AS fingerprint
+  FROM v_error_groups
+ WHERE error_id = ANY (fraiseql_error_group_ids('$error_id'))""",
+          w=24, h=4),
+    panel("Occurrences", "timeseries", f"""
+SELECT $__timeGroupAlias(occurred_at, $__interval), count(*) AS occurrences
+  FROM tb_error_occurrence
+ WHERE error_id = ANY ({GROUP_IDS}) AND $__timeFilter(occurred_at)
+ GROUP BY 1 ORDER BY 1""", w=16, h=8, unit="short"),
+    panel("Releases", "piechart", f"""
+SELECT coalesce(release_version, '(none)') AS metric, count(*) AS occurrences
+  FROM tb_error_occurrence
+ WHERE error_id = ANY ({GROUP_IDS}) AND $__timeFilter(occurred_at)
+ GROUP BY 1 ORDER BY 2 DESC LIMIT 20""", w=8, h=8),
+    panel("Latest occurrence", "table", f"""
+SELECT occurred_at AS "time", message, environment, release_version, severity,
+       _fraiseql_user_of(context) AS "user", trace_id, context::text AS context
+  FROM tb_error_occurrence
+ WHERE error_id = ANY ({GROUP_IDS})
+ ORDER BY occurred_at DESC LIMIT 1""", w=24, h=4),
+    panel("Stack trace (latest occurrence)", "table", f"""
+SELECT coalesce(o.stack_trace, g.stack_trace, '(none)') AS stack_trace
+  FROM (SELECT stack_trace FROM tb_error_occurrence
+         WHERE error_id = ANY ({GROUP_IDS}) ORDER BY occurred_at DESC LIMIT 1) o
+  FULL JOIN (SELECT stack_trace FROM tb_error_log
+              WHERE error_id = ANY ({GROUP_IDS})) g ON true""", w=24, h=12),
+    panel("Tags", "table", f"""
+SELECT t.key AS tag, t.value, count(*) AS occurrences
+  FROM tb_error_occurrence o,
+       LATERAL (SELECT 'environment', o.environment UNION ALL SELECT 'severity', o.severity
+                UNION ALL SELECT k, v FROM jsonb_each_text(CASE WHEN jsonb_typeof(o.context->'tags') = 'object'
+                                                               THEN o.context->'tags' END) AS x(k, v)) t(key, value)
+ WHERE o.error_id = ANY ({GROUP_IDS}) AND $__timeFilter(o.occurred_at)
+ GROUP BY 1, 2 ORDER BY 1, 3 DESC LIMIT 100""", w=12, h=9),
+    panel("Affected users", "table", f"""
+SELECT _fraiseql_user_of(context) AS "user", count(*) AS occurrences, max(occurred_at) AS last_seen
+  FROM tb_error_occurrence
+ WHERE error_id = ANY ({GROUP_IDS}) AND $__timeFilter(occurred_at) AND _fraiseql_user_of(context) IS NOT NULL
+ GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 100""", w=12, h=9,
+          description="context.user_id, or user.id of a Sentry event"),
+]
+ISSUE[4]["fieldConfig"]["defaults"]["custom"] = {"cellOptions": {"type": "auto", "wrapText": True}}
+
+ERROR_VAR = {
+    "name": "error_id",
+    "label": "Issue",
+    "type": "query",
+    "datasource": DS,
+    # the recent groups; a link may bring any other error_id
+    "query": "SELECT title AS __text, error_id AS __value FROM tb_error_log ORDER BY last_seen DESC LIMIT 200",
+    "definition": "SELECT title AS __text, error_id AS __value FROM tb_error_log ORDER BY last_seen DESC LIMIT 200",
+    "refresh": 2,
+    "multi": False,
+    "includeAll": False,
+    "allowCustomValue": True,
+}
 
 # Requests are the root spans (no parent).
 TRACES = [
@@ -171,11 +252,11 @@ def layout(panels):
     return panels
 
 
-def dashboard(uid, title, panels, tags):
+def dashboard(uid, title, panels, tags, variables=(ENV_VAR,)):
     return {
         "uid": uid, "title": title, "tags": ["fraiseql_obs", *tags], "timezone": "utc", "schemaVersion": 39,
         "version": 1, "editable": True, "refresh": "30s", "time": {"from": "now-24h", "to": "now"},
-        "templating": {"list": [ENV_VAR]}, "annotations": {"list": []}, "panels": layout(panels),
+        "templating": {"list": list(variables)}, "annotations": {"list": []}, "panels": layout(panels),
     }
 
 
@@ -183,6 +264,7 @@ DASHBOARDS = {
     "error_monitoring.json": dashboard("fraiseql-errors", "fraiseql_obs: Error monitoring", ERRORS, ["errors"]),
     "trace_performance.json": dashboard("fraiseql-traces", "fraiseql_obs: Trace performance", TRACES, ["traces"]),
     "system_metrics.json": dashboard("fraiseql-system", "fraiseql_obs: System metrics", SYSTEM, ["metrics"]),
+    "error_detail.json": dashboard(DETAIL_UID, "fraiseql_obs: Issue", ISSUE, ["errors"], variables=(ERROR_VAR,)),
 }
 
 
@@ -192,7 +274,7 @@ def interval_seconds(text: str) -> float:
     return {"ms": n / 1000, "s": n, "m": n * 60, "h": n * 3600, "d": n * 86400}[unit]
 
 
-def expand(sql, start, end, interval, environments):
+def expand(sql, start, end, interval, environments, error_id=None):
     """Expands Grafana's macros as its PostgreSQL datasource does (used by the
     tests and the benchmark to run the panels' SQL without Grafana)."""
     iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
@@ -209,6 +291,8 @@ def expand(sql, start, end, interval, environments):
     sql = re.sub(r"\$__timeGroupAlias\(([^)]+)\)", lambda m: group(m, True), sql)
     sql = re.sub(r"\$__timeGroup\(([^)]+)\)", lambda m: group(m, False), sql)
     sql = sql.replace("$environment", ",".join(f"'{e}'" for e in environments))
+    if error_id is not None:
+        sql = sql.replace("$error_id", str(error_id))
     assert "$" not in re.sub(r"'[^']*'", "", sql), f"unexpanded macro or variable in: {sql}"
     return sql
 

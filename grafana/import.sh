@@ -21,7 +21,7 @@ else
     exit 2
 fi
 folder_uid=${FOLDER_UID:-}
-for f in error_monitoring.json trace_performance.json system_metrics.json; do
+for f in error_monitoring.json error_detail.json trace_performance.json system_metrics.json; do
     body=$(python3 - "$f" "${DATASOURCE_UID:-fraiseql-obs}" "$folder_uid" <<'PY'
 import json, sys
 path, ds, folder = sys.argv[1], sys.argv[2], sys.argv[3]

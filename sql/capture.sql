@@ -143,14 +143,18 @@ AS $$
                           AND r.first_seen OPERATOR(pg_catalog.<=) p_resolved_at)
 $$;
 
--- The error_ids whose occurrences are the group's: its own, and those of
--- the fingerprints merged into it (tb_error_merge). For reads through the
--- occurrences' index: o.error_id = ANY (_fraiseql_group_ids(g)).
-CREATE FUNCTION _fraiseql_group_ids(p_error_id uuid) RETURNS uuid[]
+-- The error_ids whose occurrences make up the group an error_id leads to
+-- (a merged fingerprint's id leads to its target): the group's own, and
+-- those of the fingerprints merged into it (tb_error_merge). For reads
+-- through the occurrences' index: o.error_id = ANY (fraiseql_error_group_ids(id)).
+-- With the caller's rights (dashboards use it): it reads tb_error_merge.
+CREATE FUNCTION fraiseql_error_group_ids(error_id uuid) RETURNS uuid[]
 LANGUAGE sql STABLE
 AS $$
     SELECT ARRAY(SELECT m.source_id FROM @extschema@.tb_error_merge m
-                  WHERE m.target_id OPERATOR(pg_catalog.=) p_error_id) OPERATOR(pg_catalog.||) p_error_id
+                  WHERE m.target_id OPERATOR(pg_catalog.=) t.id) OPERATOR(pg_catalog.||) t.id
+      FROM (SELECT coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m
+                              WHERE m.source_id OPERATOR(pg_catalog.=) $1), $1) AS id) t
 $$;
 
 -- The user an occurrence affected: context.user_id, or user.id of a
@@ -174,13 +178,13 @@ AS $$
         OR (g.archive_until_rate IS NOT NULL
             AND (SELECT count(*) FROM (
                     SELECT 1 FROM @extschema@.tb_error_occurrence o
-                     WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(g.error_id))
+                     WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
                        AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
                        AND o.occurred_at OPERATOR(pg_catalog.>) (now() OPERATOR(pg_catalog.-) g.archive_rate_window)
                      LIMIT g.archive_until_rate) x) OPERATOR(pg_catalog.>=) g.archive_until_rate)
         OR (g.archive_until_users IS NOT NULL
             AND (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
-                  WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(g.error_id))
+                  WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
                     AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
                     AND o.occurred_at OPERATOR(pg_catalog.>)
                         coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity'))
@@ -567,9 +571,9 @@ BEGIN
         UPDATE @extschema@.tb_error_log g
            SET first_seen = r.fs, last_seen = r.ls
           FROM (SELECT x.id, (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o
-                               WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(x.id))) AS fs,
+                               WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(x.id))) AS fs,
                              (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o
-                               WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(x.id))) AS ls
+                               WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(x.id))) AS ls
                   FROM unnest(v_gone) AS x(id)) r
          WHERE g.error_id = r.id AND r.fs IS NOT NULL
            AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls);
@@ -1176,7 +1180,7 @@ BEGIN
     UPDATE @extschema@.tb_error_log g
        SET first_seen = coalesce(r.fs, g.first_seen), last_seen = coalesce(r.ls, g.last_seen)
       FROM (SELECT min(o.occurred_at) AS fs, max(o.occurred_at) AS ls FROM @extschema@.tb_error_occurrence o
-             WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(v_target))) r
+             WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(v_target))) r
      WHERE g.error_id = v_target;
     RETURN v_source;
 END

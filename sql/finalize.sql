@@ -191,6 +191,7 @@ GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_parse_stack_trace(text) TO PUBLIC
 -- views (v_error_groups) and panels call them with the reader's rights;
 -- they read no data
 GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_user_of(jsonb),
+                          @extschema@.fraiseql_error_group_ids(uuid),
                           @extschema@._fraiseql_severity_rank(text),
                           @extschema@._fraiseql_severity_name(integer),
                           @extschema@._fraiseql_group_meta(text, text, text)

@@ -28,7 +28,7 @@ BEGIN
        AND g.assigned_to IS NULL
        AND NOT (g.status = 'unresolved' AND g.last_seen >= cutoff - retention_months * interval '1 month')
        AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o
-                        WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(g.error_id)))
+                        WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(g.error_id)))
        AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_count_pending p WHERE p.error_id = g.error_id);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;

@@ -363,14 +363,14 @@ LANGUAGE sql STABLE
 AS $$
     SELECT (p_count IS NULL
             OR (SELECT count(*) FROM (SELECT 1 FROM @extschema@.tb_error_occurrence o
-                                       WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(p_error_id))
+                                       WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(p_error_id))
                                          AND o.occurred_at OPERATOR(pg_catalog.>) p_from
                                          AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
                                               OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))
                                        LIMIT (p_count OPERATOR(pg_catalog.+) 1)) x) OPERATOR(pg_catalog.>) p_count)
        AND (p_users IS NULL
             OR (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
-                 WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@._fraiseql_group_ids(p_error_id))
+                 WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(p_error_id))
                    AND o.occurred_at OPERATOR(pg_catalog.>) p_from
                    AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
                         OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))) OPERATOR(pg_catalog.>) p_users)
@@ -410,7 +410,7 @@ BEGIN
               FROM unnest(p_regressed || p_escalated) AS r(id)
              CROSS JOIN LATERAL (SELECT lo.occurrence_id, lo.occurred_at, r.id AS error_id, lo.error_type,
                                         lo.severity, lo.environment FROM @extschema@.tb_error_occurrence lo
-                                  WHERE lo.error_id = ANY (@extschema@._fraiseql_group_ids(r.id))
+                                  WHERE lo.error_id = ANY (@extschema@.fraiseql_error_group_ids(r.id))
                                   ORDER BY lo.occurred_at DESC LIMIT 1) l
              WHERE NOT EXISTS (SELECT 1 FROM unnest(p_batch) b WHERE b.error_id = r.id)
         ), batch AS (
@@ -614,7 +614,7 @@ BEGIN
                    'error_id', g.error_id, 'error_type', g.error_type, 'title', g.title,
                    'environment', g.environment, 'severity', g.severity,
                    'occurrences_in_window', (SELECT count(*) FROM @extschema@.tb_error_occurrence o
-                                              WHERE o.error_id = ANY (@extschema@._fraiseql_group_ids(g.error_id))
+                                              WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
                                                 AND o.occurred_at >= d.window_start))
                    ORDER BY g.last_seen DESC) AS errors,
                (array_agg(g.error_id ORDER BY g.last_seen DESC))[1] AS any_error

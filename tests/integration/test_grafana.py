@@ -13,7 +13,7 @@ GRAFANA = ROOT / "grafana"
 sys.path.insert(0, str(GRAFANA))
 import build  # noqa: E402
 
-FILES = ["error_monitoring.json", "trace_performance.json", "system_metrics.json"]
+FILES = ["error_monitoring.json", "error_detail.json", "trace_performance.json", "system_metrics.json"]
 
 
 def load(name):
@@ -41,15 +41,16 @@ def test_dashboard_json_is_well_formed(name):
         assert all(t["datasource"]["uid"] == "fraiseql-obs" for t in p["targets"])
     provisioning = (GRAFANA / "provisioning/datasources/fraiseql_obs.yaml").read_text()
     assert "uid: fraiseql-obs" in provisioning
-    assert [v["name"] for v in d["templating"]["list"]] == ["environment"]
+    assert [v["name"] for v in d["templating"]["list"]] == (["error_id"] if name == "error_detail.json" else ["environment"])
 
 
 def populate(conn):
     conn.execute("SELECT fraiseql_set_trace_context('00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', false)")
     for env in ("production", "staging"):
         for i in range(5):
-            conn.execute("SELECT fraiseql_capture_error('E' || %s, 'boom', context => %s::jsonb, environment => %s)",
-                         (i % 3, json.dumps({"user_id": f"u{i}"}), env))
+            conn.execute("SELECT fraiseql_capture_error('E' || %s, 'boom', context => %s::jsonb, environment => %s,"
+                         " release_version => %s)",
+                         (i % 3, json.dumps({"user_id": f"u{i}", "tags": {"customer": f"c{i % 2}"}}), env, f"v1.{i % 2}.0"))
     gid = conn.execute("SELECT error_id FROM v_error_groups WHERE error_type = 'E0'").fetchone()[0]
     conn.execute("SELECT fraiseql_resolve_error(%s)", (gid,))
     conn.execute("SELECT fraiseql_capture_error('E0', 'boom', occurred_at => clock_timestamp() + interval '1 second', environment => 'production')")
@@ -73,20 +74,36 @@ def populate(conn):
                     VALUES (gen_random_uuid(), %s, 'slack', 'sent'), (gen_random_uuid(), %s, 'email', 'failed')""", (gid, gid))
     conn.execute("SELECT fraiseql_run_maintenance()")
     conn.execute("SELECT fraiseql_flush_counts()")
+    # E1 merged into E2: the issue dashboard is opened with E1's (old) id
+    e1, e2 = (conn.execute("SELECT error_id FROM v_error_groups WHERE error_type = %s", (t,)).fetchone()[0] for t in ("E1", "E2"))
+    conn.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (e2, e1))
+    return e1
+
+
+def variables(conn, d, error_id):
+    """The dashboard's variables as Grafana would fill them: the
+    environments, or the issue a link opened."""
+    names = [v["name"] for v in d["templating"]["list"]]
+    if names == ["error_id"]:
+        ids = [r[1] for r in conn.execute(d["templating"]["list"][0]["query"])]
+        assert error_id not in ids  # a merged group's id: only a link brings it
+        return [], error_id
+    envs = [r[0] for r in conn.execute(d["templating"]["list"][0]["query"])]
+    assert envs == ["production", "staging"]
+    return envs, None
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_every_panel_query_runs_and_returns_what_the_panel_expects(cluster, db, name):
     d = load(name)
     with cluster.connect(db) as conn:
-        populate(conn)
-        envs = [r[0] for r in conn.execute(d["templating"]["list"][0]["query"])]
-        assert envs == ["production", "staging"]
+        error_id = populate(conn)
+        envs, eid = variables(conn, d, error_id)
         end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
         start = end - datetime.timedelta(hours=24)
         for p in d["panels"]:
             for t in p["targets"]:
-                sql = expand(t["rawSql"], start, end, "1m", envs)
+                sql = expand(t["rawSql"], start, end, "1m", envs, eid)
                 cur = conn.execute(sql)
                 cols = [c.name for c in cur.description]
                 rows = cur.fetchall()
@@ -96,6 +113,13 @@ def test_every_panel_query_runs_and_returns_what_the_panel_expects(cluster, db, 
                     assert all(isinstance(r[0], (int, float)) or hasattr(r[0], "year") or r[0].__class__.__name__ == "Decimal" for r in rows)
                 if p["type"] == "piechart":
                     assert cols[0] == "metric" and len(cols) == 2, cols
+                if p["title"] == "Issue":
+                    # E1 and E2, merged, as one issue: 2 + 1 occurrences per environment
+                    assert rows[0][0].startswith("E2") and rows[0][5] == 6, rows
+                if p["title"] == "Top 10 errors":
+                    link = p["fieldConfig"]["overrides"][0]["properties"][0]["value"][0]["url"]
+                    assert link.startswith("/d/fraiseql-error-detail/") and "var-error_id=${__data.fields.error_id}" in link
+                    assert cols[-1] == "error_id"
 
 
 README = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -105,7 +129,7 @@ def test_a_read_only_grafana_role_sees_every_panel(cluster, db):
     """Grafana connects with a role that may only read: SELECT on the tables
     is all it needs (the panel functions run with its rights)."""
     with cluster.connect(db) as c:
-        populate(c)
+        error_id = populate(c)
         c.execute("DROP ROLE IF EXISTS grafana_reader")
         c.execute("CREATE ROLE grafana_reader LOGIN")
         # exactly the README's grant: no right on rules, channels, queue or log
@@ -120,9 +144,9 @@ def test_a_read_only_grafana_role_sees_every_panel(cluster, db):
         with cluster.connect(db, user="grafana_reader") as c:
             for name in FILES:
                 d = load(name)
-                envs = [r[0] for r in c.execute(d["templating"]["list"][0]["query"])]
+                envs, eid = variables(c, d, error_id)
                 for p in d["panels"]:
-                    c.execute(expand(p["targets"][0]["rawSql"], start, end, "1m", envs)).fetchall()
+                    assert c.execute(expand(p["targets"][0]["rawSql"], start, end, "1m", envs, eid)).fetchall(), p["title"]
     finally:
         with cluster.connect(db) as c:
             c.execute("DROP OWNED BY grafana_reader")

@@ -314,7 +314,7 @@ def exact(c):
     c.execute("SELECT fraiseql_flush_counts()")
     return c.execute("""
         SELECT g.error_type, g.occurrence_count,
-               (SELECT count(*) FROM tb_error_occurrence o WHERE o.error_id = ANY (_fraiseql_group_ids(g.error_id)))
+               (SELECT count(*) FROM tb_error_occurrence o WHERE o.error_id = ANY (fraiseql_error_group_ids(g.error_id)))
           FROM tb_error_log g ORDER BY 1""").fetchall()
 
 
