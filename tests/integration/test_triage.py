@@ -1,4 +1,5 @@
-"""Triage like Sentry (issue 16): release-aware resolution."""
+"""Triage like Sentry (issue 16): release-aware resolution, archive until a
+condition and escalation, alert conditions, merge and unmerge, ownership."""
 import time
 
 import psycopg
@@ -481,3 +482,40 @@ def test_ownership_rules_assign_new_groups(cluster, db, http):
     finally:
         with cluster.connect(db) as c:
             c.execute("DROP ROLE owner_rule_intruder")
+
+
+def test_triage_by_the_readmes_support_role_and_nobody_else(cluster, db):
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    grant = re.search(r"(GRANT EXECUTE ON FUNCTION fraiseql_resolve_error[^;]*TO support_role;)", readme, re.S).group(1)
+    with cluster.connect(db) as c:
+        a = grp(c, "A", 2)
+        b = grp(c, "B")
+        folded(c, b, 1)
+        for r in ("support_role", "nobody_role"):
+            c.execute(f"DROP ROLE IF EXISTS {r}")
+            c.execute(f"CREATE ROLE {r} LOGIN")
+        c.execute(grant)
+        c.execute("GRANT SELECT ON tb_error_log, v_error_groups TO support_role")
+    try:
+        with cluster.connect(db, user="nobody_role") as n:
+            for call in ("fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", "fraiseql_archive_error(%s, until_users => 1)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    n.execute(f"SELECT {call}", (a, b) if "merge" in call else (a,))
+        with cluster.connect(db, user="support_role") as s:
+            s.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[], 'support')", (a, b))
+            s.execute("SELECT fraiseql_archive_error(%s, until_occurrences => 5)", (a,))
+            assert s.execute("SELECT status, occurrence_count FROM v_error_groups").fetchall() == [("ignored", 3)]
+        with cluster.connect(db) as c:
+            c_fp = c.execute("SELECT fingerprint FROM v_error_merges").fetchone()[0]
+        with cluster.connect(db, user="support_role") as s:
+            assert s.execute("SELECT fraiseql_unmerge_error(%s, %s)", (a, c_fp)).fetchone()[0] == b
+            # the rules stay out of reach
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                s.execute("SELECT * FROM tb_error_notification_config")
+    finally:
+        with cluster.connect(db) as c:
+            for r in ("support_role", "nobody_role"):
+                c.execute(f"DROP OWNED BY {r}")
+                c.execute(f"DROP ROLE {r}")
