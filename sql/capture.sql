@@ -165,16 +165,16 @@ AS $$ SELECT coalesce(context OPERATOR(pg_catalog.->>) 'user_id',
                       (context OPERATOR(pg_catalog.->) 'user') OPERATOR(pg_catalog.->>) 'id') $$;
 
 -- Whether an archived group (fraiseql_archive_error) met one of its
--- conditions now that its count is p_count: that many more occurrences,
+-- conditions now that p_added more occurrences are counted: that many more,
 -- that many within the rate window, or that many distinct users since it
 -- was archived (or within the users window). Each probe reads the group's
 -- occurrences since the archive through its index, at most as many rows as
 -- the condition needs for the rate.
-CREATE FUNCTION _fraiseql_archive_condition_met(g tb_error_log, p_count bigint) RETURNS boolean
+CREATE FUNCTION _fraiseql_archive_condition_met(g tb_error_log, p_added bigint) RETURNS boolean
 LANGUAGE sql STABLE
 AS $$
     SELECT (g.archive_until_occurrences IS NOT NULL
-            AND (p_count OPERATOR(pg_catalog.-) g.archive_base_count) OPERATOR(pg_catalog.>=) g.archive_until_occurrences)
+            AND (g.archive_added OPERATOR(pg_catalog.+) p_added) OPERATOR(pg_catalog.>=) g.archive_until_occurrences)
         OR (g.archive_until_rate IS NOT NULL
             AND (SELECT count(*) FROM (
                     SELECT 1 FROM @extschema@.tb_error_occurrence o
@@ -239,6 +239,8 @@ DECLARE
     v_created   uuid[];
     v_regressed uuid[];
     v_escalated uuid[];
+    v_rule      uuid;
+    v_msg       text;
     v_free      uuid[];
     v_orphans   uuid[];
     v_recounted bigint;
@@ -265,7 +267,7 @@ BEGIN
     -- due; a row another transaction holds is done next time).
     UPDATE @extschema@.tb_error_log g
        SET status = 'unresolved', archived_at = NULL, archived_by = NULL, archive_until = NULL,
-           archive_base_count = NULL, archive_until_occurrences = NULL, archive_until_rate = NULL,
+           archive_added = NULL, archive_until_occurrences = NULL, archive_until_rate = NULL,
            archive_rate_window = NULL, archive_until_users = NULL, archive_users_window = NULL
      WHERE g.error_id IN (SELECT e.error_id FROM @extschema@.tb_error_log e
                            WHERE e.archive_until <= now() AND e.status = 'ignored'
@@ -281,14 +283,39 @@ BEGIN
      WHERE o.capture_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND o.capture_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
-    -- Pending counts of a group deleted since (see below): the group made
-    -- again counts its rows afresh.
+    -- Unmerges to settle, before anything is counted (fraiseql_unmerge_error).
+    IF EXISTS (SELECT 1 FROM @extschema@.tb_error_unmerge_request) THEN
+        PERFORM @extschema@._fraiseql_settle_unmerge(r.source_id, r.target_id, v_state.above, v_state.in_progress)
+           FROM (SELECT r.* FROM @extschema@.tb_error_unmerge_request r ORDER BY r.requested_at) r;
+        DELETE FROM @extschema@.tb_error_unmerge_request;
+    END IF;
+
+    -- Pending counts of a group deleted since (see below): those of a
+    -- fingerprint merged meanwhile (counted by a fold that did not see the
+    -- merge yet) go to its target; for the others the group made again
+    -- counts its rows afresh.
     WITH o AS (
         DELETE FROM @extschema@.tb_error_count_pending p
          WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p.error_id)
-        RETURNING p.error_id
+        RETURNING p.*
+    ), redirected AS (
+        INSERT INTO @extschema@.tb_error_count_pending AS p
+            (error_id, occurrence_count, not_stored, added, first_seen, last_seen, severity_rank)
+        SELECT m.target_id, sum(o.occurrence_count), sum(o.not_stored), sum(o.added),
+               min(o.first_seen), max(o.last_seen), max(o.severity_rank)
+          FROM o JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
+         GROUP BY m.target_id
+        ON CONFLICT (error_id) DO UPDATE
+           SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
+               not_stored = p.not_stored + excluded.not_stored,
+               added = p.added + excluded.added,
+               first_seen = least(p.first_seen, excluded.first_seen),
+               last_seen = greatest(p.last_seen, excluded.last_seen),
+               severity_rank = greatest(p.severity_rank, excluded.severity_rank)
     )
-    SELECT array_agg(o.error_id) INTO v_orphans FROM o;
+    SELECT array_agg(o.error_id) FILTER (WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
+                                                           WHERE m.source_id = o.error_id))
+      INTO v_orphans FROM o;
 
     -- One statement, one snapshot: the rows of the transactions it sees
     -- finished that were not counted before, and the deletes it sees
@@ -311,7 +338,10 @@ BEGIN
                o.sampled_out, o.release_version, o.created_at
           FROM @extschema@.tb_error_occurrence o
          CROSS JOIN cur
-          LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
+          -- (an unmerge not settled yet counts as merged still)
+          LEFT JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
+                  UNION ALL
+                  SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = o.error_id
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), gone_rows AS (
@@ -320,7 +350,9 @@ BEGIN
         SELECT t.capture_xid, t.occurred_at, t.sampled_out, t.n,
                coalesce(m.target_id, t.error_id) AS error_id
           FROM gone_rows t
-          LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = t.error_id
+          LEFT JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
+                  UNION ALL
+                  SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = t.error_id
     ), fresh AS (
         SELECT n.error_id, count(*) AS cnt, count(*) FILTER (WHERE n.sampled_out) AS light,
                min(n.occurred_at) AS fs, max(n.occurred_at) AS ls,
@@ -395,7 +427,7 @@ BEGIN
     ), counted AS (
         -- (a group the INSERT above did not make, because it exists after
         -- all, is counted here)
-        SELECT f.error_id, f.cnt, f.light, f.fs, f.ls, f.rank,
+        SELECT f.error_id, f.cnt, f.light, f.cnt AS added, f.fs, f.ls, f.rank,
                CASE WHEN c.error_id IS NULL THEN f.ls ELSE r.after END AS regress_after,
                CASE WHEN c.error_id IS NULL THEN f.latest_release ELSE r.release END AS regress_release,
                c.resolved_at AS regress_resolved_at
@@ -406,7 +438,7 @@ BEGIN
         UNION ALL
         -- a deleted row counted before is taken back from its group (one
         -- deleted with its group went with it)
-        SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0),
+        SELECT t.error_id, -sum(t.n), -coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0), 0,
                'infinity', '-infinity', 0, NULL, NULL, NULL
           FROM gone t
          WHERE t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress)
@@ -414,15 +446,16 @@ BEGIN
          GROUP BY t.error_id
     ), pending AS (
         INSERT INTO @extschema@.tb_error_count_pending AS p
-            (error_id, occurrence_count, not_stored, first_seen, last_seen, severity_rank,
+            (error_id, occurrence_count, not_stored, added, first_seen, last_seen, severity_rank,
              regress_after, regress_release, regress_resolved_at)
-        SELECT c.error_id, sum(c.cnt), sum(c.light), min(c.fs), max(c.ls), max(c.rank),
+        SELECT c.error_id, sum(c.cnt), sum(c.light), sum(c.added), min(c.fs), max(c.ls), max(c.rank),
                max(c.regress_after), (array_agg(c.regress_release ORDER BY c.regress_after DESC NULLS LAST))[1],
                min(c.regress_resolved_at)
           FROM counted c GROUP BY c.error_id
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
                not_stored = p.not_stored + excluded.not_stored,
+               added = p.added + excluded.added,
                first_seen = least(p.first_seen, excluded.first_seen),
                last_seen = greatest(p.last_seen, excluded.last_seen),
                severity_rank = greatest(p.severity_rank, excluded.severity_rank),
@@ -477,15 +510,16 @@ BEGIN
                       OR p.regress_resolved_at = g.resolved_at
                       OR EXISTS (
                           SELECT 1 FROM @extschema@.tb_error_occurrence o
-                           WHERE o.error_id = p.error_id AND o.occurred_at > g.resolved_at
+                           WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(p.error_id))
+                             AND o.occurred_at > g.resolved_at
                              AND CASE WHEN g.resolved_in_next_release
                                       THEN @extschema@._fraiseql_release_is_next(o.release_version, g.resolved_at)
                                       ELSE @extschema@._fraiseql_release_at_least(o.release_version, g.resolved_in_release, g.resolved_at)
                                  END))), '{}'),
            -- an archived group that met one of its conditions escalates
            coalesce(array_agg(p.error_id) FILTER (
-               WHERE g.status = 'ignored' AND p.occurrence_count > 0
-                 AND @extschema@._fraiseql_archive_condition_met(g.g, g.occurrence_count + p.occurrence_count)), '{}')
+               WHERE g.status = 'ignored' AND p.added > 0
+                 AND @extschema@._fraiseql_archive_condition_met(g.g, p.added)), '{}')
       INTO v_free, v_regressed, v_escalated
       FROM @extschema@.tb_error_count_pending p
      CROSS JOIN LATERAL (SELECT g.status, g.resolved_at, g.resolved_in_release, g.resolved_in_next_release,
@@ -511,7 +545,9 @@ BEGIN
                archived_at = CASE WHEN d.escalated THEN NULL ELSE g.archived_at END,
                archived_by = CASE WHEN d.escalated THEN NULL ELSE g.archived_by END,
                archive_until = CASE WHEN d.escalated THEN NULL ELSE g.archive_until END,
-               archive_base_count = CASE WHEN d.escalated THEN NULL ELSE g.archive_base_count END,
+               archive_added = CASE WHEN d.escalated THEN NULL
+                                    WHEN g.archived_at IS NOT NULL THEN g.archive_added + d.added
+                                    ELSE g.archive_added END,
                archive_until_occurrences = CASE WHEN d.escalated THEN NULL ELSE g.archive_until_occurrences END,
                archive_until_rate = CASE WHEN d.escalated THEN NULL ELSE g.archive_until_rate END,
                archive_rate_window = CASE WHEN d.escalated THEN NULL ELSE g.archive_rate_window END,
@@ -595,7 +631,9 @@ BEGIN
                    min(o.occurred_at) AS fs, max(o.occurred_at) AS ls
               FROM @extschema@.tb_error_occurrence o
              CROSS JOIN st
-              LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
+              LEFT JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
+                  UNION ALL
+                  SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = o.error_id
              WHERE o.capture_xid < st.above AND NOT o.capture_xid = ANY (st.in_progress)
              GROUP BY 1
         ), graves AS (
@@ -603,7 +641,9 @@ BEGIN
                    coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
               FROM @extschema@.tb_error_tombstone t
              CROSS JOIN st
-              LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = t.error_id
+              LEFT JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
+                  UNION ALL
+                  SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = t.error_id
              WHERE t.capture_xid < st.above AND NOT t.capture_xid = ANY (st.in_progress)
              GROUP BY 1
         ), free AS (
@@ -630,13 +670,40 @@ BEGIN
     n := cardinality(v_folds);
     -- Milestones (notify_on_occurrence) are decided here, where the count is
     -- exact: each fold of a group is serialized (its row is locked).
+    -- A rule that fails (whatever its cause) must not stop the counts: the
+    -- rules are then evaluated one by one, and one that still fails is
+    -- skipped for this fold with a warning.
     IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
-        PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
+        BEGIN
+            PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
+        EXCEPTION WHEN OTHERS THEN
+            FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
+                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL LOOP
+                BEGIN
+                    PERFORM @extschema@._fraiseql_notify_milestones(v_folds, v_rule);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
+                END;
+            END LOOP;
+        END;
     END IF;
     -- The other rules, on each occurrence counted now.
     IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0 OR cardinality(v_escalated) > 0) THEN
-        PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated);
+        BEGIN
+            PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated);
+        EXCEPTION WHEN OTHERS THEN
+            FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
+                           WHERE c.enabled AND c.notify_on_occurrence IS NULL LOOP
+                BEGIN
+                    PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated, v_rule);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
+                END;
+            END LOOP;
+        END;
     END IF;
     RETURN n;
 END
@@ -852,7 +919,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     UPDATE @extschema@.tb_error_log g
        SET status = p_status, is_escalating = false,
-           archived_at = NULL, archived_by = NULL, archive_until = NULL, archive_base_count = NULL,
+           archived_at = NULL, archived_by = NULL, archive_until = NULL, archive_added = NULL,
            archive_until_occurrences = NULL, archive_until_rate = NULL, archive_rate_window = NULL,
            archive_until_users = NULL, archive_users_window = NULL,
            resolved_in_release = NULL, resolved_in_next_release = false,
@@ -939,26 +1006,31 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: until_occurrences, until_users and until_rate must be at least 1'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF for_interval <= interval '0' OR rate_window <= interval '0' OR users_window <= interval '0' THEN
-        RAISE EXCEPTION 'fraiseql_obs: for_interval, rate_window and users_window must be positive'
+    IF for_interval <= interval '0' OR for_interval > interval '10 years' THEN
+        RAISE EXCEPTION 'fraiseql_obs: for_interval must be positive and at most 10 years'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF rate_window <= interval '0' OR rate_window > interval '30 days'
+       OR users_window <= interval '0' OR users_window > interval '30 days' THEN
+        RAISE EXCEPTION 'fraiseql_obs: rate_window and users_window must be positive and at most 30 days'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF until_rate IS NOT NULL AND rate_window IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: until_rate needs rate_window' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF now() + for_interval = 'infinity' THEN
-        RAISE EXCEPTION 'fraiseql_obs: for_interval must be finite' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_id := @extschema@._fraiseql_require_group($1);
     PERFORM @extschema@._fraiseql_set_status(v_id, 'ignored');
     IF num_nonnulls(until_occurrences, until_users, for_interval, until_rate) = 0 THEN
         RETURN;
     END IF;
-    -- the live count (v_error_groups'), so that "N more" counts from now
-    SELECT v.occurrence_count INTO v_count FROM @extschema@.v_error_groups v WHERE v.error_id = v_id;
+    -- "N more" counts from now: the group's occurrences not counted yet
+    -- (committed before now, folded after) are not among them
+    SELECT coalesce((SELECT sum(p.added) FROM @extschema@.tb_error_count_pending p WHERE p.error_id = v_id), 0)
+         + (SELECT count(*) FROM @extschema@._fraiseql_unfolded u WHERE u.group_id = v_id)
+      INTO v_count;
     UPDATE @extschema@.tb_error_log g
        SET archived_at = now(), archived_by = $8, archive_until = now() + for_interval,
-           archive_base_count = coalesce(v_count, g.occurrence_count),
+           archive_added = -v_count,
            archive_until_occurrences = until_occurrences,
            archive_until_rate = until_rate, archive_rate_window = CASE WHEN until_rate IS NOT NULL THEN rate_window END,
            archive_until_users = until_users, archive_users_window = CASE WHEN until_users IS NOT NULL THEN users_window END
@@ -1015,19 +1087,30 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
--- Merge and unmerge (see tb_error_merge). Both move counts between group
--- rows, so they take the fold's lock, until the caller's transaction ends:
--- commit promptly (folds wait meanwhile; captures never do).
+-- Merge and unmerge (see tb_error_merge). Neither takes the fold's lock in
+-- the caller's transaction (one left open would stop every count): a merge
+-- locks the group rows it changes (their counts wait meanwhile, nobody
+-- else's), and counts a fold made before it saw the merge are moved to the
+-- target by the next fold; an unmerge is settled by the next fold.
 -- ---------------------------------------------------------------------------
--- A group deleted (by hand, or pruned) takes its merges with it: the
--- fingerprints merged into it are their own again.
+-- A group deleted (by hand, pruned, truncated) takes its merges with it: the
+-- fingerprints merged into it are their own again, and the next fold makes
+-- their groups from the occurrences that remain (a zero pending count each,
+-- which the fold treats as a group deleted with rows left).
 CREATE FUNCTION _fraiseql_groups_deleted() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM @extschema@.tb_error_merge m WHERE m.target_id IN (SELECT d.error_id FROM gone d);
+    WITH freed AS (
+        DELETE FROM @extschema@.tb_error_merge m
+         WHERE TG_OP = 'TRUNCATE' OR m.target_id IN (SELECT d.error_id FROM gone d)
+        RETURNING m.source_id
+    )
+    INSERT INTO @extschema@.tb_error_count_pending (error_id, occurrence_count, first_seen, last_seen)
+    SELECT f.source_id, 0, 'infinity', '-infinity' FROM freed f
+    ON CONFLICT DO NOTHING;
     RETURN NULL;
 END
 $$;
@@ -1036,12 +1119,28 @@ CREATE TRIGGER tb_error_log_deleted
     AFTER DELETE ON tb_error_log REFERENCING OLD TABLE AS gone
     FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_groups_deleted();
 
+CREATE FUNCTION _fraiseql_groups_truncated() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM @extschema@.tb_error_merge;
+    DELETE FROM @extschema@.tb_error_unmerge_request;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tb_error_log_truncated
+    AFTER TRUNCATE ON tb_error_log
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_groups_truncated();
+
 -- Merge the groups `sources` into `target`: their counts, first and last
 -- seen and highest severity go to the target, their rows go, and their
 -- fingerprints' occurrences, past and future, count for the target (a
 -- source that was itself a merge target brings its own sources). The
--- target keeps its status, assignee and history. Returns how many groups
--- were merged in.
+-- target keeps its status, assignee and history (an archive's "N more"
+-- counts new occurrences only). Returns how many groups were merged in.
 CREATE FUNCTION fraiseql_merge_errors(target uuid, sources uuid[], merged_by text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
@@ -1051,12 +1150,12 @@ AS $$
 DECLARE
     v_target  uuid;
     v_sources uuid[];
+    v_locked  uuid[];
     n         integer;
 BEGIN
     IF sources IS NULL OR cardinality(sources) = 0 OR array_position(sources, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: sources must list the error_ids to merge' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (groups are waited for before the lock: the fold makes them)
     v_target := @extschema@._fraiseql_require_group(target);
     SELECT array_agg(DISTINCT r.id) INTO v_sources
       FROM unnest(sources) s(id), LATERAL (SELECT @extschema@._fraiseql_require_group(s.id) AS id) r
@@ -1065,36 +1164,30 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: nothing to merge: every source is the target already'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE;
-    -- (the groups again, under the lock: a concurrent merge may have moved them)
-    v_target := coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m WHERE m.source_id = v_target), v_target);
-    SELECT array_agg(DISTINCT coalesce(m.target_id, s.id)) INTO v_sources
-      FROM unnest(v_sources) s(id) LEFT JOIN @extschema@.tb_error_merge m ON m.source_id = s.id
-     WHERE coalesce(m.target_id, s.id) <> v_target;
-    IF v_sources IS NULL THEN
-        RETURN 0;
+    -- the rows, in one order (no deadlock between two merges); a group
+    -- merged or deleted meanwhile is not there any more
+    SELECT array_agg(g.error_id) INTO v_locked
+      FROM (SELECT g.error_id FROM @extschema@.tb_error_log g
+             WHERE g.error_id = ANY (v_sources || v_target) ORDER BY g.error_id FOR UPDATE) g;
+    IF v_locked IS NULL OR NOT v_locked @> (v_sources || v_target) THEN
+        RAISE EXCEPTION 'fraiseql_obs: a group to merge was merged or deleted meanwhile'
+              USING ERRCODE = 'serialization_failure', HINT = 'Try again.';
     END IF;
-    PERFORM 1 FROM @extschema@.tb_error_log g
-     WHERE g.error_id = ANY (v_sources || v_target) ORDER BY g.error_id FOR UPDATE;
     -- the fingerprints merged into a source now count for the target
     UPDATE @extschema@.tb_error_merge m SET target_id = v_target WHERE m.target_id = ANY (v_sources);
-    WITH pend AS (
-        DELETE FROM @extschema@.tb_error_count_pending p WHERE p.error_id = ANY (v_sources) RETURNING p.*
-    ), gone AS (
+    WITH gone AS (
         DELETE FROM @extschema@.tb_error_log g WHERE g.error_id = ANY (v_sources) RETURNING g.*
     ), merges AS (
         INSERT INTO @extschema@.tb_error_merge (source_id, fingerprint, target_id, merged_by)
         SELECT g.error_id, g.error_fingerprint, v_target, merged_by FROM gone g
     ), sums AS (
-        SELECT sum(x.n) AS n, sum(x.light) AS light, min(x.fs) AS fs, max(x.ls) AS ls, max(x.rank) AS rank
-          FROM (SELECT g.occurrence_count AS n, g.occurrences_not_stored AS light, g.first_seen AS fs,
-                       g.last_seen AS ls, @extschema@._fraiseql_severity_rank(g.severity) AS rank FROM gone g
-                UNION ALL
-                SELECT p.occurrence_count, p.not_stored, p.first_seen, p.last_seen, p.severity_rank FROM pend p) x
+        SELECT sum(g.occurrence_count) AS n, sum(g.occurrences_not_stored) AS light, min(g.first_seen) AS fs,
+               max(g.last_seen) AS ls, max(@extschema@._fraiseql_severity_rank(g.severity)) AS rank
+          FROM gone g
     ), merged AS (
         UPDATE @extschema@.tb_error_log t
-           SET occurrence_count = greatest(t.occurrence_count + coalesce(x.n, 0), 0),
-               occurrences_not_stored = greatest(t.occurrences_not_stored + coalesce(x.light, 0), 0),
+           SET occurrence_count = t.occurrence_count + x.n,
+               occurrences_not_stored = t.occurrences_not_stored + x.light,
                first_seen = least(t.first_seen, x.fs), last_seen = greatest(t.last_seen, x.ls),
                severity = CASE WHEN x.rank > @extschema@._fraiseql_severity_rank(t.severity)
                                THEN @extschema@._fraiseql_severity_name(x.rank) ELSE t.severity END
@@ -1102,6 +1195,7 @@ BEGIN
          WHERE t.error_id = v_target
     )
     SELECT count(*) INTO n FROM gone;
+    -- (their pending counts stay: the next fold moves them to the target)
     -- rate-limit windows and digests of the groups merged in end with them
     DELETE FROM @extschema@.tb_notification_state s WHERE s.error_id = ANY (v_sources);
     DELETE FROM @extschema@.tb_notification_digest d WHERE d.error_id = ANY (v_sources);
@@ -1111,9 +1205,9 @@ $$;
 
 -- Give a fingerprint merged into `target` its own group again, with the
 -- occurrences of it that remain (their count leaves the target). It stays
--- separate: only another merge joins them again. Returns the fingerprint's
--- error_id; NULL when no occurrence of it remains (it only stops counting
--- for the target then).
+-- separate: only another merge joins them again. Its occurrences are its
+-- own from now on; the next fold (within fraiseql_obs.flush_interval)
+-- makes its group and moves the count. Returns the fingerprint's error_id.
 CREATE FUNCTION fraiseql_unmerge_error(target uuid, fingerprint text) RETURNS uuid
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -1122,67 +1216,101 @@ AS $$
 DECLARE
     v_target uuid;
     v_source uuid := @extschema@.fraiseql_error_id(fingerprint);
-    v_state  record;
-    v_rows   record;
-    v_graves record;
 BEGIN
     IF fingerprint IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: fingerprint must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_target := @extschema@._fraiseql_require_group(target);
-    LOCK TABLE @extschema@.tb_error_fold_state IN SHARE ROW EXCLUSIVE MODE;
-    PERFORM 1 FROM @extschema@.tb_error_merge m
-     WHERE m.source_id = v_source AND m.target_id = v_target FOR UPDATE;
+    DELETE FROM @extschema@.tb_error_merge m WHERE m.source_id = v_source AND m.target_id = v_target;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fraiseql_obs: the fingerprint % is not merged into the group %', fingerprint, target
               USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'v_error_merges lists what is merged where.';
     END IF;
-    PERFORM 1 FROM @extschema@.tb_error_log g WHERE g.error_id = v_target FOR UPDATE;
-    SELECT s.above, s.in_progress INTO v_state FROM @extschema@.tb_error_fold_state s;
-    -- What the target counted for the fingerprint: its counted rows, and
-    -- its counted rows deleted whose tombstones the next fold takes back
-    -- (from the fingerprint's own group, from now on).
+    INSERT INTO @extschema@.tb_error_unmerge_request (source_id, target_id) VALUES (v_source, v_target);
+    PERFORM @extschema@._fraiseql_wake_worker();
+    RETURN v_source;
+END
+$$;
+
+-- Settles an unmerge, in the fold, under its lock, before it counts (its
+-- state: above, in_progress). The target counted the fingerprint's counted
+-- rows, and its counted rows deleted whose tombstones are still to be taken
+-- back, except what sits in the fingerprint's own pending count (counted by
+-- a fold that did not see the merge). That leaves the target for the
+-- fingerprint's group, made from its first remaining occurrence; with none
+-- left, the tombstones and pending count go to the target instead.
+CREATE FUNCTION _fraiseql_settle_unmerge(p_source uuid, p_target uuid, p_above xid8, p_in_progress xid8[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rows   record;
+    v_graves record;
+    v_pend   record;
+    v_n      bigint;
+    v_light  bigint;
+BEGIN
+    IF EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m WHERE m.source_id = p_source) THEN
+        RETURN;  -- merged again since: nothing moves
+    END IF;
     SELECT count(*) AS n, count(*) FILTER (WHERE o.sampled_out) AS light
       INTO v_rows
       FROM @extschema@.tb_error_occurrence o
-     WHERE o.error_id = v_source AND o.capture_xid < v_state.above AND NOT o.capture_xid = ANY (v_state.in_progress);
+     WHERE o.error_id = p_source AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress);
     SELECT coalesce(sum(t.n), 0) AS n, coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
       INTO v_graves
       FROM @extschema@.tb_error_tombstone t
-     WHERE t.error_id = v_source AND t.capture_xid < v_state.above AND NOT t.capture_xid = ANY (v_state.in_progress);
-    DELETE FROM @extschema@.tb_error_merge m WHERE m.source_id = v_source;
-    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = v_source) THEN
-        -- nothing left to make a group of: the target keeps the count of
-        -- what went (as it did), and takes back the rows deleted meanwhile
-        UPDATE @extschema@.tb_error_tombstone t SET error_id = v_target WHERE t.error_id = v_source;
-        RETURN NULL;
+     WHERE t.error_id = p_source AND t.capture_xid < p_above AND NOT t.capture_xid = ANY (p_in_progress);
+    SELECT coalesce(sum(p.occurrence_count), 0) AS n, coalesce(sum(p.not_stored), 0) AS light
+      INTO v_pend
+      FROM @extschema@.tb_error_count_pending p WHERE p.error_id = p_source;
+    v_n := v_rows.n + v_graves.n - v_pend.n;
+    v_light := v_rows.light + v_graves.light - v_pend.light;
+    IF v_rows.n = 0 AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source) THEN
+        UPDATE @extschema@.tb_error_tombstone t SET error_id = p_target WHERE t.error_id = p_source;
+        WITH d AS (
+            DELETE FROM @extschema@.tb_error_count_pending p WHERE p.error_id = p_source RETURNING p.*
+        )
+        INSERT INTO @extschema@.tb_error_count_pending AS p
+            (error_id, occurrence_count, not_stored, added, first_seen, last_seen, severity_rank)
+        SELECT p_target, d.occurrence_count, d.not_stored, d.added, d.first_seen, d.last_seen, d.severity_rank FROM d
+        ON CONFLICT (error_id) DO UPDATE
+           SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
+               not_stored = p.not_stored + excluded.not_stored,
+               added = p.added + excluded.added,
+               first_seen = least(p.first_seen, excluded.first_seen),
+               last_seen = greatest(p.last_seen, excluded.last_seen),
+               severity_rank = greatest(p.severity_rank, excluded.severity_rank);
+        RETURN;
     END IF;
-    INSERT INTO @extschema@.tb_error_log
-        (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
-         title, culprit, severity, environment, release_version,
-         occurrence_count, occurrences_not_stored, first_seen, last_seen)
-    SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
-           m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
-           v_rows.n + v_graves.n, v_rows.light + v_graves.light, r.fs, r.ls
-      FROM (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = v_source
-             ORDER BY o.sampled_out, o.occurred_at LIMIT 1) o
-     CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
-     CROSS JOIN LATERAL (SELECT min(x.occurred_at) AS fs, max(x.occurred_at) AS ls
-                           FROM @extschema@.tb_error_occurrence x WHERE x.error_id = v_source) r;
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p_source) THEN
+        INSERT INTO @extschema@.tb_error_log
+            (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
+             title, culprit, severity, environment, release_version,
+             occurrence_count, occurrences_not_stored, first_seen, last_seen)
+        SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
+               m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
+               v_n, v_light, r.fs, r.ls
+          FROM (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source
+                 ORDER BY o.sampled_out, o.occurred_at LIMIT 1) o
+         CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
+         CROSS JOIN LATERAL (SELECT min(x.occurred_at) AS fs, max(x.occurred_at) AS ls
+                               FROM @extschema@.tb_error_occurrence x WHERE x.error_id = p_source) r;
+    END IF;
     -- the target gives that count back (through its pending count, which
     -- the fold adds to what it holds)
     INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, not_stored, first_seen, last_seen)
-    VALUES (v_target, -(v_rows.n + v_graves.n), -(v_rows.light + v_graves.light), 'infinity', '-infinity')
+    VALUES (p_target, -v_n, -v_light, 'infinity', '-infinity')
     ON CONFLICT (error_id) DO UPDATE
        SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
            not_stored = p.not_stored + excluded.not_stored;
     UPDATE @extschema@.tb_error_log g
        SET first_seen = coalesce(r.fs, g.first_seen), last_seen = coalesce(r.ls, g.last_seen)
       FROM (SELECT min(o.occurred_at) AS fs, max(o.occurred_at) AS ls FROM @extschema@.tb_error_occurrence o
-             WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(v_target))) r
-     WHERE g.error_id = v_target;
-    RETURN v_source;
+             WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(p_target))) r
+     WHERE g.error_id = p_target;
 END
 $$;
 

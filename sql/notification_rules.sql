@@ -347,7 +347,7 @@ CREATE FUNCTION _fraiseql_rule_admits(r tb_error_notification_config, p_fingerpr
                                       p_severity text, p_environment text) RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT (r.error_fingerprint IS NULL OR r.error_fingerprint = p_fingerprint)
+    SELECT (p_fingerprint IS NULL OR r.error_fingerprint IS NULL OR r.error_fingerprint = p_fingerprint)
        AND (r.error_type IS NULL OR r.error_type = p_type)
        AND (r.severity IS NULL OR p_severity = ANY (r.severity))
        AND (r.environment IS NULL OR p_environment = ANY (r.environment))
@@ -367,7 +367,7 @@ AS $$
                                          AND o.occurred_at OPERATOR(pg_catalog.>) p_from
                                          AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
                                               OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))
-                                       LIMIT (p_count OPERATOR(pg_catalog.+) 1)) x) OPERATOR(pg_catalog.>) p_count)
+                                       LIMIT (p_count::bigint OPERATOR(pg_catalog.+) 1)) x) OPERATOR(pg_catalog.>) p_count)
        AND (p_users IS NULL
             OR (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
                  WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(p_error_id))
@@ -391,7 +391,7 @@ $$;
 -- row was busy at the fold that counted them) is announced with its latest
 -- occurrence.
 CREATE FUNCTION _fraiseql_notify_batch(p_batch _fraiseql_occurrence_ref[], p_created uuid[], p_regressed uuid[],
-                                       p_escalated uuid[])
+                                       p_escalated uuid[], p_only uuid DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -444,7 +444,11 @@ BEGIN
               FROM groups gr
               JOIN @extschema@.tb_error_notification_config r
                 ON r.enabled AND r.notify_on_occurrence IS NULL
-               AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint)
+               AND (p_only IS NULL OR r.config_id = p_only)
+               -- (a fingerprint's rule follows it into the group it was merged into)
+               AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint
+                    OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
+                                WHERE m.target_id = gr.error_id AND m.fingerprint = r.error_fingerprint))
                AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
              WHERE NOT (r.digest AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_digest d
@@ -556,7 +560,7 @@ $$;
 -- Milestones crossed by a fold: exact, since folds are serialized per group.
 -- Set-based: one notification per rule and milestone crossed (milestones
 -- are exact by design: no rate limit), into the digest for a digest rule.
-CREATE FUNCTION _fraiseql_notify_milestones(p_folds _fraiseql_fold[]) RETURNS integer
+CREATE FUNCTION _fraiseql_notify_milestones(p_folds _fraiseql_fold[], p_only uuid DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -571,8 +575,12 @@ BEGIN
                               WHERE g.error_id = f.error_id AND g.status <> 'ignored' LIMIT 1) g
           JOIN @extschema@.tb_error_notification_config r
             ON r.enabled AND r.notify_on_occurrence IS NOT NULL
+           AND (p_only IS NULL OR r.config_id = p_only)
            AND NOT (r.skip_if_assigned AND (g.g).assigned_to IS NOT NULL)
-           AND @extschema@._fraiseql_rule_admits(r, (g.g).error_fingerprint, (g.g).error_type,
+           AND (r.error_fingerprint IS NULL OR r.error_fingerprint = (g.g).error_fingerprint
+                OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
+                            WHERE m.target_id = f.error_id AND m.fingerprint = r.error_fingerprint))
+           AND @extschema@._fraiseql_rule_admits(r, NULL, (g.g).error_type,
                                                  (g.g).severity, (g.g).environment)
          CROSS JOIN LATERAL (SELECT DISTINCT x AS m FROM unnest(r.notify_on_occurrence) x
                               WHERE x > f.old_count AND x <= f.new_count) m

@@ -87,12 +87,14 @@ CREATE TABLE tb_error_log (
     archived_at               timestamptz,
     archived_by               text,
     archive_until             timestamptz,
-    archive_base_count        bigint,      -- the count when archived
-    archive_until_occurrences bigint,      -- this many more occurrences
-    archive_until_rate        integer,     -- this many within archive_rate_window
-    archive_rate_window       interval,
-    archive_until_users       integer,     -- this many distinct users since archived
-    archive_users_window      interval,    -- (or within this window, since archived)
+    -- occurrences counted since archived (new ones only: deletes, merges
+    -- and unmerges move the count, not this)
+    archive_added             bigint,
+    archive_until_occurrences bigint CHECK (archive_until_occurrences > 0),      -- this many more
+    archive_until_rate        integer CHECK (archive_until_rate > 0),            -- this many within the window
+    archive_rate_window       interval CHECK (archive_rate_window > interval '0' AND archive_rate_window <= interval '30 days'),
+    archive_until_users       integer CHECK (archive_until_users > 0),           -- this many distinct users since archived
+    archive_users_window      interval CHECK (archive_users_window > interval '0' AND archive_users_window <= interval '30 days'),
     -- reopened by an archive condition (cleared by any triage action)
     is_escalating             boolean NOT NULL DEFAULT false,
     escalated_at              timestamptz
@@ -151,6 +153,15 @@ CREATE TABLE tb_error_merge (
 );
 CREATE INDEX idx_error_merge_target ON tb_error_merge (target_id);
 
+-- Unmerges the fold has still to settle (fraiseql_unmerge_error): how many
+-- of the fingerprint's occurrences the target counted is known only under
+-- the fold's lock, which no caller's transaction may hold.
+CREATE TABLE tb_error_unmerge_request (
+    source_id    uuid PRIMARY KEY,
+    target_id    uuid NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- ---------------------------------------------------------------------------
 -- Counting (see fraiseql_flush_counts in capture.sql). Updating the group row
 -- on every capture makes a hot fingerprint a lock convoy, so captures only
@@ -180,7 +191,10 @@ CREATE TABLE tb_error_count_pending (
     regress_after    timestamptz,
     regress_release  text,
     -- the resolution that condition was evaluated against (resolved_at)
-    regress_resolved_at timestamptz
+    regress_resolved_at timestamptz,
+    -- of occurrence_count, the new occurrences (deletes and merges aside):
+    -- what an archive's "N more occurrences" counts
+    added            bigint NOT NULL DEFAULT 0
 );
 
 -- Releases seen in occurrences (the fold keeps it): what release-aware
@@ -320,7 +334,7 @@ CREATE TABLE tb_error_notification_config (
     -- it fell back below); decided by the fold, never on the capture path
     frequency_threshold  integer CHECK (frequency_threshold >= 0),
     users_threshold      integer CHECK (users_threshold >= 0),
-    frequency_window     interval,
+    frequency_window     interval CHECK (frequency_window > interval '0' AND frequency_window <= interval '30 days'),
     notify_on_escalation boolean NOT NULL DEFAULT false,   -- an archived group escalating
     skip_if_assigned     boolean NOT NULL DEFAULT false    -- not for a group someone owns
 );

@@ -312,7 +312,11 @@ def grp(c, kind, n=1, user=None):
 
 def exact(c):
     """Every group's stored count is the number of its occurrences (its own and its merged fingerprints')."""
-    c.execute("SELECT fraiseql_flush_counts()")
+    # unmerges settled and everything folded (a fold of the worker's may be running: then ours does nothing)
+    wait_for(lambda: c.execute("SELECT fraiseql_flush_counts() >= 0 AND NOT EXISTS (SELECT FROM tb_error_unmerge_request)"
+                               " AND NOT EXISTS (SELECT FROM _fraiseql_unfolded)"
+                               " AND NOT EXISTS (SELECT FROM tb_error_count_pending)").fetchone()[0],
+             timeout=10, interval=0.05, what="settled")
     return c.execute("""
         SELECT g.error_type, g.occurrence_count,
                (SELECT count(*) FROM tb_error_occurrence o WHERE o.error_id = ANY (fraiseql_error_group_ids(g.error_id)))
@@ -519,3 +523,87 @@ def test_triage_by_the_readmes_support_role_and_nobody_else(cluster, db):
             for r in ("support_role", "nobody_role"):
                 c.execute(f"DROP OWNED BY {r}")
                 c.execute(f"DROP ROLE {r}")
+
+
+# ---------------------------------------------------------------------------
+# The review's attacks on the above.
+# ---------------------------------------------------------------------------
+def test_a_merge_left_open_delays_only_its_groups(cluster, db):
+    with cluster.connect(db) as c, cluster.connect(db, autocommit=False) as m:
+        a = grp(c, "A")
+        b = grp(c, "B")
+        other = grp(c, "Other")
+        folded(c, other, 1)
+        m.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))  # and the transaction stays open
+        grp(c, "Other", 2)
+        grp(c, "New")
+        assert folded(c, other, 3)  # the worker folds the others meanwhile
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_log WHERE error_type = 'New'").fetchone()[0] == 1,
+                 timeout=10, what="a new group made")
+        grp(c, "B", 2)  # counted by folds that do not see the merge yet
+        c.execute("SELECT pg_sleep(1.5)")
+        m.commit()
+        assert dict((t, n) for t, n, _ in exact(c)) == {"A": 4, "New": 1, "Other": 3}
+        assert [r[1] == r[2] for r in exact(c)] == [True] * 3
+
+
+def test_archive_counts_new_occurrences_not_deletes_or_merges(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A", 5)
+        b = grp(c, "B", 10)
+        folded(c, b, 10)
+        c.execute("SELECT fraiseql_archive_error(%s, until_occurrences => 3)", (a,))
+        c.execute("DELETE FROM monitoring.errors WHERE exception_type = 'A'")  # retention took them
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))  # ten more at once
+        grp(c, "A", 2)
+        assert folded(c, a, 12)[0] == "ignored"
+        grp(c, "A")
+        assert folded(c, a, 13)[0] == "unresolved"
+        assert state(c, a)[1] == "escalating"
+
+
+def test_a_deleted_target_gives_back_its_merged_fingerprints(cluster, db):
+    with cluster.connect(db) as c:
+        a = grp(c, "A", 2)
+        b = grp(c, "B", 3)
+        folded(c, b, 3)
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+        c.execute("DELETE FROM tb_error_log WHERE error_id = %s", (a,))
+        wait_for(lambda: c.execute("SELECT occurrence_count FROM tb_error_log WHERE error_id = %s", (b,)).fetchone(),
+                 timeout=10, what="B made again")
+        assert exact(c) == [("B", 3, 3)]
+        c.execute("TRUNCATE tb_error_log")
+        assert c.execute("SELECT count(*) FROM tb_error_merge").fetchone()[0] == 0
+
+
+def test_a_fingerprint_rule_follows_its_fingerprint_into_a_merge(cluster, db, http):
+    with cluster.connect(db) as c:
+        a = grp(c, "A")
+        b = grp(c, "B")
+        folded(c, b, 1)
+        fpb = c.execute("SELECT error_fingerprint FROM tb_error_log WHERE error_id = %s", (b,)).fetchone()[0]
+        rule(c, http.url + "/b", error_fingerprint=fpb)
+        rule(c, http.url + "/b-milestone", error_fingerprint=fpb, notify_on_occurrence=[4])
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+        grp(c, "B")
+        grp(c, "A")
+        settled(c, a, 4)
+        assert paths(http) == ["/b", "/b", "/b-milestone"]  # the B and the A occurrence: the group is B's too
+
+
+def test_extreme_windows_and_thresholds_are_refused_or_harmless(cluster, db, http):
+    with cluster.connect(db) as c:
+        a = grp(c, "A")
+        folded(c, a, 1)
+        for args in ("until_rate => 1, rate_window => '300000 years'", "until_users => 1, users_window => '31 days'",
+                     "for_interval => '11 years'"):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                c.execute(f"SELECT fraiseql_archive_error(%s, {args})", (a,))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            c.execute("UPDATE tb_error_log SET archive_rate_window = '300000 years'")
+        # "never": the largest threshold counts without overflowing
+        rule(c, http.url + "/never", frequency_threshold=2147483647, frequency_window="1 hour")
+        rule(c, http.url + "/every")
+        grp(c, "A", 2)
+        settled(c, a, 3)
+        assert paths(http) == ["/every", "/every"]
