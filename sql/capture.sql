@@ -167,9 +167,9 @@ AS $$ SELECT coalesce(context OPERATOR(pg_catalog.->>) 'user_id',
 -- Whether an archived group (fraiseql_archive_error) met one of its
 -- conditions now that p_added more occurrences are counted: that many more,
 -- that many within the rate window, or that many distinct users since it
--- was archived (or within the users window). Each probe reads the group's
--- occurrences since the archive through its index, at most as many rows as
--- the condition needs for the rate.
+-- was archived (or within the users window). The rate reads at most as many
+-- of the group's occurrences as it needs, through their index; users are
+-- read from tb_error_user, one row per user.
 CREATE FUNCTION _fraiseql_archive_condition_met(g tb_error_log, p_added bigint) RETURNS boolean
 LANGUAGE sql STABLE
 AS $$
@@ -183,11 +183,12 @@ AS $$
                        AND o.occurred_at OPERATOR(pg_catalog.>) (now() OPERATOR(pg_catalog.-) g.archive_rate_window)
                      LIMIT g.archive_until_rate) x) OPERATOR(pg_catalog.>=) g.archive_until_rate)
         OR (g.archive_until_users IS NOT NULL
-            AND (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
-                  WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
-                    AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
-                    AND o.occurred_at OPERATOR(pg_catalog.>)
-                        coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity'))
+            AND (SELECT count(*) FROM (
+                    SELECT DISTINCT u.user_key FROM @extschema@.tb_error_user u
+                     WHERE u.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
+                       AND u.last_seen OPERATOR(pg_catalog.>) g.archived_at
+                       AND u.last_seen OPERATOR(pg_catalog.>)
+                           coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity')) x)
                 OPERATOR(pg_catalog.>=) g.archive_until_users)
 $$;
 
@@ -335,7 +336,8 @@ BEGIN
         -- merged into)
         SELECT o.occurrence_id, o.occurred_at, coalesce(m.target_id, o.error_id) AS error_id,
                o.error_type, o.severity, o.environment,
-               o.sampled_out, o.release_version, o.created_at
+               o.sampled_out, o.release_version, o.created_at,
+               o.error_id AS own_id, @extschema@._fraiseql_user_of(o.context) AS user_key
           FROM @extschema@.tb_error_occurrence o
          CROSS JOIN cur
           -- (an unmerge not settled yet counts as merged still)
@@ -344,6 +346,14 @@ BEGIN
                   SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = o.error_id
          WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
+    ), seen_users AS (
+        INSERT INTO @extschema@.tb_error_user AS u (error_id, user_key, first_seen, last_seen)
+        SELECT n.own_id, n.user_key, min(n.occurred_at), max(n.occurred_at)
+          FROM new n WHERE n.user_key IS NOT NULL GROUP BY 1, 2
+        ON CONFLICT (error_id, user_key) DO UPDATE
+           SET first_seen = least(u.first_seen, excluded.first_seen),
+               last_seen = greatest(u.last_seen, excluded.last_seen)
+         WHERE excluded.last_seen > u.last_seen OR excluded.first_seen < u.first_seen
     ), gone_rows AS (
         DELETE FROM @extschema@.tb_error_tombstone t RETURNING t.*
     ), gone AS (

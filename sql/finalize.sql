@@ -134,6 +134,8 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_count_pending', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_release', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_merge', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_user', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_crossing', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_unmerge_request', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_ownership_rule', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_ownership_rule_rule_id_seq', '');

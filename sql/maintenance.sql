@@ -35,6 +35,23 @@ BEGIN
 END
 $$;
 
+-- What the windows of rules and archives no longer need: users not seen
+-- for longer than the longest window (30 days), unless an archive counts
+-- users since it began; crossings whose window has emptied.
+CREATE FUNCTION _fraiseql_prune_user_windows() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM @extschema@.tb_notification_crossing c WHERE c.over_until < now();
+    DELETE FROM @extschema@.tb_error_user u
+     WHERE u.last_seen < now() - interval '31 days'
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g
+                        WHERE g.error_id = coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m
+                                                      WHERE m.source_id = u.error_id), u.error_id)
+                          AND g.archive_until_users IS NOT NULL AND g.archive_users_window IS NULL
+                          AND u.last_seen > g.archived_at);
+$$;
+
 -- One maintenance tick: for every managed table, move rows out of the default
 -- partition, create partitions ahead, drop partitions past retention; then
 -- prune empty groups. Each table is handled in its own subtransaction with a
@@ -125,6 +142,11 @@ BEGIN
         PERFORM @extschema@._fraiseql_prune_rollups();
     EXCEPTION WHEN OTHERS THEN
         v_error := coalesce(v_error || E'\n', '') || 'rollups: ' || SQLERRM;
+    END;
+    BEGIN
+        PERFORM @extschema@._fraiseql_prune_user_windows();
+    EXCEPTION WHEN OTHERS THEN
+        v_error := coalesce(v_error || E'\n', '') || 'users seen: ' || SQLERRM;
     END;
     BEGIN
         PERFORM @extschema@._fraiseql_prune_ingest_events();

@@ -272,8 +272,23 @@ CREATE TABLE tb_notification_state (
     config_id        uuid NOT NULL,
     error_id         uuid NOT NULL,
     last_enqueued_at timestamptz NOT NULL,
+    -- of a milestone rule: the highest milestone announced (a count that
+    -- fell, by deletes or an unmerge, and rises again announces none twice)
+    milestone        bigint,
     PRIMARY KEY (config_id, error_id)
 ) WITH (fillfactor = 70);
+
+-- Frequency rules (frequency_threshold, users_threshold): until when the
+-- group's window stays over the rule's threshold with the occurrences known
+-- at the last look (a row of a group that is not over is deleted). A batch
+-- whose first occurrence comes after that time found the window fallen
+-- back below: a new crossing.
+CREATE TABLE tb_notification_crossing (
+    config_id  uuid NOT NULL,
+    error_id   uuid NOT NULL,
+    over_until timestamptz NOT NULL,
+    PRIMARY KEY (config_id, error_id)
+);
 
 -- Digest rules collect matching groups over their window.
 CREATE TABLE tb_notification_digest (
@@ -353,27 +368,68 @@ AS $$
        AND (r.environment IS NULL OR p_environment = ANY (r.environment))
 $$;
 
--- Whether the group's occurrences in (p_from, p_to) -- p_to itself too when
--- p_inclusive -- are more than p_count (when given) and come from more than
--- p_users distinct users (when given). Reads the group's index range, at
--- most p_count + 1 rows for the count.
-CREATE FUNCTION _fraiseql_window_exceeds(p_error_id uuid, p_from timestamptz, p_to timestamptz,
-                                         p_inclusive boolean, p_count integer, p_users integer) RETURNS boolean
-LANGUAGE sql STABLE
+-- A frequency rule (frequency_threshold and/or users_threshold within
+-- frequency_window) on a group whose occurrences a fold counted, the first
+-- of them at p_first: whether this is a crossing. The window ending now is
+-- over the threshold when more than N of the group's occurrences (in the
+-- rule's environments) and more than N distinct users (tb_error_user) fall
+-- in it; it stays so until the (N+1)-th latest leaves it. Over now, and not
+-- over just before p_first by what was known at the last look
+-- (tb_notification_crossing): a crossing, once, whatever the rate limit
+-- makes of it. Each read stops after N + 1 rows of each of the group's
+-- error_ids.
+CREATE FUNCTION _fraiseql_frequency_crossed(r tb_error_notification_config, p_error_id uuid, p_first timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT (p_count IS NULL
-            OR (SELECT count(*) FROM (SELECT 1 FROM @extschema@.tb_error_occurrence o
-                                       WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(p_error_id))
-                                         AND o.occurred_at OPERATOR(pg_catalog.>) p_from
-                                         AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
-                                              OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))
-                                       LIMIT (p_count::bigint OPERATOR(pg_catalog.+) 1)) x) OPERATOR(pg_catalog.>) p_count)
-       AND (p_users IS NULL
-            OR (SELECT count(DISTINCT @extschema@._fraiseql_user_of(o.context)) FROM @extschema@.tb_error_occurrence o
-                 WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(p_error_id))
-                   AND o.occurred_at OPERATOR(pg_catalog.>) p_from
-                   AND (o.occurred_at OPERATOR(pg_catalog.<) p_to
-                        OR (p_inclusive AND o.occurred_at OPERATOR(pg_catalog.=) p_to))) OPERATOR(pg_catalog.>) p_users)
+DECLARE
+    v_ids   uuid[] := @extschema@.fraiseql_error_group_ids(p_error_id);
+    -- (the clock, not the transaction's start: rows committed since count)
+    v_from  timestamptz := clock_timestamp() - r.frequency_window;
+    v_until timestamptz := 'infinity';
+    v_t     timestamptz;
+    v_was   timestamptz;
+BEGIN
+    IF r.frequency_threshold IS NOT NULL THEN
+        SELECT x.occurred_at INTO v_t
+          FROM unnest(v_ids) AS i(id)
+         CROSS JOIN LATERAL (SELECT o.occurred_at FROM @extschema@.tb_error_occurrence o
+                              WHERE o.error_id = i.id AND o.occurred_at > v_from
+                                AND (r.environment IS NULL OR o.environment = ANY (r.environment))
+                              ORDER BY o.occurred_at DESC
+                              LIMIT r.frequency_threshold::bigint + 1) x
+         ORDER BY x.occurred_at DESC
+        OFFSET r.frequency_threshold LIMIT 1;
+        v_until := CASE WHEN v_t IS NOT NULL THEN least(v_until, v_t + r.frequency_window) END;  -- (NULL: not over)
+    END IF;
+    IF r.users_threshold IS NOT NULL AND v_until IS NOT NULL THEN
+        SELECT max(x.last_seen) INTO v_t
+          FROM unnest(v_ids) AS i(id)
+         CROSS JOIN LATERAL (SELECT u.user_key, u.last_seen FROM @extschema@.tb_error_user u
+                              WHERE u.error_id = i.id AND u.last_seen > v_from
+                              ORDER BY u.last_seen DESC
+                              LIMIT r.users_threshold::bigint + 1) x
+         GROUP BY x.user_key
+         ORDER BY max(x.last_seen) DESC
+        OFFSET r.users_threshold LIMIT 1;
+        v_until := CASE WHEN v_t IS NOT NULL THEN least(v_until, v_t + r.frequency_window) END;
+    END IF;
+    SELECT c.over_until INTO v_was FROM @extschema@.tb_notification_crossing c
+     WHERE c.config_id = r.config_id AND c.error_id = p_error_id;
+    IF v_until IS NULL THEN
+        IF v_was IS NOT NULL THEN
+            DELETE FROM @extschema@.tb_notification_crossing c
+             WHERE c.config_id = r.config_id AND c.error_id = p_error_id;
+        END IF;
+        RETURN false;
+    END IF;
+    INSERT INTO @extschema@.tb_notification_crossing AS c (config_id, error_id, over_until)
+    VALUES (r.config_id, p_error_id, v_until)
+    ON CONFLICT (config_id, error_id) DO UPDATE SET over_until = excluded.over_until
+     WHERE c.over_until IS DISTINCT FROM excluded.over_until;
+    RETURN v_was IS NULL OR v_was < p_first;
+END
 $$;
 
 -- The notification rules (all but milestones), on the occurrences one fold
@@ -425,22 +481,18 @@ BEGIN
         ), groups AS MATERIALIZED (
             -- each group of the batch probed once, by key (see the fold),
             -- however many of its occurrences the batch holds
-            SELECT x.error_id, x.t1, x.tl, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
+            SELECT x.error_id, x.t1, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
                    g.error_fingerprint, g.assigned_to
-              FROM (SELECT b.error_id, min(b.occurred_at) AS t1, max(b.occurred_at) AS tl
+              FROM (SELECT b.error_id, min(b.occurred_at) FILTER (WHERE NOT b.late) AS t1
                       FROM batch b GROUP BY b.error_id) x
              CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint, g.assigned_to
                                    FROM @extschema@.tb_error_log g
                                   WHERE g.error_id = x.error_id AND g.status <> 'ignored' LIMIT 1) g
               LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
                                   WHERE p.error_id = x.error_id LIMIT 1) p ON true
-        ), open_pairs AS MATERIALIZED (
-            -- the (rule, group) pairs no rate limit or digest holds, each
-            -- probed once; a rule of this kind (first_only) is only
-            -- interested in the first occurrence it admits
-            SELECT r.config_id, r AS rule, gr.error_id, gr.counted,
-                   (r.rate_limit_minutes > 0 OR r.digest OR r.frequency_window IS NOT NULL)
-                       AND r.condition IS NULL AND r.min_occurrence_count <= 1 AS first_only
+        ), rule_groups AS MATERIALIZED (
+            -- the (rule, group) pairs the rule's group filters admit
+            SELECT r, gr.error_id, gr.counted, gr.t1
               FROM groups gr
               JOIN @extschema@.tb_error_notification_config r
                 ON r.enabled AND r.notify_on_occurrence IS NULL
@@ -450,19 +502,31 @@ BEGIN
                     OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                                 WHERE m.target_id = gr.error_id AND m.fingerprint = r.error_fingerprint))
                AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
-             WHERE NOT (r.digest AND EXISTS (
+        ), crossed AS MATERIALIZED (
+            -- frequency rules: each pair looked at (its state kept) whatever
+            -- a rate limit then makes of a crossing
+            SELECT (x.r).config_id, x.error_id
+              FROM rule_groups x
+             WHERE (x.r).frequency_window IS NOT NULL AND x.t1 IS NOT NULL
+               AND @extschema@._fraiseql_frequency_crossed(x.r, x.error_id, x.t1)
+        ), open_pairs AS MATERIALIZED (
+            -- the (rule, group) pairs no rate limit or digest holds, each
+            -- probed once; a rule of this kind (first_only) is only
+            -- interested in the first occurrence it admits
+            SELECT (x.r).config_id, x.r AS rule, x.error_id, x.counted,
+                   ((x.r).rate_limit_minutes > 0 OR (x.r).digest OR (x.r).frequency_window IS NOT NULL)
+                       AND (x.r).condition IS NULL AND (x.r).min_occurrence_count <= 1 AS first_only
+              FROM rule_groups x
+             WHERE NOT ((x.r).digest AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_digest d
-                        WHERE d.config_id = r.config_id AND d.error_id = gr.error_id))
-               AND NOT (NOT r.digest AND r.rate_limit_minutes > 0 AND EXISTS (
+                        WHERE d.config_id = (x.r).config_id AND d.error_id = x.error_id))
+               AND NOT (NOT (x.r).digest AND (x.r).rate_limit_minutes > 0 AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_state s
-                        WHERE s.config_id = r.config_id AND s.error_id = gr.error_id
-                          AND s.last_enqueued_at > now() - r.rate_limit_minutes * interval '1 minute'))
+                        WHERE s.config_id = (x.r).config_id AND s.error_id = x.error_id
+                          AND s.last_enqueued_at > now() - (x.r).rate_limit_minutes * interval '1 minute'))
                -- a threshold: crossed by this batch
-               AND (r.frequency_window IS NULL
-                    OR (NOT @extschema@._fraiseql_window_exceeds(gr.error_id, gr.t1 - r.frequency_window, gr.t1, false,
-                                                                 r.frequency_threshold, r.users_threshold)
-                        AND @extschema@._fraiseql_window_exceeds(gr.error_id, gr.tl - r.frequency_window, gr.tl, true,
-                                                                 r.frequency_threshold, r.users_threshold)))
+               AND ((x.r).frequency_window IS NULL
+                    OR EXISTS (SELECT 1 FROM crossed cx WHERE cx.config_id = (x.r).config_id AND cx.error_id = x.error_id))
         ), firsts AS (
             -- what a first_only rule can admit: each group's first occurrence
             -- of each kind (type, severity, environment), and its regression
@@ -583,7 +647,9 @@ BEGIN
            AND @extschema@._fraiseql_rule_admits(r, NULL, (g.g).error_type,
                                                  (g.g).severity, (g.g).environment)
          CROSS JOIN LATERAL (SELECT DISTINCT x AS m FROM unnest(r.notify_on_occurrence) x
-                              WHERE x > f.old_count AND x <= f.new_count) m
+                              WHERE x > f.old_count AND x <= f.new_count
+                                AND x > coalesce((SELECT s.milestone FROM @extschema@.tb_notification_state s
+                                                   WHERE s.config_id = r.config_id AND s.error_id = f.error_id), 0)) m
     ), admitted AS MATERIALIZED (
         SELECT c.* FROM crossed c
          WHERE c.condition IS NULL OR coalesce(jsonb_path_match(c.payload, c.condition, silent => true), false)
@@ -591,6 +657,11 @@ BEGIN
         INSERT INTO @extschema@.tb_notification_digest (config_id, error_id, window_start)
         SELECT DISTINCT a.config_id, a.error_id, now() FROM admitted a WHERE a.digest
         ON CONFLICT DO NOTHING
+    ), announced AS (
+        INSERT INTO @extschema@.tb_notification_state AS s (config_id, error_id, last_enqueued_at, milestone)
+        SELECT a.config_id, a.error_id, now(), max(a.m) FROM admitted a GROUP BY 1, 2
+        ON CONFLICT (config_id, error_id) DO UPDATE
+           SET milestone = greatest(s.milestone, excluded.milestone), last_enqueued_at = excluded.last_enqueued_at
     ), queued AS (
         INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
         SELECT a.config_id, a.error_id, 'milestone',

@@ -153,6 +153,20 @@ CREATE TABLE tb_error_merge (
 );
 CREATE INDEX idx_error_merge_target ON tb_error_merge (target_id);
 
+-- The users each fingerprint's occurrences affected (context.user_id, or
+-- user.id of a Sentry event), with when each was first and last seen,
+-- kept by the fold: distinct users within a window (rules' users_threshold,
+-- archives' until_users) are read here, one row per user, never from the
+-- occurrences. By the occurrence's own error_id, so merges change nothing.
+CREATE TABLE tb_error_user (
+    error_id   uuid NOT NULL,
+    user_key   text NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    PRIMARY KEY (error_id, user_key)
+) WITH (fillfactor = 80);
+CREATE INDEX idx_error_user_last_seen ON tb_error_user (error_id, last_seen DESC);
+
 -- Unmerges the fold has still to settle (fraiseql_unmerge_error): how many
 -- of the fingerprint's occurrences the target counted is known only under
 -- the fold's lock, which no caller's transaction may hold.
@@ -332,8 +346,8 @@ CREATE TABLE tb_error_notification_config (
     -- and/or more than users_threshold distinct users within
     -- frequency_window" fires once as the group crosses it (again only after
     -- it fell back below); decided by the fold, never on the capture path
-    frequency_threshold  integer CHECK (frequency_threshold >= 0),
-    users_threshold      integer CHECK (users_threshold >= 0),
+    frequency_threshold  integer CHECK (frequency_threshold BETWEEN 0 AND 100000),
+    users_threshold      integer CHECK (users_threshold BETWEEN 0 AND 100000),
     frequency_window     interval CHECK (frequency_window > interval '0' AND frequency_window <= interval '30 days'),
     notify_on_escalation boolean NOT NULL DEFAULT false,   -- an archived group escalating
     skip_if_assigned     boolean NOT NULL DEFAULT false    -- not for a group someone owns

@@ -601,9 +601,50 @@ def test_extreme_windows_and_thresholds_are_refused_or_harmless(cluster, db, htt
                 c.execute(f"SELECT fraiseql_archive_error(%s, {args})", (a,))
         with pytest.raises(psycopg.errors.CheckViolation):
             c.execute("UPDATE tb_error_log SET archive_rate_window = '300000 years'")
-        # "never": the largest threshold counts without overflowing
-        rule(c, http.url + "/never", frequency_threshold=2147483647, frequency_window="1 hour")
+        # thresholds are bounded (each fold reads at most threshold + 1 rows)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            rule(c, http.url + "/never", frequency_threshold=2147483647, frequency_window="1 hour")
+        rule(c, http.url + "/never", frequency_threshold=100000, users_threshold=100000, frequency_window="30 days")
         rule(c, http.url + "/every")
         grp(c, "A", 2)
         settled(c, a, 3)
         assert paths(http) == ["/every", "/every"]
+
+
+def test_frequency_crossing_is_not_fooled_by_late_rows_or_other_environments(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/prod", frequency_threshold=2, frequency_window="1 hour", environment=["production"])
+
+        def cap(env, ago="0"):
+            return c.execute("SELECT fraiseql_capture_error('E', 'x', environment => %s,"
+                             " occurred_at => now() - %s::interval)", (env, ago)).fetchone()[0]
+        gid = cap("staging")
+        for _ in range(4):
+            cap("staging")  # the other environment does not count for the rule
+        settled(c, gid, 5)
+        assert paths(http) == []
+        for _ in range(3):
+            cap("production")
+        settled(c, gid, 8)
+        assert paths(http) == ["/prod"]
+        cap("production", "40 minutes")  # late: an SDK's queue, an old timestamp
+        cap("production", "50 minutes")
+        settled(c, gid, 10)
+        assert paths(http) == ["/prod"]
+
+
+def test_milestones_are_not_announced_twice_after_an_unmerge(cluster, db, http):
+    with cluster.connect(db) as c:
+        rule(c, http.url + "/m", notify_on_occurrence=[3, 5])
+        a = grp(c, "A", 2)
+        b = grp(c, "B", 2)
+        folded(c, b, 2)
+        c.execute("SELECT fraiseql_merge_errors(%s, ARRAY[%s]::uuid[])", (a, b))
+        grp(c, "A")  # 5: crossed
+        settled(c, a, 5)
+        fpb = c.execute("SELECT fingerprint FROM v_error_merges").fetchone()[0]
+        c.execute("SELECT fraiseql_unmerge_error(%s, %s)", (a, fpb))
+        exact(c)
+        grp(c, "A", 2)  # 3 again, then 5 again: nothing new
+        settled(c, a, 5)
+        assert [json.loads(r["body"])["milestone"] for r in http.requests] == [5]
