@@ -157,6 +157,21 @@ AS $$
                               WHERE m.source_id OPERATOR(pg_catalog.=) $1), $1) AS id) t
 $$;
 
+-- First and last seen of a group's occurrences: each error_id's ends through
+-- its index, whatever their number.
+CREATE FUNCTION _fraiseql_group_seen(p_error_id uuid, OUT fs timestamptz, OUT ls timestamptz)
+LANGUAGE sql STABLE
+AS $$
+    SELECT min(x.fs), max(x.ls)
+      FROM unnest(@extschema@.fraiseql_error_group_ids(p_error_id)) AS i(id)
+     CROSS JOIN LATERAL (SELECT (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o
+                                  WHERE o.error_id OPERATOR(pg_catalog.=) i.id) AS fs,
+                                (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o
+                                  WHERE o.error_id OPERATOR(pg_catalog.=) i.id) AS ls) x
+$$;
+
+CREATE TYPE _fraiseql_unmerge AS (source_id uuid, target_id uuid);
+
 -- The user an occurrence affected: context.user_id, or user.id of a
 -- Sentry-shaped context. (Inlined: no SET clause.)
 CREATE FUNCTION _fraiseql_user_of(context jsonb) RETURNS text
@@ -181,14 +196,16 @@ AS $$
                      WHERE o.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
                        AND o.occurred_at OPERATOR(pg_catalog.>) g.archived_at
                        AND o.occurred_at OPERATOR(pg_catalog.>) (now() OPERATOR(pg_catalog.-) g.archive_rate_window)
+                       AND o.occurred_at OPERATOR(pg_catalog.<=) (clock_timestamp() OPERATOR(pg_catalog.+) interval '1 minute')
                      LIMIT g.archive_until_rate) x) OPERATOR(pg_catalog.>=) g.archive_until_rate)
         OR (g.archive_until_users IS NOT NULL
             AND (SELECT count(*) FROM (
                     SELECT DISTINCT u.user_key FROM @extschema@.tb_error_user u
                      WHERE u.error_id OPERATOR(pg_catalog.=) ANY (@extschema@.fraiseql_error_group_ids(g.error_id))
-                       AND u.last_seen OPERATOR(pg_catalog.>) g.archived_at
+                       AND u.last_seen OPERATOR(pg_catalog.>=) date_trunc('minute', g.archived_at)
                        AND u.last_seen OPERATOR(pg_catalog.>)
-                           coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity')) x)
+                           coalesce(now() OPERATOR(pg_catalog.-) g.archive_users_window, '-infinity')
+                     LIMIT g.archive_until_users) x)
                 OPERATOR(pg_catalog.>=) g.archive_until_users)
 $$;
 
@@ -240,6 +257,7 @@ DECLARE
     v_created   uuid[];
     v_regressed uuid[];
     v_escalated uuid[];
+    v_unmerges  @extschema@._fraiseql_unmerge[];
     v_rule      uuid;
     v_msg       text;
     v_free      uuid[];
@@ -258,9 +276,14 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN 0;
     END;
-    SELECT s.above, s.in_progress INTO v_state FROM @extschema@.tb_error_fold_state s;
+    SELECT s.above, s.in_progress, s.windows_pruned_at INTO v_state FROM @extschema@.tb_error_fold_state s;
     IF NOT FOUND THEN
         RETURN 0;  -- a restore in progress has not brought the state yet
+    END IF;
+    -- nor while a restore is loading the tables (groups, merges, pending
+    -- counts and unmerges arrive one after the other)
+    IF EXISTS (SELECT FROM @extschema@.tb_restore_session) AND @extschema@._fraiseql_complete_install() THEN
+        RETURN 0;
     END IF;
 
     -- Groups archived for an interval that has passed are unresolved again
@@ -284,11 +307,16 @@ BEGIN
      WHERE o.capture_xid >= pg_snapshot_xmax(pg_current_snapshot())
        AND o.capture_xid <> coalesce(pg_current_xact_id_if_assigned(), '0');
 
-    -- Unmerges to settle, before anything is counted (fraiseql_unmerge_error).
+    -- Unmerges to settle, before anything is counted (fraiseql_unmerge_error):
+    -- exactly those this statement takes out of the queue.
     IF EXISTS (SELECT 1 FROM @extschema@.tb_error_unmerge_request) THEN
-        PERFORM @extschema@._fraiseql_settle_unmerge(r.source_id, r.target_id, v_state.above, v_state.in_progress)
-           FROM (SELECT r.* FROM @extschema@.tb_error_unmerge_request r ORDER BY r.requested_at) r;
-        DELETE FROM @extschema@.tb_error_unmerge_request;
+        WITH d AS (DELETE FROM @extschema@.tb_error_unmerge_request r RETURNING r.*)
+        SELECT array_agg(ROW(d.source_id, d.target_id)::@extschema@._fraiseql_unmerge ORDER BY d.requested_at)
+          INTO v_unmerges FROM d;
+        FOR i IN 1 .. coalesce(cardinality(v_unmerges), 0) LOOP
+            PERFORM @extschema@._fraiseql_settle_unmerge(v_unmerges[i].source_id, v_unmerges[i].target_id,
+                                                         v_state.above, v_state.in_progress);
+        END LOOP;
     END IF;
 
     -- Pending counts of a group deleted since (see below): those of a
@@ -299,12 +327,20 @@ BEGIN
         DELETE FROM @extschema@.tb_error_count_pending p
          WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p.error_id)
         RETURNING p.*
+    ), mapped AS (
+        SELECT o.*, m.target_id
+          FROM o JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
+                       UNION
+                       SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m
+            ON m.source_id = o.error_id
     ), redirected AS (
         INSERT INTO @extschema@.tb_error_count_pending AS p
-            (error_id, occurrence_count, not_stored, added, first_seen, last_seen, severity_rank)
-        SELECT m.target_id, sum(o.occurrence_count), sum(o.not_stored), sum(o.added),
-               min(o.first_seen), max(o.last_seen), max(o.severity_rank)
-          FROM o JOIN @extschema@.tb_error_merge m ON m.source_id = o.error_id
+            (error_id, occurrence_count, not_stored, added, first_seen, last_seen, severity_rank,
+             regress_after, regress_release)
+        SELECT m.target_id, sum(m.occurrence_count), sum(m.not_stored), sum(m.added),
+               min(m.first_seen), max(m.last_seen), max(m.severity_rank),
+               max(m.regress_after), (array_agg(m.regress_release ORDER BY m.regress_after DESC NULLS LAST))[1]
+          FROM mapped m
          GROUP BY m.target_id
         ON CONFLICT (error_id) DO UPDATE
            SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
@@ -312,10 +348,13 @@ BEGIN
                added = p.added + excluded.added,
                first_seen = least(p.first_seen, excluded.first_seen),
                last_seen = greatest(p.last_seen, excluded.last_seen),
-               severity_rank = greatest(p.severity_rank, excluded.severity_rank)
+               severity_rank = greatest(p.severity_rank, excluded.severity_rank),
+               regress_release = CASE WHEN p.regress_after IS NULL OR excluded.regress_after >= p.regress_after
+                                      THEN coalesce(excluded.regress_release, p.regress_release)
+                                      ELSE p.regress_release END,
+               regress_after = greatest(p.regress_after, excluded.regress_after)
     )
-    SELECT array_agg(o.error_id) FILTER (WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
-                                                           WHERE m.source_id = o.error_id))
+    SELECT array_agg(o.error_id) FILTER (WHERE o.error_id NOT IN (SELECT m.error_id FROM mapped m))
       INTO v_orphans FROM o;
 
     -- One statement, one snapshot: the rows of the transactions it sees
@@ -337,7 +376,7 @@ BEGIN
         SELECT o.occurrence_id, o.occurred_at, coalesce(m.target_id, o.error_id) AS error_id,
                o.error_type, o.severity, o.environment,
                o.sampled_out, o.release_version, o.created_at,
-               o.error_id AS own_id, @extschema@._fraiseql_user_of(o.context) AS user_key
+               o.error_id AS own_id, md5(@extschema@._fraiseql_user_of(o.context))::uuid AS user_key
           FROM @extschema@.tb_error_occurrence o
          CROSS JOIN cur
           -- (an unmerge not settled yet counts as merged still)
@@ -348,12 +387,13 @@ BEGIN
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), seen_users AS (
         INSERT INTO @extschema@.tb_error_user AS u (error_id, user_key, first_seen, last_seen)
-        SELECT n.own_id, n.user_key, min(n.occurred_at), max(n.occurred_at)
+        SELECT n.own_id, n.user_key, date_trunc('minute', least(min(n.occurred_at), clock_timestamp())),
+               least(max(n.occurred_at), clock_timestamp())
           FROM new n WHERE n.user_key IS NOT NULL GROUP BY 1, 2
         ON CONFLICT (error_id, user_key) DO UPDATE
            SET first_seen = least(u.first_seen, excluded.first_seen),
                last_seen = greatest(u.last_seen, excluded.last_seen)
-         WHERE excluded.last_seen > u.last_seen OR excluded.first_seen < u.first_seen
+         WHERE excluded.last_seen > u.last_seen + interval '1 minute' OR excluded.first_seen < u.first_seen
     ), gone_rows AS (
         DELETE FROM @extschema@.tb_error_tombstone t RETURNING t.*
     ), gone AS (
@@ -613,16 +653,22 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END IF;
     -- after deletes, first and last seen are those of the rows that remain
+    -- (a group row another transaction holds keeps its times: no fold waits)
     IF v_gone IS NOT NULL THEN
         UPDATE @extschema@.tb_error_log g
            SET first_seen = r.fs, last_seen = r.ls
-          FROM (SELECT x.id, (SELECT min(o.occurred_at) FROM @extschema@.tb_error_occurrence o
-                               WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(x.id))) AS fs,
-                             (SELECT max(o.occurred_at) FROM @extschema@.tb_error_occurrence o
-                               WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(x.id))) AS ls
-                  FROM unnest(v_gone) AS x(id)) r
+          FROM (SELECT x.id, s.fs, s.ls FROM unnest(v_gone) AS x(id),
+                       LATERAL @extschema@._fraiseql_group_seen(x.id) s) r
          WHERE g.error_id = r.id AND r.fs IS NOT NULL
-           AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls);
+           AND (g.first_seen, g.last_seen) IS DISTINCT FROM (r.fs, r.ls)
+           AND g.error_id IN (SELECT e.error_id FROM @extschema@.tb_error_log e
+                               WHERE e.error_id = ANY (v_gone) FOR NO KEY UPDATE SKIP LOCKED);
+    END IF;
+    -- What rules' windows no longer need, hourly, in a fold that counted
+    -- (no other transaction deletes rows the fold upserts, so none waits)
+    IF v_new > 0 AND coalesce(v_state.windows_pruned_at < now() - interval '1 hour', true) THEN
+        PERFORM @extschema@._fraiseql_prune_user_windows();
+        UPDATE @extschema@.tb_error_fold_state SET windows_pruned_at = now();
     END IF;
 
     -- A partition dropped by hand took rows without tombstones: every group
@@ -1115,7 +1161,7 @@ AS $$
 BEGIN
     WITH freed AS (
         DELETE FROM @extschema@.tb_error_merge m
-         WHERE TG_OP = 'TRUNCATE' OR m.target_id IN (SELECT d.error_id FROM gone d)
+         WHERE m.target_id IN (SELECT d.error_id FROM gone d)
         RETURNING m.source_id
     )
     INSERT INTO @extschema@.tb_error_count_pending (error_id, occurrence_count, first_seen, last_seen)
@@ -1179,6 +1225,11 @@ BEGIN
     SELECT array_agg(g.error_id) INTO v_locked
       FROM (SELECT g.error_id FROM @extschema@.tb_error_log g
              WHERE g.error_id = ANY (v_sources || v_target) ORDER BY g.error_id FOR UPDATE) g;
+    IF EXISTS (SELECT 1 FROM @extschema@.tb_error_unmerge_request r
+                WHERE r.source_id = ANY (v_sources || v_target) OR r.target_id = ANY (v_sources || v_target)) THEN
+        RAISE EXCEPTION 'fraiseql_obs: an unmerge of these groups is being settled'
+              USING ERRCODE = 'serialization_failure', HINT = 'Try again in a moment.';
+    END IF;
     IF v_locked IS NULL OR NOT v_locked @> (v_sources || v_target) THEN
         RAISE EXCEPTION 'fraiseql_obs: a group to merge was merged or deleted meanwhile'
               USING ERRCODE = 'serialization_failure', HINT = 'Try again.';
@@ -1205,10 +1256,9 @@ BEGIN
          WHERE t.error_id = v_target
     )
     SELECT count(*) INTO n FROM gone;
-    -- (their pending counts stay: the next fold moves them to the target)
-    -- rate-limit windows and digests of the groups merged in end with them
-    DELETE FROM @extschema@.tb_notification_state s WHERE s.error_id = ANY (v_sources);
-    DELETE FROM @extschema@.tb_notification_digest d WHERE d.error_id = ANY (v_sources);
+    -- (their pending counts stay: the next fold moves them to the target;
+    -- their rate-limit windows and digest rows too, unused, until pruned:
+    -- rows a fold may upsert are never deleted from a caller's transaction)
     RETURN n;
 END
 $$;
@@ -1256,29 +1306,36 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_rows   record;
-    v_graves record;
-    v_pend   record;
+    v record;
     v_n      bigint;
     v_light  bigint;
 BEGIN
     IF EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m WHERE m.source_id = p_source) THEN
-        RETURN;  -- merged again since: nothing moves
+        RETURN;  -- merged again since (a merge refuses while this waits; by hand, then): nothing moves
     END IF;
-    SELECT count(*) AS n, count(*) FILTER (WHERE o.sampled_out) AS light
-      INTO v_rows
-      FROM @extschema@.tb_error_occurrence o
-     WHERE o.error_id = p_source AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress);
-    SELECT coalesce(sum(t.n), 0) AS n, coalesce(sum(t.n) FILTER (WHERE t.sampled_out), 0) AS light
-      INTO v_graves
-      FROM @extschema@.tb_error_tombstone t
-     WHERE t.error_id = p_source AND t.capture_xid < p_above AND NOT t.capture_xid = ANY (p_in_progress);
-    SELECT coalesce(sum(p.occurrence_count), 0) AS n, coalesce(sum(p.not_stored), 0) AS light
-      INTO v_pend
-      FROM @extschema@.tb_error_count_pending p WHERE p.error_id = p_source;
-    v_n := v_rows.n + v_graves.n - v_pend.n;
-    v_light := v_rows.light + v_graves.light - v_pend.light;
-    IF v_rows.n = 0 AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source) THEN
+    -- one statement, one snapshot
+    SELECT (SELECT count(*) FROM @extschema@.tb_error_occurrence o
+             WHERE o.error_id = p_source AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_n,
+           (SELECT count(*) FROM @extschema@.tb_error_occurrence o
+             WHERE o.error_id = p_source AND o.sampled_out
+               AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_light,
+           (SELECT coalesce(sum(t.n), 0) FROM @extschema@.tb_error_tombstone t
+             WHERE t.error_id = p_source AND t.capture_xid < p_above AND NOT t.capture_xid = ANY (p_in_progress)) AS graves_n,
+           (SELECT coalesce(sum(t.n), 0) FROM @extschema@.tb_error_tombstone t
+             WHERE t.error_id = p_source AND t.sampled_out
+               AND t.capture_xid < p_above AND NOT t.capture_xid = ANY (p_in_progress)) AS graves_light,
+           (SELECT coalesce(sum(p.occurrence_count), 0) FROM @extschema@.tb_error_count_pending p
+             WHERE p.error_id = p_source) AS pend_n,
+           (SELECT coalesce(sum(p.not_stored), 0) FROM @extschema@.tb_error_count_pending p
+             WHERE p.error_id = p_source) AS pend_light,
+           EXISTS (SELECT 1 FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source) AS any_row,
+           EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p_source) AS has_group
+      INTO v;
+    v_n := v.rows_n + v.graves_n - v.pend_n;
+    v_light := v.rows_light + v.graves_light - v.pend_light;
+    IF NOT v.any_row THEN
+        -- nothing left to make a group of: the target keeps the count of
+        -- what went (as it did), and takes back the rows deleted meanwhile
         UPDATE @extschema@.tb_error_tombstone t SET error_id = p_target WHERE t.error_id = p_source;
         WITH d AS (
             DELETE FROM @extschema@.tb_error_count_pending p WHERE p.error_id = p_source RETURNING p.*
@@ -1295,7 +1352,7 @@ BEGIN
                severity_rank = greatest(p.severity_rank, excluded.severity_rank);
         RETURN;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = p_source) THEN
+    IF NOT v.has_group THEN
         INSERT INTO @extschema@.tb_error_log
             (error_fingerprint, fingerprint_version, error_type, error_message, stack_trace,
              title, culprit, severity, environment, release_version,
@@ -1303,11 +1360,22 @@ BEGIN
         SELECT o.fingerprint, @extschema@.fraiseql_fingerprint_version(), o.error_type, o.message, o.stack_trace,
                m.meta->>'title', m.meta->>'culprit', o.severity, o.environment, o.release_version,
                v_n, v_light, r.fs, r.ls
-          FROM (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source
-                 ORDER BY o.sampled_out, o.occurred_at LIMIT 1) o
+          FROM (SELECT * FROM (
+                    -- its first occurrence stored whole, else its first (by the index)
+                    (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source AND NOT o.sampled_out
+                      ORDER BY o.occurred_at LIMIT 1)
+                    UNION ALL
+                    (SELECT * FROM @extschema@.tb_error_occurrence o WHERE o.error_id = p_source
+                      ORDER BY o.occurred_at LIMIT 1)) f LIMIT 1) o
          CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_group_meta(o.error_type, o.message, o.stack_trace) AS meta) m
-         CROSS JOIN LATERAL (SELECT min(x.occurred_at) AS fs, max(x.occurred_at) AS ls
-                               FROM @extschema@.tb_error_occurrence x WHERE x.error_id = p_source) r;
+         CROSS JOIN LATERAL @extschema@._fraiseql_group_seen(p_source) r;
+    ELSE
+        -- (made meanwhile by hand: it takes the count the target gives back)
+        INSERT INTO @extschema@.tb_error_count_pending AS p (error_id, occurrence_count, not_stored, first_seen, last_seen)
+        VALUES (p_source, v_n, v_light, 'infinity', '-infinity')
+        ON CONFLICT (error_id) DO UPDATE
+           SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
+               not_stored = p.not_stored + excluded.not_stored;
     END IF;
     -- the target gives that count back (through its pending count, which
     -- the fold adds to what it holds)
@@ -1316,11 +1384,12 @@ BEGIN
     ON CONFLICT (error_id) DO UPDATE
        SET occurrence_count = p.occurrence_count + excluded.occurrence_count,
            not_stored = p.not_stored + excluded.not_stored;
+    -- (a target row another transaction holds keeps its times: no fold waits)
     UPDATE @extschema@.tb_error_log g
        SET first_seen = coalesce(r.fs, g.first_seen), last_seen = coalesce(r.ls, g.last_seen)
-      FROM (SELECT min(o.occurred_at) AS fs, max(o.occurred_at) AS ls FROM @extschema@.tb_error_occurrence o
-             WHERE o.error_id = ANY (@extschema@.fraiseql_error_group_ids(p_target))) r
-     WHERE g.error_id = p_target;
+      FROM @extschema@._fraiseql_group_seen(p_target) r
+     WHERE g.error_id IN (SELECT e.error_id FROM @extschema@.tb_error_log e
+                           WHERE e.error_id = p_target FOR NO KEY UPDATE SKIP LOCKED);
 END
 $$;
 

@@ -37,19 +37,29 @@ $$;
 
 -- What the windows of rules and archives no longer need: users not seen
 -- for longer than the longest window (30 days), unless an archive counts
--- users since it began; crossings whose window has emptied.
+-- users since it began; crossings whose window has emptied; rate-limit and
+-- digest state of groups merged away or deleted. Run by the fold (hourly,
+-- under its lock): no other transaction deletes rows the fold upserts, so
+-- the fold never waits for one. At most 10,000 users a time.
 CREATE FUNCTION _fraiseql_prune_user_windows() RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
     DELETE FROM @extschema@.tb_notification_crossing c WHERE c.over_until < now();
     DELETE FROM @extschema@.tb_error_user u
-     WHERE u.last_seen < now() - interval '31 days'
-       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g
-                        WHERE g.error_id = coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m
-                                                      WHERE m.source_id = u.error_id), u.error_id)
-                          AND g.archive_until_users IS NOT NULL AND g.archive_users_window IS NULL
-                          AND u.last_seen > g.archived_at);
+     USING (SELECT x.error_id, x.user_key FROM @extschema@.tb_error_user x
+             WHERE x.last_seen < now() - interval '31 days'
+               AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g
+                                WHERE g.error_id = coalesce((SELECT m.target_id FROM @extschema@.tb_error_merge m
+                                                              WHERE m.source_id = x.error_id), x.error_id)
+                                  AND g.archive_until_users IS NOT NULL AND g.archive_users_window IS NULL
+                                  AND x.last_seen > g.archived_at)
+             LIMIT 10000) d
+     WHERE u.error_id = d.error_id AND u.user_key = d.user_key;
+    DELETE FROM @extschema@.tb_notification_state s
+     WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = s.error_id);
+    DELETE FROM @extschema@.tb_notification_digest d
+     WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = d.error_id);
 $$;
 
 -- One maintenance tick: for every managed table, move rows out of the default
@@ -142,11 +152,6 @@ BEGIN
         PERFORM @extschema@._fraiseql_prune_rollups();
     EXCEPTION WHEN OTHERS THEN
         v_error := coalesce(v_error || E'\n', '') || 'rollups: ' || SQLERRM;
-    END;
-    BEGIN
-        PERFORM @extschema@._fraiseql_prune_user_windows();
-    EXCEPTION WHEN OTHERS THEN
-        v_error := coalesce(v_error || E'\n', '') || 'users seen: ' || SQLERRM;
     END;
     BEGIN
         PERFORM @extschema@._fraiseql_prune_ingest_events();

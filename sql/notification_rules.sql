@@ -371,9 +371,9 @@ $$;
 -- A frequency rule (frequency_threshold and/or users_threshold within
 -- frequency_window) on a group whose occurrences a fold counted, the first
 -- of them at p_first: whether this is a crossing. The window ending now is
--- over the threshold when more than N of the group's occurrences (in the
--- rule's environments) and more than N distinct users (tb_error_user) fall
--- in it; it stays so until the (N+1)-th latest leaves it. Over now, and not
+-- over the threshold when more than N of the group's occurrences (those
+-- the rule's environment, type and severity filters admit) and more than N
+-- distinct users (tb_error_user, of any of them) fall in it; it stays so until the (N+1)-th latest leaves it. Over now, and not
 -- over just before p_first by what was known at the last look
 -- (tb_notification_crossing): a crossing, once, whatever the rate limit
 -- makes of it. Each read stops after N + 1 rows of each of the group's
@@ -396,7 +396,12 @@ BEGIN
           FROM unnest(v_ids) AS i(id)
          CROSS JOIN LATERAL (SELECT o.occurred_at FROM @extschema@.tb_error_occurrence o
                               WHERE o.error_id = i.id AND o.occurred_at > v_from
+                                -- (a row dated ahead counts when its time comes)
+                                AND o.occurred_at <= clock_timestamp() + interval '1 minute'
+                                -- the occurrences the rule is about
                                 AND (r.environment IS NULL OR o.environment = ANY (r.environment))
+                                AND (r.error_type IS NULL OR o.error_type = r.error_type)
+                                AND (r.severity IS NULL OR o.severity = ANY (r.severity))
                               ORDER BY o.occurred_at DESC
                               LIMIT r.frequency_threshold::bigint + 1) x
          ORDER BY x.occurred_at DESC
@@ -457,8 +462,31 @@ DECLARE
     v_payload jsonb;
     v_done   uuid[] := '{}';   -- (rule, group) pairs whose window is now taken
     v_reason text;
+    v_crossed uuid[];
     n        integer := 0;
 BEGIN
+    -- Frequency rules first, in a statement of their own: every (rule,
+    -- group) pair of the batch is looked at and its state kept, whatever
+    -- is made of a crossing below (a rate limit, an ignored group). The
+    -- first occurrence that counts is the first within the window (an old
+    -- timestamp cannot pass for the start of the batch).
+    SELECT coalesce(array_agg(@extschema@._fraiseql_pair_id(r.config_id, g.error_id)), '{}') INTO v_crossed
+      FROM @extschema@.tb_error_notification_config r
+     CROSS JOIN LATERAL (SELECT b.error_id, min(b.occurred_at) AS t1 FROM unnest(p_batch) b
+                          WHERE b.occurred_at > clock_timestamp() - r.frequency_window
+                            AND b.occurred_at <= clock_timestamp() + interval '1 minute'
+                            AND (r.environment IS NULL OR b.environment = ANY (r.environment))
+                            AND (r.error_type IS NULL OR b.error_type = r.error_type)
+                            AND (r.severity IS NULL OR b.severity = ANY (r.severity))
+                          GROUP BY b.error_id) g
+     CROSS JOIN LATERAL (SELECT e.error_fingerprint FROM @extschema@.tb_error_log e
+                          WHERE e.error_id = g.error_id LIMIT 1) e
+     WHERE r.enabled AND r.frequency_window IS NOT NULL AND r.notify_on_occurrence IS NULL
+       AND (p_only IS NULL OR r.config_id = p_only)
+       AND (r.error_fingerprint IS NULL OR r.error_fingerprint = e.error_fingerprint
+            OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
+                        WHERE m.target_id = g.error_id AND m.fingerprint = r.error_fingerprint))
+       AND @extschema@._fraiseql_frequency_crossed(r, g.error_id, g.t1);
     FOR c IN
         WITH late AS (
             -- regressions and escalations without an occurrence in this batch
@@ -502,13 +530,6 @@ BEGIN
                     OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                                 WHERE m.target_id = gr.error_id AND m.fingerprint = r.error_fingerprint))
                AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
-        ), crossed AS MATERIALIZED (
-            -- frequency rules: each pair looked at (its state kept) whatever
-            -- a rate limit then makes of a crossing
-            SELECT (x.r).config_id, x.error_id
-              FROM rule_groups x
-             WHERE (x.r).frequency_window IS NOT NULL AND x.t1 IS NOT NULL
-               AND @extschema@._fraiseql_frequency_crossed(x.r, x.error_id, x.t1)
         ), open_pairs AS MATERIALIZED (
             -- the (rule, group) pairs no rate limit or digest holds, each
             -- probed once; a rule of this kind (first_only) is only
@@ -526,7 +547,7 @@ BEGIN
                           AND s.last_enqueued_at > now() - (x.r).rate_limit_minutes * interval '1 minute'))
                -- a threshold: crossed by this batch
                AND ((x.r).frequency_window IS NULL
-                    OR EXISTS (SELECT 1 FROM crossed cx WHERE cx.config_id = (x.r).config_id AND cx.error_id = x.error_id))
+                    OR @extschema@._fraiseql_pair_id((x.r).config_id, x.error_id) = ANY (v_crossed))
         ), firsts AS (
             -- what a first_only rule can admit: each group's first occurrence
             -- of each kind (type, severity, environment), and its regression

@@ -91,9 +91,9 @@ CREATE TABLE tb_error_log (
     -- and unmerges move the count, not this)
     archive_added             bigint,
     archive_until_occurrences bigint CHECK (archive_until_occurrences > 0),      -- this many more
-    archive_until_rate        integer CHECK (archive_until_rate > 0),            -- this many within the window
+    archive_until_rate        integer CHECK (archive_until_rate BETWEEN 1 AND 100000),  -- this many within the window
     archive_rate_window       interval CHECK (archive_rate_window > interval '0' AND archive_rate_window <= interval '30 days'),
-    archive_until_users       integer CHECK (archive_until_users > 0),           -- this many distinct users since archived
+    archive_until_users       integer CHECK (archive_until_users BETWEEN 1 AND 100000),  -- this many distinct users since archived
     archive_users_window      interval CHECK (archive_users_window > interval '0' AND archive_users_window <= interval '30 days'),
     -- reopened by an archive condition (cleared by any triage action)
     is_escalating             boolean NOT NULL DEFAULT false,
@@ -158,9 +158,11 @@ CREATE INDEX idx_error_merge_target ON tb_error_merge (target_id);
 -- kept by the fold: distinct users within a window (rules' users_threshold,
 -- archives' until_users) are read here, one row per user, never from the
 -- occurrences. By the occurrence's own error_id, so merges change nothing.
+-- Times are to the minute (a busy user does not rewrite the row each fold)
+-- and never ahead of the server's clock.
 CREATE TABLE tb_error_user (
     error_id   uuid NOT NULL,
-    user_key   text NOT NULL,
+    user_key   uuid NOT NULL,      -- md5 of the user id: a caller's text is never an index key
     first_seen timestamptz NOT NULL,
     last_seen  timestamptz NOT NULL,
     PRIMARY KEY (error_id, user_key)
@@ -188,6 +190,8 @@ CREATE TABLE tb_error_fold_state (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     above       xid8 NOT NULL,
     in_progress xid8[] NOT NULL DEFAULT '{}',
+    -- the last time a fold pruned what rules' windows no longer need
+    windows_pruned_at timestamptz,
     folded_at   timestamptz
 );
 -- (its row: _fraiseql_install_rows, finalize.sql)
@@ -346,8 +350,8 @@ CREATE TABLE tb_error_notification_config (
     -- and/or more than users_threshold distinct users within
     -- frequency_window" fires once as the group crosses it (again only after
     -- it fell back below); decided by the fold, never on the capture path
-    frequency_threshold  integer CHECK (frequency_threshold BETWEEN 0 AND 100000),
-    users_threshold      integer CHECK (users_threshold BETWEEN 0 AND 100000),
+    frequency_threshold  integer CHECK (frequency_threshold BETWEEN 0 AND 10000),
+    users_threshold      integer CHECK (users_threshold BETWEEN 0 AND 10000),
     frequency_window     interval CHECK (frequency_window > interval '0' AND frequency_window <= interval '30 days'),
     notify_on_escalation boolean NOT NULL DEFAULT false,   -- an archived group escalating
     skip_if_assigned     boolean NOT NULL DEFAULT false    -- not for a group someone owns
