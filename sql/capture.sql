@@ -234,7 +234,7 @@ AS $$
          WHEN 'url' THEN coalesce((p_context OPERATOR(pg_catalog.->) 'request') OPERATOR(pg_catalog.->>) 'url',
                                   p_context OPERATOR(pg_catalog.->>) 'url') OPERATOR(pg_catalog.~) r.regex
      END
-     ORDER BY r.position DESC, r.rule_id DESC
+     ORDER BY coalesce(r.position, r.rule_id) DESC, r.rule_id DESC
      LIMIT 1
 $$;
 
@@ -257,6 +257,7 @@ DECLARE
     v_created   uuid[];
     v_regressed uuid[];
     v_escalated uuid[];
+    v_cutoff    xid8;
     v_unmerges  @extschema@._fraiseql_unmerge[];
     v_rule      uuid;
     v_msg       text;
@@ -285,6 +286,16 @@ BEGIN
     IF EXISTS (SELECT FROM @extschema@.tb_restore_session) AND @extschema@._fraiseql_complete_install() THEN
         RETURN 0;
     END IF;
+    -- The tables the fold reads that other roles are granted to write (the
+    -- rules): a role holding one locked (LOCK TABLE, an ALTER) makes no fold
+    -- wait: it is tried again next time, and the worker goes on with its
+    -- other work meanwhile. (The others only the owner can lock.)
+    BEGIN
+        LOCK TABLE @extschema@.tb_error_notification_config, @extschema@.tb_ownership_rule
+              IN ACCESS SHARE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;
+    END;
 
     -- Groups archived for an interval that has passed are unresolved again
     -- (an index probe; writes, and takes a transaction id, only when one is
@@ -361,8 +372,23 @@ BEGIN
     -- finished that were not counted before, and the deletes it sees
     -- committed (a deleted row it counted before is taken back; one it did
     -- not count, it does not see). New fingerprints get their group here.
+    -- At most about 50,000 rows a fold, in whole transactions: a backlog
+    -- (a stalled worker, a bulk load) is worked off over several folds, each
+    -- of bounded time and memory, instead of one that never fits. (The
+    -- transactions from `above` on, by the capture_xid index.)
+    v_cutoff := (SELECT o.capture_xid FROM @extschema@.tb_error_occurrence o
+                  WHERE o.capture_xid >= v_state.above ORDER BY o.capture_xid OFFSET 50000 LIMIT 1);
+    IF v_cutoff IS NOT NULL THEN
+        -- (one transaction larger than that is taken whole)
+        v_cutoff := greatest(v_cutoff,
+            ((SELECT min(o.capture_xid) FROM @extschema@.tb_error_occurrence o
+               WHERE o.capture_xid >= v_state.above)::text::numeric + 1)::text::xid8);
+    END IF;
+
     WITH cur AS (
-        SELECT pg_current_snapshot() AS snap
+        SELECT pg_current_snapshot() AS snap,
+               CASE WHEN v_cutoff IS NULL THEN pg_snapshot_xmax(pg_current_snapshot())
+                    ELSE least(v_cutoff, pg_snapshot_xmax(pg_current_snapshot())) END AS upto
     ), rules AS (
         -- in the snapshot that sees the rows: a capture committed after a
         -- rule was is evaluated against it
@@ -383,7 +409,8 @@ BEGIN
           LEFT JOIN (SELECT x.source_id, x.target_id FROM @extschema@.tb_error_merge x
                   UNION ALL
                   SELECT x.source_id, x.target_id FROM @extschema@.tb_error_unmerge_request x) m ON m.source_id = o.error_id
-         WHERE (o.capture_xid >= v_state.above OR o.capture_xid = ANY (v_state.in_progress))
+         WHERE ((o.capture_xid >= v_state.above AND o.capture_xid < cur.upto)
+                OR o.capture_xid = ANY (v_state.in_progress))
            AND pg_visible_in_snapshot(o.capture_xid, cur.snap)
     ), seen_users AS (
         INSERT INTO @extschema@.tb_error_user AS u (error_id, user_key, first_seen, last_seen)
@@ -518,8 +545,10 @@ BEGIN
     ), moved AS (
         -- only when something was counted: an idle fold writes nothing
         UPDATE @extschema@.tb_error_fold_state s
-           SET above = greatest(v_state.above, pg_snapshot_xmax(cur.snap)),
-               in_progress = @extschema@._fraiseql_still_running(cur.snap, v_state.above, v_state.in_progress),
+           SET above = greatest(v_state.above, cur.upto),
+               in_progress = ARRAY(SELECT x FROM unnest(@extschema@._fraiseql_still_running(cur.snap, v_state.above,
+                                                                                            v_state.in_progress)) x
+                                    WHERE x < greatest(v_state.above, cur.upto)),
                folded_at = now()
           FROM cur
          WHERE EXISTS (SELECT 1 FROM new)
@@ -1109,7 +1138,8 @@ $$;
 -- An ownership rule, written as in Sentry: "path:src/payments/*",
 -- "module:billing*", "type:PaymentError", "tags.customer:acme*",
 -- "url:*/checkout*". It goes after the existing ones (and so wins over
--- them). With the caller's rights: it needs INSERT on tb_ownership_rule.
+-- them). With the caller's rights: it needs INSERT and SELECT on
+-- tb_ownership_rule.
 CREATE FUNCTION fraiseql_add_ownership_rule(rule text, assignee text) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1133,10 +1163,9 @@ BEGIN
     v_kind := CASE WHEN m[2] IS NOT NULL THEN 'tag' ELSE m[1] END;
     v_key := m[2];
     v_pattern := btrim(m[3]);
-    LOCK TABLE @extschema@.tb_ownership_rule IN SHARE ROW EXCLUSIVE MODE;  -- (positions in order)
-    INSERT INTO @extschema@.tb_ownership_rule (position, match_kind, tag_key, pattern, assignee)
-    SELECT coalesce(max(r.position), 0) + 1, v_kind, v_key, v_pattern, btrim($2)
-      FROM @extschema@.tb_ownership_rule r
+    -- (after the others by its rule_id: no lock, no read of the table)
+    INSERT INTO @extschema@.tb_ownership_rule (match_kind, tag_key, pattern, assignee)
+    VALUES (v_kind, v_key, v_pattern, btrim($2))
     RETURNING tb_ownership_rule.rule_id INTO v_id;
     RETURN v_id;
 END

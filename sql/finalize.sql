@@ -199,6 +199,10 @@ GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_user_of(jsonb),
                           @extschema@._fraiseql_severity_name(integer),
                           @extschema@._fraiseql_group_meta(text, text, text)
    TO PUBLIC;
+-- with the caller's rights: it needs INSERT and SELECT on tb_ownership_rule
+GRANT EXECUTE ON FUNCTION @extschema@.fraiseql_add_ownership_rule(text, text),
+                          @extschema@._fraiseql_glob_regex(text)  -- (pure; the rule table's generated column)
+   TO PUBLIC;
 -- v_notification_rules calls it with the reader's rights
 GRANT EXECUTE ON FUNCTION @extschema@._fraiseql_redact(jsonb) TO PUBLIC;
 GRANT USAGE ON SCHEMA monitoring TO PUBLIC;

@@ -37,7 +37,7 @@ $$;
 
 -- What the windows of rules and archives no longer need: users not seen
 -- for longer than the longest window (30 days), unless an archive counts
--- users since it began; crossings whose window has emptied; rate-limit and
+-- users since it began; crossings older than the longest window; rate-limit and
 -- digest state of groups merged away or deleted. Run by the fold (hourly,
 -- under its lock): no other transaction deletes rows the fold upserts, so
 -- the fold never waits for one. At most 10,000 users a time.
@@ -45,7 +45,7 @@ CREATE FUNCTION _fraiseql_prune_user_windows() RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    DELETE FROM @extschema@.tb_notification_crossing c WHERE c.over_until < now();
+    DELETE FROM @extschema@.tb_notification_crossing c WHERE c.over_until < now() - interval '31 days';
     DELETE FROM @extschema@.tb_error_user u
      USING (SELECT x.error_id, x.user_key FROM @extschema@.tb_error_user x
              WHERE x.last_seen < now() - interval '31 days'

@@ -280,9 +280,9 @@ CREATE TABLE tb_notification_state (
 
 -- Frequency rules (frequency_threshold, users_threshold): until when the
 -- group's window stays over the rule's threshold with the occurrences known
--- at the last look (a row of a group that is not over is deleted). A batch
--- whose first occurrence comes after that time found the window fallen
--- back below: a new crossing.
+-- at the last look. A batch whose first occurrence comes after that time
+-- found the window fallen back below: a new crossing. (Kept a window's
+-- length at least past that time: a late row of the episode finds it.)
 CREATE TABLE tb_notification_crossing (
     config_id  uuid NOT NULL,
     error_id   uuid NOT NULL,
@@ -423,10 +423,7 @@ BEGIN
     SELECT c.over_until INTO v_was FROM @extschema@.tb_notification_crossing c
      WHERE c.config_id = r.config_id AND c.error_id = p_error_id;
     IF v_until IS NULL THEN
-        IF v_was IS NOT NULL THEN
-            DELETE FROM @extschema@.tb_notification_crossing c
-             WHERE c.config_id = r.config_id AND c.error_id = p_error_id;
-        END IF;
+        -- (the state stays: a late row of the same episode must find it)
         RETURN false;
     END IF;
     INSERT INTO @extschema@.tb_notification_crossing AS c (config_id, error_id, over_until)

@@ -126,7 +126,8 @@ $$;
 
 CREATE TABLE tb_ownership_rule (
     rule_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    position   integer NOT NULL,
+    -- the order (NULL: rule_id's, the order they were added in)
+    position   bigint,
     match_kind text NOT NULL CHECK (match_kind IN ('path', 'module', 'type', 'tag', 'url')),
     tag_key    text CHECK ((match_kind = 'tag') = (tag_key IS NOT NULL)),
     pattern    text NOT NULL CHECK (pattern <> '' AND length(pattern) <= 1000),

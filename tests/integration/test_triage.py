@@ -471,7 +471,7 @@ def test_ownership_rules_assign_new_groups(cluster, db, http):
         assert c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone()[0] == "billing"
         # patterns are globs, never regular expressions
         c.execute("SELECT fraiseql_add_ownership_rule('type:Bad(Error', 'x')")
-        assert c.execute("SELECT regex FROM tb_ownership_rule ORDER BY position DESC LIMIT 1").fetchone()[0] == r"^Bad\(Error$"
+        assert c.execute("SELECT regex FROM tb_ownership_rule ORDER BY rule_id DESC LIMIT 1").fetchone()[0] == r"^Bad\(Error$"
         for bad in ("paths:x", "tags.:x", "type:", "nonsense"):
             with pytest.raises(psycopg.errors.InvalidParameterValue):
                 c.execute("SELECT fraiseql_add_ownership_rule(%s, 'x')", (bad,))
@@ -699,3 +699,36 @@ def test_the_fold_waits_for_a_restore_to_finish(cluster, db):
             assert c.execute("SELECT occurrence_count FROM tb_error_log WHERE error_id = %s", (a,)).fetchone()[0] == 1
         # its session gone, the restore is over and folds resume
         folded(c, a, 2)
+
+
+def test_a_backlog_is_folded_in_bounded_folds(cluster, db):
+    with cluster.connect(db) as c:
+        for _ in range(3):  # three transactions of 30,000 captures, over the per-fold budget together
+            c.execute("SELECT fraiseql_capture_error('Backlog', 'x' || (i % 7)) FROM generate_series(1, 30000) i")
+        c.execute("SELECT fraiseql_capture_error('Backlog', 'x1')")
+        wait_for(lambda: c.execute("SELECT NOT EXISTS (SELECT FROM _fraiseql_unfolded)").fetchone()[0],
+                 timeout=60, interval=0.2, what="the backlog folded")
+        assert c.execute("SELECT sum(occurrence_count) FROM v_error_groups").fetchone()[0] == 90001
+        rows = exact(c)
+        assert len(rows) == 7 and all(n == m for _, n, m in rows) and sum(n for _, n, _ in rows) == 90001
+
+
+def test_a_rule_writer_with_insert_and_select_adds_ownership_rules(cluster, db):
+    with cluster.connect(db) as c:
+        c.execute("DROP ROLE IF EXISTS owner_writer")
+        c.execute("CREATE ROLE owner_writer LOGIN")
+        c.execute("GRANT INSERT, SELECT ON tb_ownership_rule TO owner_writer")  # (as the README says)
+    try:
+        with cluster.connect(db, user="owner_writer") as w:
+            w.execute("SELECT fraiseql_add_ownership_rule('type:Owned*', 'team-a')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), w.transaction():
+                w.execute("LOCK TABLE tb_ownership_rule IN ACCESS EXCLUSIVE MODE")
+        with cluster.connect(db) as c:
+            gid = c.execute("SELECT fraiseql_capture_error('OwnedError', 'mine')").fetchone()[0]
+            wait_for(lambda: c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone(),
+                     what="group made")
+            assert c.execute("SELECT assigned_to FROM tb_error_log WHERE error_id = %s", (gid,)).fetchone()[0] == "team-a"
+    finally:
+        with cluster.connect(db) as c:
+            c.execute("DROP OWNED BY owner_writer")
+            c.execute("DROP ROLE owner_writer")
