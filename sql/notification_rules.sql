@@ -515,36 +515,57 @@ BEGIN
                                   WHERE g.error_id = x.error_id AND g.status <> 'ignored' LIMIT 1) g
               LEFT JOIN LATERAL (SELECT p.occurrence_count FROM @extschema@.tb_error_count_pending p
                                   WHERE p.error_id = x.error_id LIMIT 1) p ON true
-        ), rule_groups AS MATERIALIZED (
-            -- the (rule, group) pairs the rule's group filters admit
-            SELECT r, gr.error_id, gr.counted, gr.t1
-              FROM groups gr
-              JOIN @extschema@.tb_error_notification_config r
-                ON r.enabled AND r.notify_on_occurrence IS NULL
+        ), rules AS MATERIALIZED (
+            -- the rules' columns this statement reads, once (a field of a
+            -- whole-row value is taken apart again at every use, for every
+            -- pair); a rule of the kind first_only is only interested in
+            -- the first occurrence it admits
+            SELECT r.config_id, r.error_type, r.severity, r.environment, r.error_fingerprint,
+                   r.skip_if_assigned, r.digest, r.rate_limit_minutes, r.frequency_window,
+                   r.condition, r.min_occurrence_count,
+                   r.notify_on_new, r.notify_on_regression, r.notify_on_escalation,
+                   (r.rate_limit_minutes > 0 OR r.digest OR r.frequency_window IS NOT NULL)
+                       AND r.condition IS NULL AND r.min_occurrence_count <= 1 AS first_only
+              FROM @extschema@.tb_error_notification_config r
+             WHERE r.enabled AND r.notify_on_occurrence IS NULL
                AND (p_only IS NULL OR r.config_id = p_only)
-               -- (a fingerprint's rule follows it into the group it was merged into)
-               AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint
+        ), kinds AS MATERIALIZED (
+            -- each group's kinds of occurrence in the batch: a rule whose
+            -- type, severity and environment filters admit none of them is
+            -- not paired with the group at all
+            SELECT DISTINCT b.error_id, b.error_type, b.severity, b.environment FROM batch b
+        ), rule_groups AS MATERIALIZED (
+            -- the (rule, group) pairs the rule's filters admit
+            SELECT r.*, gr.error_id, gr.counted, gr.t1
+              FROM (SELECT DISTINCT r.config_id, k.error_id
+                      FROM kinds k
+                      JOIN rules r
+                        ON (r.error_type IS NULL OR r.error_type = k.error_type)
+                       AND (r.severity IS NULL OR k.severity = ANY (r.severity))
+                       AND (r.environment IS NULL OR k.environment = ANY (r.environment))) p
+              JOIN rules r ON r.config_id = p.config_id
+              JOIN groups gr ON gr.error_id = p.error_id
+             -- (a fingerprint's rule follows it into the group it was merged into)
+             WHERE (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint
                     OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                                 WHERE m.target_id = gr.error_id AND m.fingerprint = r.error_fingerprint))
                AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
+               -- (no occurrence of the batch is counted past the group's count)
+               AND gr.counted >= r.min_occurrence_count
         ), open_pairs AS MATERIALIZED (
             -- the (rule, group) pairs no rate limit or digest holds, each
-            -- probed once; a rule of this kind (first_only) is only
-            -- interested in the first occurrence it admits
-            SELECT (x.r).config_id, x.r AS rule, x.error_id, x.counted,
-                   ((x.r).rate_limit_minutes > 0 OR (x.r).digest OR (x.r).frequency_window IS NOT NULL)
-                       AND (x.r).condition IS NULL AND (x.r).min_occurrence_count <= 1 AS first_only
-              FROM rule_groups x
-             WHERE NOT ((x.r).digest AND EXISTS (
+            -- probed once
+            SELECT x.* FROM rule_groups x
+             WHERE NOT (x.digest AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_digest d
-                        WHERE d.config_id = (x.r).config_id AND d.error_id = x.error_id))
-               AND NOT (NOT (x.r).digest AND (x.r).rate_limit_minutes > 0 AND EXISTS (
+                        WHERE d.config_id = x.config_id AND d.error_id = x.error_id))
+               AND NOT (NOT x.digest AND x.rate_limit_minutes > 0 AND EXISTS (
                        SELECT 1 FROM @extschema@.tb_notification_state s
-                        WHERE s.config_id = (x.r).config_id AND s.error_id = x.error_id
-                          AND s.last_enqueued_at > now() - (x.r).rate_limit_minutes * interval '1 minute'))
+                        WHERE s.config_id = x.config_id AND s.error_id = x.error_id
+                          AND s.last_enqueued_at > now() - x.rate_limit_minutes * interval '1 minute'))
                -- a threshold: crossed by this batch
-               AND ((x.r).frequency_window IS NULL
-                    OR @extschema@._fraiseql_pair_id((x.r).config_id, x.error_id) = ANY (v_crossed))
+               AND (x.frequency_window IS NULL
+                    OR @extschema@._fraiseql_pair_id(x.config_id, x.error_id) = ANY (v_crossed))
         ), firsts AS (
             -- what a first_only rule can admit: each group's first occurrence
             -- of each kind (type, severity, environment), and its regression
@@ -552,7 +573,9 @@ BEGIN
               FROM ev e
              ORDER BY e.error_id, e.error_type, e.severity, e.environment, e.late, e.pos
         ), candidates AS (
-            SELECT o.config_id, o.rule, e.occurrence_id, e.occurred_at, e.error_id,
+            SELECT o.config_id, o.condition, o.frequency_window, o.rate_limit_minutes, o.digest,
+                   o.notify_on_new, o.notify_on_regression, o.notify_on_escalation, o.min_occurrence_count,
+                   e.occurrence_id, e.occurred_at, e.error_id,
                    (e.pos = 1 AND e.error_id = ANY (p_created)) AS is_new,
                    (e.pos = 1 AND e.error_id = ANY (p_regressed)) AS is_regression,
                    (e.pos = 1 AND e.error_id = ANY (p_escalated)) AS is_escalation,
@@ -562,32 +585,48 @@ BEGIN
                     UNION ALL
                     SELECT e.*, false FROM ev e) e
                 ON e.error_id = o.error_id AND e.of_firsts = o.first_only
-             WHERE ((o.rule).error_type IS NULL OR (o.rule).error_type = e.error_type)
-               AND ((o.rule).severity IS NULL OR e.severity = ANY ((o.rule).severity))
-               AND ((o.rule).environment IS NULL OR e.environment = ANY ((o.rule).environment))
+             WHERE (o.error_type IS NULL OR o.error_type = e.error_type)
+               AND (o.severity IS NULL OR e.severity = ANY (o.severity))
+               AND (o.environment IS NULL OR e.environment = ANY (o.environment))
         ), wanted AS (
             SELECT x.*, row_number() OVER (PARTITION BY x.config_id, x.error_id ORDER BY x.occurred_at, x.occurrence_id) AS nth
               FROM candidates x
              -- the kinds a rule asks for (any of them), or every occurrence
-             WHERE (NOT ((x.rule).notify_on_new OR (x.rule).notify_on_regression OR (x.rule).notify_on_escalation)
-                    OR ((x.rule).notify_on_new AND x.is_new)
-                    OR ((x.rule).notify_on_regression AND x.is_regression)
-                    OR ((x.rule).notify_on_escalation AND x.is_escalation))
-               AND (NOT x.late OR ((x.is_regression OR x.is_escalation) AND (x.rule).frequency_window IS NULL))
-               AND x.count_at >= (x.rule).min_occurrence_count
+             WHERE (NOT (x.notify_on_new OR x.notify_on_regression OR x.notify_on_escalation)
+                    OR (x.notify_on_new AND x.is_new)
+                    OR (x.notify_on_regression AND x.is_regression)
+                    OR (x.notify_on_escalation AND x.is_escalation))
+               AND (NOT x.late OR ((x.is_regression OR x.is_escalation) AND x.frequency_window IS NULL))
+               AND x.count_at >= x.min_occurrence_count
+        ), chosen AS (
+            SELECT w.*, row_number() OVER (PARTITION BY w.occurrence_id, w.occurred_at ORDER BY w.config_id) AS occ_nth
+              FROM wanted w
+             WHERE NOT w.first_only OR w.nth = 1
+        ), built AS MATERIALIZED (
+            -- one payload per occurrence, however many rules look at it (ten
+            -- rules with a condition on every occurrence would build it ten
+            -- times), for the condition and the message alike; shared by a
+            -- window, not a join (the planner cannot know these sizes)
+            SELECT w.*,
+                   CASE WHEN w.occ_nth = 1 THEN (
+                       SELECT @extschema@._fraiseql_occurrence_payload(x, g, w.count_at)
+                         FROM @extschema@.tb_error_occurrence x, @extschema@.tb_error_log g
+                        WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at
+                          AND g.error_id = w.error_id
+                        LIMIT 1) END AS own_payload
+              FROM chosen w
+        ), shared AS (
+            SELECT b.*, first_value(b.own_payload) OVER (PARTITION BY b.occurrence_id, b.occurred_at
+                                                         ORDER BY b.occ_nth) AS payload
+              FROM built b
         )
-        SELECT w.*, pl.payload FROM wanted w
-         CROSS JOIN LATERAL (  -- (one deleted meanwhile is not announced)
-               SELECT x FROM @extschema@.tb_error_occurrence x
-                WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at LIMIT 1) x
-         CROSS JOIN LATERAL (SELECT g FROM @extschema@.tb_error_log g WHERE g.error_id = w.error_id LIMIT 1) g
-         CROSS JOIN LATERAL (SELECT @extschema@._fraiseql_occurrence_payload(x.x, g.g, w.count_at) AS payload
-                              OFFSET 0) pl  -- (built once, for the condition and the message)
-         WHERE (NOT w.first_only OR w.nth = 1)
+        SELECT w.*, r AS rule FROM shared w
+          JOIN @extschema@.tb_error_notification_config r ON r.config_id = w.config_id
+         WHERE w.payload IS NOT NULL  -- (one deleted meanwhile is not announced)
            -- a condition is tested here, set-based, so that an occurrence it
            -- refuses (most of them, usually) costs no turn of the loop below
-           AND ((w.rule).condition IS NULL
-                OR coalesce(jsonb_path_match(pl.payload, (w.rule).condition, silent => true), false))
+           AND (w.condition IS NULL
+                OR coalesce(jsonb_path_match(w.payload, w.condition, silent => true), false))
          ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
     LOOP
         IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL)

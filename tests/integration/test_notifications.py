@@ -383,3 +383,38 @@ def test_webhook_body_from_the_rule_template(cluster, db, http):
         eid = c.execute("SELECT fraiseql_capture_error('TemplError', 'x', environment => 'staging')").fetchone()[0]
         wait_for(lambda: http.requests, what="templated webhook")
         assert http.json() == {"text": f"TemplError in staging, seen 1x, id {eid}"}
+
+
+def test_rules_on_one_fold_each_see_their_own_occurrence(cluster, db):
+    """Several occurrences of a group counted by one fold, looked at by
+    several rules: each notification carries its own occurrence (context,
+    count), whichever rules share it."""
+    with cluster.connect(db) as c:
+        c.execute("CREATE TABLE sent (tag text, error jsonb)")
+        c.execute("""CREATE FUNCTION record_it(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
+                     LANGUAGE sql AS $$ INSERT INTO sent VALUES (config->>'tag', error) RETURNING true, NULL::text $$""")
+        c.execute("SELECT fraiseql_register_channel('recorder', 'record_it(jsonb, jsonb)')")
+        rule(c, "recorder", {"tag": "gold"}, condition='$.context.tier == "gold"')
+        rule(c, "recorder", {"tag": "free"}, condition='$.context.tier == "free"')
+        rule(c, "recorder", {"tag": "min3"}, min_occurrence_count=3)
+        rule(c, "recorder", {"tag": "all"})
+        rule(c, "recorder", {"tag": "never"}, min_occurrence_count=5)
+        tiers = ["gold", "free", "gold", "other"]
+        with c.transaction():  # one transaction: one fold counts them all
+            for t in tiers:
+                c.execute("SELECT fraiseql_capture_error('P', 'pay', context => jsonb_build_object('tier', %s::text),"
+                          " occurred_at => clock_timestamp())", (t,))
+        wait_for(lambda: c.execute("SELECT count(*) FROM sent").fetchone()[0] >= 9, what="deliveries")
+        c.execute("SELECT pg_sleep(1)")
+        got = {}
+        for tag, error in c.execute("SELECT tag, error FROM sent").fetchall():
+            got.setdefault(tag, []).append((error["occurrence_count"], error["context"]["tier"]))
+        expected_at = {n: t for n, t in enumerate(tiers, start=1)}
+        for tag, rows in got.items():
+            for count, tier in rows:
+                assert expected_at[count] == tier, (tag, rows)
+        assert sorted(got["all"]) == [(1, "gold"), (2, "free"), (3, "gold"), (4, "other")]
+        assert sorted(got["gold"]) == [(1, "gold"), (3, "gold")]
+        assert sorted(got["free"]) == [(2, "free")]
+        assert sorted(got["min3"]) == [(3, "gold"), (4, "other")]
+        assert "never" not in got
