@@ -589,8 +589,7 @@ BEGIN
                AND (o.severity IS NULL OR e.severity = ANY (o.severity))
                AND (o.environment IS NULL OR e.environment = ANY (o.environment))
         ), wanted AS (
-            SELECT x.*, row_number() OVER (PARTITION BY x.config_id, x.error_id ORDER BY x.occurred_at, x.occurrence_id) AS nth
-              FROM candidates x
+            SELECT x.* FROM candidates x
              -- the kinds a rule asks for (any of them), or every occurrence
              WHERE (NOT (x.notify_on_new OR x.notify_on_regression OR x.notify_on_escalation)
                     OR (x.notify_on_new AND x.is_new)
@@ -599,35 +598,39 @@ BEGIN
                AND (NOT x.late OR ((x.is_regression OR x.is_escalation) AND x.frequency_window IS NULL))
                AND x.count_at >= x.min_occurrence_count
         ), chosen AS (
-            SELECT w.*, row_number() OVER (PARTITION BY w.occurrence_id, w.occurred_at ORDER BY w.config_id) AS occ_nth
-              FROM wanted w
-             WHERE NOT w.first_only OR w.nth = 1
-        ), built AS MATERIALIZED (
-            -- one payload per occurrence, however many rules look at it (ten
-            -- rules with a condition on every occurrence would build it ten
-            -- times), for the condition and the message alike; shared by a
-            -- window, not a join (the planner cannot know these sizes)
-            SELECT w.*,
-                   CASE WHEN w.occ_nth = 1 THEN (
-                       SELECT @extschema@._fraiseql_occurrence_payload(x, g, w.count_at)
-                         FROM @extschema@.tb_error_occurrence x, @extschema@.tb_error_log g
-                        WHERE x.occurrence_id = w.occurrence_id AND x.occurred_at = w.occurred_at
-                          AND g.error_id = w.error_id
-                        LIMIT 1) END AS own_payload
+            -- a first_only rule: the first occurrence of the group it admits
+            (SELECT DISTINCT ON (w.config_id, w.error_id) w.* FROM wanted w WHERE w.first_only
+              ORDER BY w.config_id, w.error_id, w.occurred_at, w.occurrence_id)
+            UNION ALL
+            SELECT w.* FROM wanted w WHERE NOT w.first_only
+        ), by_occurrence AS (
+            -- each occurrence once, with the rules that look at it: its
+            -- payload is built once however many rules test a condition on
+            -- it (ten rules with a condition on every occurrence would
+            -- build it ten times), for the condition and the message alike
+            SELECT w.occurrence_id, w.occurred_at, w.error_id, w.count_at, w.is_new, w.is_regression,
+                   w.is_escalation, array_agg(w.config_id ORDER BY w.config_id) AS configs,
+                   array_agg(w.condition ORDER BY w.config_id) AS conditions
               FROM chosen w
-        ), shared AS (
-            SELECT b.*, first_value(b.own_payload) OVER (PARTITION BY b.occurrence_id, b.occurred_at
-                                                         ORDER BY b.occ_nth) AS payload
-              FROM built b
+             GROUP BY 1, 2, 3, 4, 5, 6, 7
         )
-        SELECT w.*, r AS rule FROM shared w
-          JOIN @extschema@.tb_error_notification_config r ON r.config_id = w.config_id
-         WHERE w.payload IS NOT NULL  -- (one deleted meanwhile is not announced)
-           -- a condition is tested here, set-based, so that an occurrence it
-           -- refuses (most of them, usually) costs no turn of the loop below
-           AND (w.condition IS NULL
-                OR coalesce(jsonb_path_match(w.payload, w.condition, silent => true), false))
-         ORDER BY w.error_id, w.occurred_at, w.occurrence_id, w.config_id
+        SELECT o.occurrence_id, o.occurred_at, o.error_id, o.is_new, o.is_regression, o.is_escalation,
+               u.config_id, r.r AS rule, pl.payload
+          FROM by_occurrence o
+         CROSS JOIN LATERAL (  -- (one deleted meanwhile is not announced)
+               SELECT @extschema@._fraiseql_occurrence_payload(x, g, o.count_at) AS payload
+                 FROM @extschema@.tb_error_occurrence x, @extschema@.tb_error_log g
+                WHERE x.occurrence_id = o.occurrence_id AND x.occurred_at = o.occurred_at
+                  AND g.error_id = o.error_id
+                LIMIT 1) pl
+         CROSS JOIN LATERAL unnest(o.configs, o.conditions) AS u(config_id, condition)
+         CROSS JOIN LATERAL (SELECT r FROM @extschema@.tb_error_notification_config r
+                              WHERE r.config_id = u.config_id) r
+         -- a condition is tested here, set-based, so that an occurrence it
+         -- refuses (most of them, usually) costs no turn of the loop below
+         WHERE u.condition IS NULL
+            OR coalesce(jsonb_path_match(pl.payload, u.condition, silent => true), false)
+         ORDER BY o.error_id, o.occurred_at, o.occurrence_id, u.config_id
     LOOP
         IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL)
            AND @extschema@._fraiseql_pair_id(c.config_id, c.error_id) = ANY (v_done) THEN
