@@ -498,7 +498,10 @@ BEGIN
                       min(k.occurred_at) AS fs, max(k.occurred_at) AS ls
                  FROM @extschema@.tb_error_occurrence k
                 WHERE k.error_id = f.error_id
-                  AND k.capture_xid < v_state.above AND NOT k.capture_xid = ANY (v_state.in_progress)) k
+                  -- (by the group's key alone: IS TRUE keeps the planner from
+                  -- adding the capture_xid index, which it did, reading the
+                  -- whole range of that index for every new group)
+                  AND (k.capture_xid < v_state.above) IS TRUE AND NOT k.capture_xid = ANY (v_state.in_progress)) k
         ON CONFLICT DO NOTHING
         RETURNING g.error_id, g.occurrence_count
     ), counted AS (
@@ -677,7 +680,7 @@ BEGIN
                  FROM @extschema@.tb_error_occurrence k
                  JOIN @extschema@.tb_error_fold_state s ON true
                 WHERE k.error_id = x.id
-                  AND k.capture_xid < s.above AND NOT k.capture_xid = ANY (s.in_progress)) k
+                  AND (k.capture_xid < s.above) IS TRUE AND NOT k.capture_xid = ANY (s.in_progress)) k  -- (see above)
          WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log e WHERE e.error_id = x.id)
         ON CONFLICT DO NOTHING;
     END IF;
@@ -1344,10 +1347,11 @@ BEGIN
     END IF;
     -- one statement, one snapshot
     SELECT (SELECT count(*) FROM @extschema@.tb_error_occurrence o
-             WHERE o.error_id = p_source AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_n,
+             WHERE o.error_id = p_source AND (o.capture_xid < p_above) IS TRUE  -- (by key: see the fold)
+               AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_n,
            (SELECT count(*) FROM @extschema@.tb_error_occurrence o
              WHERE o.error_id = p_source AND o.sampled_out
-               AND o.capture_xid < p_above AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_light,
+               AND (o.capture_xid < p_above) IS TRUE AND NOT o.capture_xid = ANY (p_in_progress)) AS rows_light,
            (SELECT coalesce(sum(t.n), 0) FROM @extschema@.tb_error_tombstone t
              WHERE t.error_id = p_source AND t.capture_xid < p_above AND NOT t.capture_xid = ANY (p_in_progress)) AS graves_n,
            (SELECT coalesce(sum(t.n), 0) FROM @extschema@.tb_error_tombstone t
