@@ -507,8 +507,11 @@ BEGIN
             -- each group of the batch probed once, by key (see the fold),
             -- however many of its occurrences the batch holds
             SELECT x.error_id, x.t1, g.occurrence_count + coalesce(p.occurrence_count, 0) AS counted,
-                   g.error_fingerprint, g.assigned_to
-              FROM (SELECT b.error_id, min(b.occurred_at) FILTER (WHERE NOT b.late) AS t1
+                   g.error_fingerprint, g.assigned_to, x.types, x.severities, x.environments
+              FROM (SELECT b.error_id, min(b.occurred_at) FILTER (WHERE NOT b.late) AS t1,
+                           -- the kinds of occurrence the batch holds (see rule_groups)
+                           array_agg(DISTINCT b.error_type) AS types, array_agg(DISTINCT b.severity) AS severities,
+                           array_agg(DISTINCT b.environment) AS environments
                       FROM batch b GROUP BY b.error_id) x
              CROSS JOIN LATERAL (SELECT g.occurrence_count, g.error_fingerprint, g.assigned_to
                                    FROM @extschema@.tb_error_log g
@@ -529,24 +532,21 @@ BEGIN
               FROM @extschema@.tb_error_notification_config r
              WHERE r.enabled AND r.notify_on_occurrence IS NULL
                AND (p_only IS NULL OR r.config_id = p_only)
-        ), kinds AS MATERIALIZED (
-            -- each group's kinds of occurrence in the batch: a rule whose
-            -- type, severity and environment filters admit none of them is
-            -- not paired with the group at all
-            SELECT DISTINCT b.error_id, b.error_type, b.severity, b.environment FROM batch b
         ), rule_groups AS MATERIALIZED (
-            -- the (rule, group) pairs the rule's filters admit
+            -- the (rule, group) pairs the rule's filters may admit: a rule
+            -- whose type, severity or environment filter admits no
+            -- occurrence of the group in the batch is not paired with it
+            -- (each filter on its own: the exact test, on each occurrence,
+            -- is in candidates); no equality here, so the rules against
+            -- the groups, once each (no join the planner could misjudge)
             SELECT r.*, gr.error_id, gr.counted, gr.t1
-              FROM (SELECT DISTINCT r.config_id, k.error_id
-                      FROM kinds k
-                      JOIN rules r
-                        ON (r.error_type IS NULL OR r.error_type = k.error_type)
-                       AND (r.severity IS NULL OR k.severity = ANY (r.severity))
-                       AND (r.environment IS NULL OR k.environment = ANY (r.environment))) p
-              JOIN rules r ON r.config_id = p.config_id
-              JOIN groups gr ON gr.error_id = p.error_id
-             -- (a fingerprint's rule follows it into the group it was merged into)
-             WHERE (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint
+              FROM groups gr
+              JOIN rules r
+                ON (r.error_type IS NULL OR r.error_type = ANY (gr.types))
+               AND (r.severity IS NULL OR r.severity && gr.severities)
+               AND (r.environment IS NULL OR r.environment && gr.environments)
+               -- (a fingerprint's rule follows it into the group it was merged into)
+               AND (r.error_fingerprint IS NULL OR r.error_fingerprint = gr.error_fingerprint
                     OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                                 WHERE m.target_id = gr.error_id AND m.fingerprint = r.error_fingerprint))
                AND NOT (r.skip_if_assigned AND gr.assigned_to IS NOT NULL)
@@ -603,33 +603,34 @@ BEGIN
               ORDER BY w.config_id, w.error_id, w.occurred_at, w.occurrence_id)
             UNION ALL
             SELECT w.* FROM wanted w WHERE NOT w.first_only
-        ), by_occurrence AS (
+        ), by_occurrence AS MATERIALIZED (
             -- each occurrence once, with the rules that look at it: its
             -- payload is built once however many rules test a condition on
             -- it (ten rules with a condition on every occurrence would
             -- build it ten times), for the condition and the message alike
-            SELECT w.occurrence_id, w.occurred_at, w.error_id, w.count_at, w.is_new, w.is_regression,
-                   w.is_escalation, array_agg(w.config_id ORDER BY w.config_id) AS configs,
-                   array_agg(w.condition ORDER BY w.config_id) AS conditions
-              FROM chosen w
-             GROUP BY 1, 2, 3, 4, 5, 6, 7
+            SELECT o.*, pl.payload
+              FROM (SELECT w.occurrence_id, w.occurred_at, w.error_id, w.count_at, w.is_new, w.is_regression,
+                           w.is_escalation, array_agg(w.config_id ORDER BY w.config_id) AS configs,
+                           array_agg(w.condition ORDER BY w.config_id) AS conditions
+                      FROM chosen w
+                     GROUP BY 1, 2, 3, 4, 5, 6, 7) o
+             CROSS JOIN LATERAL (  -- (one deleted meanwhile is not announced)
+                   SELECT @extschema@._fraiseql_occurrence_payload(x, g, o.count_at) AS payload
+                     FROM @extschema@.tb_error_occurrence x, @extschema@.tb_error_log g
+                    WHERE x.occurrence_id = o.occurrence_id AND x.occurred_at = o.occurred_at
+                      AND g.error_id = o.error_id
+                    LIMIT 1) pl
         )
         SELECT o.occurrence_id, o.occurred_at, o.error_id, o.is_new, o.is_regression, o.is_escalation,
-               u.config_id, r.r AS rule, pl.payload
+               u.config_id, r.r AS rule, o.payload
           FROM by_occurrence o
-         CROSS JOIN LATERAL (  -- (one deleted meanwhile is not announced)
-               SELECT @extschema@._fraiseql_occurrence_payload(x, g, o.count_at) AS payload
-                 FROM @extschema@.tb_error_occurrence x, @extschema@.tb_error_log g
-                WHERE x.occurrence_id = o.occurrence_id AND x.occurred_at = o.occurred_at
-                  AND g.error_id = o.error_id
-                LIMIT 1) pl
          CROSS JOIN LATERAL unnest(o.configs, o.conditions) AS u(config_id, condition)
          CROSS JOIN LATERAL (SELECT r FROM @extschema@.tb_error_notification_config r
                               WHERE r.config_id = u.config_id) r
          -- a condition is tested here, set-based, so that an occurrence it
          -- refuses (most of them, usually) costs no turn of the loop below
          WHERE u.condition IS NULL
-            OR coalesce(jsonb_path_match(pl.payload, u.condition, silent => true), false)
+            OR coalesce(jsonb_path_match(o.payload, u.condition, silent => true), false)
          ORDER BY o.error_id, o.occurred_at, o.occurrence_id, u.config_id
     LOOP
         IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL)
