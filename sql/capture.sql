@@ -761,16 +761,26 @@ BEGIN
     -- A rule that fails (whatever its cause) must not stop the counts: the
     -- rules are then evaluated one by one, and one that still fails is
     -- skipped for this fold with a warning.
+    -- In the worker, the rules have a deadline (fraiseql_obs.rules_timeout,
+    -- all together, then each alone when retried one by one): a rule that
+    -- runs past it is skipped like one that fails, so no rule holds the
+    -- counts (the deadline's cancel is caught here, with the errors).
     IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
         BEGIN
+            PERFORM @extschema@._fraiseql_rules_deadline(true);
             PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
-        EXCEPTION WHEN OTHERS THEN
+            PERFORM @extschema@._fraiseql_rules_deadline(false);
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
+            PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
                            WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL LOOP
                 BEGIN
+                    PERFORM @extschema@._fraiseql_rules_deadline(true);
                     PERFORM @extschema@._fraiseql_notify_milestones(v_folds, v_rule);
-                EXCEPTION WHEN OTHERS THEN
+                    PERFORM @extschema@._fraiseql_rules_deadline(false);
+                EXCEPTION WHEN OTHERS OR query_canceled THEN
+                    PERFORM @extschema@._fraiseql_rules_deadline(false);
                     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                     RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
                 END;
@@ -780,13 +790,19 @@ BEGIN
     -- The other rules, on each occurrence counted now.
     IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0 OR cardinality(v_escalated) > 0) THEN
         BEGIN
+            PERFORM @extschema@._fraiseql_rules_deadline(true);
             PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated);
-        EXCEPTION WHEN OTHERS THEN
+            PERFORM @extschema@._fraiseql_rules_deadline(false);
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
+            PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
                            WHERE c.enabled AND c.notify_on_occurrence IS NULL LOOP
                 BEGIN
+                    PERFORM @extschema@._fraiseql_rules_deadline(true);
                     PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated, v_rule);
-                EXCEPTION WHEN OTHERS THEN
+                    PERFORM @extschema@._fraiseql_rules_deadline(false);
+                EXCEPTION WHEN OTHERS OR query_canceled THEN
+                    PERFORM @extschema@._fraiseql_rules_deadline(false);
                     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                     RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
                 END;

@@ -26,6 +26,7 @@ pub static NOTIFICATION_LOG_RETENTION_MONTHS: GucSetting<i32> = GucSetting::<i32
 pub static TRACE_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static METRIC_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(7);
 pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static RULES_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
 pub static NOTIFY_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static NOTIFY_RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
@@ -221,6 +222,9 @@ pub fn define() {
     );
     int(c"fraiseql_obs.ddl_lock_timeout", c"lock_timeout of maintenance DDL; a table whose lock is not had in time is retried next run.",
         &DDL_LOCK_TIMEOUT_MS, 1, 600_000, GucContext::Suset, GucFlags::UNIT_MS);
+    int(c"fraiseql_obs.rules_timeout",
+        c"Time the worker's fold gives the notification rules (all of them, then each alone if they ran out); a rule past it is skipped for that fold.",
+        &RULES_TIMEOUT_MS, 100, 3_600_000, GucContext::Sighup, GucFlags::UNIT_MS);
     int(
         c"fraiseql_obs.notification_max_attempts",
         c"Attempts per notification before it is logged as failed.",

@@ -17,6 +17,7 @@ mod http_service;
 mod metrics;
 mod notify;
 mod rollup;
+mod rule_condition;
 mod run_as;
 mod scrub;
 mod shmem;
@@ -62,7 +63,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/notification_rules.sql",
     name = "notification_rules",
-    requires = ["maintenance", notify::_fraiseql_wake_worker]
+    requires = [
+        "maintenance",
+        notify::_fraiseql_wake_worker,
+        rule_condition::_fraiseql_condition_problem,
+        rule_condition::_fraiseql_rules_deadline
+    ]
 );
 extension_sql_file!(
     "../sql/telemetry.sql",

@@ -161,6 +161,12 @@ pub(crate) fn in_transaction_or_transient<R>(
             }
             Err(_) => pg_sys::AbortCurrentTransaction(),
         }
+        // A deadline the transaction's SQL armed (the fold's rules:
+        // _fraiseql_rules_deadline) ends with it; one that fired while
+        // interrupts were held leaves a cancel pending that no statement is
+        // there to take, which must not end the worker at its next check.
+        crate::timeout::disarm_statement_timeout();
+        pg_sys::QueryCancelPending = 0;
         // A background worker's table statistics reach the cumulative
         // statistics (and so autovacuum and autoanalyze) only when it
         // reports them; a client backend does it when idle. At most once a

@@ -1,0 +1,135 @@
+//! What a notification rule's condition (a jsonpath over the error's
+//! payload) may be. The fold tests a condition on every occurrence a rule
+//! looks at, so its cost is paid per capture; a few constructs make that
+//! cost grow as a power of the payload's size (a filter that walks the
+//! whole payload again from its root, recursive wildcards inside each
+//! other) and let one role that may write rules hold every count and alert
+//! of the database. They are refused when the rule is written; the fold
+//! also gives rules a deadline (`_fraiseql_rules_deadline`).
+
+use pgrx::prelude::*;
+
+/// The longest condition accepted, in characters of its canonical text.
+const MAX_LEN: usize = 2000;
+/// Filters (`? (...)`) inside one another.
+const MAX_FILTER_DEPTH: usize = 3;
+
+/// Why a condition (jsonpath's canonical text, as PostgreSQL prints it) is
+/// refused, or None.
+pub fn problem(text: &str) -> Option<String> {
+    if text.chars().count() > MAX_LEN {
+        return Some(format!("the condition is longer than {MAX_LEN} characters"));
+    }
+    let chars: Vec<char> = text.chars().collect();
+    // the parentheses open now, and whether each opened a filter
+    let mut open: Vec<bool> = Vec::new();
+    let mut recursive = 0;
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '"' => {
+                // a string literal or a quoted key: skipped whole
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            '*' if chars.get(i + 1) == Some(&'*') => {
+                recursive += 1;
+                if recursive > 1 {
+                    return Some("the condition has more than one recursive wildcard (**)".into());
+                }
+                i += 1;
+            }
+            '?' => {
+                let mut j = i + 1;
+                while j < chars.len() && chars[j].is_whitespace() {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&'(') {
+                    open.push(true);
+                    if open.iter().filter(|f| **f).count() > MAX_FILTER_DEPTH {
+                        return Some(format!(
+                            "the condition nests filters more than {MAX_FILTER_DEPTH} deep"
+                        ));
+                    }
+                    i = j;
+                }
+            }
+            '(' => open.push(false),
+            ')' => {
+                open.pop();
+            }
+            '$' if open.iter().any(|f| *f) => {
+                return Some(
+                    "a filter in the condition reads from the root ($): use @, the item it filters".into(),
+                );
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The problem with a rule's condition, for the rule table's check trigger.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _fraiseql_condition_problem(condition: &str) -> Option<String> {
+    problem(condition)
+}
+
+/// Arms (`arm`) or disarms a deadline of `fraiseql_obs.rules_timeout` for
+/// what the worker is running now, as statement_timeout would: the fold
+/// gives the notification rules a time budget with it, so that rules that
+/// would run for long are cancelled and skipped instead of holding every
+/// count. (PostgreSQL checks for the cancel between rows, not inside one
+/// jsonpath evaluation: the shapes checked above bound that one.) In a
+/// background worker only: a client session's statement loop owns its
+/// statement_timeout, and a timer left armed there could cancel a later
+/// statement. Says whether it acted.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_rules_deadline(arm: bool) -> bool {
+    if unsafe { pg_sys::MyBackendType } != pg_sys::BackendType::B_BG_WORKER {
+        return false;
+    }
+    if arm {
+        crate::timeout::arm_statement_timeout(crate::guc::RULES_TIMEOUT_MS.get().max(100));
+    } else {
+        crate::timeout::disarm_statement_timeout();
+    }
+    true
+}
+
+#[cfg(test)]
+mod unit {
+    use super::problem;
+
+    #[test]
+    fn ordinary_conditions_pass() {
+        for c in [
+            r#"($."context"."user_id" == "vip3")"#,
+            r#"($."severity" == "critical" && $."context"."amount" > 100)"#,
+            r#"($."error_message" like_regex "time(out|d out)" flag "i")"#,
+            r#"exists ($."context"."items"[*]?(@."price" > 1000 && @."qty" >= 2))"#,
+            r#"exists ($."**"?(@ == "x"))"#,
+            r#"exists ($.**?(@ == "x"))"#,
+            r#"($."a" == "?($)")"#,
+        ] {
+            assert_eq!(problem(c), None, "{c}");
+        }
+    }
+
+    #[test]
+    fn costly_shapes_are_refused() {
+        let nested = r#"exists ($.**?(exists ($.**?(@ == "no")))))"#;
+        assert!(problem(nested).is_some());
+        assert!(problem(r#"exists ($.**?(exists (@.**?(@ == "no"))))"#).unwrap().contains("recursive"));
+        assert!(problem(r#"exists ($."a"[*]?(exists ($."a"[*]))))"#).unwrap().contains("root"));
+        let deep = r#"exists ($.*?(exists (@.*?(exists (@.*?(exists (@.*?(@ == 1))))))))"#;
+        assert!(problem(deep).unwrap().contains("deep"));
+        assert!(problem(&format!(r#"($."a" == "{}")"#, "x".repeat(3000))).unwrap().contains("longer"));
+    }
+}
