@@ -100,8 +100,30 @@ $$;
 -- when the config says which channel it is ('{"webhook_url": ...}' is Slack's
 -- incoming webhook): it is inferred. Bad rows are refused with a clear error.
 -- ---------------------------------------------------------------------------
+-- A rule's configuration over its channel's defaults. The defaults'
+-- credentials (an SMTP login, a webhook's headers) go only where the
+-- defaults send: a rule that names another destination or weakens how it
+-- is reached (host, port, url, TLS) gets none of them, or a role allowed
+-- to write rules could have the team's SMTP password or API token sent to
+-- a server of its own.
+CREATE FUNCTION _fraiseql_channel_config(p_defaults jsonb, p_rule jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN EXISTS (
+                    SELECT 1 FROM unnest(ARRAY['smtp_host', 'smtp_port', 'tls', 'use_tls', 'allow_plaintext_login',
+                                               'tls_ca_pem', 'tls_ca_file', 'url', 'webhook_url']) k
+                     WHERE r ? k AND r->k IS DISTINCT FROM d->k)
+                THEN (d - ARRAY['smtp_user', 'smtp_password', 'headers']) || r
+                ELSE d || r END
+      FROM (SELECT coalesce(p_defaults, '{}') AS d, coalesce(p_rule, '{}') AS r) x
+$$;
+
 CREATE FUNCTION _fraiseql_notification_config_check() RETURNS trigger
 LANGUAGE plpgsql
+-- (as the owner: a rule writer has INSERT on the rules, no right on the
+-- channels or the restore state this reads; it runs no code of the writer's)
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -139,7 +161,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Built-in: email, slack, webhook, pg_notify; others need fraiseql_register_channel().';
     END IF;
-    v_config := v_channel.default_config || NEW.channel_config;
+    v_config := @extschema@._fraiseql_channel_config(v_channel.default_config, NEW.channel_config);
     v_missing := CASE NEW.channel_type
         WHEN 'email' THEN CASE WHEN NOT (v_config ? 'to') THEN 'to (the recipients)' END
         WHEN 'slack' THEN CASE WHEN NOT (v_config ? 'webhook_url') THEN 'webhook_url' END
@@ -196,6 +218,14 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: a rule is either a milestone rule (notify_on_occurrence) or a frequency rule, not both'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- a condition is tested on every occurrence the rule looks at: shapes
+    -- whose cost grows as a power of the payload are refused
+    v_missing := @extschema@._fraiseql_condition_problem(NEW.condition::text);
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: condition refused: %', v_missing
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Conditions test the error''s payload, e.g. $.context.user_id == "vip" or exists($.context.items[*] ? (@.price > 100)).';
+    END IF;
     IF NEW.severity = '{}' THEN NEW.severity := NULL; END IF;
     IF NEW.environment = '{}' THEN NEW.environment := NULL; END IF;
     RETURN NEW;
@@ -210,6 +240,7 @@ CREATE TRIGGER notification_config_check
 -- session reads it again at once, others within a second
 CREATE FUNCTION _fraiseql_rules_changed_trigger() RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER  -- (a rule writer may not call what it calls)
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -825,7 +856,7 @@ BEGIN
                'delivery_id', c.delivery_id, 'config_id', c.config_id, 'error_id', c.error_id,
                'attempt', c.attempt, 'reason', c.reason, 'payload', c.payload || jsonb_build_object('delivery_id', c.delivery_id),
                'channel_type', r.channel_type,
-               'config', coalesce(ch.default_config, '{}') || coalesce(r.channel_config, '{}'),
+               'config', @extschema@._fraiseql_channel_config(ch.default_config, r.channel_config),
                'template', r.message_template,
                'handler', ch.handler,
                'rule_exists', r.config_id IS NOT NULL AND r.enabled)), '[]')
@@ -877,8 +908,12 @@ BEGIN
              WHERE delivery_id = (r->>'delivery_id')::uuid;
         END IF;
         IF (r->>'ok')::boolean THEN
-            UPDATE @extschema@.tb_error_notification_config SET last_triggered = now()
-             WHERE config_id = (r->>'config_id')::uuid;
+            -- (informative: a rule row another transaction holds, one being
+            -- edited, keeps its time rather than hold up the deliveries)
+            UPDATE @extschema@.tb_error_notification_config c SET last_triggered = now()
+             WHERE c.config_id = (SELECT x.config_id FROM @extschema@.tb_error_notification_config x
+                                   WHERE x.config_id = (r->>'config_id')::uuid
+                                     FOR NO KEY UPDATE SKIP LOCKED);
         END IF;
     END LOOP;
 END
