@@ -121,11 +121,19 @@ BEGIN
      WHERE c.oid = parent;
     partition_name := base || '_' || to_char(lo, CASE cfg.granularity WHEN 'month' THEN 'YYYY_MM' ELSE 'YYYY_MM_DD' END);
 
+    -- A relation of that name that is not this partition (one made by hand,
+    -- or by a role that may create objects in the schema to hold the month
+    -- up) does not stop it: the partition takes the next free name
+    -- (partitions are known by their bounds, never by their names).
     IF to_regclass(format('%I.%I', nsp, partition_name)) IS NOT NULL THEN
-        RAISE EXCEPTION 'fraiseql_obs: cannot create partition %.%: a relation with that name exists and is not the partition for %',
-            nsp, partition_name, lo
-            USING ERRCODE = 'duplicate_table',
-                  HINT = 'Rename or drop that relation; fraiseql_obs names partitions <table>_YYYY_MM (or _YYYY_MM_DD).';
+        SELECT x.name INTO partition_name
+          FROM generate_series(1, 100) g, LATERAL (SELECT partition_name || '_' || g AS name) x
+         WHERE to_regclass(format('%I.%I', nsp, x.name)) IS NULL
+         ORDER BY g LIMIT 1;
+        IF partition_name IS NULL THEN
+            RAISE EXCEPTION 'fraiseql_obs: cannot create the partition of % for %: its names are taken', parent, lo
+                USING ERRCODE = 'duplicate_table';
+        END IF;
     END IF;
 
     IF dflt IS NOT NULL THEN
@@ -170,9 +178,21 @@ BEGIN
     SELECT n.nspname, c.relname INTO nsp, base
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = part;
     FOR ix IN SELECT * FROM @extschema@.tb_partition_index i WHERE i.parent_table = parent ORDER BY i.suffix LOOP
-        EXECUTE format('CREATE %s INDEX IF NOT EXISTS %I ON %s %s',
-                       CASE WHEN ix.is_unique THEN 'UNIQUE' ELSE '' END,
-                       left(base || '_' || ix.suffix, 63), part, ix.definition);
+        -- Its index of that name, if it has one, is left as it is. A
+        -- relation of that name that is not (made by a role that may create
+        -- objects in the schema) does not stand in for it: the index is
+        -- then made under a name PostgreSQL chooses (IF NOT EXISTS would
+        -- have skipped it, and left the partition without the index).
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                               WHERE i.indrelid = part AND c.relname = left(base || '_' || ix.suffix, 63));
+        IF to_regclass(format('%I.%I', nsp, left(base || '_' || ix.suffix, 63))) IS NULL THEN
+            EXECUTE format('CREATE %s INDEX %I ON %s %s',
+                           CASE WHEN ix.is_unique THEN 'UNIQUE' ELSE '' END,
+                           left(base || '_' || ix.suffix, 63), part, ix.definition);
+        ELSE
+            EXECUTE format('CREATE %s INDEX ON %s %s',
+                           CASE WHEN ix.is_unique THEN 'UNIQUE' ELSE '' END, part, ix.definition);
+        END IF;
     END LOOP;
 END
 $$;
