@@ -648,3 +648,111 @@ def test_drop_schema_cascade_of_the_extension(cluster, db, roles):
         assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'fraiseql_obs'").fetchone()[0] == 0
     time.sleep(2)
     assert worker_pid(cluster, db) is None
+
+
+# ---------------------------------------------------------------------------
+# Rule writers: what INSERT on the rules gives, and what it must not
+# ---------------------------------------------------------------------------
+
+def test_a_rule_writer_gets_no_default_credentials_for_its_own_destination(cluster, db, roles, http):
+    """The README's rule writer (INSERT on the rules, nothing else) can add
+    rules; one that names its own destination gets none of the channel
+    defaults' credentials, which still go to the defaults' destination."""
+    m = roles["mallory"]
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_set_channel_defaults('webhook', %s)",
+                  (json.dumps({"url": http.url + "/team", "headers": {"Authorization": "Bearer s3cret"}}),))
+        c.execute(f"GRANT INSERT ON tb_error_notification_config TO {m}")
+        rule(c, "webhook", {})  # the owner's rule: the defaults, credentials included
+    with cluster.connect(db, user=m) as w:
+        w.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('webhook', %s)",
+                  (json.dumps({"url": http.url + "/mine"}),))
+        # the same host, another way in: still no credentials
+        w.execute("INSERT INTO tb_error_notification_config (channel_type, channel_config) VALUES ('webhook', %s)",
+                  (json.dumps({"url": http.url + "/team", "method": "PUT", "tls_ca_pem": "x"}),))
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_capture_error('E', 'deliver me')")
+        wait_for(lambda: len(http.requests) >= 3, what="three deliveries")
+    by_path = {}
+    for r in http.requests:
+        by_path.setdefault((r["path"], r["method"]), []).append(r["headers"].get("authorization"))
+    assert by_path[("/team", "POST")] == ["Bearer s3cret"], by_path
+    assert by_path[("/mine", "POST")] == [None], by_path
+    assert by_path[("/team", "PUT")] == [None], by_path
+
+
+def test_a_rule_condition_that_would_run_for_hours_is_refused(cluster, db):
+    with cluster.connect(db) as c:
+        for cond, why in [
+            ('exists($.** ? (exists($.** ? (exists($.** ? (@ == "no"))))))', "root"),
+            ('exists($.** ? (exists(@.** ? (@ == "no"))))', "recursive"),
+            ('exists($.context.a[*] ? (exists($.context.a[*] ? (@ == 1))))', "root"),
+            ('exists($.* ? (exists(@.* ? (exists(@.* ? (exists(@.* ? (@ == 1))))))))', "deep"),
+        ]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=why):
+                rule(c, "pg_notify", {}, condition=cond)
+        # what the README documents stays accepted
+        rule(c, "pg_notify", {}, condition='$.context.user_id == "vip"')
+        rule(c, "pg_notify", {}, condition='exists($.context.items[*] ? (@.price > 100))')
+
+
+def test_a_slow_rule_is_skipped_and_the_counts_go_on(cluster, db):
+    """Rules that together run past the fold's deadline for rules
+    (fraiseql_obs.rules_timeout) are retried one by one, each with the same
+    deadline: the slow one is skipped with a warning, the counts and the
+    other rules go on. (The slow condition is written with the check
+    bypassed, as a restore would bring it.)"""
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET fraiseql_obs.rules_timeout = 1000")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        with cluster.connect(db) as c:
+            c.execute("CREATE TABLE sent (tag text)")
+            c.execute("""CREATE FUNCTION record_it(error jsonb, config jsonb, OUT success boolean, OUT error_message text)
+                         LANGUAGE sql AS $$ INSERT INTO sent VALUES (config->>'tag') RETURNING true, NULL::text $$""")
+            c.execute("SELECT fraiseql_register_channel('recorder', 'record_it(jsonb, jsonb)')")
+            rule(c, "recorder", {"tag": "good"})
+            c.execute("ALTER TABLE tb_error_notification_config DISABLE TRIGGER notification_config_check")
+            # every node of the payload against every other: seconds for this one
+            rule(c, "recorder", {"tag": "slow"}, condition='exists($.** ? (exists($.** ? (@ == "no"))))')
+            c.execute("ALTER TABLE tb_error_notification_config ENABLE TRIGGER notification_config_check")
+            big = json.dumps({"a": list(range(3000))})
+            with c.transaction():  # one fold
+                for _ in range(20):
+                    c.execute("SELECT fraiseql_capture_error('E', 'm', context => %s)", (big,))
+            wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 20,
+                     timeout=60, what="the counts, past the slow rule")
+            wait_for(lambda: c.execute("SELECT count(*) FROM sent WHERE tag = 'good'").fetchone()[0] == 20,
+                     what="the good rule")
+            assert c.execute("SELECT count(*) FROM sent WHERE tag = 'slow'").fetchone()[0] == 0
+        log = cluster.log()
+        assert "skipped for this fold: canceling statement due to statement timeout" in log
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.rules_timeout")
+            c.execute("SELECT pg_reload_conf()")
+
+
+def test_squatted_names_never_leave_a_partition_without_its_indexes(cluster, db, roles):
+    """A role that may create in the extension's schema takes the name of a
+    coming partition and of its indexes: the partition is made under another
+    name, with every index, and later months are made too."""
+    m = roles["mallory"]
+    with cluster.connect(db) as c:
+        lo = c.execute("SELECT (date_trunc('month', now()) + interval '6 months')::date").fetchone()[0]
+        name = f"tb_error_occurrence_{lo:%Y_%m}"
+    with cluster.connect(db, user=m) as w:
+        w.execute(f"CREATE TABLE public.{name} ()")
+        for suffix in ("capture_xid", "error_id", "pkey"):
+            w.execute(f"CREATE TABLE public.{name}_{suffix} ()")
+    with cluster.connect(db) as c:
+        c.execute("SELECT fraiseql_ensure_partitions('tb_error_occurrence', 8)")
+        part = c.execute("SELECT partition_name FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass"
+                         " AND lower_bound = %s::timestamptz", (lo,)).fetchone()[0]
+        assert part != name
+        expected = c.execute("SELECT count(*) FROM tb_partition_index WHERE parent_table = 'tb_error_occurrence'::regclass").fetchone()[0]
+        have = c.execute("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass", (part,)).fetchone()[0]
+        assert have == expected
+        later = c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass"
+                          " AND lower_bound > %s::timestamptz", (lo,)).fetchone()[0]
+        assert later >= 1
