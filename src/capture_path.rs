@@ -540,9 +540,12 @@ unsafe fn prepare_state(s: &mut Option<State>, fn_oid: pg_sys::Oid) {
         }
         if let Some(old) = s.take() {
             pg_sys::SPI_freeplan(old.insert_plan);
-            pg_sys::SPI_freeplan(old.rules_plan);
+            if !old.rules_plan.is_null() {
+                pg_sys::SPI_freeplan(old.rules_plan);
+            }
         }
-        let (insert_plan, rules_plan) = prepare_plans(namespace);
+        // (the rules' plan is made by has_rules, once it has their lock)
+        let (insert_plan, rules_plan) = (prepare_plans(namespace), std::ptr::null_mut());
         *s = Some(State {
             namespace,
             occurrence_table: occurrence_table(namespace),
@@ -573,6 +576,39 @@ unsafe fn has_rules() -> bool {
         return v;
     }
     unsafe {
+        // A role allowed to change the rules may hold their table locked:
+        // a capture never waits for it. It then takes it that rules exist
+        // (the worker is woken at commit for nothing, at worst) and asks
+        // again at its next capture.
+        let namespace = STATE
+            .with(|s| s.borrow().as_ref().map(|st| st.namespace))
+            .expect("capture state");
+        let rules = pg_sys::get_relname_relid(c"tb_error_notification_config".as_ptr(), namespace);
+        if rules == pg_sys::InvalidOid
+            || !pg_sys::ConditionalLockRelationOid(rules, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+        {
+            return true;
+        }
+        // (prepared here, with the lock had: preparing would wait for it)
+        if plan_of(|s| s.rules_plan).is_null() {
+            let schema = pg_sys::get_namespace_name(namespace);
+            let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
+                .to_string_lossy()
+                .into_owned();
+            let sql = CString::new(RULES_SQL.replace("{schema}", &schema)).unwrap();
+            pg_sys::SPI_connect();
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());
+            if plan.is_null() {
+                error!("fraiseql_obs: cannot prepare the rules statement");
+            }
+            pg_sys::SPI_keepplan(plan);
+            pg_sys::SPI_finish();
+            STATE.with(|s| {
+                if let Some(st) = s.borrow_mut().as_mut() {
+                    st.rules_plan = plan;
+                }
+            });
+        }
         let plan = plan_of(|s| s.rules_plan);
         pg_sys::SPI_connect();
         let rc = pg_sys::SPI_execute_plan(plan, std::ptr::null_mut(), std::ptr::null(), true, 1);
@@ -612,7 +648,7 @@ pub fn insert_statement(schema: &str) -> (String, Vec<pg_sys::Oid>) {
     (sql, COLUMNS.iter().map(|(_, t)| t.value()).collect())
 }
 
-unsafe fn prepare_plans(namespace: pg_sys::Oid) -> (pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr) {
+unsafe fn prepare_plans(namespace: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
     unsafe {
         let schema = pg_sys::get_namespace_name(namespace);
         let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
@@ -629,12 +665,9 @@ unsafe fn prepare_plans(namespace: pg_sys::Oid) -> (pg_sys::SPIPlanPtr, pg_sys::
             pg_sys::SPI_keepplan(plan);
             plan
         };
-        let plans = (
-            prepare(&insert_sql, &mut insert_types),
-            prepare(&RULES_SQL.replace("{schema}", &schema), &mut Vec::new()),
-        );
+        let plan = prepare(&insert_sql, &mut insert_types);
         pg_sys::SPI_finish();
-        plans
+        plan
     }
 }
 

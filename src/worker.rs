@@ -530,8 +530,10 @@ pub(crate) fn extension_schema() -> Option<String> {
 /// can run are forced here, above any such SET: names resolve only in
 /// pg_catalog (and its own temporary schema), so no object another role
 /// created can stand in for a built-in; no role switch; transactions
-/// read-write in READ COMMITTED; no timeout but the ones the worker
-/// arms itself; ISO dates; no JIT (its short statements over small
+/// read-write in READ COMMITTED; no statement timeout but the ones the
+/// worker arms itself, and a lock waited for 10 s at most (a role allowed
+/// to lock a table the worker reads, the rules for one, holds up one step,
+/// retried next round, never the worker's loop); ISO dates; no JIT (its short statements over small
 /// batches carry large cost estimates on big tables, and compiling them
 /// would cost more than running them).
 pub(crate) fn force_settings() {
@@ -542,7 +544,7 @@ pub(crate) fn force_settings() {
         (c"default_transaction_isolation", c"read committed"),
         (c"default_transaction_deferrable", c"off"),
         (c"statement_timeout", c"0"),
-        (c"lock_timeout", c"0"),
+        (c"lock_timeout", c"10s"),
         (c"idle_in_transaction_session_timeout", c"0"),
         (c"DateStyle", c"ISO, MDY"),
         (c"IntervalStyle", c"postgres"),

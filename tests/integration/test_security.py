@@ -756,3 +756,31 @@ def test_squatted_names_never_leave_a_partition_without_its_indexes(cluster, db,
         later = c.execute("SELECT count(*) FROM v_partitions WHERE parent_table = 'tb_error_occurrence'::regclass"
                           " AND lower_bound > %s::timestamptz", (lo,)).fetchone()[0]
         assert later >= 1
+
+
+def test_a_role_holding_the_rules_locked_never_hangs_the_worker(cluster, db, roles, http):
+    """A role allowed to change rules (UPDATE) may lock their table; while it
+    holds it the worker's loop goes on (maintenance runs; a step that needs
+    the table waits 10 s at most and is retried), and everything resumes
+    when it lets go."""
+    m = roles["mallory"]
+    with cluster.connect(db) as c:
+        c.execute(f"GRANT SELECT, UPDATE ON tb_error_notification_config TO {m}")
+        rule(c, "webhook", {"url": http.url + "/x"})
+        c.execute("SELECT fraiseql_capture_error('E', 'before')")
+        wait_for(lambda: len(http.requests) == 1, what="a first delivery")
+    holder = cluster.connect(db, user=m, autocommit=False)
+    try:
+        holder.execute("LOCK TABLE tb_error_notification_config IN ACCESS EXCLUSIVE MODE")
+        with cluster.connect(db) as c:
+            c.execute("SELECT fraiseql_capture_error('E', 'while locked')")
+            t0 = c.execute("SELECT clock_timestamp()").fetchone()[0]
+            wait_for(lambda: c.execute("SELECT count(*) FROM tb_maintenance_run WHERE triggered_by = 'worker'"
+                                       " AND started_at > %s + interval '11 seconds'", (t0,)).fetchone()[0] >= 1,
+                     timeout=40, what="maintenance going on past a lock wait")
+    finally:
+        holder.rollback()
+        holder.close()
+    with cluster.connect(db) as c:
+        wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 2, what="the count")
+        wait_for(lambda: len(http.requests) == 2, timeout=40, what="the delivery held up")
