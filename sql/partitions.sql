@@ -102,6 +102,7 @@ DECLARE
     key      text := @extschema@._fraiseql_partition_key(parent);
     dflt     regclass := @extschema@._fraiseql_default_partition(parent);
     has_rows boolean := false;
+    ix_name  text;  -- (a free name, when the usual one is taken)
 BEGIN
     IF target IS NULL THEN
         RAISE EXCEPTION 'fraiseql_obs: target date must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -126,14 +127,17 @@ BEGIN
     -- up) does not stop it: the partition takes the next free name
     -- (partitions are known by their bounds, never by their names).
     IF to_regclass(format('%I.%I', nsp, partition_name)) IS NOT NULL THEN
-        SELECT x.name INTO partition_name
+        SELECT x.name INTO ix_name
           FROM generate_series(1, 100) g, LATERAL (SELECT partition_name || '_' || g AS name) x
          WHERE to_regclass(format('%I.%I', nsp, x.name)) IS NULL
          ORDER BY g LIMIT 1;
-        IF partition_name IS NULL THEN
-            RAISE EXCEPTION 'fraiseql_obs: cannot create the partition of % for %: its names are taken', parent, lo
-                USING ERRCODE = 'duplicate_table';
+        IF ix_name IS NULL THEN
+            RAISE EXCEPTION 'fraiseql_obs: cannot create partition %.% (for %): that name and %_1 to %_100 are taken by other relations',
+                nsp, partition_name, lo, partition_name, partition_name
+                USING ERRCODE = 'duplicate_table',
+                      HINT = 'Rename or drop those relations.';
         END IF;
+        partition_name := ix_name;
     END IF;
 
     IF dflt IS NOT NULL THEN

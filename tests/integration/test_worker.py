@@ -177,11 +177,15 @@ def test_extension_in_its_own_schema(cluster):
 
 def test_failing_tick_is_recorded_logged_once_and_retried(cluster, db):
     with cluster.connect(db) as c:
-        # a table squatting on the name of the next partition to create
+        # tables squatting on the name of the next partition to create and
+        # on every name it could take instead
         nxt = c.execute("SELECT 'tb_error_occurrence_' || to_char((now() AT TIME ZONE 'UTC') + interval '4 months', 'YYYY_MM')").fetchone()[0]
+        squatters = [nxt] + [f"{nxt}_{i}" for i in range(1, 101)]
+        with c.transaction():
+            for t in squatters:
+                c.execute(f"CREATE TABLE {t} (x int)")
         c.execute("ALTER SYSTEM SET fraiseql_obs.premake_months = 4")
         c.execute("SELECT pg_reload_conf()")
-        c.execute(f"CREATE TABLE {nxt} (x int)")
     try:
         with cluster.connect(db) as c:
             wait_for(lambda: c.execute(
@@ -190,7 +194,7 @@ def test_failing_tick_is_recorded_logged_once_and_retried(cluster, db):
         warnings = [l for l in cluster.log().splitlines() if "WARNING" in l and nxt in l]
         assert len(warnings) <= 1, warnings  # a persisting error is not logged at every tick
         with cluster.connect(db) as c:
-            c.execute(f"DROP TABLE {nxt}")
+            c.execute(f"DROP TABLE {', '.join(squatters)}")
         wait_for(lambda: nxt in partitions(cluster, db), what="retried and created once the name is free")
         assert worker_pid(cluster, db)
     finally:
