@@ -112,7 +112,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN EXISTS (
                     SELECT 1 FROM unnest(ARRAY['smtp_host', 'smtp_port', 'tls', 'use_tls', 'allow_plaintext_login',
-                                               'tls_ca_pem', 'tls_ca_file', 'url', 'webhook_url']) k
+                                               'tls_ca_pem', 'tls_ca_file', 'url', 'webhook_url',
+                                               -- (nor to send as another sender through the team's login)
+                                               'from', 'from_address']) k
                      WHERE r ? k AND r->k IS DISTINCT FROM d->k)
                 THEN (d - ARRAY['smtp_user', 'smtp_password', 'headers']) || r
                 ELSE d || r END

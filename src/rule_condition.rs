@@ -24,6 +24,13 @@ pub fn problem(text: &str) -> Option<String> {
     // the parentheses open now, and whether each opened a filter
     let mut open: Vec<bool> = Vec::new();
     let mut recursive = 0;
+    // accessors that give many values ([*], .*, **): two of them compared
+    // are a cross product, more multiply further
+    let mut wildcards = 0;
+    // inside a subscript [...]: a list ([0,0,0], which in lax mode repeats
+    // the item once per entry, and chained multiplies) or a range ([0 to
+    // 1000000000], walked whole) is refused
+    let mut in_subscript = false;
     let mut i = 0;
     while i < chars.len() {
         match chars[i] {
@@ -39,10 +46,24 @@ pub fn problem(text: &str) -> Option<String> {
             }
             '*' if chars.get(i + 1) == Some(&'*') => {
                 recursive += 1;
+                wildcards += 1;
                 if recursive > 1 {
                     return Some("the condition has more than one recursive wildcard (**)".into());
                 }
                 i += 1;
+            }
+            '*' if in_subscript || (i > 0 && chars[i - 1] == '.') => wildcards += 1,
+            '[' => in_subscript = true,
+            ']' => in_subscript = false,
+            ',' if in_subscript => {
+                return Some("a subscript in the condition lists several items ([a, b]): use one, or [*]".into());
+            }
+            't' if in_subscript
+                && chars.get(i + 1) == Some(&'o')
+                && i > 0
+                && chars[i - 1].is_whitespace() =>
+            {
+                return Some("a subscript in the condition is a range ([a to b]): use one item, or [*]".into());
             }
             '?' => {
                 let mut j = i + 1;
@@ -71,6 +92,9 @@ pub fn problem(text: &str) -> Option<String> {
             _ => {}
         }
         i += 1;
+        if wildcards > 2 {
+            return Some("the condition has more than two wildcards ([*], .*, **)".into());
+        }
     }
     None
 }
@@ -128,8 +152,15 @@ mod unit {
         assert!(problem(nested).is_some());
         assert!(problem(r#"exists ($.**?(exists (@.**?(@ == "no"))))"#).unwrap().contains("recursive"));
         assert!(problem(r#"exists ($."a"[*]?(exists ($."a"[*]))))"#).unwrap().contains("root"));
-        let deep = r#"exists ($.*?(exists (@.*?(exists (@.*?(exists (@.*?(@ == 1))))))))"#;
+        let deep = r#"exists ($."a"?(exists (@."b"?(exists (@."c"?(exists (@."d"?(@ == 1))))))))"#;
         assert!(problem(deep).unwrap().contains("deep"));
         assert!(problem(&format!(r#"($."a" == "{}")"#, "x".repeat(3000))).unwrap().contains("longer"));
+        let lists = format!(r#"exists ($[0,0,0,0,0,0,0,0,0,0]{}."nope")"#, "[0,0,0,0,0,0,0,0,0,0]".repeat(11));
+        assert!(problem(&lists).unwrap().contains("several"));
+        assert!(problem(r#"exists ($."a"[0 to 1000000000])"#).unwrap().contains("range"));
+        assert!(problem(r#"($."a"[*].* == $."b"[*])"#).unwrap().contains("wildcards"));
+        // one subscript, last, strings with brackets and commas: fine
+        assert_eq!(problem(r#"($."a"[0] == "x[1, 2 to 3]" && $."b"[last] == 1)"#), None);
+        assert_eq!(problem(r#"($."a"[*] == $."b"[*])"#), None);
     }
 }

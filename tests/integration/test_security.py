@@ -679,6 +679,16 @@ def test_a_rule_writer_gets_no_default_credentials_for_its_own_destination(clust
     assert by_path[("/team", "POST")] == ["Bearer s3cret"], by_path
     assert by_path[("/mine", "POST")] == [None], by_path
     assert by_path[("/team", "PUT")] == [None], by_path
+    with cluster.connect(db) as c:
+        # e-mail: the team's login never sends as another sender, nor elsewhere
+        merged = lambda rule_cfg: c.execute(
+            "SELECT _fraiseql_channel_config(%s, %s)",
+            (json.dumps({"smtp_host": "smtp.example.com", "smtp_user": "team", "smtp_password": "pw",
+                         "from_address": "alerts@example.com"}), json.dumps(rule_cfg))).fetchone()[0]
+        assert merged({"to": ["oncall@example.com"]})["smtp_password"] == "pw"
+        for cfg in ({"from": "CEO <ceo@example.com>"}, {"from_address": "ceo@example.com"},
+                    {"smtp_host": "mx.elsewhere.example"}, {"tls": "none"}):
+            assert "smtp_password" not in merged(cfg) and "smtp_user" not in merged(cfg), cfg
 
 
 def test_a_rule_condition_that_would_run_for_hours_is_refused(cluster, db):
@@ -687,7 +697,10 @@ def test_a_rule_condition_that_would_run_for_hours_is_refused(cluster, db):
             ('exists($.** ? (exists($.** ? (exists($.** ? (@ == "no"))))))', "root"),
             ('exists($.** ? (exists(@.** ? (@ == "no"))))', "recursive"),
             ('exists($.context.a[*] ? (exists($.context.a[*] ? (@ == 1))))', "root"),
-            ('exists($.* ? (exists(@.* ? (exists(@.* ? (exists(@.* ? (@ == 1))))))))', "deep"),
+            ('exists($.a ? (exists(@.b ? (exists(@.c ? (exists(@.d ? (@ == 1))))))))', "deep"),
+            ('exists($' + '[0,0,0,0,0,0,0,0,0,0]' * 12 + '.nope)', "several"),
+            ('exists($.a[0 to 1000000000])', "range"),
+            ('$.a[*].* == $.b[*]', "wildcards"),
         ]:
             with pytest.raises(psycopg.errors.InvalidParameterValue, match=why):
                 rule(c, "pg_notify", {}, condition=cond)
