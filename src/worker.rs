@@ -303,7 +303,7 @@ pub extern "C-unwind" fn fraiseql_obs_launcher_main(_arg: pg_sys::Datum) {
     let mut warned: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
         if guc::WORKER_ENABLED.get() {
-            let queued_before = crate::autonomous::head();
+            let queued_before = crate::autonomous::next_id();
             let dbs = match in_transaction(list_databases) {
                 Ok(d) => {
                     let oids: Vec<u32> = d.iter().map(|d| d.oid).collect();
@@ -590,7 +590,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::pgstat_report_appname(appname.as_ptr()) };
     force_settings();
 
-    let queued_before = crate::autonomous::head();
+    let queued_before = crate::autonomous::next_id();
     let schema = match in_transaction(extension_schema) {
         Ok(Some(s)) => s,
         _ => {
@@ -677,9 +677,9 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                         // one row that cannot be stored must not take the
                         // others with it: each alone (only after a failure)
                         let mut first_error = None;
-                        for (pos, row) in taken.positions.iter().zip(&taken.rows) {
+                        for (id, row) in taken.ids.iter().zip(&taken.rows) {
                             let one = crate::autonomous::Taken {
-                                positions: vec![*pos],
+                                ids: vec![*id],
                                 rows: vec![row.clone()],
                             };
                             let r = in_transaction(|| crate::autonomous::store(&schema, &one));
@@ -759,7 +759,7 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 // the round's cost, deliveries included, spaces the next fold
                 fold_took = now.elapsed();
             }
-            let queued_before = crate::autonomous::head();
+            let queued_before = crate::autonomous::next_id();
             if !failures.is_empty() && !matches!(in_transaction(extension_schema), Ok(Some(_))) {
                 // DROP EXTENSION: the failure was expected; stop quietly and
                 // let the launcher look again later.

@@ -167,3 +167,42 @@ def test_a_row_that_cannot_be_stored_does_not_take_its_batch_with_it(cluster, db
         s = wait_for(lambda: (lambda s: s["failed"] > before["failed"] and s)(stats(c)), timeout=20, what="the bad row given up")
         assert s["failed"] - before["failed"] == 1 and s["waiting"] == 0
         c.execute("DROP TRIGGER refuse_poison ON tb_error_occurrence")
+
+
+def test_one_database_cannot_take_the_queue_from_another(cluster, db):
+    """The queue is shared by the cluster's databases. The owner of another
+    database (or its worker, slow or stuck) must not make this database's
+    autonomous captures drop: a database's waiting entries hold at most half
+    of the queue, and an entry stored frees its space even behind one that
+    still waits."""
+    other = cluster.new_database()
+    try:
+        with cluster.connect(other) as a, cluster.connect(db) as b:
+            # the other database's worker is stuck storing its first entry
+            a.execute("""CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+                         BEGIN IF NEW.message = 'slow' THEN PERFORM pg_sleep(6); END IF; RETURN NEW; END $$""")
+            a.execute("CREATE TRIGGER slow BEFORE INSERT ON tb_error_occurrence FOR EACH ROW EXECUTE FUNCTION public.slow()")
+            a.execute("SELECT fraiseql_capture_error('StuckError', 'slow', autonomous => true)")
+            wait_for(lambda: a.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND wait_event = 'PgSleep' AND backend_type LIKE 'fraiseql_obs%'").fetchone()[0] == 1,
+                     timeout=10, interval=0.05, what="the other database's worker stuck")
+            # meanwhile that database queues as much as it can (60 kB each)
+            big = "x" * (60 * 1024)
+            dropped_there = 0
+            notices = []
+            a.add_notice_handler(lambda d: notices.append(d.message_primary))
+            for i in range(5):
+                a.execute("SELECT fraiseql_capture_error('FloodError', %s, %s, autonomous => true)", (f"m{i}", big))
+            dropped_there = sum("queue is full" in n for n in notices)
+            assert dropped_there >= 3, notices  # at most half of the 256 kB queue
+            # this database's captures, one after another, all stored
+            for i in range(8):
+                b.execute("SELECT fraiseql_capture_error('MineError', %s, %s, autonomous => true)", (f"m{i}", big))
+                wait_for(lambda: b.execute("SELECT count(*) FROM tb_error_occurrence WHERE error_type = 'MineError'").fetchone()[0] == i + 1,
+                         timeout=10, interval=0.05, what=f"capture {i} stored")
+            # and the other database loses nothing it was given room for
+            wait_for(lambda: a.execute("SELECT count(*) FROM tb_error_occurrence WHERE error_type IN ('StuckError', 'FloodError')").fetchone()[0]
+                     == 1 + 5 - dropped_there, timeout=20, interval=0.1, what="the other database's captures stored")
+    finally:
+        with cluster.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
