@@ -122,6 +122,7 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_queue', 
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_state', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_notification_digest', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_maintenance_run', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_maintenance_step', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_occurrence_default', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.tb_error_notification_log_default', '');
 SELECT pg_catalog.pg_extension_config_dump('monitoring.traces_default', '');

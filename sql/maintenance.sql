@@ -62,6 +62,73 @@ AS $$
      WHERE NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_log g WHERE g.error_id = d.error_id);
 $$;
 
+-- Records how a maintenance step of a table went (p_problem NULL: it ran).
+-- A step that keeps failing is a DBA's business: retention stops, the
+-- default partition grows. From the third failure in a row it is logged as
+-- a WARNING (at most once an hour) naming the sessions that held the table,
+-- e.g. a report left open in a transaction; v_maintenance_steps shows it.
+CREATE FUNCTION _fraiseql_maintenance_step_result(p_parent regclass, p_step text, p_problem text, p_locked boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s          @extschema@.tb_maintenance_step;
+    v_blockers integer[];
+    v_who      text;
+BEGIN
+    IF p_problem IS NULL THEN
+        DELETE FROM @extschema@.tb_maintenance_step t
+         WHERE t.parent_table = p_parent AND t.step = p_step AND t.failures >= 3
+        RETURNING * INTO s;
+        IF FOUND THEN
+            RAISE LOG 'fraiseql_obs: maintenance of % (%) ran again, after % failed attempts since %',
+                p_parent, p_step, s.failures, s.failing_since;
+        END IF;
+        INSERT INTO @extschema@.tb_maintenance_step AS t (parent_table, step, last_done_at)
+        VALUES (p_parent, p_step, now())
+        ON CONFLICT (parent_table, step) DO UPDATE
+           SET last_done_at = now(), failing_since = NULL, failures = 0, last_problem = NULL,
+               blocked_by = NULL, warned_at = NULL;
+        RETURN;
+    END IF;
+    IF p_locked THEN
+        -- who holds the table or one of its partitions (granted locks only)
+        SELECT array_agg(DISTINCT l.pid ORDER BY l.pid) INTO v_blockers
+          FROM pg_locks l
+         WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+           AND (l.relation = p_parent
+                OR l.relation IN (SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = p_parent));
+    END IF;
+    INSERT INTO @extschema@.tb_maintenance_step AS t
+        (parent_table, step, failing_since, failures, last_problem, blocked_by)
+    VALUES (p_parent, p_step, now(), 1, left(p_problem, 1000), v_blockers)
+    ON CONFLICT (parent_table, step) DO UPDATE
+       SET failing_since = coalesce(t.failing_since, now()), failures = t.failures + 1,
+           last_problem = excluded.last_problem, blocked_by = excluded.blocked_by
+    RETURNING * INTO s;
+    IF s.failures >= 3 AND (s.warned_at IS NULL OR s.warned_at < now() - interval '1 hour') THEN
+        SELECT string_agg(format('pid %s (role %s, %s, transaction open since %s)',
+                                 a.pid, a.usename, coalesce(a.state, '?'), coalesce(a.xact_start::text, '?')),
+                          '; ' ORDER BY a.pid)
+          INTO v_who
+          FROM pg_stat_activity a WHERE a.pid = ANY (v_blockers);
+        UPDATE @extschema@.tb_maintenance_step t SET warned_at = now()
+         WHERE t.parent_table = p_parent AND t.step = p_step;
+        RAISE WARNING 'fraiseql_obs: maintenance of % (%) has failed % times in a row since %: %',
+            p_parent, p_step, s.failures, s.failing_since, s.last_problem
+            USING DETAIL = CASE WHEN v_who IS NOT NULL THEN 'Sessions holding the table: ' || v_who || '.' END,
+                  HINT = CASE p_step
+                         WHEN 'drop' THEN 'Partitions past retention are not dropped meanwhile. '
+                         WHEN 'create' THEN 'New rows go to the default partition meanwhile. '
+                         ELSE '' END
+                         || 'A session left open in a transaction can be ended with pg_terminate_backend(); '
+                         || 'idle_in_transaction_session_timeout prevents it. See v_maintenance_steps.';
+    END IF;
+END
+$$;
+
 -- One maintenance tick: for every managed table, move rows out of the default
 -- partition, create partitions ahead, drop partitions past retention; then
 -- prune empty groups. Each table is handled in its own subtransaction with a
@@ -137,11 +204,14 @@ BEGIN
                 ELSE
                     v_pruned := v_pruned + @extschema@._fraiseql_prune_groups(v_keep);
                 END CASE;
+                PERFORM @extschema@._fraiseql_maintenance_step_result(cfg.parent_table, v_step, NULL, false);
             EXCEPTION
                 WHEN lock_not_available THEN
                     v_skipped := v_skipped || (cfg.parent_table::text || ' ' || v_step || ': lock not available, retried next run');
+                    PERFORM @extschema@._fraiseql_maintenance_step_result(cfg.parent_table, v_step, 'lock not available', true);
                 WHEN OTHERS THEN
                     v_error := coalesce(v_error || E'\n', '') || cfg.parent_table::text || ' ' || v_step || ': ' || SQLERRM;
+                    PERFORM @extschema@._fraiseql_maintenance_step_result(cfg.parent_table, v_step, SQLERRM, false);
             END;
         END LOOP;
     END LOOP;
@@ -182,6 +252,13 @@ BEGIN
     RETURN v_result;
 END
 $$;
+
+-- Each maintenance step of each managed table, those failing first:
+--   SELECT * FROM v_maintenance_steps WHERE failing_since IS NOT NULL;
+CREATE VIEW v_maintenance_steps AS
+SELECT parent_table, step, last_done_at, failing_since, failures, last_problem, blocked_by
+  FROM tb_maintenance_step
+ ORDER BY failing_since NULLS LAST, parent_table::text, step;
 
 CREATE VIEW v_maintenance_runs AS
 SELECT run_id, started_at, finished_at, duration_ms, triggered_by, created, dropped,

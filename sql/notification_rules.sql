@@ -948,6 +948,22 @@ BEGIN
 END
 $$;
 
+-- When the worker's maintenance is next due: `every` after its last run, or
+-- within a minute when that run skipped a step for a lock (a report was
+-- holding the table: retried soon, so that only a session that holds it for
+-- good keeps a partition past retention; see v_maintenance_steps).
+CREATE FUNCTION _fraiseql_next_maintenance(p_every interval) RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(
+        (SELECT m.started_at + CASE WHEN cardinality(m.skipped) > 0
+                                    THEN least(p_every, interval '1 minute') ELSE p_every END
+           FROM @extschema@.tb_maintenance_run m WHERE m.triggered_by = 'worker'
+          ORDER BY m.started_at DESC LIMIT 1),
+        now() + p_every)
+$$;
+
 -- When this database next needs its worker if nothing wakes it before: a
 -- retry, a lease that runs out, a digest window that closes, an archive
 -- that ends, maintenance.
@@ -956,8 +972,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT least(
-        (SELECT coalesce(max(m.started_at), now()) + p_maintenance_every
-           FROM @extschema@.tb_maintenance_run m WHERE m.triggered_by = 'worker'),
+        @extschema@._fraiseql_next_maintenance(p_maintenance_every),
         (SELECT min(greatest(q.next_attempt_at, coalesce(q.locked_until, q.next_attempt_at)))
            FROM @extschema@.tb_notification_queue q),
         (SELECT min(d.window_start + c.rate_limit_minutes * interval '1 minute')

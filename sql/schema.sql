@@ -419,3 +419,18 @@ CREATE TABLE tb_maintenance_run (
     last_error      text
 );
 CREATE INDEX idx_maintenance_run_started ON tb_maintenance_run (started_at DESC);
+
+-- Each maintenance step of each managed table: when it last ran, and since
+-- when it has been failing (a lock held by a session, an error), with the
+-- sessions that held the table then (see v_maintenance_steps).
+CREATE TABLE tb_maintenance_step (
+    parent_table   regclass NOT NULL,
+    step           text NOT NULL,
+    last_done_at   timestamptz,
+    failing_since  timestamptz,
+    failures       integer NOT NULL DEFAULT 0,
+    last_problem   text,
+    blocked_by     integer[],
+    warned_at      timestamptz,
+    PRIMARY KEY (parent_table, step)
+);

@@ -627,10 +627,11 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
     // maintenance is due by the last run's time (this worker may be one of
     // many that served the database in turn)
     let mut next_maintenance = Instant::now() + seconds(&format!(
-        "SELECT greatest(0, extract(epoch FROM coalesce(max(m.started_at), now() - interval '1 year') \
-                + make_interval(secs => {}) - now()))::text \
-           FROM {schema}.tb_maintenance_run m WHERE m.triggered_by = 'worker'",
-        guc::MAINTENANCE_INTERVAL_S.get().max(1)
+        "SELECT greatest(0, extract(epoch FROM coalesce( \
+                    (SELECT {schema}._fraiseql_next_maintenance(make_interval(secs => {every})) \
+                      WHERE EXISTS (SELECT FROM {schema}.tb_maintenance_run m WHERE m.triggered_by = 'worker')), \
+                    now()) - now()))::text",
+        every = guc::MAINTENANCE_INTERVAL_S.get().max(1)
     ));
     let mut next_flush = Instant::now();
     let mut last_fold = Instant::now();
@@ -729,12 +730,19 @@ pub extern "C-unwind" fn fraiseql_obs_worker_main(arg: pg_sys::Datum) {
                 };
             }
             if maintain_now {
+                let every = Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
+                next_maintenance = Instant::now() + every;
                 match step("maintenance", &maintenance_sql) {
-                    Ok(_) => successes.push(1),
+                    Ok(result) => {
+                        successes.push(1);
+                        // a step skipped for a lock (a report held the
+                        // table) is tried again within a minute
+                        if skipped_a_step(result.as_deref()) {
+                            next_maintenance = Instant::now() + every.min(Duration::from_secs(60));
+                        }
+                    }
                     Err(e) => failures.push((1, "maintenance", e)),
                 }
-                next_maintenance = Instant::now()
-                    + Duration::from_secs(guc::MAINTENANCE_INTERVAL_S.get().max(1) as u64);
             }
             if deliver_now {
                 // what a commit queued (a fold of this round that queued
@@ -877,6 +885,14 @@ fn step(what: &str, sql: &str) -> Result<Option<String>, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether a maintenance run's result lists a step skipped for a lock.
+fn skipped_a_step(result: Option<&str>) -> bool {
+    result
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .and_then(|v| v.get("skipped")?.as_array().map(|a| !a.is_empty()))
+        .unwrap_or(false)
 }
 
 /// A query's answer in seconds (0 when it fails or says nothing).

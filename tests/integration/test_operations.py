@@ -319,3 +319,68 @@ def test_a_transaction_left_open_elsewhere_delays_nothing(cluster, db):
         mine.close()
         with cluster.connect() as c:
             c.execute(f"DROP DATABASE IF EXISTS {other}")
+
+
+def test_maintenance_held_off_for_good_is_seen_and_named(cluster, db):
+    """A dashboard reader that leaves a transaction open holds the table:
+    dropping partitions past retention is skipped at every run. The DBA must
+    see it: v_maintenance_steps says since when, and who holds the table;
+    from the third failure the log has a WARNING naming the session; a
+    worker's run that skipped a step is tried again within a minute, not an
+    hour; once the session is gone the partition is dropped and the step is
+    healthy again."""
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET fraiseql_obs.ddl_lock_timeout = 100")
+        c.execute("ALTER SYSTEM SET fraiseql_obs.maintenance_interval = 3600")
+        c.execute("SELECT pg_reload_conf()")
+    time.sleep(1)
+    try:
+        with cluster.connect(db) as c:
+            c.execute("DROP ROLE IF EXISTS held_reader")
+            c.execute("CREATE ROLE held_reader LOGIN")
+            c.execute("GRANT USAGE ON SCHEMA public TO held_reader")
+            c.execute("GRANT SELECT ON tb_error_occurrence TO held_reader")
+            old = c.execute("SELECT create_error_occurrence_partition((now() - interval '2 years')::date)").fetchone()[0]
+        reader = cluster.connect(db, user="held_reader", autocommit=False)
+        reader.execute("SELECT count(*) FROM tb_error_occurrence")  # every partition, until the end
+        reader_pid = reader.execute("SELECT pg_backend_pid()").fetchone()[0]
+        try:
+            with cluster.connect(db) as c:
+                warnings = []
+                c.add_notice_handler(lambda d: warnings.append((d.severity_nonlocalized, d.message_primary, d.message_detail)))
+                for _ in range(5):
+                    r = c.execute("SELECT fraiseql_run_maintenance('worker')").fetchone()[0]
+                    assert any("drop: lock not available" in s for s in r["skipped"]), r
+                    if warnings:
+                        break
+                sev, msg, detail = warnings[0]
+                assert sev == "WARNING" and "tb_error_occurrence (drop)" in msg and "in a row" in msg, warnings
+                assert f"pid {reader_pid} (role held_reader" in (detail or ""), warnings
+                step = c.execute("SELECT failing_since IS NOT NULL, failures, blocked_by, last_problem FROM v_maintenance_steps"
+                                 " WHERE parent_table = 'tb_error_occurrence'::regclass AND step = 'drop'").fetchone()
+                assert step[0] and step[1] >= 3 and reader_pid in step[2] and "lock not available" in step[3], step
+                # the others are healthy
+                assert c.execute("SELECT count(*) FROM v_maintenance_steps WHERE failing_since IS NULL AND step = 'create'").fetchone()[0] >= 1
+                # a worker's run that skipped a step is due again within a minute
+                due = c.execute("SELECT extract(epoch FROM _fraiseql_next_maintenance(interval '1 hour') - now())").fetchone()[0]
+                assert due <= 60, due
+                # and logged once an hour at most, not at every retry
+                warnings.clear()
+                c.execute("SELECT fraiseql_run_maintenance('worker')")
+                assert warnings == [], warnings
+        finally:
+            reader.rollback()
+            reader.close()
+        with cluster.connect(db) as c:
+            r = c.execute("SELECT fraiseql_run_maintenance('worker')").fetchone()[0]
+            assert old in r["dropped"], r
+            assert c.execute("SELECT count(*) FROM v_maintenance_steps WHERE failing_since IS NOT NULL").fetchone()[0] == 0
+            assert c.execute("SELECT last_done_at IS NOT NULL FROM v_maintenance_steps"
+                             " WHERE parent_table = 'tb_error_occurrence'::regclass AND step = 'drop'").fetchone()[0]
+            due = c.execute("SELECT extract(epoch FROM _fraiseql_next_maintenance(interval '1 hour') - now())").fetchone()[0]
+            assert due > 3000, due
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.ddl_lock_timeout")
+            c.execute("ALTER SYSTEM RESET fraiseql_obs.maintenance_interval")
+            c.execute("SELECT pg_reload_conf()")
