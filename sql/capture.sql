@@ -890,8 +890,9 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
        -- retention are forgotten with their users.
        (SELECT count(DISTINCT _fraiseql_user_of(o.context))
           FROM tb_error_occurrence o
-         WHERE o.error_id = ANY (ARRAY(SELECT m.source_id FROM tb_error_merge m WHERE m.target_id = g.error_id)
-                                 || g.error_id)) AS users_affected,
+         WHERE o.error_id = ANY (pg_catalog.array_append(
+                                     ARRAY(SELECT m.source_id FROM tb_error_merge m WHERE m.target_id = g.error_id),
+                                     g.error_id))) AS users_affected,
        g.resolved_in_release, g.resolved_in_next_release, g.regressed_in_release,
        -- Sentry's substatus
        CASE g.status
@@ -909,7 +910,9 @@ SELECT g.error_id, g.error_fingerprint, g.error_type, g.error_message, g.stack_t
            'users', g.archive_until_users, 'users_window', g.archive_users_window)) AS archive_conditions
   FROM tb_error_log g
   LEFT JOIN tb_error_count_pending p ON p.error_id = g.error_id
-  LEFT JOIN (SELECT u.error_id, sum(u.cnt) AS cnt, sum(u.light) AS light,
+  -- (sums cast back to bigint, and no polymorphic operator: see
+  -- _fraiseql_foreign_dependencies)
+  LEFT JOIN (SELECT u.error_id, sum(u.cnt)::bigint AS cnt, sum(u.light)::bigint AS light,
                     min(u.fs) AS fs, max(u.ls) AS ls, max(u.rank) AS rank
                FROM (SELECT o.group_id AS error_id, count(*) AS cnt, count(*) FILTER (WHERE o.sampled_out) AS light,
                             min(o.occurred_at) AS fs, max(o.occurred_at) AS ls,

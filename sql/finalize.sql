@@ -1,5 +1,86 @@
 -- fraiseql_obs: last step of CREATE EXTENSION.
 
+-- The functions, operators and types the extension's stored expressions
+-- (views, defaults, constraints, index expressions, triggers, function
+-- signatures) were bound to, that are neither PostgreSQL's own nor the
+-- extension's. A view binds a name when it is created, in the install's
+-- search_path (the target schema): a role that could create objects there
+-- beforehand could offer a better match than pg_catalog's for an operator
+-- or function a view uses (`public.+(bigint, numeric)`, an exact-type
+-- overload of a polymorphic function), which would then run as whoever
+-- reads the view -- the worker, a superuser. None must be found.
+CREATE FUNCTION _fraiseql_foreign_dependencies() RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH ext AS (
+        SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'fraiseql_obs'
+    ), ours AS (
+        SELECT d.classid, d.objid FROM pg_catalog.pg_depend d, ext
+         WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+           AND d.refobjid OPERATOR(pg_catalog.=) ext.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
+    ), our_relations AS (
+        SELECT o.objid AS relid FROM ours o WHERE o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    ), uses AS (
+        -- what the extension's objects, and the parts of its relations, refer to
+        SELECT d.refclassid, d.refobjid
+          FROM pg_catalog.pg_depend d
+         WHERE d.deptype OPERATOR(pg_catalog.=) 'n'
+           AND d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass,
+                                'pg_catalog.pg_type'::pg_catalog.regclass)
+           AND ((d.classid, d.objid) IN (SELECT o.classid, o.objid FROM ours o)
+                OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                    AND (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid OPERATOR(pg_catalog.=) d.objid)
+                        IN (SELECT relid FROM our_relations))
+                OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_attrdef'::pg_catalog.regclass
+                    AND (SELECT a.adrelid FROM pg_catalog.pg_attrdef a WHERE a.oid OPERATOR(pg_catalog.=) d.objid)
+                        IN (SELECT relid FROM our_relations))
+                OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_constraint'::pg_catalog.regclass
+                    AND (SELECT c.conrelid FROM pg_catalog.pg_constraint c WHERE c.oid OPERATOR(pg_catalog.=) d.objid)
+                        IN (SELECT relid FROM our_relations))
+                OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
+                    AND (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid OPERATOR(pg_catalog.=) d.objid)
+                        IN (SELECT relid FROM our_relations))
+                OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                    AND (SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid OPERATOR(pg_catalog.=) d.objid)
+                        IN (SELECT relid FROM our_relations)))
+    )
+    SELECT DISTINCT pg_catalog.pg_describe_object(u.refclassid, u.refobjid, 0)
+      FROM uses u
+     WHERE (u.refclassid, u.refobjid) NOT IN (SELECT o.classid, o.objid FROM ours o)
+       AND CASE
+           WHEN u.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+               (SELECT p.pronamespace FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) u.refobjid)
+           WHEN u.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass THEN
+               (SELECT p.oprnamespace FROM pg_catalog.pg_operator p WHERE p.oid OPERATOR(pg_catalog.=) u.refobjid)
+           ELSE
+               -- a type: PostgreSQL's, or the row type (or its array) of one of our relations
+               (SELECT CASE WHEN coalesce(t.typrelid, e.typrelid) IN (SELECT relid FROM our_relations)
+                            THEN 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
+                            WHEN e.oid IN (SELECT o.objid FROM ours o) THEN 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
+                            ELSE coalesce(e.typnamespace, t.typnamespace) END
+                  FROM pg_catalog.pg_type t
+                  LEFT JOIN pg_catalog.pg_type e ON e.oid OPERATOR(pg_catalog.=) t.typelem
+                       AND t.typcategory OPERATOR(pg_catalog.=) 'A'
+                 WHERE t.oid OPERATOR(pg_catalog.=) u.refobjid)
+           END OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
+     ORDER BY 1
+$$;
+
+DO $$
+DECLARE
+    v_found text;
+BEGIN
+    SELECT pg_catalog.string_agg(f, ', ') INTO v_found FROM @extschema@._fraiseql_foreign_dependencies() f;
+    IF v_found IS NOT NULL THEN
+        RAISE EXCEPTION 'fraiseql_obs: not installed: its views would use objects another role created in schema %: %',
+            '@extschema@', v_found
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop them, or install into a schema only trusted roles can create objects in (CREATE EXTENSION fraiseql_obs SCHEMA ...).';
+    END IF;
+END
+$$;
+
 -- The rows the extension itself needs: the counters' state, the built-in
 -- channels, the managed tables. pg_dump carries them (they are marked below),
 -- so a restore brings them and they are not made here then; after a restore

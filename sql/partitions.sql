@@ -38,7 +38,7 @@ SELECT p.parent_table,
   FROM tb_partition_config p
   JOIN pg_inherits i ON i.inhparent = p.parent_table
   JOIN pg_class c ON c.oid = i.inhrelid
-  CROSS JOIN LATERAL _fraiseql_partition_bounds(c.oid) b;
+  CROSS JOIN LATERAL _fraiseql_partition_bounds(c.oid::regclass) b;
 
 -- The registry row of a managed table, or a clear error.
 CREATE FUNCTION _fraiseql_partition_config(parent regclass)

@@ -211,6 +211,70 @@ CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = character varying, FUNCTION
 """
 
 
+PRE_INSTALL_TRAPS = """
+CREATE TABLE public.trap_log (who text, super boolean, what text);
+GRANT INSERT ON public.trap_log TO PUBLIC;
+CREATE FUNCTION public.trap(what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO public.trap_log SELECT current_user, rolsuper, what FROM pg_roles WHERE rolname = current_user; END $$;
+-- better matches than the extension's own or pg_catalog's for what its views call
+CREATE FUNCTION public._fraiseql_partition_bounds(part oid, OUT lower_bound timestamptz, OUT upper_bound timestamptz)
+LANGUAGE plpgsql AS $$ BEGIN PERFORM public.trap('partition_bounds'); END $$;
+CREATE FUNCTION public.trap_plus(bigint, numeric) RETURNS numeric LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('+'); RETURN $1::numeric + $2; END $$;
+CREATE OPERATOR public.+ (LEFTARG = bigint, RIGHTARG = numeric, FUNCTION = public.trap_plus);
+CREATE FUNCTION public.trap_append(uuid[], uuid) RETURNS uuid[] LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.trap('||'); RETURN array_append($1, $2); END $$;
+CREATE OPERATOR public.|| (LEFTARG = uuid[], RIGHTARG = uuid, FUNCTION = public.trap_append);
+"""
+
+
+def test_objects_planted_before_the_install_never_run_as_the_superuser(cluster):
+    """A role that may create in public before CREATE EXTENSION offers better
+    matches than pg_catalog's for what the views call: an exact-type function
+    (a view binds its calls when it is created), an operator on (bigint,
+    numeric). The views use none of them; one the install cannot avoid is
+    found before anything runs, and the install is refused, naming it."""
+    db = cluster.new_database(extension=False)
+    other = cluster.new_database(extension=False)
+    m = f"mallory_pre_{os.getpid()}"
+    with cluster.connect() as c:
+        c.execute(f"CREATE ROLE {m} LOGIN")
+    try:
+        for d in (db, other):
+            with cluster.connect(d) as c:
+                c.execute(f"GRANT CREATE ON SCHEMA public TO {m}")
+            with cluster.connect(d, user=m) as c:
+                c.execute(PRE_INSTALL_TRAPS)
+        with cluster.connect(db) as c:
+            c.execute("CREATE EXTENSION fraiseql_obs")
+            c.execute("SELECT fraiseql_capture_error('E', 'one', 'Traceback', context => '{\"user_id\": \"u\"}')")
+            c.execute("SELECT fraiseql_capture_error('E', 'one', 'Traceback')")
+            c.execute("SELECT fraiseql_run_maintenance()")
+            c.execute("SELECT * FROM v_partitions")
+            c.execute("SELECT occurrence_count, users_affected FROM v_error_groups")
+            wait_for(lambda: c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 2, what="fold")
+            assert c.execute("SELECT occurrence_count, users_affected FROM v_error_groups").fetchall() == [(2, 1)]
+            assert c.execute("SELECT count(*) FROM _fraiseql_foreign_dependencies()").fetchone()[0] == 0
+            assert c.execute("SELECT * FROM public.trap_log").fetchall() == []
+        # one that no view can avoid (an exact count(text) beats count("any")): refused
+        with cluster.connect(other, user=m) as c:
+            c.execute("CREATE FUNCTION public.trap_count(bigint, text) RETURNS bigint LANGUAGE plpgsql AS $$"
+                      " BEGIN PERFORM public.trap('count'); RETURN $1 + 1; END $$")
+            c.execute("CREATE AGGREGATE public.count(text) (SFUNC = public.trap_count, STYPE = bigint, INITCOND = '0')")
+        with cluster.connect(other) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c.execute("CREATE EXTENSION fraiseql_obs")
+            assert "count(text)" in str(e.value), e.value
+            assert c.execute("SELECT * FROM public.trap_log").fetchall() == []
+            assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'fraiseql_obs'").fetchone()[0] == 0
+        assert not is_superuser(cluster, m)
+    finally:
+        with cluster.connect() as c:
+            for d in (db, other):
+                c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+            c.execute(f"DROP ROLE IF EXISTS {m}")
+
+
 def test_objects_in_a_writable_schema_never_run_as_the_superuser(cluster, db, roles):
     """CVE-2018-1058: the extension lives in public, which mallory may write."""
     m = roles["mallory"]
