@@ -1052,7 +1052,9 @@ unsafe fn databases_this_command_stops(
                 let ext = pg_sys::get_extension_oid(c"fraiseql_obs".as_ptr(), true);
                 if ext != pg_sys::InvalidOid {
                     // (get_extension_schema is not exported: the schema
-                    // holding the extension's tb_error_log is its schema)
+                    // holding the extension's own tb_error_log -- a member
+                    // of the extension, not any table of that name, which
+                    // any schema's owner could make -- is its schema)
                     let objects = pgrx::PgList::<pg_sys::Node>::from_pg((*stmt).objects);
                     let ours = objects.iter_ptr().any(|o| {
                         if !pgrx::is_a(o, pg_sys::NodeTag::T_String) {
@@ -1060,9 +1062,12 @@ unsafe fn databases_this_command_stops(
                         }
                         let nsp =
                             pg_sys::get_namespace_oid((*(o as *mut pg_sys::String)).sval, true);
-                        let home = nsp != pg_sys::InvalidOid
-                            && pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), nsp)
-                                != pg_sys::InvalidOid;
+                        if nsp == pg_sys::InvalidOid {
+                            return false;
+                        }
+                        let rel = pg_sys::get_relname_relid(c"tb_error_log".as_ptr(), nsp);
+                        let home = rel != pg_sys::InvalidOid
+                            && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, rel) == ext;
                         home && pg_sys::pg_namespace_ownercheck(nsp, user)
                     });
                     if ours {

@@ -70,6 +70,18 @@ def test_failing_commands_of_a_non_owner_never_touch_the_worker(cluster, db, rol
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("DROP EXTENSION fraiseql_obs")
         c.rollback()
+        # a schema of its own holding a table named like the extension's,
+        # dropped with CASCADE and rolled back: not the extension's schema
+        c.autocommit = True
+        with cluster.connect(db) as su:
+            su.execute(f"GRANT CREATE ON DATABASE {db} TO {m}")
+        c.execute(f"CREATE SCHEMA own_{m}")
+        c.execute(f"CREATE TABLE own_{m}.tb_error_log ()")
+        c.autocommit = False
+        c.execute("SAVEPOINT s")
+        c.execute(f"DROP SCHEMA own_{m} CASCADE")
+        c.execute("ROLLBACK TO s")
+        c.rollback()
     time.sleep(1.5)  # a launcher tick: a stopped worker would be gone by now
     assert worker_pid(cluster, db) == pid
     # ... and it still works
