@@ -14,7 +14,12 @@ CREATE TABLE tb_notification_channel (
     -- refuses in a table for that reason; resolved at each call
     handler        text,
     default_config jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(default_config) = 'object'),
-    created_at     timestamptz NOT NULL DEFAULT now()
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    -- the role a channel belongs to: the one that registered it (the
+    -- installer for the built-in ones); only it, its members or a superuser
+    -- may change it or remove it (see _fraiseql_channel_check). A name, not
+    -- an oid: it survives a dump and restore.
+    registered_by  text
 );
 -- (the built-in channels: _fraiseql_install_rows, finalize.sql)
 
@@ -49,7 +54,13 @@ $$;
 -- registering one that another role owns would let that role's code run on
 -- every delivery under a name the registrar chose: only the function's owner
 -- (or a member of the owning role) or a superuser may point a channel at it.
--- Checked on the table itself, so a direct INSERT is held to it too.
+-- A channel belongs to the role that registered it: registering needs
+-- UPDATE on the table (re-registering is an upsert), and that right alone
+-- must not let one team point another team's channel, or the built-in
+-- webhook's default URL, at its own function or server (it would receive
+-- their payloads and their rules' secrets). Checked on the table itself,
+-- so a direct INSERT, UPDATE or DELETE is held to it too. (A superuser may
+-- hand a channel to a role: UPDATE ... SET registered_by.)
 CREATE FUNCTION _fraiseql_channel_check() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -57,7 +68,26 @@ AS $$
 DECLARE
     v_owner oid;
     v_proc  regprocedure;
+    v_super boolean := coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user), false);
 BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') AND NOT v_super
+       AND NOT (EXISTS (SELECT FROM pg_roles r WHERE r.rolname = OLD.registered_by)
+                AND pg_has_role(current_user, OLD.registered_by, 'USAGE')) THEN
+        RAISE EXCEPTION 'fraiseql_obs: channel "%" belongs to role %', OLD.channel_type, coalesce(OLD.registered_by, '(none)')
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only that role (or a member of it), or a superuser, may change or remove it.';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        -- (a superuser's row keeps the role it names: a restore's)
+        IF NOT v_super OR NEW.registered_by IS NULL THEN
+            NEW.registered_by := current_user;
+        END IF;
+    ELSIF NOT v_super THEN
+        NEW.registered_by := OLD.registered_by;
+    END IF;
     IF NEW.handler IS NULL OR (TG_OP = 'UPDATE' AND NEW.handler IS NOT DISTINCT FROM OLD.handler) THEN
         RETURN NEW;
     END IF;
@@ -76,7 +106,7 @@ END
 $$;
 
 CREATE TRIGGER notification_channel_check
-    BEFORE INSERT OR UPDATE ON tb_notification_channel
+    BEFORE INSERT OR UPDATE OR DELETE ON tb_notification_channel
     FOR EACH ROW EXECUTE FUNCTION _fraiseql_channel_check();
 
 -- Defaults of a built-in channel (SMTP server, a default Slack webhook, ...).

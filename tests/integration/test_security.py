@@ -188,9 +188,50 @@ def test_registering_another_roles_function_is_refused(cluster, db, roles):
                     "INSERT INTO tb_notification_channel (channel_type, handler) VALUES ('y', 'public.postgres_channel(jsonb, jsonb)')"]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must own function"):
                 c.execute(sql)
-        # its own function is fine
+        # its own function is fine, and registering it again too
         c.execute(HANDLER.format(name="own_channel"))
         c.execute("SELECT fraiseql_register_channel('own', 'public.own_channel(jsonb, jsonb)'::regprocedure)")
+        c.execute("SELECT fraiseql_register_channel('own', 'public.own_channel(jsonb, jsonb)'::regprocedure, '{\"k\": 1}')")
+
+
+def test_a_registrar_cannot_take_another_teams_channel(cluster, db, roles):
+    """Registering needs UPDATE on the channels (an upsert); that right must
+    not let one registrar point another team's channel at its own function,
+    nor the built-in webhook's default URL at its own server."""
+    m, team = roles["mallory"], roles["app"]
+    with cluster.connect(db) as c:
+        c.execute("CREATE TABLE public.handler_calls (who text, super boolean)")
+        c.execute("GRANT INSERT ON public.handler_calls TO PUBLIC")
+        for r in (m, team):
+            c.execute(f"GRANT CREATE ON SCHEMA public TO {r}")
+            c.execute(f"GRANT INSERT, UPDATE, DELETE, SELECT ON tb_notification_channel TO {r}")
+            c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_register_channel(text, regprocedure, jsonb),"
+                      f" fraiseql_set_channel_defaults(text, jsonb) TO {r}")
+    with cluster.connect(db, user=team) as c:
+        c.execute(HANDLER.format(name="team_channel"))
+        c.execute("SELECT fraiseql_register_channel('pagerduty', 'public.team_channel(jsonb, jsonb)'::regprocedure,"
+                  " '{\"routing_key\": \"team-secret\"}')")
+    with cluster.connect(db, user=m) as c:
+        c.execute(HANDLER.format(name="steal_channel"))
+        for sql in ["SELECT fraiseql_register_channel('pagerduty', 'public.steal_channel(jsonb, jsonb)'::regprocedure)",
+                    "UPDATE tb_notification_channel SET handler = 'public.steal_channel(jsonb,jsonb)' WHERE channel_type = 'pagerduty'",
+                    "UPDATE tb_notification_channel SET default_config = '{\"url\": \"http://127.0.0.1:9/\"}' WHERE channel_type = 'webhook'",
+                    "SELECT fraiseql_set_channel_defaults('webhook', '{\"url\": \"http://127.0.0.1:9/\"}')",
+                    "UPDATE tb_notification_channel SET registered_by = current_user WHERE channel_type = 'pagerduty'",
+                    "DELETE FROM tb_notification_channel WHERE channel_type = 'pagerduty'"]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="belongs to role"):
+                c.execute(sql)
+        # its own channel it may register, change and remove
+        c.execute("SELECT fraiseql_register_channel('mine', 'public.steal_channel(jsonb, jsonb)'::regprocedure)")
+        c.execute("UPDATE tb_notification_channel SET default_config = '{\"a\": 1}' WHERE channel_type = 'mine'")
+        c.execute("DELETE FROM tb_notification_channel WHERE channel_type = 'mine'")
+    with cluster.connect(db) as c:
+        assert c.execute("SELECT handler, default_config->>'routing_key', registered_by FROM tb_notification_channel"
+                         " WHERE channel_type = 'pagerduty'").fetchone() == ("public.team_channel(jsonb,jsonb)", "team-secret", team)
+        assert c.execute("SELECT default_config FROM tb_notification_channel WHERE channel_type = 'webhook'").fetchone()[0] == {}
+        # the built-in channels are the installer's; a superuser still sets their defaults
+        c.execute("SELECT fraiseql_set_channel_defaults('webhook', '{\"timeout_ms\": 1000}')")
+        assert c.execute("SELECT count(*) FROM tb_notification_channel WHERE registered_by IS NULL").fetchone()[0] == 0
 
 
 TRAPS = """
