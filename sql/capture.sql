@@ -261,6 +261,7 @@ DECLARE
     v_unmerges  @extschema@._fraiseql_unmerge[];
     v_rule      uuid;
     v_msg       text;
+    v_out_of_time uuid[] := '{}';
     v_free      uuid[];
     v_orphans   uuid[];
     v_recounted bigint;
@@ -760,11 +761,16 @@ BEGIN
     -- exact: each fold of a group is serialized (its row is locked).
     -- A rule that fails (whatever its cause) must not stop the counts: the
     -- rules are then evaluated one by one, and one that still fails is
-    -- skipped for this fold with a warning.
-    -- In the worker, the rules have a deadline (fraiseql_obs.rules_timeout,
-    -- all together, then each alone when retried one by one): a rule that
-    -- runs past it is skipped like one that fails, so no rule holds the
-    -- counts (the deadline's cancel is caught here, with the errors).
+    -- skipped for this fold with a warning, and suspended for a while
+    -- (tb_notification_rule_strike: a minute, doubling up to an hour), so
+    -- that it does not cost every fold its time again.
+    -- In the worker, the rules of a fold share one time budget
+    -- (fraiseql_obs.rules_timeout): all together, then each alone when
+    -- retried one by one, within what is left of it; a rule that runs past
+    -- it is skipped like one that fails, and those not reached once it is
+    -- spent are skipped for this fold (the deadline's cancel is caught
+    -- here, with the errors). So no rule, nor many, holds the counts longer.
+    PERFORM @extschema@._fraiseql_rules_budget(true);
     IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
         BEGIN
@@ -774,7 +780,12 @@ BEGIN
         EXCEPTION WHEN OTHERS OR query_canceled THEN
             PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
-                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL LOOP
+                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
+                             AND @extschema@._fraiseql_rule_live(c.config_id) LOOP
+                IF NOT @extschema@._fraiseql_rules_budget(false) THEN
+                    v_out_of_time := v_out_of_time || v_rule;
+                    CONTINUE;
+                END IF;
                 BEGIN
                     PERFORM @extschema@._fraiseql_rules_deadline(true);
                     PERFORM @extschema@._fraiseql_notify_milestones(v_folds, v_rule);
@@ -782,7 +793,7 @@ BEGIN
                 EXCEPTION WHEN OTHERS OR query_canceled THEN
                     PERFORM @extschema@._fraiseql_rules_deadline(false);
                     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
-                    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
+                    PERFORM @extschema@._fraiseql_rule_struck(v_rule, v_msg);
                 END;
             END LOOP;
         END;
@@ -796,7 +807,12 @@ BEGIN
         EXCEPTION WHEN OTHERS OR query_canceled THEN
             PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
-                           WHERE c.enabled AND c.notify_on_occurrence IS NULL LOOP
+                           WHERE c.enabled AND c.notify_on_occurrence IS NULL
+                             AND @extschema@._fraiseql_rule_live(c.config_id) LOOP
+                IF NOT @extschema@._fraiseql_rules_budget(false) THEN
+                    v_out_of_time := v_out_of_time || v_rule;
+                    CONTINUE;
+                END IF;
                 BEGIN
                     PERFORM @extschema@._fraiseql_rules_deadline(true);
                     PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated, v_rule);
@@ -804,10 +820,13 @@ BEGIN
                 EXCEPTION WHEN OTHERS OR query_canceled THEN
                     PERFORM @extschema@._fraiseql_rules_deadline(false);
                     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
-                    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', v_rule, v_msg;
+                    PERFORM @extschema@._fraiseql_rule_struck(v_rule, v_msg);
                 END;
             END LOOP;
         END;
+    END IF;
+    IF cardinality(v_out_of_time) > 0 THEN
+        RAISE WARNING 'fraiseql_obs: notification rules % skipped for this fold: the fold''s time for rules (fraiseql_obs.rules_timeout) was spent', v_out_of_time;
     END IF;
     RETURN n;
 END

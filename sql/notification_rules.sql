@@ -164,8 +164,12 @@ DECLARE
     v_missing text;
 BEGIN
     -- rows a dump brings were checked when they were written; their channel
-    -- may come later in the restore (tb_restore_session)
-    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM @extschema@.tb_restore_session) THEN
+    -- may come later in the restore (tb_restore_session). Only a
+    -- superuser's session restores (the extension needs one): a rule
+    -- writer's insert meanwhile is checked like any other. (This function
+    -- runs as its owner: the session's login role is the caller's.)
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM @extschema@.tb_restore_session)
+       AND coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user), false) THEN
         RETURN NEW;
     END IF;
     IF NEW.channel_config IS NULL THEN
@@ -231,9 +235,9 @@ BEGIN
         RAISE EXCEPTION 'fraiseql_obs: a webhook rule may not set the Host, Content-Length, Transfer-Encoding, Connection, Upgrade, Expect, TE, Trailer, Keep-Alive, Proxy-Authorization, Proxy-Connection or X-Fraiseql-Delivery-Id header'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF NEW.notify_on_occurrence IS NOT NULL AND (cardinality(NEW.notify_on_occurrence) = 0
+    IF NEW.notify_on_occurrence IS NOT NULL AND (cardinality(NEW.notify_on_occurrence) NOT BETWEEN 1 AND 100
        OR EXISTS (SELECT 1 FROM unnest(NEW.notify_on_occurrence) m WHERE m IS NULL OR m < 1)) THEN
-        RAISE EXCEPTION 'fraiseql_obs: notify_on_occurrence must list counts >= 1' USING ERRCODE = 'invalid_parameter_value';
+        RAISE EXCEPTION 'fraiseql_obs: notify_on_occurrence must list 1 to 100 counts, each >= 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF NEW.digest AND NEW.rate_limit_minutes = 0 THEN
         RAISE EXCEPTION 'fraiseql_obs: a digest rule needs rate_limit_minutes > 0 (its window)' USING ERRCODE = 'invalid_parameter_value';
@@ -303,13 +307,28 @@ AS $$
         ELSE v END
 $$;
 
+-- Rules that failed or ran past the fold's time for rules, suspended for a
+-- while: a minute after the first strike, doubling up to an hour, so that a
+-- costly rule does not take every fold's time again (its notifications are
+-- lost meanwhile, which the log says). A change to the rule ends it.
+CREATE TABLE tb_notification_rule_strike (
+    -- (no foreign key: striking a rule must never wait for its writer's lock)
+    config_id       uuid PRIMARY KEY,
+    strikes         integer NOT NULL,
+    suspended_until timestamptz NOT NULL,
+    last_problem    text
+);
+
 CREATE VIEW v_notification_rules AS
-SELECT config_id, error_fingerprint, error_type, severity, environment, channel_type,
+SELECT c.config_id, error_fingerprint, error_type, severity, environment, channel_type,
        @extschema@._fraiseql_redact(channel_config) AS channel_config,
        rate_limit_minutes, min_occurrence_count, notify_on_new, notify_on_regression,
        notify_on_occurrence, condition, digest, enabled, created_at, last_triggered,
-       frequency_threshold, users_threshold, frequency_window, notify_on_escalation, skip_if_assigned
-  FROM tb_error_notification_config;
+       frequency_threshold, users_threshold, frequency_window, notify_on_escalation, skip_if_assigned,
+       -- (a rule that failed or ran too long in a fold: tb_notification_rule_strike)
+       k.suspended_until, k.last_problem AS suspension_reason
+  FROM tb_error_notification_config c
+  LEFT JOIN tb_notification_rule_strike k ON k.config_id = c.config_id AND k.suspended_until > now();
 
 -- ---------------------------------------------------------------------------
 -- The delivery queue. Capture inserts into it in its own transaction (a
@@ -497,6 +516,64 @@ BEGIN
 END
 $$;
 
+-- Whether a rule is evaluated by folds now: not suspended, and with a
+-- condition the write-time check admits (a rule restored from an older
+-- dump, or written while that check could be skipped, is held to it too).
+CREATE FUNCTION _fraiseql_rule_live(p_config uuid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM @extschema@.tb_notification_rule_strike k
+                        WHERE k.config_id OPERATOR(pg_catalog.=) p_config
+                          AND k.suspended_until OPERATOR(pg_catalog.>) pg_catalog.now())
+       AND NOT EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
+                        WHERE c.config_id OPERATOR(pg_catalog.=) p_config
+                          AND @extschema@._fraiseql_condition_problem(c.condition::text) IS NOT NULL)
+$$;
+
+-- A rule failed, or ran past the fold's time, in a fold: skipped for this
+-- fold and suspended (see tb_notification_rule_strike), with a warning.
+CREATE FUNCTION _fraiseql_rule_struck(p_config uuid, p_problem text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k @extschema@.tb_notification_rule_strike;
+BEGIN
+    INSERT INTO @extschema@.tb_notification_rule_strike AS s (config_id, strikes, suspended_until, last_problem)
+    VALUES (p_config, 1, now() + interval '1 minute', left(p_problem, 1000))
+    ON CONFLICT (config_id) DO UPDATE
+       SET strikes = s.strikes + 1,
+           suspended_until = now() + least(interval '1 minute' * power(2, least(s.strikes, 10)), interval '1 hour'),
+           last_problem = excluded.last_problem
+    RETURNING * INTO k;
+    DELETE FROM @extschema@.tb_notification_rule_strike s WHERE s.suspended_until < now() - interval '1 day';
+    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold and suspended until %: %',
+        p_config, k.suspended_until, p_problem
+        USING HINT = 'Its notifications are not sent meanwhile. Make its condition cheaper; any change to the rule ends the suspension (v_notification_rules.suspended_until).';
+EXCEPTION WHEN OTHERS THEN
+    -- (the rule was deleted meanwhile: nothing to suspend)
+    RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', p_config, p_problem;
+END
+$$;
+
+-- A rule changed by its writer starts afresh.
+CREATE FUNCTION _fraiseql_rule_pardon() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM @extschema@.tb_notification_rule_strike k WHERE k.config_id = NEW.config_id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER notification_rule_pardon
+    AFTER UPDATE ON tb_error_notification_config
+    -- (any update but the worker's own bookkeeping of last_triggered)
+    FOR EACH ROW WHEN (NEW.last_triggered IS NOT DISTINCT FROM OLD.last_triggered)
+    EXECUTE FUNCTION _fraiseql_rule_pardon();
+
 -- The notification rules (all but milestones), on the occurrences one fold
 -- counted (p_batch, ordered by group and time): the first occurrence of a
 -- group the fold created is "new", the first of a group it reopened a
@@ -543,6 +620,7 @@ BEGIN
                           WHERE e.error_id = g.error_id LIMIT 1) e
      WHERE r.enabled AND r.frequency_window IS NOT NULL AND r.notify_on_occurrence IS NULL
        AND (p_only IS NULL OR r.config_id = p_only)
+       AND @extschema@._fraiseql_rule_live(r.config_id)
        AND (r.error_fingerprint IS NULL OR r.error_fingerprint = e.error_fingerprint
             OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                         WHERE m.target_id = g.error_id AND m.fingerprint = r.error_fingerprint))
@@ -595,6 +673,7 @@ BEGIN
               FROM @extschema@.tb_error_notification_config r
              WHERE r.enabled AND r.notify_on_occurrence IS NULL
                AND (p_only IS NULL OR r.config_id = p_only)
+               AND @extschema@._fraiseql_rule_live(r.config_id)
         ), rule_groups AS MATERIALIZED (
             -- the (rule, group) pairs the rule's filters may admit: a rule
             -- whose type, severity or environment filter admits no
@@ -764,6 +843,7 @@ BEGIN
           JOIN @extschema@.tb_error_notification_config r
             ON r.enabled AND r.notify_on_occurrence IS NOT NULL
            AND (p_only IS NULL OR r.config_id = p_only)
+           AND @extschema@._fraiseql_rule_live(r.config_id)
            AND NOT (r.skip_if_assigned AND (g.g).assigned_to IS NOT NULL)
            AND (r.error_fingerprint IS NULL OR r.error_fingerprint = (g.g).error_fingerprint
                 OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m

@@ -122,17 +122,20 @@ BEGIN
      WHERE c.oid = parent;
     partition_name := base || '_' || to_char(lo, CASE cfg.granularity WHEN 'month' THEN 'YYYY_MM' ELSE 'YYYY_MM_DD' END);
 
-    -- A relation of that name that is not this partition (one made by hand,
-    -- or by a role that may create objects in the schema to hold the month
-    -- up) does not stop it: the partition takes the next free name
-    -- (partitions are known by their bounds, never by their names).
-    IF to_regclass(format('%I.%I', nsp, partition_name)) IS NOT NULL THEN
+    -- A relation or type of that name that is not this partition (one made
+    -- by hand, or by a role that may create objects in the schema to hold
+    -- the month up; a table's name is also its row type's) does not stop
+    -- it: the partition takes the next free name (partitions are known by
+    -- their bounds, never by their names).
+    IF to_regclass(format('%I.%I', nsp, partition_name)) IS NOT NULL
+       OR to_regtype(format('%I.%I', nsp, partition_name)) IS NOT NULL THEN
         SELECT x.name INTO ix_name
           FROM generate_series(1, 100) g, LATERAL (SELECT partition_name || '_' || g AS name) x
          WHERE to_regclass(format('%I.%I', nsp, x.name)) IS NULL
+           AND to_regtype(format('%I.%I', nsp, x.name)) IS NULL
          ORDER BY g LIMIT 1;
         IF ix_name IS NULL THEN
-            RAISE EXCEPTION 'fraiseql_obs: cannot create partition %.% (for %): that name and %_1 to %_100 are taken by other relations',
+            RAISE EXCEPTION 'fraiseql_obs: cannot create partition %.% (for %): that name and %_1 to %_100 are taken by other relations or types',
                 nsp, partition_name, lo, partition_name, partition_name
                 USING ERRCODE = 'duplicate_table',
                       HINT = 'Rename or drop those relations.';

@@ -105,22 +105,69 @@ fn _fraiseql_condition_problem(condition: &str) -> Option<String> {
     problem(condition)
 }
 
-/// Arms (`arm`) or disarms a deadline of `fraiseql_obs.rules_timeout` for
-/// what the worker is running now, as statement_timeout would: the fold
-/// gives the notification rules a time budget with it, so that rules that
-/// would run for long are cancelled and skipped instead of holding every
-/// count. (PostgreSQL checks for the cancel between rows, not inside one
-/// jsonpath evaluation: the shapes checked above bound that one.) In a
-/// background worker only: a client session's statement loop owns its
-/// statement_timeout, and a timer left armed there could cancel a later
-/// statement. Says whether it acted.
+thread_local! {
+    /// The rules budget of the fold being run: when it ends, and whether
+    /// the rules are being retried one by one (see _fraiseql_rules_budget).
+    static BUDGET: std::cell::Cell<(Option<std::time::Instant>, bool)> = const { std::cell::Cell::new((None, false)) };
+}
+
+fn in_worker() -> bool {
+    unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BG_WORKER }
+}
+
+fn rules_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(crate::guc::RULES_TIMEOUT_MS.get().max(100) as u64)
+}
+
+/// The time the notification rules of one fold may take, in the worker:
+/// `fraiseql_obs.rules_timeout` for evaluating them all together (`start`
+/// opens it), and, if that fails, once more for retrying them one by one,
+/// each within a quarter of it (the first call with `start` false opens
+/// that second budget; every such call says whether some of it is left).
+/// So a fold spends at most twice rules_timeout on rules, however many
+/// are slow; those not reached are skipped for that fold, and those that
+/// ran past their deadline are suspended (tb_notification_rule_strike).
+/// Outside the worker there is no budget (always some left).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _fraiseql_rules_budget(start: bool) -> bool {
+    if !in_worker() {
+        return true;
+    }
+    let now = std::time::Instant::now();
+    let (end, retrying) = BUDGET.with(|b| b.get());
+    if start {
+        BUDGET.with(|b| b.set((Some(now + rules_timeout()), false)));
+        return true;
+    }
+    if !retrying {
+        BUDGET.with(|b| b.set((Some(now + rules_timeout()), true)));
+        return true;
+    }
+    end.is_none_or(|end| end > now)
+}
+
+/// Arms (`arm`) or disarms a deadline, at the end of what is left of the
+/// fold's rules budget, for what the worker is running now, as
+/// statement_timeout would, so that rules that would run for long are
+/// cancelled and skipped instead of holding every count. (PostgreSQL checks
+/// for the cancel between rows and inside a regular expression, not inside
+/// one jsonpath evaluation otherwise: the shapes checked above bound
+/// that.) In a background worker only: a client session's statement loop
+/// owns its statement_timeout, and a timer left armed there could cancel a
+/// later statement. Says whether it acted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _fraiseql_rules_deadline(arm: bool) -> bool {
-    if unsafe { pg_sys::MyBackendType } != pg_sys::BackendType::B_BG_WORKER {
+    if !in_worker() {
         return false;
     }
     if arm {
-        crate::timeout::arm_statement_timeout(crate::guc::RULES_TIMEOUT_MS.get().max(100));
+        let full = rules_timeout();
+        let (end, retrying) = BUDGET.with(|b| b.get());
+        let mut left = end.map_or(full, |end| end.saturating_duration_since(std::time::Instant::now()));
+        if retrying {
+            left = left.min(full / 4);
+        }
+        crate::timeout::arm_statement_timeout((left.as_millis() as i32).max(1));
     } else {
         crate::timeout::disarm_statement_timeout();
     }
