@@ -372,7 +372,7 @@ pub fn define() {
     );
     int(
         c"fraiseql_obs.capture_sql_errors_rate_limit",
-        c"PostgreSQL errors one session may capture per second (bursts of ten seconds' worth); beyond, counted as dropped. 0: no limit.",
+        c"PostgreSQL errors one login role may capture per second in a database, over all its sessions (bursts of ten seconds' worth); beyond, counted as dropped. 0: no limit.",
         &CAPTURE_SQL_ERRORS_RATE,
         0,
         1_000_000,

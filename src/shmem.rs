@@ -3,6 +3,7 @@
 //! database that is about to be dropped.
 use crate::autonomous::QUEUE as AUTONOMOUS_QUEUE;
 use crate::spike::RATES as SPIKE_RATES;
+use crate::sql_errors::ROLE_RATES as SQL_ERROR_RATES;
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
@@ -74,6 +75,7 @@ pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(REGISTRY);
         pg_shmem_init!(SPIKE_RATES = 0);
+        pg_shmem_init!(SQL_ERROR_RATES = 0);
         pg_shmem_init!(AUTONOMOUS_QUEUE = 0);
         PRELOADED.store(true, Ordering::Relaxed);
     }

@@ -49,8 +49,6 @@ static mut PREV_HOOK: pg_sys::emit_log_hook_type = None;
 
 thread_local! {
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
-    /// The session's rate limit: tokens left, and when they were counted.
-    static BUCKET: Cell<(f64, Option<std::time::Instant>)> = const { Cell::new((0.0, None)) };
     /// The parsed include and exclude lists (set by the settings' assign hooks).
     static INCLUDE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static EXCLUDE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
@@ -176,24 +174,84 @@ fn min_elevel() -> c_int {
     }
 }
 
-/// A session may capture `rate` errors a second, in bursts of ten seconds'
-/// worth: one session failing in a loop cannot fill the queue others share,
-/// nor the disk, and what it loses is counted.
+/// A login role may capture `rate` errors a second in a database, in
+/// bursts of ten seconds' worth: one role failing in a loop, over as many
+/// sessions as it likes (a reconnect starts nothing afresh), cannot fill the
+/// queue others share, nor the disk, nor make more than that many new
+/// groups; what it loses is counted. A token bucket per (database, role) in
+/// shared memory, one atomic word a slot (when it was last taken from, in
+/// ms, and the tokens left, in sixteenths), no lock; two pairs may share a
+/// slot, and then share its limit.
+pub static ROLE_RATES: RoleRates = RoleRates(std::cell::UnsafeCell::new(std::ptr::null_mut()));
+const ROLE_SLOTS: usize = 1024;
+const TOKEN: u64 = 16;
+const TOKENS_MAX: u64 = (1 << 24) - 1;
+
+pub struct RoleRates(std::cell::UnsafeCell<*mut std::sync::atomic::AtomicU64>);
+unsafe impl Sync for RoleRates {}
+
+impl pgrx::shmem::PgSharedMemoryInitialization for RoleRates {
+    type Value = u8;
+
+    unsafe fn on_shmem_request(&'static self) {
+        unsafe { pg_sys::RequestAddinShmemSpace(ROLE_SLOTS * size_of::<u64>()) };
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _value: u8) {
+        unsafe {
+            *self.0.get() = crate::shmem::zeroed_struct(
+                c"fraiseql_obs_sql_error_rates",
+                ROLE_SLOTS * size_of::<u64>(),
+            )
+            .cast();
+        }
+    }
+}
+
+/// The bucket's word after taking one token at `now_ms` (a fresh slot is
+/// full), or None when it is empty (the word then stays as it is, so the
+/// refill goes on counting from the last take).
+fn take_from(word: u64, now_ms: u64, rate: u64) -> Option<u64> {
+    let burst = (rate * 10 * TOKEN).min(TOKENS_MAX);
+    let (at, tokens) = (word >> 24, word & TOKENS_MAX);
+    let tokens = if at == 0 {
+        burst
+    } else {
+        let refill = now_ms.saturating_sub(at).saturating_mul(rate * TOKEN) / 1000;
+        tokens.saturating_add(refill).min(burst)
+    };
+    (tokens >= TOKEN).then(|| (now_ms.max(1) << 24) | (tokens - TOKEN))
+}
+
 fn take_token() -> bool {
     let rate = guc::CAPTURE_SQL_ERRORS_RATE.get();
     if rate <= 0 {
         return true;
     }
-    let (rate, burst) = (rate as f64, rate as f64 * 10.0);
-    let now = std::time::Instant::now();
-    let (tokens, at) = BUCKET.get();
-    let tokens = match at {
-        None => burst,
-        Some(at) => (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst),
-    };
-    let ok = tokens >= 1.0;
-    BUCKET.set((if ok { tokens - 1.0 } else { tokens }, Some(now)));
-    ok
+    let table = unsafe { *ROLE_RATES.0.get() };
+    if table.is_null() || !crate::shmem::available() {
+        return false;
+    }
+    let (db, role) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::GetSessionUserId().to_u32()) };
+    let h = ((db as u64) << 32 | role as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let slot = unsafe { &*table.add((h >> 32) as usize % ROLE_SLOTS) };
+    // (PostgreSQL's epoch, 2000: 40 bits of ms last until 2034 + 2000)
+    let now_ms = (unsafe { pg_sys::GetCurrentTimestamp() } / 1000).max(1) as u64 & ((1 << 40) - 1);
+    let mut word = slot.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let Some(next) = take_from(word, now_ms, rate as u64) else {
+            return false;
+        };
+        match slot.compare_exchange_weak(
+            word,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        ) {
+            Ok(_) => return true,
+            Err(w) => word = w,
+        }
+    }
 }
 
 unsafe fn capture(e: &pg_sys::ErrorData) {
@@ -396,6 +454,30 @@ pub unsafe extern "C-unwind" fn assign_exclude(newval: *const c_char, _extra: *m
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn a_role_gets_its_rate_in_bursts_of_ten_seconds() {
+        let (rate, t0) = (5u64, 1_000_000u64);
+        let mut word = 0;
+        let mut n = 0;
+        while let Some(w) = take_from(word, t0, rate) {
+            word = w;
+            n += 1;
+        }
+        assert_eq!(n, 50);
+        // one more a fifth of a second later, not before
+        assert!(take_from(word, t0 + 100, rate).is_none());
+        let w = take_from(word, t0 + 200, rate).unwrap();
+        assert!(take_from(w, t0 + 200, rate).is_none());
+        // a minute idle refills to the burst, no more
+        let mut word = w;
+        let mut n = 0;
+        while let Some(next) = take_from(word, t0 + 60_200, rate) {
+            word = next;
+            n += 1;
+        }
+        assert_eq!(n, 50);
+    }
 
     #[test]
     fn sqlstates_unpack_and_name() {

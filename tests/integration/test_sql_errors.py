@@ -342,3 +342,26 @@ def test_one_session_failing_in_a_loop_is_rate_limited_visibly(cluster, capturin
         dropped = s["dropped"] - before["dropped"]
         assert stored + dropped == 300, (stored, dropped)
         assert 50 <= stored <= 50 + 5 * took + 1, (stored, took)
+
+
+def test_reconnecting_does_not_reset_the_rate_limit(cluster, capturing):
+    """The limit is the login role's in the database, over all its
+    sessions: a role reconnecting for every error (or using many
+    connections) gets no more than one session would."""
+    with cluster.connect(capturing) as c:
+        before = stats(c)
+    t0 = time.monotonic()
+    for i in range(150):
+        with cluster.connect(capturing) as s:
+            s.execute("SET fraiseql_obs.capture_sql_errors_rate_limit = 5")  # bursts of 50
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                s.execute(f"SELECT 1 / 0 AS c{i}")  # (a new statement, a new group, every time)
+    took = time.monotonic() - t0
+    with cluster.connect(capturing) as c:
+        def settled():
+            s = stats(c)
+            return s["waiting"] == 0 and s
+        s = wait_for(settled, timeout=10, what="the queue drained")
+        stored = len(occurrences(c, "division_by_zero"))
+        assert stored + (s["dropped"] - before["dropped"]) == 150
+        assert 50 <= stored <= 50 + 5 * took + 1, (stored, took)
