@@ -47,6 +47,7 @@ pub static AUTONOMOUS_QUEUE_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static HTTP_LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static HTTP_PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static HTTP_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static HTTP_MAX_CONNECTIONS_PER_CLIENT: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static HTTP_MAX_EVENT_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static HTTP_MAX_ENVELOPE_KB: GucSetting<i32> = GucSetting::<i32>::new(20 * 1024);
 
@@ -463,6 +464,15 @@ pub fn define() {
             c"fraiseql_obs.http_max_connections",
             c"Open connections each HTTP listener serves at once; more are answered 503 (server start).",
             &HTTP_MAX_CONNECTIONS,
+            1,
+            10_000,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        int(
+            c"fraiseql_obs.http_max_connections_per_client",
+            c"Open connections one client address may hold on an HTTP listener; more are answered 503 (server start; behind a proxy every client has the proxy's address).",
+            &HTTP_MAX_CONNECTIONS_PER_CLIENT,
             1,
             10_000,
             GucContext::Postmaster,

@@ -254,6 +254,7 @@ pub extern "C-unwind" fn fraiseql_obs_http_main(_arg: pg_sys::Datum) {
     let (tx, rx) = sync_channel::<Job>(QUEUE);
     let limits = http::Limits {
         max_connections: guc::int_value(&guc::HTTP_MAX_CONNECTIONS).max(1),
+        max_connections_per_peer: guc::int_value(&guc::HTTP_MAX_CONNECTIONS_PER_CLIENT).max(1),
         // as sent; decompressed sizes are checked by the handlers
         max_body_bytes: guc::int_value(&guc::HTTP_MAX_ENVELOPE_KB) * 1024,
         large_body_bytes: LARGE,

@@ -1,11 +1,14 @@
 //! A small HTTP/1.1 server on std's sockets and threads.
 //!
-//! One thread per connection, at most `max_connections` at once: the one
-//! over the cap gets a 503 at once and is closed, so a flood of connections
-//! costs a bounded number of threads and never stops the accept loop. Every
-//! read has a total deadline (the request head, then its body; an idle
-//! keep-alive connection is closed after `idle_timeout`), so a slow client
-//! holds its thread for at most those. Bodies come with Content-Length or
+//! One thread per connection, at most `max_connections` at once and
+//! `max_connections_per_peer` from one address: the one over a cap gets a
+//! 503 at once and is closed, so a flood of connections costs a bounded
+//! number of threads, never stops the accept loop, and one client cannot
+//! take every slot. Every read has a total deadline (the request head, then
+//! its body; an idle keep-alive connection is closed after `idle_timeout`)
+//! and, two seconds into a head or a body, a minimum rate (MIN_RATE), so a
+//! client that trickles bytes (slowloris) holds its slot for seconds, not
+//! for the deadlines. Bodies come with Content-Length or
 //! chunked, under `max_body_bytes` (413 above, before reading it);
 //! `Expect: 100-continue` is answered before the body is read. Accept
 //! errors (out of file descriptors, a connection reset before accept) are
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_connections: usize,
+    /// from one client address (behind a proxy, all come from the proxy's)
+    pub max_connections_per_peer: usize,
     /// the whole request head (request line and headers)
     pub header_timeout: Duration,
     /// the whole body
@@ -41,6 +46,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_peer: 64,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15),
@@ -210,6 +216,8 @@ pub type Handler = dyn Fn(Request) -> Response + Send + Sync;
 /// What the server has seen (for logs and tests).
 #[derive(Default, Debug)]
 pub struct Stats {
+    /// open connections by client address
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     pub open: AtomicUsize,
     pub refused: AtomicUsize,
     pub requests: AtomicUsize,
@@ -282,9 +290,21 @@ fn accept_loop(
             refuse(stream);
             continue;
         }
+        let ip = peer.ip();
+        {
+            let mut peers = stats.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let n = peers.entry(ip).or_insert(0);
+            if *n >= limits.max_connections_per_peer {
+                drop(peers);
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                refuse(stream);
+                continue;
+            }
+            *n += 1;
+        }
         stats.open.fetch_add(1, Ordering::SeqCst);
         let (l, h, s, p) = (limits.clone(), handler.clone(), stats.clone(), permits.clone());
-        let guard = Open(stats.clone());
+        let guard = Open(stats.clone(), ip);
         let spawned = std::thread::Builder::new()
             .name("fraiseql_obs http conn".into())
             // (virtual: only the pages a request touches are resident)
@@ -302,12 +322,20 @@ fn accept_loop(
     }
 }
 
-/// One open connection, counted until dropped (a panic included).
-struct Open(Arc<Stats>);
+/// One open connection, counted (in all and for its client's address)
+/// until dropped (a panic included).
+struct Open(Arc<Stats>, std::net::IpAddr);
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::SeqCst);
+        let mut peers = self.0.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -327,6 +355,11 @@ struct Conn {
     buf: Vec<u8>,
     /// bytes of buf already consumed
     pos: usize,
+    /// bytes read from the stream in all
+    received: usize,
+    /// the head or body being read: since when, and the count of `received`
+    /// it started from (it must come at MIN_RATE; None between requests)
+    pace: Option<(Instant, usize)>,
 }
 
 #[derive(Debug)]
@@ -345,17 +378,36 @@ enum ReadError {
 /// A large body holds one of few permits: it must come at least this fast
 /// (after its first two seconds), or a slow sender could hold them all.
 const MIN_LARGE_RATE: f64 = 8.0 * 1024.0;
+/// Any request head or body must come at least this fast after its first
+/// two seconds (an SDK sends one in a few packets at once): a client that
+/// trickles bytes to hold connection slots is cut off then.
+const MIN_RATE: f64 = 1024.0;
+
+fn too_slow_for(rate: f64, started: Instant, received: usize) -> bool {
+    let t = started.elapsed().as_secs_f64();
+    t > 2.0 && (received as f64) < rate * t
+}
 
 fn too_slow(started: Instant, received: usize) -> bool {
-    let t = started.elapsed().as_secs_f64();
-    t > 2.0 && (received as f64) < MIN_LARGE_RATE * t
+    too_slow_for(MIN_LARGE_RATE, started, received)
 }
 
 impl Conn {
+    /// What is read from now on (and what waits in the buffer) must come at
+    /// MIN_RATE: a head or body begins.
+    fn pace_from_now(&mut self) {
+        self.pace = Some((Instant::now(), self.received - (self.buf.len() - self.pos)));
+    }
+
     fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
         let now = Instant::now();
         if now >= deadline {
             return Err(ReadError::Timeout);
+        }
+        if let Some((since, from)) = self.pace {
+            if too_slow_for(MIN_RATE, since, self.received - from) {
+                return Err(ReadError::TooSlow);
+            }
         }
         // short waits, so that the callers check their deadline and a
         // large body's rate while a sender stalls
@@ -373,6 +425,7 @@ impl Conn {
             Ok(0) => Err(ReadError::Closed),
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);
+                self.received += n;
                 Ok(n)
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -390,40 +443,49 @@ impl Conn {
     /// The request head, up to and without the blank line.
     fn read_head(&mut self, first_byte_by: Instant, limits: &Limits) -> Result<Vec<u8>, ReadError> {
         let mut deadline = first_byte_by;
-        let mut started = self.pos < self.buf.len();
-        if started {
+        let mut started = (self.pos < self.buf.len()).then(Instant::now);
+        if started.is_some() {
             deadline = Instant::now() + limits.header_timeout;
+            self.pace_from_now();
         }
+        // where the search for the blank line goes on (a head that comes a
+        // byte at a time is not searched again from its start each time)
+        let mut searched = 0;
         loop {
             let avail = &self.buf[self.pos..];
-            if let Some(i) = find(avail, b"\r\n\r\n") {
+            if let Some(i) = find(&avail[searched..], b"\r\n\r\n") {
+                let i = searched + i;
                 let head = avail[..i].to_vec();
                 self.pos += i + 4;
                 return Ok(head);
             }
+            searched = avail.len().saturating_sub(3);
             if avail.len() > limits.max_header_bytes {
                 return Err(ReadError::TooLarge);
             }
             match self.fill(deadline) {
                 Ok(_) => {}
-                Err(ReadError::Closed) if !started => return Err(ReadError::Closed),
+                Err(ReadError::Closed) if started.is_none() => return Err(ReadError::Closed),
                 Err(e) => return Err(e),
             }
-            if !started && self.pos < self.buf.len() {
-                started = true;
+            if started.is_none() && self.pos < self.buf.len() {
+                started = Some(Instant::now());
                 deadline = Instant::now() + limits.header_timeout;
+                self.pace_from_now();
             }
         }
     }
 
-    fn take(&mut self, n: usize, deadline: Instant, min_rate: bool) -> Result<Vec<u8>, ReadError> {
+    /// `n` bytes of body, which must come at `min_rate` at least (after two
+    /// seconds).
+    fn take(&mut self, n: usize, deadline: Instant, min_rate: f64) -> Result<Vec<u8>, ReadError> {
         // what came before is consumed: the body is moved out, not copied
         self.buf.drain(..self.pos);
         self.pos = 0;
         self.buf.reserve(n.saturating_sub(self.buf.len()).min(1 << 20));
         let started = Instant::now();
         while self.buf.len() < n {
-            if min_rate && too_slow(started, self.buf.len()) {
+            if min_rate > MIN_RATE && too_slow_for(min_rate, started, self.buf.len()) {
                 return Err(ReadError::TooSlow);
             }
             match self.fill(deadline) {
@@ -606,14 +668,20 @@ fn serve_connection(
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
-    let mut conn = Conn { stream: stream.try_clone()?, buf: Vec::new(), pos: 0 };
+    let mut conn = Conn { stream: stream.try_clone()?, buf: Vec::new(), pos: 0, received: 0, pace: None };
     let mut out = stream;
     let mut first = true;
     loop {
         let wait = if first { limits.header_timeout } else { limits.idle_timeout };
         first = false;
+        conn.pace = None;
         let head = match conn.read_head(Instant::now() + wait, limits) {
             Ok(h) => h,
+            Err(ReadError::TooSlow) => {
+                stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                let _ = write_response(&mut out, &Response::error(408, "request head sent too slowly"), false, false);
+                break;
+            }
             Err(ReadError::TooLarge) => {
                 let _ = write_response(&mut out, &Response::error(431, "request head too large"), false, false);
                 break;
@@ -682,10 +750,11 @@ fn serve_connection(
             }
         }
         let deadline = Instant::now() + limits.body_timeout;
+        conn.pace_from_now();
         let body = if chunked {
             conn.chunked(deadline, limits.large_body_bytes, limits.max_body_bytes, permits, &mut permit)
         } else {
-            conn.take(length.unwrap_or(0), deadline, permit.is_some())
+            conn.take(length.unwrap_or(0), deadline, if permit.is_some() { MIN_LARGE_RATE } else { MIN_RATE })
         };
         let body = match body {
             Ok(b) => b,
@@ -694,7 +763,7 @@ fn serve_connection(
                     ReadError::Busy => {
                         Response::error(503, "too many large requests at once, try again").with_header("Retry-After", "2")
                     }
-                    ReadError::TooSlow => Response::error(408, "a large body sent too slowly"),
+                    ReadError::TooSlow => Response::error(408, "the body was sent too slowly"),
                     ReadError::TooLarge => Response::error(413, "body too large"),
                     ReadError::Timeout => {
                         stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -827,6 +896,71 @@ mod tests {
         let mut out = String::new();
         let _ = c.read_to_string(&mut out);
         assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    }
+
+    /// Bytes trickled, one every 400 ms, then what the server answered and
+    /// when.
+    fn trickle(s: &Server, first: &[u8], then: &[u8]) -> (String, Duration) {
+        let mut c = TcpStream::connect(s.local_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let t = Instant::now();
+        c.write_all(first).unwrap();
+        for b in then {
+            if c.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        (out, t.elapsed())
+    }
+
+    #[test]
+    fn trickling_clients_are_cut_off_long_before_the_deadlines() {
+        // the default deadlines: 10 s for a head, 30 s for a body
+        let s = start(Limits::default());
+        let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\n", &[b'x'; 60]);
+        assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\nContent-Length: 60000\r\n\r\n", &[b'x'; 60]);
+        assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nea60\r\n", &[b'x'; 60]);
+        assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        // an ordinary request on a kept-alive connection is not hurried
+        // by the time it waited before it
+        let mut c = TcpStream::connect(s.local_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_secs(3));
+        c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello").unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+
+    #[test]
+    fn one_client_cannot_take_every_connection() {
+        let s = start(Limits { max_connections: 10, max_connections_per_peer: 2, idle_timeout: Duration::from_secs(5), ..Limits::default() });
+        let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.local_addr()).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let r = roundtrip(&s, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        drop(held);
+        let t = Instant::now();
+        loop {
+            let r = roundtrip(&s, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+            if r.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
