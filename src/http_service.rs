@@ -111,6 +111,30 @@ enum Work {
     },
 }
 
+/// Spans with the project that sent them in each resource, as
+/// `fraiseql.project_id`: the key's project, never one the sender wrote
+/// there itself (a key may not label its spans as another project's).
+fn labelled_with_project(spans: &Value, pid: i32) -> Value {
+    let mut v = spans.clone();
+    for rs in v.get_mut("resourceSpans").and_then(Value::as_array_mut).into_iter().flatten() {
+        if !rs.is_object() {
+            continue; // (refused by store_spans)
+        }
+        if !rs.get("resource").is_some_and(Value::is_object) {
+            rs["resource"] = json!({});
+        }
+        let attrs = &mut rs["resource"]["attributes"];
+        if !attrs.is_array() {
+            *attrs = json!([]);
+        }
+        if let Some(a) = attrs.as_array_mut() {
+            a.retain(|kv| kv.get("key").and_then(Value::as_str) != Some("fraiseql.project_id"));
+            a.push(json!({"key": "fraiseql.project_id", "value": {"intValue": pid.to_string()}}));
+        }
+    }
+    v
+}
+
 enum OtlpData {
     /// an OTLP/JSON ExportTraceServiceRequest
     Traces(Value),
@@ -741,14 +765,7 @@ fn handle_items(
                         }
                     }
                     Ok(sentry::Item::Spans(v)) => match item(&|| {
-                        // which project sent them, in the resource (a public key may be anyone's)
-                        let mut v = v.clone();
-                        for rs in v.get_mut("resourceSpans").and_then(Value::as_array_mut).into_iter().flatten() {
-                            if let Some(a) = rs.pointer_mut("/resource/attributes").and_then(Value::as_array_mut) {
-                                a.push(json!({"key": "fraiseql.project_id", "value": {"intValue": pid.to_string()}}));
-                            }
-                        }
-                        let r = store_spans(schema, &v);
+                        let r = store_spans(schema, &labelled_with_project(v, pid));
                         let stored = r.get("stored").and_then(Value::as_i64).unwrap_or(0)
                             + r.get("duplicates").and_then(Value::as_i64).unwrap_or(0);
                         if stored == 0 {
@@ -784,7 +801,8 @@ fn handle_items(
             };
             let (kind, rejected, message) = match data {
                 OtlpData::Traces(payload) => {
-                    match in_subtransaction_or_transient(AssertUnwindSafe(|| store_spans(schema, payload))) {
+                    let payload = labelled_with_project(payload, pid);
+                    match in_subtransaction_or_transient(AssertUnwindSafe(|| store_spans(schema, &payload))) {
                         Ok(r) => (
                             "rejectedSpans",
                             r.get("rejected").and_then(Value::as_i64).unwrap_or(0),

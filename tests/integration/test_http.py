@@ -296,7 +296,9 @@ def test_otlp_json_traces_and_prometheus_metrics(svc):
     assert request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {public}"})[0] == 403
     trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     now = time.time_ns()
-    payload = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
+    # (a label naming another project is the sender's word only: replaced)
+    payload = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}},
+                                                              {"key": "fraiseql.project_id", "value": {"intValue": "999"}}]},
                                   "scopeSpans": [{"spans": [{"traceId": trace_id, "spanId": span_id, "name": "GET /",
                                                              "kind": 2, "startTimeUnixNano": str(now - 5_000_000),
                                                              "endTimeUnixNano": str(now)}]}]}]}
@@ -308,7 +310,8 @@ def test_otlp_json_traces_and_prometheus_metrics(svc):
     assert st == 200, resp
     assert json.loads(resp) == {"partialSuccess": {}}
     with svc.connect("ingest") as c:
-        assert c.execute("SELECT service_name FROM monitoring.traces WHERE trace_id = %s", [trace_id]).fetchone() == ("shop",)
+        assert c.execute("SELECT service_name, resource->>'fraiseql.project_id' FROM monitoring.traces WHERE trace_id = %s",
+                         [trace_id]).fetchone() == ("shop", str(pid))
         c.execute("SELECT fraiseql_metric_increment('orders_total', '{\"shop\": \"eu\"}')")
     assert request(svc.hport, "GET", "/metrics")[0] == 401
     st, hdrs, text = request(svc.hport, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
