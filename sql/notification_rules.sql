@@ -396,49 +396,6 @@ AS $$
         'context', NULL, 'trace_id', NULL)
 $$;
 
--- Enqueue one notification, honouring the rule's rate limit and digest mode.
--- In an error storm the state row says "recently notified" and is only read,
--- so captures are not serialized on it.
-CREATE FUNCTION _fraiseql_enqueue(p_rule tb_error_notification_config, p_error_id uuid, p_reason text,
-                                  p_payload jsonb) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_last timestamptz;
-BEGIN
-    IF p_rule.digest THEN
-        PERFORM 1 FROM @extschema@.tb_notification_digest d WHERE d.config_id = p_rule.config_id AND d.error_id = p_error_id;
-        IF NOT FOUND THEN
-            INSERT INTO @extschema@.tb_notification_digest (config_id, error_id, window_start)
-            VALUES (p_rule.config_id, p_error_id, now()) ON CONFLICT DO NOTHING;
-        END IF;
-        RETURN false;
-    END IF;
-    -- milestones are exact by design; everything else obeys the rate limit
-    IF p_rule.rate_limit_minutes > 0 AND p_reason <> 'milestone' THEN
-        SELECT s.last_enqueued_at INTO v_last FROM @extschema@.tb_notification_state s
-         WHERE s.config_id = p_rule.config_id AND s.error_id = p_error_id;
-        IF v_last > now() - p_rule.rate_limit_minutes * interval '1 minute' THEN
-            RETURN false;
-        END IF;
-        -- claim the window; of concurrent captures exactly one succeeds
-        INSERT INTO @extschema@.tb_notification_state AS s (config_id, error_id, last_enqueued_at)
-        VALUES (p_rule.config_id, p_error_id, now())
-        ON CONFLICT (config_id, error_id) DO UPDATE SET last_enqueued_at = excluded.last_enqueued_at
-         WHERE s.last_enqueued_at <= now() - p_rule.rate_limit_minutes * interval '1 minute'
-        RETURNING s.last_enqueued_at INTO v_last;
-        IF v_last IS NULL THEN
-            RETURN false;
-        END IF;
-    END IF;
-    INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
-    VALUES (p_rule.config_id, p_error_id, p_reason, p_payload || jsonb_build_object('reason', p_reason));
-    PERFORM @extschema@._fraiseql_wake_worker();
-    RETURN true;
-END
-$$;
-
 -- Whether a rule's filters (NULL matches anything) admit an error.
 CREATE FUNCTION _fraiseql_rule_admits(r tb_error_notification_config, p_fingerprint text, p_type text,
                                       p_severity text, p_environment text) RETURNS boolean
@@ -595,10 +552,6 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c        record;
-    v_payload jsonb;
-    v_done   uuid[] := '{}';   -- (rule, group) pairs whose window is now taken
-    v_reason text;
     v_crossed uuid[];
     n        integer := 0;
 BEGIN
@@ -625,8 +578,7 @@ BEGIN
             OR EXISTS (SELECT 1 FROM @extschema@.tb_error_merge m
                         WHERE m.target_id = g.error_id AND m.fingerprint = r.error_fingerprint))
        AND @extschema@._fraiseql_frequency_crossed(r, g.error_id, g.t1);
-    FOR c IN
-        WITH late AS (
+    WITH late AS (
             -- regressions and escalations without an occurrence in this batch
             SELECT l.occurrence_id, l.occurred_at, l.error_id, l.error_type, l.severity, l.environment
               FROM unnest(p_regressed || p_escalated) AS r(id)
@@ -762,40 +714,71 @@ BEGIN
                     WHERE x.occurrence_id = o.occurrence_id AND x.occurred_at = o.occurred_at
                       AND g.error_id = o.error_id
                     LIMIT 1) pl
+        ), fired AS (
+            -- each (occurrence, rule) to announce; a condition is tested
+            -- here, set-based, so that an occurrence it refuses (most of
+            -- them, usually) costs nothing more
+            SELECT o.occurrence_id, o.occurred_at, o.error_id, o.is_new, o.is_regression, o.is_escalation,
+                   u.config_id, r.digest, r.rate_limit_minutes, r.frequency_window, r.frequency_threshold,
+                   r.users_threshold, o.payload
+              FROM by_occurrence o
+             CROSS JOIN LATERAL unnest(o.configs, o.conditions) AS u(config_id, condition)
+             CROSS JOIN LATERAL (SELECT r.digest, r.rate_limit_minutes, r.frequency_window, r.frequency_threshold,
+                                        r.users_threshold
+                                   FROM @extschema@.tb_error_notification_config r
+                                  WHERE r.config_id = u.config_id) r
+             WHERE u.condition IS NULL
+                OR coalesce(jsonb_path_match(o.payload, u.condition, silent => true), false)
+        ), announced AS (
+            -- a rule with a rate limit, a digest or a threshold: the first
+            -- occurrence of the group only (the window it opens covers the
+            -- others); any other rule: each
+            (SELECT DISTINCT ON (f.config_id, f.error_id) f.* FROM fired f
+              WHERE f.rate_limit_minutes > 0 OR f.digest OR f.frequency_window IS NOT NULL
+              ORDER BY f.config_id, f.error_id, f.occurred_at, f.occurrence_id)
+            UNION ALL
+            SELECT f.* FROM fired f
+             WHERE NOT (f.rate_limit_minutes > 0 OR f.digest OR f.frequency_window IS NOT NULL)
+        ), messages AS MATERIALIZED (
+            SELECT a.config_id, a.error_id, a.digest, a.rate_limit_minutes, a.occurred_at, a.occurrence_id, x.reason,
+                   a.payload
+                   || CASE WHEN a.frequency_window IS NOT NULL
+                           THEN jsonb_build_object('frequency', jsonb_strip_nulls(jsonb_build_object(
+                                'window', a.frequency_window, 'more_than_occurrences', a.frequency_threshold,
+                                'more_than_users', a.users_threshold)))
+                           ELSE '{}' END
+                   || jsonb_build_object('reason', x.reason) AS payload
+              FROM announced a
+             CROSS JOIN LATERAL (SELECT CASE WHEN a.is_new THEN 'new' WHEN a.is_regression THEN 'regression'
+                                             WHEN a.is_escalation THEN 'escalating'
+                                             WHEN a.frequency_window IS NOT NULL THEN 'frequency'
+                                             ELSE 'occurrence' END AS reason) x
+        ), digested AS (
+            -- a digest rule: the group joins the rule's current window
+            INSERT INTO @extschema@.tb_notification_digest (config_id, error_id, window_start)
+            SELECT m.config_id, m.error_id, now() FROM messages m WHERE m.digest
+            ON CONFLICT DO NOTHING
+        ), windows AS (
+            -- a rate-limited rule: its window opens now (one not yet over
+            -- was left out by open_pairs; folds are serialized)
+            INSERT INTO @extschema@.tb_notification_state AS s (config_id, error_id, last_enqueued_at)
+            SELECT m.config_id, m.error_id, now() FROM messages m
+             WHERE NOT m.digest AND m.rate_limit_minutes > 0
+            ON CONFLICT (config_id, error_id) DO UPDATE SET last_enqueued_at = excluded.last_enqueued_at
+            RETURNING s.config_id, s.error_id
+        ), queued AS (
+            INSERT INTO @extschema@.tb_notification_queue (config_id, error_id, reason, payload)
+            SELECT m.config_id, m.error_id, m.reason, m.payload FROM messages m
+             WHERE NOT m.digest
+               AND (m.rate_limit_minutes = 0
+                    OR EXISTS (SELECT 1 FROM windows w WHERE w.config_id = m.config_id AND w.error_id = m.error_id))
+             ORDER BY m.error_id, m.occurred_at, m.occurrence_id, m.config_id
+            RETURNING 1
         )
-        SELECT o.occurrence_id, o.occurred_at, o.error_id, o.is_new, o.is_regression, o.is_escalation,
-               u.config_id, r.r AS rule, o.payload
-          FROM by_occurrence o
-         CROSS JOIN LATERAL unnest(o.configs, o.conditions) AS u(config_id, condition)
-         CROSS JOIN LATERAL (SELECT r FROM @extschema@.tb_error_notification_config r
-                              WHERE r.config_id = u.config_id) r
-         -- a condition is tested here, set-based, so that an occurrence it
-         -- refuses (most of them, usually) costs no turn of the loop below
-         WHERE u.condition IS NULL
-            OR coalesce(jsonb_path_match(o.payload, u.condition, silent => true), false)
-         ORDER BY o.error_id, o.occurred_at, o.occurrence_id, u.config_id
-    LOOP
-        IF ((c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL)
-           AND @extschema@._fraiseql_pair_id(c.config_id, c.error_id) = ANY (v_done) THEN
-            CONTINUE;
-        END IF;
-        v_payload := c.payload;
-        v_reason := CASE WHEN c.is_new THEN 'new' WHEN c.is_regression THEN 'regression'
-                         WHEN c.is_escalation THEN 'escalating'
-                         WHEN (c.rule).frequency_window IS NOT NULL THEN 'frequency'
-                         ELSE 'occurrence' END;
-        IF (c.rule).frequency_window IS NOT NULL THEN
-            v_payload := v_payload || jsonb_build_object('frequency', jsonb_strip_nulls(jsonb_build_object(
-                'window', (c.rule).frequency_window, 'more_than_occurrences', (c.rule).frequency_threshold,
-                'more_than_users', (c.rule).users_threshold)));
-        END IF;
-        IF @extschema@._fraiseql_enqueue(c.rule, c.error_id, v_reason, v_payload) THEN
-            n := n + 1;
-        END IF;
-        IF (c.rule).rate_limit_minutes > 0 OR (c.rule).digest OR (c.rule).frequency_window IS NOT NULL THEN
-            v_done := v_done || @extschema@._fraiseql_pair_id(c.config_id, c.error_id);
-        END IF;
-    END LOOP;
+    SELECT count(*) INTO n FROM queued;
+    IF n > 0 THEN
+        PERFORM @extschema@._fraiseql_wake_worker();
+    END IF;
     RETURN n;
 END
 $$;

@@ -128,6 +128,31 @@ def test_pg_notify_and_custom_channel(cluster, db):
                  what="custom channel called")
 
 
+def test_pg_notify_batch_one_bad_channel_takes_no_other(cluster, db):
+    """The pg_notify deliveries of a batch share one transaction (a
+    subtransaction each): every good one arrives, once, and one whose
+    channel PostgreSQL refuses fails alone."""
+    with cluster.connect(db) as listener, cluster.connect(db) as c:
+        listener.execute("LISTEN storm")
+        rule(c, "pg_notify", {"channel": "storm"})
+        c.execute("ALTER TABLE tb_error_notification_config DISABLE TRIGGER notification_config_check")
+        rule(c, "pg_notify", {"channel": "x" * 100})  # "channel name too long"
+        c.execute("ALTER TABLE tb_error_notification_config ENABLE TRIGGER notification_config_check")
+        with c.transaction():  # one fold, one delivery batch
+            for i in range(50):
+                c.execute("SELECT fraiseql_capture_error('Storm' || %s, 'm')", (i,))
+        got = set()
+        for n in listener.notifies(timeout=15):
+            got.add(json.loads(n.payload)["error_type"])
+            if len(got) == 50:
+                break
+        assert got == {f"Storm{i}" for i in range(50)}
+        wait_for(lambda: c.execute("SELECT count(*) FROM tb_error_notification_log WHERE status = 'sent'").fetchone()[0] == 50,
+                 what="50 recorded as sent")
+        bad = c.execute("SELECT DISTINCT status, error_message FROM tb_error_notification_log WHERE status <> 'sent'").fetchall()
+        assert bad and all("too long" in (m or "") for _, m in bad), bad
+
+
 def test_rolled_back_capture_notifies_nobody(cluster, db, http):
     with cluster.connect(db) as c:
         rule(c, "webhook", {"url": http.url})
