@@ -9,7 +9,11 @@
 //! The rate is kept per fingerprint in shared memory: a fixed table of
 //! atomic counters, one word per slot (the minute and its count), no lock.
 //! Two fingerprints may share a slot; they then reach the threshold sooner
-//! together, which changes only what is stored in full, never a count.
+//! together, which changes only what is stored in full, never a count. The
+//! slot is a keyed hash of the group's id with a secret drawn at server
+//! start: the id is public (fraiseql_error_id), and a sender who could
+//! compute a group's slot could flood it with other fingerprints and have
+//! that group's occurrences stored without their stack trace and context.
 //! Without shared_preload_libraries there is no table and no sampling.
 use crate::guc;
 use pgrx::pg_sys;
@@ -32,18 +36,35 @@ impl PgSharedMemoryInitialization for RateTable {
     type Value = u8;
 
     unsafe fn on_shmem_request(&'static self) {
-        unsafe { pg_sys::RequestAddinShmemSpace(SLOTS * size_of::<AtomicU64>()) };
+        // (the first word is the secret)
+        unsafe { pg_sys::RequestAddinShmemSpace((SLOTS + 1) * size_of::<AtomicU64>()) };
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: u8) {
         unsafe {
-            *self.0.get() = crate::shmem::zeroed_struct(
+            let table = crate::shmem::zeroed_struct(
                 c"fraiseql_obs_spike_rates",
-                SLOTS * size_of::<AtomicU64>(),
+                (SLOTS + 1) * size_of::<AtomicU64>(),
             )
             .cast::<AtomicU64>();
+            let mut secret = [0u8; 8];
+            if !pg_sys::pg_strong_random(secret.as_mut_ptr().cast(), secret.len()) {
+                secret = (pg_sys::GetCurrentTimestamp() as u64 ^ pg_sys::MyProcPid as u64).to_le_bytes();
+            }
+            let _ = (*table).compare_exchange(0, u64::from_le_bytes(secret) | 1, Ordering::Relaxed, Ordering::Relaxed);
+            *self.0.get() = table;
         }
     }
+}
+
+/// The slot of a group: SipHash of the secret, the database and the id.
+fn slot_of(secret: u64, db: u32, key: &[u8; 16]) -> usize {
+    use std::hash::Hasher;
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(secret, secret.rotate_left(32) ^ 0x5eed);
+    h.write_u32(db);
+    h.write(key);
+    h.finish() as usize & (SLOTS - 1)
 }
 
 /// The counter word after one more occurrence in `minute`: (minute, count).
@@ -73,10 +94,9 @@ pub fn sampled_out(key: &[u8; 16]) -> bool {
     if table.is_null() {
         return false;
     }
-    let db = unsafe { pg_sys::MyDatabaseId.to_u32() } as u64;
-    let h = u64::from_le_bytes(key[8..].try_into().unwrap_or([0; 8]))
-        ^ db.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let slot = unsafe { &*table.add(h as usize & (SLOTS - 1)) };
+    let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
+    let secret = unsafe { &*table }.load(Ordering::Relaxed);
+    let slot = unsafe { &*table.add(1 + slot_of(secret, db, key)) };
     let minute = (unsafe { pg_sys::GetCurrentTimestamp() } / 60_000_000) as u32;
     let mut word = slot.load(Ordering::Relaxed);
     loop {
@@ -91,6 +111,15 @@ pub fn sampled_out(key: &[u8; 16]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_depend_on_the_secret() {
+        let key = [7u8; 16];
+        let a: Vec<usize> = (1..50u64).map(|s| slot_of(s, 1, &key)).collect();
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 40);
+        assert_eq!(slot_of(5, 1, &key), slot_of(5, 1, &key));
+        assert!(a.iter().all(|&s| s < SLOTS));
+    }
 
     #[test]
     fn counts_per_minute() {
