@@ -764,15 +764,16 @@ BEGIN
     -- skipped for this fold with a warning, and suspended for a while
     -- (tb_notification_rule_strike: a minute, doubling up to an hour), so
     -- that it does not cost every fold its time again.
-    -- In the worker, the rules of a fold share one time budget
-    -- (fraiseql_obs.rules_timeout): all together, then each alone when
-    -- retried one by one, within what is left of it; a rule that runs past
-    -- it is skipped like one that fails, and those not reached once it is
-    -- spent are skipped for this fold (the deadline's cancel is caught
-    -- here, with the errors). So no rule, nor many, holds the counts longer.
-    PERFORM @extschema@._fraiseql_rules_budget(true);
+    -- In the worker, each of the two kinds of rules has a time budget in a
+    -- fold (fraiseql_obs.rules_timeout): all together, then as much again
+    -- to retry them one by one, each with a quarter of it; a rule that runs
+    -- past its quarter is skipped like one that fails, and those for which
+    -- less than a quarter is left are skipped for this fold, not struck (the
+    -- deadline's cancel is caught here, with the errors). So no rule, nor
+    -- many, holds the counts longer than four times rules_timeout.
     IF n > 0 AND EXISTS (SELECT 1 FROM @extschema@.tb_error_notification_config c
                           WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL) THEN
+        PERFORM @extschema@._fraiseql_rules_budget(true);
         BEGIN
             PERFORM @extschema@._fraiseql_rules_deadline(true);
             PERFORM @extschema@._fraiseql_notify_milestones(v_folds);
@@ -781,7 +782,10 @@ BEGIN
             PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
                            WHERE c.enabled AND c.notify_on_occurrence IS NOT NULL
-                             AND @extschema@._fraiseql_rule_live(c.config_id) LOOP
+                             AND @extschema@._fraiseql_rule_live(c.config_id)
+                           -- (in no set order: the budget, when short, is not
+                           -- always short for the same rules)
+                           ORDER BY random() LOOP
                 IF NOT @extschema@._fraiseql_rules_budget(false) THEN
                     v_out_of_time := v_out_of_time || v_rule;
                     CONTINUE;
@@ -800,6 +804,7 @@ BEGIN
     END IF;
     -- The other rules, on each occurrence counted now.
     IF v_has_rules AND (cardinality(v_batch) > 0 OR cardinality(v_regressed) > 0 OR cardinality(v_escalated) > 0) THEN
+        PERFORM @extschema@._fraiseql_rules_budget(true);
         BEGIN
             PERFORM @extschema@._fraiseql_rules_deadline(true);
             PERFORM @extschema@._fraiseql_notify_batch(v_batch, v_created, v_regressed, v_escalated);
@@ -808,7 +813,8 @@ BEGIN
             PERFORM @extschema@._fraiseql_rules_deadline(false);
             FOR v_rule IN SELECT c.config_id FROM @extschema@.tb_error_notification_config c
                            WHERE c.enabled AND c.notify_on_occurrence IS NULL
-                             AND @extschema@._fraiseql_rule_live(c.config_id) LOOP
+                             AND @extschema@._fraiseql_rule_live(c.config_id)
+                           ORDER BY random() LOOP
                 IF NOT @extschema@._fraiseql_rules_budget(false) THEN
                     v_out_of_time := v_out_of_time || v_rule;
                     CONTINUE;

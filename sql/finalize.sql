@@ -55,7 +55,8 @@ AS $$
                (SELECT p.oprnamespace FROM pg_catalog.pg_operator p WHERE p.oid OPERATOR(pg_catalog.=) u.refobjid)
            ELSE
                -- a type: PostgreSQL's, or the row type (or its array) of one of our relations
-               (SELECT CASE WHEN coalesce(t.typrelid, e.typrelid) IN (SELECT relid FROM our_relations)
+               (SELECT CASE WHEN (CASE WHEN t.typrelid OPERATOR(pg_catalog.<>) 0::pg_catalog.oid
+                                       THEN t.typrelid ELSE e.typrelid END) IN (SELECT relid FROM our_relations)
                             THEN 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
                             WHEN e.oid IN (SELECT o.objid FROM ours o) THEN 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
                             ELSE coalesce(e.typnamespace, t.typnamespace) END

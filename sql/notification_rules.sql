@@ -109,6 +109,24 @@ CREATE TRIGGER notification_channel_check
     BEFORE INSERT OR UPDATE OR DELETE ON tb_notification_channel
     FOR EACH ROW EXECUTE FUNCTION _fraiseql_channel_check();
 
+-- TRUNCATE fires no row trigger: it would remove every team's channels at
+-- once (to register their names again with other handlers).
+CREATE FUNCTION _fraiseql_channel_truncate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'fraiseql_obs: only a superuser may truncate the channels (each belongs to its role)'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER notification_channel_truncate
+    BEFORE TRUNCATE ON tb_notification_channel
+    FOR EACH STATEMENT EXECUTE FUNCTION _fraiseql_channel_truncate();
+
 -- Defaults of a built-in channel (SMTP server, a default Slack webhook, ...).
 CREATE FUNCTION fraiseql_set_channel_defaults(channel_type text, default_config jsonb) RETURNS void
 LANGUAGE plpgsql
@@ -314,7 +332,7 @@ $$;
 -- Rules that failed or ran past the fold's time for rules, suspended for a
 -- while: a minute after the first strike, doubling up to an hour, so that a
 -- costly rule does not take every fold's time again (its notifications are
--- lost meanwhile, which the log says). A change to the rule ends it.
+-- lost meanwhile, which the log says). A change to its condition ends it.
 CREATE TABLE tb_notification_rule_strike (
     -- (no foreign key: striking a rule must never wait for its writer's lock)
     config_id       uuid PRIMARY KEY,
@@ -513,28 +531,30 @@ BEGIN
     DELETE FROM @extschema@.tb_notification_rule_strike s WHERE s.suspended_until < now() - interval '1 day';
     RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold and suspended until %: %',
         p_config, k.suspended_until, p_problem
-        USING HINT = 'Its notifications are not sent meanwhile. Make its condition cheaper; any change to the rule ends the suspension (v_notification_rules.suspended_until).';
+        USING HINT = 'Its notifications are not sent meanwhile. Make its condition cheaper; a change to the condition ends the suspension (v_notification_rules.suspended_until).';
 EXCEPTION WHEN OTHERS THEN
     -- (the rule was deleted meanwhile: nothing to suspend)
     RAISE WARNING 'fraiseql_obs: notification rule % skipped for this fold: %', p_config, p_problem;
 END
 $$;
 
--- A rule changed by its writer starts afresh.
+-- A rule whose condition is changed by its writer is evaluated again at
+-- once; its strikes stay, so a condition that is slow again is suspended
+-- for longer (an edit is not a way to have every fold pay for it again).
 CREATE FUNCTION _fraiseql_rule_pardon() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM @extschema@.tb_notification_rule_strike k WHERE k.config_id = NEW.config_id;
+    UPDATE @extschema@.tb_notification_rule_strike k SET suspended_until = now()
+     WHERE k.config_id = NEW.config_id AND k.suspended_until > now();
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER notification_rule_pardon
-    AFTER UPDATE ON tb_error_notification_config
-    -- (any update but the worker's own bookkeeping of last_triggered)
-    FOR EACH ROW WHEN (to_jsonb(NEW) - 'last_triggered' IS DISTINCT FROM to_jsonb(OLD) - 'last_triggered')
+    AFTER UPDATE OF condition ON tb_error_notification_config
+    FOR EACH ROW WHEN (OLD.condition::text IS DISTINCT FROM NEW.condition::text)
     EXECUTE FUNCTION _fraiseql_rule_pardon();
 
 -- The notification rules (all but milestones), on the occurrences one fold

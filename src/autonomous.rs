@@ -373,9 +373,19 @@ impl Ring {
             let e = self.at(pos);
             unsafe {
                 if e.db() == db && *e.state() == READY {
+                    // (under the lock, an allocation failure must not abort
+                    // the process: the entry waits for the next round)
+                    let mut row = Vec::new();
+                    if row.try_reserve_exact(e.payload().len()).is_err()
+                        || t.rows.try_reserve(1).is_err()
+                        || t.ids.try_reserve(1).is_err()
+                    {
+                        break;
+                    }
+                    row.extend_from_slice(e.payload());
                     *e.state() = TAKEN;
                     t.ids.push(e.id());
-                    t.rows.push(e.payload().to_vec());
+                    t.rows.push(row);
                     if t.rows.len() >= max {
                         break;
                     }
@@ -387,13 +397,18 @@ impl Ring {
 
     fn finish(&self, taken: &Taken, stored: bool) {
         let h = self.header();
-        // the ring is in sequence order, and so are the ids taken
+        // the ring is in sequence order, and so are the ids taken (one no
+        // longer there, dropped meanwhile, is passed over)
         let mut ids = taken.ids.iter().peekable();
         for pos in self.positions() {
-            let Some(&&next) = ids.peek() else { break };
             let e = self.at(pos);
+            let id = unsafe { e.id() };
+            while ids.peek().is_some_and(|&&next| next < id) {
+                ids.next();
+            }
+            let Some(&&next) = ids.peek() else { break };
             unsafe {
-                if *e.state() != TAKEN || e.id() != next {
+                if *e.state() != TAKEN || id != next {
                     continue;
                 }
                 ids.next();

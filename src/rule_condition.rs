@@ -119,15 +119,16 @@ fn rules_timeout() -> std::time::Duration {
     std::time::Duration::from_millis(crate::guc::RULES_TIMEOUT_MS.get().max(100) as u64)
 }
 
-/// The time the notification rules of one fold may take, in the worker:
-/// `fraiseql_obs.rules_timeout` for evaluating them all together (`start`
-/// opens it), and, if that fails, once more for retrying them one by one,
-/// each within a quarter of it (the first call with `start` false opens
-/// that second budget; every such call says whether some of it is left).
-/// So a fold spends at most twice rules_timeout on rules, however many
-/// are slow; those not reached are skipped for that fold, and those that
-/// ran past their deadline are suspended (tb_notification_rule_strike).
-/// Outside the worker there is no budget (always some left).
+/// The time one kind of notification rules (milestones, the others) may
+/// take in a fold, in the worker: `fraiseql_obs.rules_timeout` for
+/// evaluating them all together (`start` opens it), and, if that fails,
+/// once more for retrying them one by one, each with a quarter of it (the
+/// first call with `start` false opens that second budget; every such call
+/// says whether a whole quarter of it is left). So a fold spends at most
+/// four times rules_timeout on rules, however many are slow; those not
+/// reached are skipped for that fold, and those that ran past their quarter
+/// are suspended (tb_notification_rule_strike). Outside the worker there is
+/// no budget (always some left).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _fraiseql_rules_budget(start: bool) -> bool {
     if !in_worker() {
@@ -143,7 +144,9 @@ fn _fraiseql_rules_budget(start: bool) -> bool {
         BUDGET.with(|b| b.set((Some(now + rules_timeout()), true)));
         return true;
     }
-    end.is_none_or(|end| end > now)
+    // a rule runs alone only with its whole quarter ahead: one cancelled
+    // sooner would be struck for the others' time
+    end.is_none_or(|end| end.saturating_duration_since(now) >= rules_timeout() / 4)
 }
 
 /// Arms (`arm`) or disarms a deadline, at the end of what is left of the

@@ -214,10 +214,13 @@ impl pgrx::shmem::PgSharedMemoryInitialization for RoleRates {
 fn take_from(word: u64, now_ms: u64, rate: u64) -> Option<u64> {
     let burst = (rate * 10 * TOKEN).min(TOKENS_MAX);
     let (at, tokens) = (word >> 24, word & TOKENS_MAX);
+    // (the 40-bit clock wraps: elapsed time modulo 2^40; a clock set back
+    // reads as a long wait, a full bucket, rather than none for ever)
+    let elapsed = now_ms.wrapping_sub(at) & ((1 << 40) - 1);
     let tokens = if at == 0 {
         burst
     } else {
-        let refill = now_ms.saturating_sub(at).saturating_mul(rate * TOKEN) / 1000;
+        let refill = elapsed.saturating_mul(rate * TOKEN) / 1000;
         tokens.saturating_add(refill).min(burst)
     };
     (tokens >= TOKEN).then(|| (now_ms.max(1) << 24) | (tokens - TOKEN))
@@ -469,6 +472,10 @@ mod unit {
         assert!(take_from(word, t0 + 100, rate).is_none());
         let w = take_from(word, t0 + 200, rate).unwrap();
         assert!(take_from(w, t0 + 200, rate).is_none());
+        // the clock wrapping, or set back, leaves no bucket empty for ever
+        let wrapped = ((1u64 << 40) - 10) << 24;
+        assert!(take_from(wrapped, 1000, rate).is_some());
+        assert!(take_from((t0 << 24) | 0, t0 - 1000, rate).is_some());
         // a minute idle refills to the burst, no more
         let mut word = w;
         let mut n = 0;

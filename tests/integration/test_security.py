@@ -204,7 +204,7 @@ def test_a_registrar_cannot_take_another_teams_channel(cluster, db, roles):
         c.execute("GRANT INSERT ON public.handler_calls TO PUBLIC")
         for r in (m, team):
             c.execute(f"GRANT CREATE ON SCHEMA public TO {r}")
-            c.execute(f"GRANT INSERT, UPDATE, DELETE, SELECT ON tb_notification_channel TO {r}")
+            c.execute(f"GRANT INSERT, UPDATE, DELETE, SELECT, TRUNCATE ON tb_notification_channel TO {r}")
             c.execute(f"GRANT EXECUTE ON FUNCTION fraiseql_register_channel(text, regprocedure, jsonb),"
                       f" fraiseql_set_channel_defaults(text, jsonb) TO {r}")
     with cluster.connect(db, user=team) as c:
@@ -221,6 +221,8 @@ def test_a_registrar_cannot_take_another_teams_channel(cluster, db, roles):
                     "DELETE FROM tb_notification_channel WHERE channel_type = 'pagerduty'"]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="belongs to role"):
                 c.execute(sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only a superuser may truncate"):
+            c.execute("TRUNCATE tb_notification_channel")
         # its own channel it may register, change and remove
         c.execute("SELECT fraiseql_register_channel('mine', 'public.steal_channel(jsonb, jsonb)'::regprocedure)")
         c.execute("UPDATE tb_notification_channel SET default_config = '{\"a\": 1}' WHERE channel_type = 'mine'")
@@ -846,7 +848,7 @@ def test_slow_rules_are_skipped_suspended_and_the_counts_go_on(cluster, db):
                          LANGUAGE sql AS $$ INSERT INTO sent VALUES (config->>'tag') RETURNING true, NULL::text $$""")
             c.execute("SELECT fraiseql_register_channel('recorder', 'record_it(jsonb, jsonb)')")
             rule(c, "recorder", {"tag": "good"})
-            for i in range(3):
+            for i in range(2):
                 rule(c, "recorder", {"tag": f"slow{i}"}, condition=slow)
             big = json.dumps({"s": "a" * 30001})  # (seconds per evaluation on any machine)
             before = timeouts()
@@ -858,10 +860,10 @@ def test_slow_rules_are_skipped_suspended_and_the_counts_go_on(cluster, db):
             wait_for(lambda: c.execute("SELECT count(*) FROM sent WHERE tag = 'good'").fetchone()[0] == 20,
                      what="the good rule")
             assert c.execute("SELECT count(*) FROM sent WHERE tag LIKE 'slow%'").fetchone()[0] == 0
-            # all three were struck in that fold (three quarters of the retries' budget)
+            # both were struck in that fold (half of the retries' budget)
             suspended = c.execute("SELECT count(*) FROM v_notification_rules WHERE suspended_until > now()"
                                   " AND channel_config->>'tag' LIKE 'slow%'").fetchone()[0]
-            assert suspended == 3, c.execute("SELECT channel_config, suspended_until, suspension_reason FROM v_notification_rules").fetchall()
+            assert suspended == 2, c.execute("SELECT channel_config, suspended_until, suspension_reason FROM v_notification_rules").fetchall()
             assert "suspended until" in cluster.log()
             struck = timeouts()
             assert struck > before
@@ -873,7 +875,10 @@ def test_slow_rules_are_skipped_suspended_and_the_counts_go_on(cluster, db):
                      what="the good rule, next fold")
             assert c.execute("SELECT sum(occurrence_count) FROM tb_error_log").fetchone()[0] == 40
             assert timeouts() == struck
-            # a change to a rule ends its suspension
+            # a change to its condition ends a rule's suspension; another change does not
+            c.execute("UPDATE tb_error_notification_config SET channel_config = '{\"tag\": \"slow1b\"}'"
+                      " WHERE channel_config->>'tag' = 'slow1'")
+            assert c.execute("SELECT suspended_until FROM v_notification_rules WHERE channel_config->>'tag' = 'slow1b'").fetchone()[0] is not None
             c.execute("UPDATE tb_error_notification_config SET channel_config = '{\"tag\": \"fixed\"}', condition = NULL"
                       " WHERE channel_config->>'tag' = 'slow0'")
             assert c.execute("SELECT suspended_until FROM v_notification_rules WHERE channel_config->>'tag' = 'fixed'").fetchone()[0] is None

@@ -290,7 +290,7 @@ fn accept_loop(
             refuse(stream);
             continue;
         }
-        let ip = peer.ip();
+        let ip = client_of(peer.ip());
         {
             let mut peers = stats.peers.lock().unwrap_or_else(|e| e.into_inner());
             let n = peers.entry(ip).or_insert(0);
@@ -319,6 +319,21 @@ fn accept_loop(
         if spawned.is_err() {
             stats.refused.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Whose connection it is, for the cap per client: an IPv6 client has a
+/// /64 (its addresses are free to pick within it), an IPv4 one its address.
+fn client_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -378,14 +393,23 @@ enum ReadError {
 /// A large body holds one of few permits: it must come at least this fast
 /// (after its first two seconds), or a slow sender could hold them all.
 const MIN_LARGE_RATE: f64 = 8.0 * 1024.0;
-/// Any request head or body must come at least this fast after its first
-/// two seconds (an SDK sends one in a few packets at once): a client that
-/// trickles bytes to hold connection slots is cut off then.
+/// Any request head or body must come at least this fast, with a slack of
+/// PACE_SLACK bytes and PACE_GRACE seconds (an SDK sends one in a few
+/// packets at once; a lost packet is sent again within seconds): a client
+/// that trickles bytes to hold connection slots is cut off after PACE_GRACE.
 const MIN_RATE: f64 = 1024.0;
+const PACE_SLACK: f64 = 4096.0;
+const PACE_GRACE: f64 = 5.0;
 
 fn too_slow_for(rate: f64, started: Instant, received: usize) -> bool {
     let t = started.elapsed().as_secs_f64();
     t > 2.0 && (received as f64) < rate * t
+}
+
+/// A head or body behind MIN_RATE (see PACE_SLACK).
+fn behind_pace(started: Instant, received: usize) -> bool {
+    let t = started.elapsed().as_secs_f64();
+    t > PACE_GRACE && (received as f64) + PACE_SLACK < MIN_RATE * t
 }
 
 fn too_slow(started: Instant, received: usize) -> bool {
@@ -405,7 +429,7 @@ impl Conn {
             return Err(ReadError::Timeout);
         }
         if let Some((since, from)) = self.pace {
-            if too_slow_for(MIN_RATE, since, self.received - from) {
+            if behind_pace(since, self.received - from) {
                 return Err(ReadError::TooSlow);
             }
         }
@@ -922,13 +946,22 @@ mod tests {
         let s = start(Limits::default());
         let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\n", &[b'x'; 60]);
         assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
-        assert!(took < Duration::from_secs(6), "{took:?}");
+        assert!(took < Duration::from_secs(8), "{took:?}");
         let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\nContent-Length: 60000\r\n\r\n", &[b'x'; 60]);
         assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
-        assert!(took < Duration::from_secs(6), "{took:?}");
+        assert!(took < Duration::from_secs(8), "{took:?}");
         let (out, took) = trickle(&s, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nea60\r\n", &[b'x'; 60]);
         assert!(out.starts_with("HTTP/1.1 408") && out.contains("too slowly"), "{out}");
-        assert!(took < Duration::from_secs(6), "{took:?}");
+        assert!(took < Duration::from_secs(8), "{took:?}");
+        // a small head that takes a few seconds (a packet sent again) is served
+        let mut c = TcpStream::connect(s.local_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(3500));
+        c.write_all(b"Connection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         // an ordinary request on a kept-alive connection is not hurried
         // by the time it waited before it
         let mut c = TcpStream::connect(s.local_addr()).unwrap();
@@ -942,6 +975,18 @@ mod tests {
         let mut out = String::new();
         let _ = c.read_to_string(&mut out);
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+
+    #[test]
+    fn clients_are_addresses_or_ipv6_64s() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_of(a), client_of(b));
+        assert_ne!(client_of(a), client_of(c));
+        let m: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client_of(m), "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        assert_ne!(client_of("127.0.0.1".parse().unwrap()), client_of("127.0.0.2".parse().unwrap()));
     }
 
     #[test]
