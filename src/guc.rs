@@ -33,6 +33,8 @@ pub static NOTIFY_RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10
 pub static NOTIFY_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static NOTIFY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static NOTIFY_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static NOTIFY_ALLOWED_EMAIL_DOMAINS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"*"));
 pub static NOTIFY_ALLOWED_HOSTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"*"));
 
@@ -276,6 +278,14 @@ pub fn define() {
         c"Hosts notifications may be sent to: * for any, or a comma-separated list (*.example.com for a domain).",
         c"Hosts notifications may be sent to: * for any, or a comma-separated list (*.example.com for a domain).",
         &NOTIFY_ALLOWED_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fraiseql_obs.notification_allowed_email_domains",
+        c"Domains e-mail notifications may be sent to: * for any, or a comma-separated list (*.example.com for its subdomains too).",
+        c"A rule writer chooses its recipients; with the channel's SMTP login it sends as the team: this keeps that within the team's domains.",
+        &NOTIFY_ALLOWED_EMAIL_DOMAINS,
         GucContext::Sighup,
         GucFlags::default(),
     );

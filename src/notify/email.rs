@@ -195,11 +195,42 @@ fn recipients(c: &Value) -> Vec<String> {
     }
 }
 
+/// Whether an address's domain is in the allow-list (`*`: any; a domain;
+/// `*.example.com`: its subdomains and itself), compared without case. With
+/// a list of domains, an address without a domain is not.
+pub fn domain_allowed(address: &str, list: &str) -> bool {
+    if list.split(',').any(|e| e.trim() == "*") {
+        return true;
+    }
+    // (the address itself, in "Name <a@b>" form too)
+    let addr = address.rsplit_once('<').map_or(address, |(_, a)| a.trim_end_matches('>')).trim();
+    let Some((_, domain)) = addr.rsplit_once('@') else {
+        return false;
+    };
+    let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    if domain.is_empty() {
+        return false;
+    }
+    list.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
+        e == "*"
+            || e == domain
+            || e.strip_prefix("*.").is_some_and(|base| {
+                domain == base || domain.ends_with(&format!(".{base}"))
+            })
+    })
+}
+
 pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
     let c = &d.config;
     let to = recipients(c);
     if to.is_empty() {
         return Outcome::failed("no recipients (\"to\")", true);
+    }
+    if let Some(bad) = to.iter().find(|a| !domain_allowed(a, &limits.allowed_email_domains)) {
+        return Outcome::failed(
+            format!("recipient {bad} is not in a domain fraiseql_obs.notification_allowed_email_domains allows"),
+            true,
+        );
     }
     let Some(host) = s(c, "smtp_host") else {
         return Outcome::failed(
@@ -296,5 +327,24 @@ pub fn send(d: &Delivery, limits: &Limits) -> Outcome {
             o.recipient = Some(to.join(", "));
             o
         }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::domain_allowed;
+
+    #[test]
+    fn recipient_domains() {
+        assert!(domain_allowed("a@evil.test", "*"));
+        assert!(domain_allowed("Team <team@MyApp.com>", "myapp.com"));
+        assert!(domain_allowed("x@ops.myapp.com", "other.org, *.myapp.com"));
+        assert!(domain_allowed("x@myapp.com", "*.myapp.com"));
+        assert!(!domain_allowed("x@evilmyapp.com", "*.myapp.com"));
+        assert!(!domain_allowed("x@myapp.com.evil.test", "myapp.com"));
+        assert!(domain_allowed("no-domain", "*"));
+        assert!(!domain_allowed("no-domain", "myapp.com"));
+        assert!(!domain_allowed("a@evil.test", "myapp.com"));
+        assert!(!domain_allowed("a@", "myapp.com"));
     }
 }

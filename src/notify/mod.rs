@@ -71,6 +71,7 @@ pub struct Limits {
     pub connect: Duration,
     pub total: Duration,
     pub allowed_hosts: String,
+    pub allowed_email_domains: String,
     pub tls_ca_directory: Option<String>,
 }
 
@@ -80,6 +81,7 @@ impl Limits {
             connect: Duration::from_millis(guc::NOTIFY_CONNECT_TIMEOUT_MS.get().max(1) as u64),
             total: Duration::from_millis(guc::NOTIFY_TIMEOUT_MS.get().max(1) as u64),
             allowed_hosts: allowed_hosts(),
+            allowed_email_domains: guc::text(&guc::NOTIFY_ALLOWED_EMAIL_DOMAINS).unwrap_or_else(|| "*".into()),
             tls_ca_directory: guc::text(&guc::TLS_CA_DIRECTORY),
         }
     }

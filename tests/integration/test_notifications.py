@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import psycopg
 import pytest
@@ -77,6 +78,35 @@ def test_slack_block_kit(cluster, db, http):
         assert str(g[0]) in footer and g[1] in footer
         wait_for(lambda: log(c), what="log row")
         assert log(c)[0][2] == "#alerts" and "secret" not in str(log(c))
+
+
+def test_email_recipients_are_held_to_the_allowed_domains(cluster, db):
+    """A rule writer chooses its recipients, and with the channel's SMTP
+    defaults it sends as the team: fraiseql_obs.notification_allowed_email_domains
+    keeps that within the team's domains."""
+    smtp = SmtpReceiver().start()
+    with cluster.connect() as su:
+        su.execute("ALTER SYSTEM SET fraiseql_obs.notification_allowed_email_domains = 'myapp.com, *.ops.myapp.com'")
+        su.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    try:
+        with cluster.connect(db) as c:
+            c.execute("SELECT fraiseql_set_channel_defaults('email', %s)",
+                      (json.dumps({"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": "none",
+                                   "from_address": "noreply@myapp.com"}),))
+            rule(c, "email", {"to": ["team@myapp.com", "pager@eu.ops.myapp.com"]}, error_type="Allowed")
+            rule(c, "email", {"to": "team@myapp.com, victim@elsewhere.test"}, error_type="Refused")
+            c.execute("SELECT fraiseql_capture_error('Allowed', 'm')")
+            c.execute("SELECT fraiseql_capture_error('Refused', 'm')")
+            wait_for(lambda: len(log(c)) == 2, what="both attempts recorded")
+            assert [sorted(m["to"]) for m in smtp.messages] == [["pager@eu.ops.myapp.com", "team@myapp.com"]]
+            failed = [r for r in log(c) if r[0] != "sent"]
+            assert len(failed) == 1 and failed[0][0] == "failed" and "victim@elsewhere.test" in failed[0][3], log(c)
+    finally:
+        smtp.stop()
+        with cluster.connect() as su:
+            su.execute("ALTER SYSTEM RESET fraiseql_obs.notification_allowed_email_domains")
+            su.execute("SELECT pg_reload_conf()")
 
 
 def test_email_multipart_with_templates(cluster, db):
