@@ -169,6 +169,9 @@ CREATE TABLE tb_error_user (
     PRIMARY KEY (error_id, user_key)
 ) WITH (fillfactor = 80);
 CREATE INDEX idx_error_user_last_seen ON tb_error_user (error_id, last_seen DESC);
+-- the hourly prune of users not seen for 31 days reads a range of this, not
+-- the whole table (under the fold's lock: counting waits for it)
+CREATE INDEX idx_error_user_seen ON tb_error_user (last_seen);
 
 -- Unmerges the fold has still to settle (fraiseql_unmerge_error): how many
 -- of the fingerprint's occurrences the target counted is known only under
